@@ -1,0 +1,80 @@
+// Package metrics holds weightsnap's Prometheus collectors. Every package
+// records into these; the daemon and `weightsnap mount` serve them.
+package metrics
+
+import (
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+const ns = "weightsnap"
+
+var (
+	// RegistryBytes counts blob bytes received from registries, by why
+	// they were fetched: "ondemand", "readahead", "background", "stream".
+	RegistryBytes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: ns, Name: "registry_bytes_total",
+		Help: "Blob bytes received from registries.",
+	}, []string{"reason"})
+
+	// RegistryRequests counts HTTP requests to registries by outcome:
+	// "ok", "retry" (a transient failure that was retried), "error".
+	RegistryRequests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: ns, Name: "registry_requests_total",
+		Help: "HTTP requests to registries by outcome.",
+	}, []string{"outcome"})
+
+	// CacheBytes counts bytes served to readers, by "hit" or "miss".
+	CacheBytes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: ns, Name: "cache_bytes_total",
+		Help: "Bytes served from the node cache (hit) or fetched for a reader (miss).",
+	}, []string{"result"})
+
+	// CacheEvictedBytes counts bytes removed by the size bound.
+	CacheEvictedBytes = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: ns, Name: "cache_evicted_bytes_total",
+		Help: "Bytes evicted from the node cache to respect its size bound.",
+	})
+
+	// ReadLatency is the latency of FUSE reads, split by whether they
+	// waited for the registry.
+	ReadLatency = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: ns, Name: "read_latency_seconds",
+		Help:    "Latency of file reads served by weightsnap.",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
+	}, []string{"result"})
+
+	// LayerFetchedBytes and LayerSizeBytes give the background-fetch
+	// progress of each layer, by layer digest.
+	LayerFetchedBytes = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: ns, Name: "layer_fetched_bytes",
+		Help: "Bytes of a layer present in the cache.",
+	}, []string{"layer"})
+	LayerSizeBytes = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: ns, Name: "layer_size_bytes",
+		Help: "Size of a layer's content.",
+	}, []string{"layer"})
+
+	// TimeToFirstRead is the time from mount to the first file read, per mount.
+	TimeToFirstRead = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: ns, Name: "time_to_first_read_seconds",
+		Help: "Seconds from mount to the first file content read.",
+	}, []string{"mount"})
+)
+
+// Registry is the registry every weightsnap collector is registered in.
+var Registry = prometheus.NewRegistry()
+
+func init() {
+	Registry.MustRegister(RegistryBytes, RegistryRequests, CacheBytes, CacheEvictedBytes,
+		ReadLatency, LayerFetchedBytes, LayerSizeBytes, TimeToFirstRead,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+}
+
+// Handler serves the collectors in the Prometheus text format.
+func Handler() http.Handler {
+	return promhttp.HandlerFor(Registry, promhttp.HandlerOpts{})
+}
