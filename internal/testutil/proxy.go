@@ -1,0 +1,341 @@
+package testutil
+
+import (
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+)
+
+// Faults are the failures a Proxy injects into blob GETs (requests to
+// /v2/<name>/blobs/<digest>), each with its own probability; the rates must
+// add up to at most 1. Manifests and uploads are never faulted, so a test
+// aims its faults at the byte-range fetching it means to exercise.
+type Faults struct {
+	// FailRate answers 500 Internal Server Error.
+	FailRate float64
+	// ResetRate sends the headers and half of the body, then closes the
+	// connection.
+	ResetRate float64
+	// StallRate holds the request without answering until the client gives
+	// up (or the proxy stops).
+	StallRate float64
+	// TooManyRate answers 429 Too Many Requests with "Retry-After: 0".
+	TooManyRate float64
+	// CorruptDigest names a blob ("sha256:…") whose body bytes are all
+	// inverted in every response, so any range of it fails verification.
+	CorruptDigest string
+	// Seed seeds the fault draws, so a sequential client sees the same
+	// sequence of faults in every run.
+	Seed int64
+}
+
+func (f Faults) validate() error {
+	rates := []float64{f.FailRate, f.ResetRate, f.StallRate, f.TooManyRate}
+	sum := 0.0
+	for _, r := range rates {
+		if r < 0 || r > 1 {
+			return fmt.Errorf("fault rate %v outside [0, 1]", r)
+		}
+		sum += r
+	}
+	if sum > 1 {
+		return fmt.Errorf("fault rates add up to %v, more than 1", sum)
+	}
+	return nil
+}
+
+type fault int
+
+const (
+	faultNone fault = iota
+	faultFail
+	faultReset
+	faultStall
+	faultTooMany
+)
+
+// Proxy is a reverse proxy in front of a registry that counts requests and
+// blob body bytes served, and injects Faults into blob GETs.
+type Proxy struct {
+	// Addr is the proxy's host:port.
+	Addr string
+
+	target  *url.URL
+	client  *http.Client
+	srv     *http.Server
+	closing chan struct{} // closed when the proxy stops, to release stalls
+
+	mu        sync.Mutex
+	faults    Faults
+	rng       *rand.Rand
+	blobBytes map[string]int64
+
+	totalBlobBytes atomic.Int64
+	requests       atomic.Int64
+	blobRequests   atomic.Int64
+}
+
+// StartProxy starts a proxy on a free loopback port in front of target (a
+// base URL such as "http://127.0.0.1:5000", or just "host:port"). It is
+// stopped in t.Cleanup.
+func StartProxy(t testing.TB, target string, faults Faults) *Proxy {
+	t.Helper()
+	if !strings.Contains(target, "://") {
+		target = "http://" + target
+	}
+	u, err := url.Parse(target)
+	if err != nil {
+		t.Fatalf("start proxy: target %q: %v", target, err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("start proxy: %v", err)
+	}
+	p := &Proxy{
+		Addr:   ln.Addr().String(),
+		target: u,
+		client: &http.Client{
+			Transport: &http.Transport{
+				Proxy: nil,
+				// Bodies must pass through byte for byte.
+				DisableCompression: true,
+			},
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		},
+		closing:   make(chan struct{}),
+		blobBytes: map[string]int64{},
+	}
+	if err := p.SetFaults(faults); err != nil {
+		ln.Close()
+		t.Fatalf("start proxy: %v", err)
+	}
+	p.srv = &http.Server{Handler: p}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = p.srv.Serve(ln)
+	}()
+	t.Cleanup(func() {
+		close(p.closing)
+		_ = p.srv.Close()
+		<-served
+		p.client.CloseIdleConnections()
+	})
+	return p
+}
+
+// URL returns the proxy's base URL, "http://Addr".
+func (p *Proxy) URL() string { return "http://" + p.Addr }
+
+// SetFaults replaces the faults injected from now on, and reseeds the draws.
+func (p *Proxy) SetFaults(f Faults) error {
+	if err := f.validate(); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.faults = f
+	p.rng = rand.New(rand.NewPCG(uint64(f.Seed), 0x5eed))
+	return nil
+}
+
+// BlobBytes returns how many body bytes of blob digest ("sha256:…") the
+// proxy has sent to clients.
+func (p *Proxy) BlobBytes(digest string) int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.blobBytes[digest]
+}
+
+// TotalBlobBytes returns how many blob body bytes the proxy has sent.
+func (p *Proxy) TotalBlobBytes() int64 { return p.totalBlobBytes.Load() }
+
+// Requests returns how many requests of any kind the proxy has received.
+func (p *Proxy) Requests() int64 { return p.requests.Load() }
+
+// BlobRequests returns how many blob GETs the proxy has received.
+func (p *Proxy) BlobRequests() int64 { return p.blobRequests.Load() }
+
+// Reset zeroes all counters.
+func (p *Proxy) Reset() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	clear(p.blobBytes)
+	p.totalBlobBytes.Store(0)
+	p.requests.Store(0)
+	p.blobRequests.Store(0)
+}
+
+var blobPath = regexp.MustCompile(`^/v2/.+/blobs/([a-z0-9]+:[a-zA-Z0-9=_-]+)$`)
+
+// ServeHTTP forwards r to the target, counting and faulting blob GETs.
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	p.requests.Add(1)
+	var digest string
+	if m := blobPath.FindStringSubmatch(r.URL.Path); m != nil && r.Method == http.MethodGet {
+		digest = m[1]
+		p.blobRequests.Add(1)
+	}
+	f, corrupt := faultNone, false
+	if digest != "" {
+		f, corrupt = p.draw(digest)
+	}
+	switch f {
+	case faultFail:
+		http.Error(w, "injected fault", http.StatusInternalServerError)
+		return
+	case faultTooMany:
+		w.Header().Set("Retry-After", "0")
+		http.Error(w, "injected fault", http.StatusTooManyRequests)
+		return
+	case faultStall:
+		select {
+		case <-r.Context().Done():
+		case <-p.closing:
+		}
+		return
+	}
+
+	resp, err := p.forward(r)
+	if err != nil {
+		http.Error(w, "proxy: "+err.Error(), http.StatusBadGateway)
+		return
+	}
+	defer resp.Body.Close()
+	h := w.Header()
+	for k, vs := range resp.Header {
+		if !hopByHop(k) {
+			h[k] = vs
+		}
+	}
+	if resp.ContentLength >= 0 {
+		h.Set("Content-Length", strconv.FormatInt(resp.ContentLength, 10))
+	}
+	w.WriteHeader(resp.StatusCode)
+	if digest == "" || (resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusPartialContent) {
+		_, _ = io.Copy(w, resp.Body)
+		return
+	}
+
+	var body io.Reader = resp.Body
+	if corrupt {
+		body = invertReader{body}
+	}
+	if f == faultReset {
+		body = io.LimitReader(body, max(resp.ContentLength, 0)/2)
+	}
+	_, _ = io.Copy(countingWriter{w: w, count: func(n int) { p.addBlobBytes(digest, n) }}, body)
+	if f == faultReset {
+		p.reset(w)
+	}
+}
+
+// draw picks the fault for one blob GET.
+func (p *Proxy) draw(digest string) (fault, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	f := p.faults
+	u := p.rng.Float64()
+	corrupt := f.CorruptDigest != "" && f.CorruptDigest == digest
+	for _, c := range []struct {
+		rate float64
+		f    fault
+	}{{f.FailRate, faultFail}, {f.TooManyRate, faultTooMany}, {f.StallRate, faultStall}, {f.ResetRate, faultReset}} {
+		if u < c.rate {
+			return c.f, corrupt
+		}
+		u -= c.rate
+	}
+	return faultNone, corrupt
+}
+
+func (p *Proxy) forward(r *http.Request) (*http.Response, error) {
+	u := *p.target
+	u.Path = strings.TrimSuffix(u.Path, "/") + r.URL.Path
+	u.RawPath = ""
+	u.RawQuery = r.URL.RawQuery
+	body := r.Body
+	if r.ContentLength == 0 {
+		body = http.NoBody
+	}
+	out, err := http.NewRequestWithContext(r.Context(), r.Method, u.String(), body)
+	if err != nil {
+		return nil, err
+	}
+	for k, vs := range r.Header {
+		if !hopByHop(k) {
+			out.Header[k] = vs
+		}
+	}
+	out.ContentLength = r.ContentLength
+	// The registry builds upload Locations from Host: keep the client's view
+	// so that follow-up requests come back through the proxy.
+	out.Host = r.Host
+	return p.client.Do(out)
+}
+
+// reset flushes what was written and closes the connection short of the
+// declared Content-Length, which is what a client sees when a server or a
+// middlebox dies mid-body. A plain close rather than a TCP RST: an RST would
+// discard bytes still in the socket buffer, and the counters would no longer
+// be exact.
+func (p *Proxy) reset(w http.ResponseWriter) {
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+	conn, _, err := rc.Hijack()
+	if err != nil {
+		panic(http.ErrAbortHandler) // closes the connection without a clean end
+	}
+	_ = conn.Close()
+}
+
+func (p *Proxy) addBlobBytes(digest string, n int) {
+	p.mu.Lock()
+	p.blobBytes[digest] += int64(n)
+	p.mu.Unlock()
+	p.totalBlobBytes.Add(int64(n))
+}
+
+// hopByHop reports headers not forwarded as they are: the hop-by-hop ones,
+// and Content-Length, which is set from the parsed length instead.
+func hopByHop(header string) bool {
+	switch http.CanonicalHeaderKey(header) {
+	case "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+		"Te", "Trailer", "Transfer-Encoding", "Upgrade", "Content-Length":
+		return true
+	}
+	return false
+}
+
+// countingWriter reports the bytes the handler managed to write, so a body
+// cut short by a reset or a client hanging up is counted as far as it went.
+type countingWriter struct {
+	w     io.Writer
+	count func(int)
+}
+
+func (c countingWriter) Write(b []byte) (int, error) {
+	n, err := c.w.Write(b)
+	c.count(n)
+	return n, err
+}
+
+// invertReader inverts every byte it reads.
+type invertReader struct{ r io.Reader }
+
+func (i invertReader) Read(b []byte) (int, error) {
+	n, err := i.r.Read(b)
+	for j := range b[:n] {
+		b[j] ^= 0xff
+	}
+	return n, err
+}
