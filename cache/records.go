@@ -1,0 +1,159 @@
+package cache
+
+import (
+	"encoding/binary"
+	"hash/crc32"
+	"sync/atomic"
+)
+
+// A blob's presence records live in "<hex>.rec" beside its sparse
+// "<hex>.data". The file is a header followed by fixed-size records that
+// are only ever appended:
+//
+//	header (32 bytes): magic[8] chunkSize[8] size[8] crc32c(bytes 0..23)[4] pad[4]
+//	record (16 bytes): word[8] sum[4] crc32c(bytes 0..11)[4]
+//
+// word holds a chunk index, or a flag: recDrop (the chunk is no longer
+// present) or recComplete (the whole content was verified against the key).
+// sum is the crc32c of the chunk's bytes. Records are appended only after
+// the data they describe was made durable, so after a crash a record may be
+// missing (the chunk is refetched) but never describes data that was not
+// written; a torn or zero-filled tail fails its own checksum and ends the
+// replay. The data checksum catches the rest (bit rot, manual edits) the
+// first time a chunk is read in a process.
+const (
+	recMagic    = "wsnapc1\n"
+	headerSize  = 32
+	recordSize  = 16
+	recDrop     = uint64(1) << 63
+	recComplete = uint64(1) << 62
+	recIndex    = recComplete - 1
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+func checksum(p []byte) uint32 { return crc32.Checksum(p, castagnoli) }
+
+func encodeHeader(chunkSize, size int64) []byte {
+	h := make([]byte, headerSize)
+	copy(h, recMagic)
+	binary.LittleEndian.PutUint64(h[8:], uint64(chunkSize))
+	binary.LittleEndian.PutUint64(h[16:], uint64(size))
+	binary.LittleEndian.PutUint32(h[24:], checksum(h[:24]))
+	return h
+}
+
+func decodeHeader(h []byte) (chunkSize, size int64, ok bool) {
+	if len(h) < headerSize || string(h[:8]) != recMagic ||
+		binary.LittleEndian.Uint32(h[24:]) != checksum(h[:24]) {
+		return 0, 0, false
+	}
+	chunkSize = int64(binary.LittleEndian.Uint64(h[8:]))
+	size = int64(binary.LittleEndian.Uint64(h[16:]))
+	if chunkSize <= 0 || size < 0 {
+		return 0, 0, false
+	}
+	return chunkSize, size, true
+}
+
+func appendRecord(dst []byte, word uint64, sum uint32) []byte {
+	var r [recordSize]byte
+	binary.LittleEndian.PutUint64(r[0:], word)
+	binary.LittleEndian.PutUint32(r[8:], sum)
+	binary.LittleEndian.PutUint32(r[12:], checksum(r[:12]))
+	return append(dst, r[:]...)
+}
+
+// replayed is the state a records file describes.
+type replayed struct {
+	chunkSize, size int64
+	present         []bool
+	sums            []uint32
+	complete        bool  // a complete record not followed by a drop
+	valid           int64 // length of the trustworthy prefix of the file
+	cached          int64 // bytes of present chunks
+}
+
+// replay parses a records file. ok is false when the header is missing or
+// corrupt, in which case nothing in the file can be trusted.
+func replay(raw []byte) (r replayed, ok bool) {
+	r.chunkSize, r.size, ok = decodeHeader(raw)
+	if !ok {
+		return r, false
+	}
+	n := chunkCount(r.size, r.chunkSize)
+	r.present = make([]bool, n)
+	r.sums = make([]uint32, n)
+	off := headerSize
+	for ; off+recordSize <= len(raw); off += recordSize {
+		rec := raw[off : off+recordSize]
+		if binary.LittleEndian.Uint32(rec[12:]) != checksum(rec[:12]) {
+			break
+		}
+		word := binary.LittleEndian.Uint64(rec)
+		if word == recComplete {
+			r.complete = true
+			continue
+		}
+		i := word & recIndex
+		if i >= uint64(n) {
+			break
+		}
+		if word&recDrop != 0 {
+			r.present[i] = false
+			r.complete = false
+			continue
+		}
+		r.present[i] = true
+		r.sums[i] = binary.LittleEndian.Uint32(rec[8:])
+	}
+	r.valid = int64(off)
+	for i, p := range r.present {
+		if p {
+			r.cached += chunkLen(int64(i), r.chunkSize, r.size)
+		}
+	}
+	if r.cached != r.size {
+		r.complete = false
+	}
+	return r, true
+}
+
+func chunkCount(size, chunkSize int64) int {
+	return int((size + chunkSize - 1) / chunkSize)
+}
+
+func chunkLen(i, chunkSize, size int64) int64 {
+	return min(chunkSize, size-i*chunkSize)
+}
+
+// bitmap is a fixed-size set of chunk indexes that readers test without
+// locks; writers serialise among themselves with the blob's mutex.
+type bitmap []atomic.Uint64
+
+func newBitmap(n int) bitmap { return make(bitmap, (n+63)/64) }
+
+func (m bitmap) get(i int) bool { return m[i>>6].Load()&(1<<(uint(i)&63)) != 0 }
+func (m bitmap) set(i int)      { m[i>>6].Or(1 << (uint(i) & 63)) }
+func (m bitmap) clear(i int)    { m[i>>6].And(^(uint64(1) << (uint(i) & 63))) }
+
+// all reports whether every index in [lo, hi] is set.
+func (m bitmap) all(lo, hi int) bool {
+	for i := lo; i <= hi; {
+		w := m[i>>6].Load()
+		bit := uint(i) & 63
+		last := min(hi, i|63) // last index within this word
+		span := uint(last-i) + 1
+		var mask uint64
+		if span == 64 {
+			mask = ^uint64(0)
+		} else {
+			mask = ((uint64(1) << span) - 1) << bit
+		}
+		if w&mask != mask {
+			return false
+		}
+		i = last + 1
+	}
+	return true
+}
