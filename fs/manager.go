@@ -1,0 +1,350 @@
+package fs
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	iofs "io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
+
+	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/fs/layer"
+	"github.com/weightsnap/weightsnap/fs/remote"
+)
+
+// ErrUnsupported is returned by MountLayer for a layer that cannot be
+// served lazily; the caller falls back to downloading it.
+var ErrUnsupported = errors.New("layer cannot be served lazily")
+
+// Manager mounts image layers lazily. It is node-wide: every mount of the
+// same layer digest shares one opened layer (one index, one cache entry,
+// one background fill), whichever image, tag or repository it came from.
+type Manager struct {
+	store *cache.Store
+	opts  []remote.Option
+
+	mu     sync.Mutex
+	layers map[digest.Digest]*sharedLayer
+	mounts map[string]*layerMount // by mountpoint
+}
+
+// sharedLayer is one opened layer and the mounts using it.
+type sharedLayer struct {
+	refs   int
+	desc   layer.Descriptor
+	blob   *cache.Blob // nil for streamed layers
+	layer  layer.Layer
+	cancel context.CancelFunc // stops background work
+}
+
+type layerMount struct {
+	digest digest.Digest
+	mount  *Mount
+}
+
+// NewManager returns a Manager fetching through store with the registry
+// options opts.
+func NewManager(store *cache.Store, opts ...remote.Option) *Manager {
+	return &Manager{
+		store:  store,
+		opts:   opts,
+		layers: make(map[digest.Digest]*sharedLayer),
+		mounts: make(map[string]*layerMount),
+	}
+}
+
+// layerRecord is what the Manager remembers of a layer so that a remount
+// after a restart needs no manifest from the registry.
+type layerRecord struct {
+	Repo        string            `json:"repo"`
+	MediaType   string            `json:"mediaType"`
+	Size        int64             `json:"size"`
+	DiffID      digest.Digest     `json:"diffID"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+func recordName(d digest.Digest) string { return "layer/" + d.Encoded() + ".json" }
+
+// describe returns the record of layer d of imageRef, resolving the image
+// only when the record is not yet kept.
+func (m *Manager) describe(ctx context.Context, imageRef string, d digest.Digest) (layerRecord, error) {
+	var rec layerRecord
+	if b, err := m.store.GetMeta(recordName(d)); err == nil && json.Unmarshal(b, &rec) == nil && rec.Size > 0 {
+		return rec, nil
+	}
+	img, err := remote.Resolve(ctx, imageRef, m.opts...)
+	if err != nil {
+		return rec, err
+	}
+	for _, l := range img.Layers {
+		r := layerRecord{Repo: img.Ref.Context().Name(), MediaType: l.MediaType, Size: l.Size, DiffID: l.DiffID, Annotations: l.Annotations}
+		if b, err := json.Marshal(r); err == nil {
+			_ = m.store.PutMeta(recordName(l.Digest), b)
+		}
+		if l.Digest == d {
+			rec = r
+		}
+	}
+	if rec.Size == 0 {
+		return rec, fmt.Errorf("layer %s is not in image %s: %w", d, imageRef, iofs.ErrNotExist)
+	}
+	return rec, nil
+}
+
+// acquire returns the shared opened layer d, opening it on first use.
+func (m *Manager) acquire(ctx context.Context, imageRef string, d digest.Digest) (*sharedLayer, error) {
+	m.mu.Lock()
+	if sl, ok := m.layers[d]; ok {
+		sl.refs++
+		m.mu.Unlock()
+		return sl, nil
+	}
+	m.mu.Unlock()
+
+	rec, err := m.describe(ctx, imageRef, d)
+	if err != nil {
+		return nil, err
+	}
+	sl, err := m.open(ctx, d, rec)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if other, ok := m.layers[d]; ok { // lost a race: use the winner's
+		other.refs++
+		sl.close()
+		return other, nil
+	}
+	sl.refs = 1
+	m.layers[d] = sl
+	return sl, nil
+}
+
+func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*sharedLayer, error) {
+	rb, err := remote.OpenBlob(ctx, rec.Repo, d, rec.Size, m.opts...)
+	if err != nil {
+		return nil, err
+	}
+	desc := layer.Descriptor{Digest: d, Size: rec.Size, MediaType: rec.MediaType, DiffID: rec.DiffID, Annotations: rec.Annotations}
+	fetch := func(ctx context.Context, p []byte, off int64) error {
+		_, err := rb.ReadAt(ctx, p, off)
+		if errors.Is(err, io.EOF) && off+int64(len(p)) >= rb.Size() {
+			err = nil
+		}
+		return err
+	}
+	blob, err := m.store.Blob(d, rec.Size, fetch)
+	if err != nil {
+		return nil, err
+	}
+	bg, cancel := context.WithCancel(context.Background())
+	opener := func(ctx context.Context) (io.ReadCloser, error) {
+		return rb.Open(remote.WithReason(ctx, "stream"), 0)
+	}
+	l, err := layer.Open(ctx, desc, blob, opener, streamStore{m.store}, m.store)
+	if err != nil {
+		cancel()
+		blob.Close()
+		if errors.Is(err, layer.ErrUnsupported) {
+			return nil, fmt.Errorf("%w: %v", ErrUnsupported, err)
+		}
+		return nil, err
+	}
+	_ = bg
+	return &sharedLayer{desc: desc, blob: blob, layer: l, cancel: cancel}, nil
+}
+
+func (sl *sharedLayer) close() {
+	sl.cancel()
+	if err := sl.layer.Close(); err != nil {
+		slog.Warn("closing layer", "layer", sl.desc.Digest, "err", err)
+	}
+	if sl.blob != nil {
+		sl.blob.Close()
+	}
+}
+
+func (m *Manager) release(d digest.Digest) {
+	m.mu.Lock()
+	sl, ok := m.layers[d]
+	if ok {
+		sl.refs--
+		if sl.refs > 0 {
+			ok = false
+		} else {
+			delete(m.layers, d)
+		}
+	}
+	m.mu.Unlock()
+	if ok {
+		sl.close()
+	}
+}
+
+// MountLayer mounts layer d of image imageRef lazily at mountpoint.
+func (m *Manager) MountLayer(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error {
+	sl, err := m.acquire(ctx, imageRef, d)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(mountpoint, 0o755); err != nil {
+		m.release(d)
+		return err
+	}
+	mnt, err := MountLayer(ctx, sl.layer, mountpoint, Options{Name: "weightsnap:" + d.String()})
+	if err != nil {
+		m.release(d)
+		return err
+	}
+	m.mu.Lock()
+	m.mounts[filepath.Clean(mountpoint)] = &layerMount{digest: d, mount: mnt}
+	m.mu.Unlock()
+	return nil
+}
+
+// Check reports whether the layer mounted at mountpoint is still served.
+func (m *Manager) Check(ctx context.Context, mountpoint string) error {
+	m.mu.Lock()
+	lm, ok := m.mounts[filepath.Clean(mountpoint)]
+	m.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("no layer mounted at %s: %w", mountpoint, iofs.ErrNotExist)
+	}
+	_, err := os.Stat(lm.mount.Mountpoint())
+	return err
+}
+
+// Unmount unmounts the layer at mountpoint and releases it.
+func (m *Manager) Unmount(ctx context.Context, mountpoint string) error {
+	m.mu.Lock()
+	lm, ok := m.mounts[filepath.Clean(mountpoint)]
+	delete(m.mounts, filepath.Clean(mountpoint))
+	m.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("no layer mounted at %s: %w", mountpoint, iofs.ErrNotExist)
+	}
+	err := lm.mount.Unmount()
+	m.release(lm.digest)
+	return err
+}
+
+// Close unmounts every layer the Manager mounted.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	var points []string
+	for p := range m.mounts {
+		points = append(points, p)
+	}
+	m.mu.Unlock()
+	var errs []error
+	for _, p := range points {
+		if err := m.Unmount(context.Background(), p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// streamStore adapts the cache's concrete Stream to layer.StreamStore.
+type streamStore struct{ s *cache.Store }
+
+func (s streamStore) Stream(key digest.Digest) (layer.Stream, bool, error) {
+	st, w, err := s.s.Stream(key)
+	if err != nil {
+		return nil, false, err
+	}
+	return st, w, nil
+}
+
+// ImageMount is the merged, read-only tree of an image at a target
+// directory: one lazy FUSE mount per layer, combined by overlayfs.
+type ImageMount struct {
+	m       *Manager
+	target  string
+	layers  []string // layer mountpoints, base first
+	overlay bool     // false: a single layer bind-mounted at target
+}
+
+// MountImage mounts the merged tree of image ref at target, with the layer
+// mounts under workdir.
+func (m *Manager) MountImage(ctx context.Context, ref, target, workdir string) (im *ImageMount, err error) {
+	img, err := remote.Resolve(ctx, ref, m.opts...)
+	if err != nil {
+		return nil, err
+	}
+	im = &ImageMount{m: m, target: target}
+	defer func() {
+		if err != nil {
+			im.Unmount()
+		}
+	}()
+	for i, l := range img.Layers {
+		mp := filepath.Join(workdir, fmt.Sprintf("layer-%03d", i))
+		if err := m.MountLayer(ctx, mp, img.Ref.String(), l.Digest); err != nil {
+			return nil, fmt.Errorf("mounting layer %d (%s): %w", i, l.Digest, err)
+		}
+		im.layers = append(im.layers, mp)
+	}
+	if len(im.layers) == 0 {
+		return nil, fmt.Errorf("image %s has no layers", ref)
+	}
+	if err := os.MkdirAll(target, 0o755); err != nil {
+		return nil, err
+	}
+	if len(im.layers) == 1 {
+		err = bindMount(im.layers[0], target)
+	} else {
+		lowers := make([]string, len(im.layers))
+		for i, p := range im.layers { // overlayfs wants the top-most first
+			lowers[len(lowers)-1-i] = p
+		}
+		err = MountOverlay(lowers, target)
+		im.overlay = err == nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("mounting merged view at %s: %w", target, err)
+	}
+	return im, nil
+}
+
+// Unmount removes the merged view and every layer mount under it.
+func (im *ImageMount) Unmount() error {
+	var errs []error
+	if im.overlay {
+		errs = append(errs, UnmountOverlay(im.target))
+	} else if len(im.layers) == 1 {
+		errs = append(errs, unmountBind(im.target))
+	}
+	for i := len(im.layers) - 1; i >= 0; i-- {
+		errs = append(errs, im.m.Unmount(context.Background(), im.layers[i]))
+	}
+	im.layers = nil
+	return errors.Join(errs...)
+}
+
+func bindMount(src, dst string) error {
+	if err := unix.Mount(src, dst, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind mount %s on %s: %w", src, dst, err)
+	}
+	if err := unix.Mount("", dst, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {
+		_ = unix.Unmount(dst, unix.MNT_DETACH)
+		return fmt.Errorf("read-only remount of %s: %w", dst, err)
+	}
+	return nil
+}
+
+func unmountBind(dst string) error {
+	if err := unix.Unmount(dst, 0); err != nil {
+		return unix.Unmount(dst, unix.MNT_DETACH)
+	}
+	return nil
+}
