@@ -1,0 +1,332 @@
+package remote
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/opencontainers/go-digest"
+)
+
+// Blob is one blob of a repository, read by HTTP Range GETs. It is safe for
+// concurrent use. Bytes are not verified against the digest here: a range
+// cannot be, and the caller that assembles the whole blob can.
+type Blob struct {
+	src    *source
+	digest digest.Digest
+	size   int64
+}
+
+// rangeIgnored holds the hosts (registries or the blob storage they
+// redirect to) seen answering a Range request with the whole blob.
+var rangeIgnored sync.Map // host → struct{}
+
+// OpenBlob returns the blob dgst of repo ("registry/path/name"), for callers
+// that know both, such as the snapshotter from its labels. With size < 0 the
+// size is asked of the registry (HEAD); otherwise no request is made until
+// the first read.
+func OpenBlob(ctx context.Context, repo string, dgst digest.Digest, size int64, opts ...Option) (*Blob, error) {
+	o := newOptions(opts)
+	if err := dgst.Validate(); err != nil {
+		return nil, fmt.Errorf("blob digest %q: %w", dgst, err)
+	}
+	var nopts []name.Option
+	if o.plainHTTP {
+		nopts = append(nopts, name.Insecure)
+	}
+	r, err := name.NewRepository(repo, nopts...)
+	if err != nil {
+		return nil, fmt.Errorf("repository %q: %w", repo, err)
+	}
+	src, err := newSource(r, o)
+	if err != nil {
+		return nil, err
+	}
+	b := &Blob{src: src, digest: dgst, size: size}
+	if size < 0 {
+		if b.size, err = b.head(ctx); err != nil {
+			return nil, err
+		}
+	}
+	return b, nil
+}
+
+// Digest is the blob's digest.
+func (b *Blob) Digest() digest.Digest { return b.digest }
+
+// Size is the blob's size in bytes.
+func (b *Blob) Size() int64 { return b.size }
+
+// RangeIgnored reports whether a host serving this blob was seen ignoring
+// Range requests. Reads still return the right bytes, but each one transfers
+// the blob from its start, so a caller should prefer one sequential Open.
+func (b *Blob) RangeIgnored() bool {
+	for _, e := range b.src.endpoints {
+		if _, ok := rangeIgnored.Load(e.reg.RegistryStr()); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// String names the blob as repository@digest.
+func (b *Blob) String() string { return b.src.repo.Name() + "@" + b.digest.String() }
+
+func (b *Blob) head(ctx context.Context) (int64, error) {
+	var size int64
+	err := b.src.do(ctx, func(ctx context.Context, e *endpoint) (bool, error) {
+		resp, body, err := e.roundTrip(ctx, http.MethodHead, e.url("blobs", b.digest.String()), nil)
+		if err != nil {
+			return false, err
+		}
+		defer body.Close()
+		if err := checkStatus(resp, b.String(), ErrBlobNotFound, http.StatusOK); err != nil {
+			return false, err
+		}
+		if resp.ContentLength < 0 {
+			return false, permanent(fmt.Errorf("%w: HEAD %s: no Content-Length", ErrBadResponse, b))
+		}
+		size = resp.ContentLength
+		return false, nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("blob size: %w", err)
+	}
+	return size, nil
+}
+
+// ReadAt reads len(p) bytes at off with one Range GET, retried (a retry
+// asks only for the bytes still missing). It follows io.ReaderAt: fewer than
+// len(p) bytes come with an error, io.EOF at the end of the blob.
+func (b *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("read blob %s: negative offset %d", b, off)
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if off >= b.size {
+		return 0, io.EOF
+	}
+	want := int(min(int64(len(p)), b.size-off))
+	s := &stream{ctx: ctx, b: b, off: off, end: off + int64(want)}
+	defer s.Close()
+	n, err := io.ReadFull(s, p[:want])
+	if err != nil {
+		if err == io.ErrUnexpectedEOF {
+			err = fmt.Errorf("%w: read blob %s: short read", ErrBadResponse, b)
+		}
+		return n, err
+	}
+	if want < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// Open streams the blob from off to its end. A transient failure mid-stream
+// is retried by asking again from the last byte received, so the reader
+// sees one unbroken stream. ctx governs the whole stream; Close must not be
+// called concurrently with Read.
+func (b *Blob) Open(ctx context.Context, off int64) (io.ReadCloser, error) {
+	if off < 0 || off > b.size {
+		return nil, fmt.Errorf("open blob %s: offset %d outside [0, %d]", b, off, b.size)
+	}
+	s := &stream{ctx: ctx, b: b, off: off, end: b.size}
+	if off == b.size {
+		return s, nil
+	}
+	// Connect now so that a missing blob or refused access is reported by
+	// Open rather than by the first Read.
+	err := b.src.do(ctx, func(ctx context.Context, e *endpoint) (bool, error) {
+		rc, err := b.openRange(ctx, e, s.off, s.end)
+		s.rc = rc
+		return false, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("blob open at %d: %w", off, err)
+	}
+	return s, nil
+}
+
+// stream reads [off, end) of a blob, reconnecting after transient failures.
+type stream struct {
+	ctx    context.Context
+	b      *Blob
+	off    int64
+	end    int64
+	rc     io.ReadCloser // current response, nil between connections
+	closed bool
+}
+
+var errClosed = errors.New("read of closed blob stream")
+
+func (s *stream) Read(p []byte) (int, error) {
+	if s.closed {
+		return 0, errClosed
+	}
+	if s.off >= s.end {
+		return 0, io.EOF
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if rem := s.end - s.off; int64(len(p)) > rem {
+		p = p[:rem]
+	}
+	n := 0
+	err := s.b.src.do(s.ctx, func(ctx context.Context, e *endpoint) (bool, error) {
+		if s.rc == nil {
+			rc, err := s.b.openRange(ctx, e, s.off, s.end)
+			if err != nil {
+				return false, err
+			}
+			s.rc = rc
+		}
+		for n == 0 {
+			m, err := s.rc.Read(p)
+			n = m
+			s.off += int64(m)
+			if err == io.EOF && s.off == s.end {
+				err = nil
+			}
+			if err != nil {
+				s.rc.Close()
+				s.rc = nil
+				if n > 0 {
+					// Deliver what arrived; the next Read reconnects.
+					return true, nil
+				}
+				return false, err
+			}
+		}
+		return true, nil
+	})
+	if s.off == s.end && s.rc != nil {
+		s.rc.Close()
+		s.rc = nil
+	}
+	if err != nil {
+		return n, fmt.Errorf("blob read at %d: %w", s.off, err)
+	}
+	return n, nil
+}
+
+func (s *stream) Close() error {
+	s.closed = true
+	if s.rc != nil {
+		s.rc.Close()
+		s.rc = nil
+	}
+	return nil
+}
+
+// openRange sends one GET for the bytes [off, end) of the blob and returns
+// a reader of exactly those bytes. A registry that ignores Range (200 with
+// the whole blob) is remembered and served by skipping to off.
+func (b *Blob) openRange(ctx context.Context, e *endpoint, off, end int64) (io.ReadCloser, error) {
+	// A bounded range: "bytes=N-" is refused by some registries.
+	hdr := http.Header{"Range": {fmt.Sprintf("bytes=%d-%d", off, end-1)}}
+	resp, body, err := e.roundTrip(ctx, http.MethodGet, e.url("blobs", b.digest.String()), hdr)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkStatus(resp, b.String(), ErrBlobNotFound, http.StatusPartialContent, http.StatusOK); err != nil {
+		body.Close()
+		return nil, err
+	}
+	host := resp.Request.URL.Host
+	switch resp.StatusCode {
+	case http.StatusPartialContent:
+		if err := checkContentRange(resp.Header.Get("Content-Range"), off, end-1, b.size); err != nil {
+			body.Close()
+			return nil, permanent(fmt.Errorf("%w: range of blob %s from %s: %v", ErrBadResponse, b, host, err))
+		}
+		return &rangeReader{body: body, remaining: end - off, drain: true}, nil
+	default: // 200: the whole blob
+		if resp.ContentLength >= 0 && resp.ContentLength != b.size {
+			body.Close()
+			return nil, permanent(fmt.Errorf("%w: blob %s from %s: %d bytes, want %d", ErrBadResponse, b, host, resp.ContentLength, b.size))
+		}
+		rangeIgnored.Store(host, struct{}{})
+		rangeIgnored.Store(e.reg.RegistryStr(), struct{}{})
+		if off > 0 {
+			if _, err := io.CopyN(io.Discard, body, off); err != nil {
+				body.Close()
+				if err == io.EOF {
+					err = io.ErrUnexpectedEOF
+				}
+				return nil, fmt.Errorf("skipping to %d of blob %s (range ignored by %s): %w", off, b, host, err)
+			}
+		}
+		return &rangeReader{body: body, remaining: end - off}, nil
+	}
+}
+
+// checkContentRange checks "bytes first-last/size" against the request.
+func checkContentRange(v string, first, last, size int64) error {
+	spec, ok := strings.CutPrefix(v, "bytes ")
+	if !ok {
+		return fmt.Errorf("Content-Range %q", v)
+	}
+	rng, total, ok := strings.Cut(spec, "/")
+	fs, ls, ok2 := strings.Cut(rng, "-")
+	if !ok || !ok2 {
+		return fmt.Errorf("Content-Range %q", v)
+	}
+	f, err1 := strconv.ParseInt(fs, 10, 64)
+	l, err2 := strconv.ParseInt(ls, 10, 64)
+	if err1 != nil || err2 != nil {
+		return fmt.Errorf("Content-Range %q", v)
+	}
+	if f != first || l != last {
+		return fmt.Errorf("Content-Range %q for requested bytes %d-%d", v, first, last)
+	}
+	if total != "*" {
+		if t, err := strconv.ParseInt(total, 10, 64); err != nil || t != size {
+			return fmt.Errorf("Content-Range %q for a blob of %d bytes", v, size)
+		}
+	}
+	return nil
+}
+
+// rangeReader yields exactly remaining bytes of a response body; an early
+// end is io.ErrUnexpectedEOF.
+type rangeReader struct {
+	body      *body
+	remaining int64
+	drain     bool // the response ends with our range: read its EOF to keep the connection
+}
+
+func (r *rangeReader) Read(p []byte) (int, error) {
+	if r.remaining <= 0 {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > r.remaining {
+		p = p[:r.remaining]
+	}
+	n, err := r.body.Read(p)
+	r.remaining -= int64(n)
+	switch {
+	case r.remaining == 0:
+		return n, io.EOF
+	case err == io.EOF:
+		return n, io.ErrUnexpectedEOF
+	}
+	return n, err
+}
+
+func (r *rangeReader) Close() error {
+	if r.drain && r.remaining == 0 {
+		// Seeing the body's EOF returns the connection to the pool.
+		var buf [64]byte
+		r.body.resp.Body.Read(buf[:])
+	}
+	return r.body.Close()
+}

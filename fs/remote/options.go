@@ -1,0 +1,168 @@
+// Package remote reads OCI images from registries for weightsnap: it
+// resolves a reference to an image manifest, config and layer list, and
+// reads layer blobs by HTTP Range GETs with retries, stall detection and
+// mirror fallback. It knows nothing of FUSE, caches or tar.
+package remote
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+)
+
+// Option configures Resolve and OpenBlob.
+type Option func(*options)
+
+// Endpoint is one host that serves a registry's content: a mirror or the
+// origin itself.
+type Endpoint struct {
+	// Host is host[:port] of the endpoint.
+	Host string
+	// PlainHTTP makes the endpoint be spoken to over plain HTTP.
+	PlainHTTP bool
+	// Path is the API root that replaces "/v2" in request paths, as in the
+	// path of a containerd hosts.toml host URL (for example "/cache/v2").
+	// Empty means "/v2".
+	Path string
+}
+
+type options struct {
+	plainHTTP bool
+	keychain  authn.Keychain
+	transport http.RoundTripper
+	attempts  int
+	base      time.Duration
+	stall     time.Duration
+	platform  v1.Platform
+	mirrors   func(registry string) []Endpoint
+}
+
+const (
+	defaultAttempts = 6
+	defaultBase     = 100 * time.Millisecond
+	defaultStall    = 30 * time.Second
+	// maxBackoff caps both the exponential backoff and a registry's
+	// Retry-After, so that a reader blocked on the registry learns about a
+	// persistent failure in bounded time.
+	maxBackoff = 30 * time.Second
+)
+
+func newOptions(opts []Option) *options {
+	o := &options{
+		keychain:  authn.DefaultKeychain,
+		transport: defaultTransport(),
+		attempts:  defaultAttempts,
+		base:      defaultBase,
+		stall:     defaultStall,
+		platform:  v1.Platform{OS: runtime.GOOS, Architecture: runtime.GOARCH},
+	}
+	for _, opt := range opts {
+		opt(o)
+	}
+	return o
+}
+
+// WithPlainHTTP makes every registry be spoken to over plain HTTP (with
+// go-containerregistry's HTTPS-first fallback). Registries on localhost,
+// 127.0.0.1, ::1 and private addresses use plain HTTP without it.
+func WithPlainHTTP(plain bool) Option {
+	return func(o *options) { o.plainHTTP = plain }
+}
+
+// WithKeychain sets where registry credentials come from; the default is
+// authn.DefaultKeychain (the docker config.json).
+func WithKeychain(k authn.Keychain) Option {
+	return func(o *options) {
+		if k != nil {
+			o.keychain = k
+		}
+	}
+}
+
+// WithTransport sets the HTTP transport under authentication. The default is
+// a shared, keep-alive transport tuned for many parallel range requests.
+// It should not transparently decompress responses.
+func WithTransport(rt http.RoundTripper) Option {
+	return func(o *options) {
+		if rt != nil {
+			o.transport = rt
+		}
+	}
+}
+
+// WithRetry sets how many times a request is tried (attempts ≥ 1) and the
+// base of its exponential, jittered backoff. A transient failure that made
+// progress (bytes received) starts the count afresh.
+func WithRetry(attempts int, base time.Duration) Option {
+	return func(o *options) {
+		o.attempts = max(attempts, 1)
+		o.base = max(base, 0)
+	}
+}
+
+// WithStallTimeout sets how long a request may go without receiving a byte
+// (response headers included) before it is aborted and retried. Zero
+// disables stall detection.
+func WithStallTimeout(d time.Duration) Option {
+	return func(o *options) { o.stall = max(d, 0) }
+}
+
+// WithPlatform sets the platform whose manifest is chosen from a
+// multi-platform index; the default is the host's GOOS/GOARCH. Empty fields
+// match anything.
+func WithPlatform(p v1.Platform) Option {
+	return func(o *options) { o.platform = p }
+}
+
+// WithMirrors sets the endpoints to try for a registry, in order: mirrors
+// first, the origin last (a containerd hosts.toml maps to this). The
+// function gets the registry host as written in references ("docker.io"
+// for Docker Hub) and returns the complete list; an empty list means the
+// origin alone. A failing endpoint falls back to the next one and is
+// skipped for a while afterwards.
+func WithMirrors(fn func(registry string) []Endpoint) Option {
+	return func(o *options) { o.mirrors = fn }
+}
+
+type reasonKey struct{}
+
+// WithReason labels the registry traffic done under ctx for metrics:
+// "ondemand", "readahead", "background" or "stream". Unlabelled traffic
+// counts as "ondemand".
+func WithReason(ctx context.Context, reason string) context.Context {
+	return context.WithValue(ctx, reasonKey{}, reason)
+}
+
+func reasonOf(ctx context.Context) string {
+	if r, ok := ctx.Value(reasonKey{}).(string); ok && r != "" {
+		return r
+	}
+	return "ondemand"
+}
+
+// defaultTransport is shared by every Image and Blob so that connections to
+// a registry are reused across layers and mounts.
+var defaultTransport = sync.OnceValue(func() http.RoundTripper {
+	return &http.Transport{
+		Proxy: http.ProxyFromEnvironment,
+		DialContext: (&net.Dialer{
+			Timeout:   10 * time.Second,
+			KeepAlive: 30 * time.Second,
+		}).DialContext,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          256,
+		MaxIdleConnsPerHost:   64,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ExpectContinueTimeout: time.Second,
+		// Range responses must arrive byte for byte as stored; Go would
+		// otherwise ask for gzip and decompress transparently.
+		DisableCompression: true,
+	}
+})

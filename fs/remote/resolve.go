@@ -1,0 +1,252 @@
+package remote
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"strings"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/opencontainers/go-digest"
+)
+
+// Limits on what is read into memory from a registry.
+const (
+	maxManifestSize = 4 << 20
+	maxConfigSize   = 32 << 20
+)
+
+// Image is an image manifest resolved from a reference, with its config and
+// layers.
+type Image struct {
+	// Ref is the reference as parsed (tag or digest).
+	Ref name.Reference
+	// Digest is the digest of the image manifest (of the platform's
+	// manifest when the reference named an index).
+	Digest digest.Digest
+	// Manifest is the image manifest.
+	Manifest *v1.Manifest
+	// Config is the image config; nil for an artifact whose config cannot
+	// be parsed as one.
+	Config *v1.ConfigFile
+	// Layers are the manifest's layers, base first.
+	Layers []*Layer
+}
+
+// Layer is one layer of an Image.
+type Layer struct {
+	// Digest is the digest of the layer blob.
+	Digest digest.Digest
+	// Size is the blob's size in bytes.
+	Size int64
+	// MediaType is the layer's media type from the manifest.
+	MediaType string
+	// DiffID is the digest of the uncompressed layer from the config, or
+	// empty when the config does not give it.
+	DiffID digest.Digest
+	// Annotations are the layer descriptor's annotations.
+	Annotations map[string]string
+	// Blob reads the layer blob.
+	Blob *Blob
+}
+
+var manifestAccept = strings.Join([]string{
+	string(types.OCIManifestSchema1),
+	string(types.DockerManifestSchema2),
+	string(types.OCIImageIndex),
+	string(types.DockerManifestList),
+}, ", ")
+
+// Resolve resolves ref (a tag or a digest reference) to an image manifest,
+// choosing the platform's manifest when ref names an index, and fetches its
+// config. Manifests and config are verified against their digests.
+func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
+	o := newOptions(opts)
+	var nopts []name.Option
+	if o.plainHTTP {
+		nopts = append(nopts, name.Insecure)
+	}
+	r, err := name.ParseReference(ref, nopts...)
+	if err != nil {
+		return nil, fmt.Errorf("image reference %q: %w", ref, err)
+	}
+	src, err := newSource(r.Context(), o)
+	if err != nil {
+		return nil, err
+	}
+
+	raw, mt, dgst, err := src.manifest(ctx, r.Identifier(), r.String())
+	if err != nil {
+		return nil, err
+	}
+	if mt.IsIndex() {
+		idx, err := v1.ParseIndexManifest(bytes.NewReader(raw))
+		if err != nil {
+			return nil, fmt.Errorf("%w: index %s: %v", ErrBadResponse, r, err)
+		}
+		child, err := pickPlatform(idx, o.platform)
+		if err != nil {
+			return nil, fmt.Errorf("image %s: %w", r, err)
+		}
+		what := r.Context().Name() + "@" + child.Digest.String()
+		if raw, mt, dgst, err = src.manifest(ctx, child.Digest.String(), what); err != nil {
+			return nil, err
+		}
+		if mt.IsIndex() {
+			return nil, fmt.Errorf("%w: image %s: nested index %s for platform %s", ErrBadResponse, r, child.Digest, platformString(o.platform))
+		}
+	}
+	if !mt.IsImage() {
+		return nil, fmt.Errorf("%w: image %s: unsupported manifest media type %q", ErrBadResponse, r, mt)
+	}
+	m, err := v1.ParseManifest(bytes.NewReader(raw))
+	if err != nil {
+		return nil, fmt.Errorf("%w: manifest of %s: %v", ErrBadResponse, r, err)
+	}
+
+	img := &Image{Ref: r, Digest: dgst, Manifest: m}
+	if img.Config, err = src.config(ctx, m.Config); err != nil {
+		return nil, fmt.Errorf("image %s: %w", r, err)
+	}
+	for i, l := range m.Layers {
+		ld, err := digest.Parse(l.Digest.String())
+		if err != nil {
+			return nil, fmt.Errorf("%w: image %s: layer %d digest: %v", ErrBadResponse, r, i, err)
+		}
+		layer := &Layer{
+			Digest:      ld,
+			Size:        l.Size,
+			MediaType:   string(l.MediaType),
+			Annotations: l.Annotations,
+			Blob:        &Blob{src: src, digest: ld, size: l.Size},
+		}
+		if img.Config != nil && len(img.Config.RootFS.DiffIDs) == len(m.Layers) {
+			layer.DiffID, _ = digest.Parse(img.Config.RootFS.DiffIDs[i].String())
+		}
+		img.Layers = append(img.Layers, layer)
+	}
+	return img, nil
+}
+
+// manifest fetches the manifest named by id (a tag or digest) and returns
+// it with its media type and digest; what names it in errors.
+func (s *source) manifest(ctx context.Context, id, what string) ([]byte, types.MediaType, digest.Digest, error) {
+	var raw []byte
+	var contentType string
+	err := s.do(ctx, func(ctx context.Context, e *endpoint) (bool, error) {
+		hdr := http.Header{"Accept": {manifestAccept}}
+		resp, body, err := e.roundTrip(ctx, http.MethodGet, e.url("manifests", id), hdr)
+		if err != nil {
+			return false, err
+		}
+		defer body.Close()
+		if err := checkStatus(resp, what, ErrImageNotFound, http.StatusOK); err != nil {
+			return false, err
+		}
+		if raw, err = io.ReadAll(io.LimitReader(body, maxManifestSize+1)); err != nil {
+			return false, err
+		}
+		if len(raw) > maxManifestSize {
+			return false, permanent(fmt.Errorf("%w: manifest %s larger than %d bytes", ErrBadResponse, what, maxManifestSize))
+		}
+		contentType = resp.Header.Get("Content-Type")
+		return false, nil
+	})
+	if err != nil {
+		return nil, "", "", err
+	}
+
+	dgst := digest.FromBytes(raw)
+	if want, err := digest.Parse(id); err == nil {
+		if !want.Algorithm().Available() {
+			return nil, "", "", fmt.Errorf("%w: manifest %s: unsupported digest algorithm", ErrBadResponse, what)
+		}
+		if got := want.Algorithm().FromBytes(raw); got != want {
+			return nil, "", "", fmt.Errorf("%w: manifest %s has digest %s", ErrBadResponse, what, got)
+		}
+		dgst = want
+	}
+
+	// The body's own mediaType is authoritative; some registries send
+	// application/json or nothing as Content-Type.
+	var probe struct {
+		MediaType string          `json:"mediaType"`
+		Manifests json.RawMessage `json:"manifests"`
+		Config    json.RawMessage `json:"config"`
+	}
+	if err := json.Unmarshal(raw, &probe); err != nil {
+		return nil, "", "", fmt.Errorf("%w: manifest %s: %v", ErrBadResponse, what, err)
+	}
+	mt := types.MediaType(probe.MediaType)
+	if mt == "" {
+		if ct, _, err := mime.ParseMediaType(contentType); err == nil {
+			mt = types.MediaType(ct)
+		}
+	}
+	if !mt.IsIndex() && !mt.IsImage() {
+		switch {
+		case probe.Manifests != nil:
+			mt = types.OCIImageIndex
+		case probe.Config != nil:
+			mt = types.OCIManifestSchema1
+		}
+	}
+	return raw, mt, dgst, nil
+}
+
+// config fetches and parses an image config blob.
+func (s *source) config(ctx context.Context, desc v1.Descriptor) (*v1.ConfigFile, error) {
+	if desc.Size > maxConfigSize || desc.Size < 0 {
+		return nil, fmt.Errorf("%w: config of %d bytes", ErrBadResponse, desc.Size)
+	}
+	cd, err := digest.Parse(desc.Digest.String())
+	if err != nil {
+		return nil, fmt.Errorf("%w: config digest: %v", ErrBadResponse, err)
+	}
+	raw := make([]byte, desc.Size)
+	b := &Blob{src: s, digest: cd, size: desc.Size}
+	if _, err := b.ReadAt(ctx, raw, 0); err != nil && err != io.EOF {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	if got := cd.Algorithm().FromBytes(raw); got != cd {
+		return nil, fmt.Errorf("%w: config %s has digest %s", ErrBadResponse, cd, got)
+	}
+	cfg, err := v1.ParseConfigFile(bytes.NewReader(raw))
+	if err != nil {
+		if desc.MediaType.IsConfig() {
+			return nil, fmt.Errorf("%w: config %s: %v", ErrBadResponse, cd, err)
+		}
+		// An artifact's config need not be an image config.
+		return nil, nil
+	}
+	return cfg, nil
+}
+
+// pickPlatform returns the first manifest of idx whose platform satisfies p.
+func pickPlatform(idx *v1.IndexManifest, p v1.Platform) (v1.Descriptor, error) {
+	var have []string
+	for _, d := range idx.Manifests {
+		if d.Platform == nil {
+			continue
+		}
+		if d.Platform.Satisfies(p) {
+			return d, nil
+		}
+		have = append(have, platformString(*d.Platform))
+	}
+	return v1.Descriptor{}, fmt.Errorf("%w: no manifest for platform %s (index has: %s)", ErrImageNotFound, platformString(p), strings.Join(have, ", "))
+}
+
+func platformString(p v1.Platform) string {
+	s := p.OS + "/" + p.Architecture
+	if p.Variant != "" {
+		s += "/" + p.Variant
+	}
+	return s
+}
