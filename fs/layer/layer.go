@@ -14,18 +14,28 @@ import (
 type Type uint8
 
 const (
+	// TypeReg is a regular file (a tar hard link is a TypeReg entry
+	// sharing the Ino of its target).
 	TypeReg Type = iota + 1
+	// TypeDir is a directory.
 	TypeDir
+	// TypeSymlink is a symbolic link; Linkname is its target.
 	TypeSymlink
+	// TypeChar is a character device (Devmajor, Devminor).
 	TypeChar
+	// TypeBlock is a block device (Devmajor, Devminor).
 	TypeBlock
+	// TypeFifo is a named pipe.
 	TypeFifo
 	// TypeWhiteout is an OCI whiteout (".wh.<name>" in the tar), presented
 	// under <name> the way overlayfs expects: a character device 0/0.
 	TypeWhiteout
 )
 
-// Entry is one file of a layer. Entries are immutable once returned.
+// Entry is one file of a layer. Entries are immutable once returned: when
+// a streamed layer later changes an entry (a hard link raises Nlink, a
+// duplicate name replaces it) the index holds a new Entry and Lookup
+// returns that from then on.
 type Entry struct {
 	// Name is the cleaned path relative to the layer root, "/"-separated,
 	// without leading "/" or "./"; the root is "".
@@ -50,7 +60,8 @@ type Entry struct {
 	// the Ino (and the content) of the entry they link to.
 	Ino uint64
 	// Nlink is the number of names sharing Ino (2+ for a directory is not
-	// required; FUSE callers may compute it).
+	// required; FUSE callers may compute it). This package sets 1 for
+	// directories and for files without hard links.
 	Nlink uint32
 }
 

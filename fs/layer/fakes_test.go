@@ -1,0 +1,265 @@
+package layer
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"io/fs"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
+
+	digest "github.com/opencontainers/go-digest"
+)
+
+// memSource is a Source over bytes that counts what is read.
+type memSource struct {
+	b         []byte
+	bytesRead atomic.Int64
+	reads     atomic.Int64
+}
+
+func (s *memSource) Size() int64 { return int64(len(s.b)) }
+
+func (s *memSource) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	s.reads.Add(1)
+	n, err := bytes.NewReader(s.b).ReadAt(p, off)
+	s.bytesRead.Add(int64(n))
+	return n, err
+}
+
+// corruptSource serves wrong bytes in [badOff, badOff+badLen) until that
+// range is invalidated (if healing) — a cache holding a bad fetch.
+type corruptSource struct {
+	memSource
+	mu             sync.Mutex
+	badOff, badLen int64
+	healing        bool
+	invalidations  int
+}
+
+func (s *corruptSource) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	n, err := s.memSource.ReadAt(ctx, p, off)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := range p[:n] {
+		if o := off + int64(i); o >= s.badOff && o < s.badOff+s.badLen {
+			p[i] ^= 0x5a
+		}
+	}
+	return n, err
+}
+
+func (s *corruptSource) Fetch(ctx context.Context, off, n int64) error { return nil }
+
+func (s *corruptSource) Invalidate(off, n int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.invalidations++
+	if s.healing && off <= s.badOff && s.badOff+s.badLen <= off+n {
+		s.badLen = 0
+	}
+}
+
+// memMeta is a MetaStore in memory.
+type memMeta struct {
+	mu sync.Mutex
+	m  map[string][]byte
+}
+
+func newMemMeta() *memMeta { return &memMeta{m: map[string][]byte{}} }
+
+func (m *memMeta) PutMeta(name string, data []byte) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.m[name] = bytes.Clone(data)
+	return nil
+}
+
+func (m *memMeta) GetMeta(name string) ([]byte, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	b, ok := m.m[name]
+	if !ok {
+		return nil, fmt.Errorf("meta %q: %w", name, fs.ErrNotExist)
+	}
+	return bytes.Clone(b), nil
+}
+
+// memStreams is a StreamStore in memory; the first opener of a key writes.
+type memStreams struct {
+	mu sync.Mutex
+	m  map[digest.Digest]*memStream
+}
+
+func newMemStreams() *memStreams { return &memStreams{m: map[digest.Digest]*memStream{}} }
+
+func (s *memStreams) Stream(key digest.Digest) (Stream, bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st, ok := s.m[key]; ok {
+		return &streamHandle{st}, false, nil
+	}
+	st := &memStream{key: key, changed: make(chan struct{})}
+	s.m[key] = st
+	return &streamHandle{st}, true, nil
+}
+
+type memStream struct {
+	key     digest.Digest
+	mu      sync.Mutex
+	buf     []byte
+	sealed  bool
+	err     error
+	changed chan struct{}
+}
+
+type streamHandle struct{ *memStream }
+
+func (h *streamHandle) Close() error { return nil }
+
+func (s *memStream) broadcast() {
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+func (s *memStream) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.sealed || s.err != nil {
+		return 0, fmt.Errorf("write to ended stream")
+	}
+	s.buf = append(s.buf, p...)
+	s.broadcast()
+	return len(p), nil
+}
+
+func (s *memStream) Seal() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if got := digest.FromBytes(s.buf); got != s.key {
+		s.err = fmt.Errorf("stream digest %s, want %s", got, s.key)
+	} else {
+		s.sealed = true
+	}
+	s.broadcast()
+	return s.err
+}
+
+func (s *memStream) Abort(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err == nil && !s.sealed {
+		s.err = err
+	}
+	s.broadcast()
+}
+
+func (s *memStream) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	for {
+		s.mu.Lock()
+		if off+int64(len(p)) <= int64(len(s.buf)) {
+			n := copy(p, s.buf[off:])
+			s.mu.Unlock()
+			return n, nil
+		}
+		if s.err != nil {
+			err := s.err
+			s.mu.Unlock()
+			return 0, err
+		}
+		if s.sealed {
+			n := 0
+			if off < int64(len(s.buf)) {
+				n = copy(p, s.buf[off:])
+			}
+			s.mu.Unlock()
+			return n, io.EOF
+		}
+		ch := s.changed
+		s.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+}
+
+func (s *memStream) Written() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return int64(len(s.buf))
+}
+
+func (s *memStream) Done() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.sealed && s.err == nil
+}
+
+// tarFile is one entry of a test tar.
+type tarFile struct {
+	hdr  tar.Header
+	data []byte
+}
+
+// buildTar writes files as a tar (PAX format where needed).
+func buildTar(t testing.TB, files []tarFile) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, f := range files {
+		h := f.hdr
+		if h.Typeflag == tar.TypeReg {
+			h.Size = int64(len(f.data))
+		}
+		if err := tw.WriteHeader(&h); err != nil {
+			t.Fatalf("write header %q: %v", h.Name, err)
+		}
+		if _, err := tw.Write(f.data); err != nil {
+			t.Fatalf("write %q: %v", h.Name, err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func sha(b []byte) digest.Digest {
+	return digest.NewDigestFromBytes(digest.SHA256, func() []byte { h := sha256.Sum256(b); return h[:] }())
+}
+
+// readAll reads e's whole content through l.
+func readAll(t testing.TB, ctx context.Context, l Layer, e *Entry) []byte {
+	t.Helper()
+	out := make([]byte, 0, e.Size)
+	buf := make([]byte, 100_000) // not a chunk multiple: reads straddle chunks
+	for off := int64(0); ; {
+		n, err := l.ReadAt(ctx, e, buf, off)
+		out = append(out, buf[:n]...)
+		off += int64(n)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("read %q at %d: %v", e.Name, off, err)
+		}
+	}
+	return out
+}
+
+// zstdChunked is the zstd:chunked compression for estargz.Build.
+type zstdChunked struct {
+	*zstdchunked.Compressor
+	*zstdchunked.Decompressor
+}

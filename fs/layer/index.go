@@ -1,0 +1,636 @@
+package layer
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"encoding/gob"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"math"
+	"path"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Index rules, shared by every format (tar, stream and eStargz feed the
+// same builder with tar headers):
+//
+//   - Names are cleaned: leading "/" and "./" are stripped (as tar and
+//     containerd do), then path.Clean. A name that still escapes the root
+//     ("..") is refused. Refusing means the entry is skipped and a warning
+//     logged; the rest of the layer is served. So are: an entry whose
+//     parent is not a directory, a hard link whose target escapes, does not
+//     exist earlier in the layer or is a directory or a whiteout, an unknown
+//     entry type, uid/gid/device numbers outside uint32, and a
+//     non-directory at the root.
+//   - Structural problems are errors that fail the whole layer: a truncated
+//     or corrupt tar, a negative size or one past the end of the blob, a
+//     sparse file (its bytes are not a contiguous range).
+//   - Missing parent directories are implied: mode 0755, owner 0:0, mtime
+//     the Unix epoch. A later header for the directory sets its attributes.
+//   - A later entry with the same name replaces the earlier one (tar
+//     semantics); a directory replacing a directory keeps its children and
+//     inode, anything else replacing a directory drops its subtree.
+//   - ".wh.<name>" becomes <name> of TypeWhiteout; ".wh..wh..opq" marks its
+//     directory Opaque and is not listed.
+//   - Inode numbers follow the order of the headers (root = 1), so they are
+//     stable across remounts; a hard link shares its target's inode.
+
+const (
+	whiteoutPrefix = ".wh."
+	opaqueMarker   = ".wh..wh..opq"
+	rootIno        = 1
+	// indexVersion is part of the meta record name; bump it when the
+	// record or the index rules change so old records are ignored.
+	indexVersion = 1
+)
+
+var epoch = time.Unix(0, 0).UTC()
+
+// index is the entry tree of one layer. It can be read while it is built
+// (streamed layers): lookups wait on changed until the entry appears or
+// the index is finished.
+type index struct {
+	layer string // for logs
+
+	mu       sync.Mutex
+	changed  chan struct{} // closed and replaced when waiters need waking
+	waiting  bool
+	done     bool
+	err      error
+	byName   map[string]*Entry
+	children map[string]map[string]struct{} // dir → names of its entries
+	names    map[uint64][]string            // non-dir inode → its names
+	dirs     map[string][]*Entry            // sorted listings, set by finish
+	nextIno  uint64
+	// data is where an inode's content starts: an offset in the
+	// uncompressed tar (tar and stream formats).
+	data map[uint64]int64
+	// chunks is an inode's content as verified compressed chunks
+	// (eStargz).
+	chunks  map[uint64][]chunkRef
+	refused int
+}
+
+// chunkRef is one chunk of a file in an eStargz blob.
+type chunkRef struct {
+	FileOff  int64  // offset of the chunk in the file
+	Size     int64  // uncompressed size
+	Off      int64  // offset of the compressed stream in the blob
+	End      int64  // end of the compressed stream in the blob
+	InnerOff int64  // offset of the chunk in the decompressed stream
+	Digest   string // digest of the uncompressed chunk
+}
+
+func newIndex(layer string) *index {
+	x := &index{
+		layer:    layer,
+		changed:  make(chan struct{}),
+		byName:   map[string]*Entry{},
+		children: map[string]map[string]struct{}{},
+		names:    map[uint64][]string{},
+		data:     map[uint64]int64{},
+		chunks:   map[uint64][]chunkRef{},
+		nextIno:  rootIno + 1,
+	}
+	x.byName[""] = &Entry{Name: "", Type: TypeDir, Mode: 0o755, ModTime: epoch, Ino: rootIno, Nlink: 1}
+	x.children[""] = map[string]struct{}{}
+	return x
+}
+
+// cleanName applies the naming rule above; ok is false for a name that
+// escapes the root.
+func cleanName(name string) (string, bool) {
+	for {
+		switch {
+		case strings.HasPrefix(name, "/"):
+			name = name[1:]
+		case strings.HasPrefix(name, "./"):
+			name = name[2:]
+		default:
+			name = path.Clean(name)
+			switch {
+			case name == ".":
+				return "", true
+			case name == ".." || strings.HasPrefix(name, "../") || strings.HasPrefix(name, "/"):
+				return "", false
+			}
+			return name, true
+		}
+	}
+}
+
+// parentOf is the directory holding name ("" for the root's children).
+func parentOf(name string) string {
+	d := path.Dir(name)
+	if d == "." {
+		return ""
+	}
+	return d
+}
+
+func (x *index) refuse(ctx context.Context, hdr *tar.Header, reason string) {
+	x.refused++
+	slog.WarnContext(ctx, "layer: refused tar entry", "layer", x.layer, "name", hdr.Name, "linkname", hdr.Linkname, "reason", reason)
+}
+
+// wake wakes the waiters; x.mu must be held.
+func (x *index) wake() {
+	if x.waiting {
+		close(x.changed)
+		x.changed = make(chan struct{})
+		x.waiting = false
+	}
+}
+
+func isSparse(hdr *tar.Header) bool {
+	if hdr.Typeflag == tar.TypeGNUSparse {
+		return true
+	}
+	for k := range hdr.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return true
+		}
+	}
+	return false
+}
+
+func toUint32(v int64) (uint32, bool) {
+	if v < 0 || v > math.MaxUint32 {
+		return 0, false
+	}
+	return uint32(v), true
+}
+
+// add adds the entry of hdr, whose content starts at dataOff of the
+// uncompressed tar (ignored for non-regular files, and for formats that
+// locate content otherwise: dataOff < 0). It returns the entry
+// added (nil if refused or not listed) or an error for a malformed layer.
+func (x *index) add(ctx context.Context, hdr *tar.Header, dataOff int64) (*Entry, error) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	e, err := x.addLocked(ctx, hdr, dataOff)
+	x.wake()
+	return e, err
+}
+
+func (x *index) addLocked(ctx context.Context, hdr *tar.Header, dataOff int64) (*Entry, error) {
+	if hdr.Size < 0 {
+		return nil, fmt.Errorf("%w: entry %q has negative size %d", ErrCorrupt, hdr.Name, hdr.Size)
+	}
+	if isSparse(hdr) {
+		return nil, fmt.Errorf("%w: entry %q is a sparse file", ErrUnsupported, hdr.Name)
+	}
+	var typ Type
+	switch hdr.Typeflag {
+	case tar.TypeReg, tar.TypeRegA, tar.TypeCont:
+		typ = TypeReg
+	case tar.TypeDir:
+		typ = TypeDir
+	case tar.TypeSymlink:
+		typ = TypeSymlink
+	case tar.TypeChar:
+		typ = TypeChar
+	case tar.TypeBlock:
+		typ = TypeBlock
+	case tar.TypeFifo:
+		typ = TypeFifo
+	case tar.TypeLink:
+		// resolved below
+	case tar.TypeXGlobalHeader:
+		return nil, nil // its records were applied by archive/tar
+	default:
+		x.refuse(ctx, hdr, fmt.Sprintf("unknown type %q", hdr.Typeflag))
+		return nil, nil
+	}
+	name, ok := cleanName(hdr.Name)
+	if !ok {
+		x.refuse(ctx, hdr, "name escapes the layer root")
+		return nil, nil
+	}
+	uid, ok1 := toUint32(int64(hdr.Uid))
+	gid, ok2 := toUint32(int64(hdr.Gid))
+	major, ok3 := toUint32(hdr.Devmajor)
+	minor, ok4 := toUint32(hdr.Devminor)
+	if !ok1 || !ok2 || !ok3 || !ok4 {
+		x.refuse(ctx, hdr, "uid, gid or device number out of range")
+		return nil, nil
+	}
+	base := path.Base(name)
+	if name != "" && base == opaqueMarker {
+		dir := parentOf(name)
+		if !x.ensureDirs(ctx, hdr, dir) {
+			return nil, nil
+		}
+		d := *x.byName[dir]
+		d.Opaque = true
+		x.byName[dir] = &d
+		return nil, nil
+	}
+	if name != "" && strings.HasPrefix(base, whiteoutPrefix) {
+		target := base[len(whiteoutPrefix):]
+		if target == "" || target == "." || target == ".." {
+			x.refuse(ctx, hdr, "malformed whiteout")
+			return nil, nil
+		}
+		name = path.Join(parentOf(name), target)
+		typ = TypeWhiteout
+	}
+
+	e := &Entry{
+		Name:    name,
+		Type:    typ,
+		Mode:    uint32(hdr.Mode & 0o7777),
+		UID:     uid,
+		GID:     gid,
+		ModTime: hdr.ModTime.UTC(),
+		Nlink:   1,
+	}
+	for k, v := range hdr.PAXRecords {
+		if xk, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
+			if e.Xattrs == nil {
+				e.Xattrs = map[string]string{}
+			}
+			e.Xattrs[xk] = v
+		}
+	}
+	switch typ {
+	case TypeReg:
+		e.Size = hdr.Size
+	case TypeSymlink:
+		e.Linkname = hdr.Linkname
+		e.Size = int64(len(hdr.Linkname))
+	case TypeChar, TypeBlock:
+		e.Devmajor, e.Devminor = major, minor
+	case TypeWhiteout:
+		// overlayfs recognises a whiteout as a char device 0/0 and
+		// ignores its mode, but keep the owner and time from the tar.
+		e.Mode = 0
+		e.Xattrs = nil
+	}
+
+	if name == "" {
+		if typ != TypeDir {
+			x.refuse(ctx, hdr, "non-directory at the layer root")
+			return nil, nil
+		}
+		old := x.byName[""]
+		e.Ino, e.Opaque = old.Ino, old.Opaque
+		x.byName[""] = e
+		return e, nil
+	}
+
+	if hdr.Typeflag == tar.TypeLink {
+		target, ok := cleanName(hdr.Linkname)
+		if !ok {
+			x.refuse(ctx, hdr, "hard link target escapes the layer root")
+			return nil, nil
+		}
+		t := x.byName[target]
+		if t == nil || target == name {
+			x.refuse(ctx, hdr, "hard link target does not exist earlier in the layer")
+			return nil, nil
+		}
+		if t.Type == TypeDir || t.Type == TypeWhiteout {
+			x.refuse(ctx, hdr, "hard link to a directory or a whiteout")
+			return nil, nil
+		}
+		if !x.ensureDirs(ctx, hdr, parentOf(name)) {
+			return nil, nil
+		}
+		if x.byName[name] != nil {
+			x.remove(name)
+		}
+		// The target may have been removed by the replacement above only
+		// if it was inside a replaced directory; name is not a directory
+		// prefix of target unless target is under name.
+		t = x.byName[target]
+		if t == nil {
+			x.refuse(ctx, hdr, "hard link target replaced by the link")
+			return nil, nil
+		}
+		l := *t
+		l.Name = name
+		x.insert(&l)
+		x.setNlink(l.Ino)
+		return x.byName[name], nil
+	}
+
+	if !x.ensureDirs(ctx, hdr, parentOf(name)) {
+		return nil, nil
+	}
+	if old := x.byName[name]; old != nil {
+		if old.Type == TypeDir && typ == TypeDir {
+			e.Ino, e.Opaque = old.Ino, old.Opaque
+			x.byName[name] = e
+			return e, nil
+		}
+		x.remove(name)
+	}
+	e.Ino = x.nextIno
+	x.nextIno++
+	if typ == TypeReg && dataOff >= 0 {
+		x.data[e.Ino] = dataOff
+	}
+	x.insert(e)
+	return e, nil
+}
+
+// ensureDirs makes dir and its parents exist as directories, implying
+// missing ones; it refuses hdr if one of them is not a directory.
+func (x *index) ensureDirs(ctx context.Context, hdr *tar.Header, dir string) bool {
+	if e := x.byName[dir]; e != nil {
+		if e.Type != TypeDir {
+			x.refuse(ctx, hdr, fmt.Sprintf("parent %q is not a directory", dir))
+			return false
+		}
+		return true
+	}
+	if !x.ensureDirs(ctx, hdr, parentOf(dir)) {
+		return false
+	}
+	d := &Entry{Name: dir, Type: TypeDir, Mode: 0o755, ModTime: epoch, Ino: x.nextIno, Nlink: 1}
+	x.nextIno++
+	x.insert(d)
+	return true
+}
+
+func (x *index) insert(e *Entry) {
+	x.byName[e.Name] = e
+	p := parentOf(e.Name)
+	if x.children[p] == nil {
+		x.children[p] = map[string]struct{}{}
+	}
+	x.children[p][e.Name] = struct{}{}
+	if e.Type == TypeDir {
+		if x.children[e.Name] == nil {
+			x.children[e.Name] = map[string]struct{}{}
+		}
+	} else {
+		x.names[e.Ino] = append(x.names[e.Ino], e.Name)
+	}
+}
+
+func (x *index) remove(name string) {
+	e := x.byName[name]
+	delete(x.byName, name)
+	delete(x.children[parentOf(name)], name)
+	if e.Type == TypeDir {
+		for c := range x.children[name] {
+			x.remove(c)
+		}
+		delete(x.children, name)
+		return
+	}
+	x.names[e.Ino] = slices.DeleteFunc(x.names[e.Ino], func(n string) bool { return n == name })
+	if len(x.names[e.Ino]) == 0 {
+		delete(x.names, e.Ino)
+		return
+	}
+	x.setNlink(e.Ino)
+}
+
+// setNlink sets Nlink of every name of ino to their number, copying the
+// entries: an entry already returned is never modified.
+func (x *index) setNlink(ino uint64) {
+	names := x.names[ino]
+	for _, n := range names {
+		c := *x.byName[n]
+		c.Nlink = uint32(len(names))
+		x.byName[n] = &c
+	}
+}
+
+// finish marks the index complete (err == nil) or failed and wakes all
+// waiters.
+func (x *index) finish(err error) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.done {
+		return
+	}
+	x.done, x.err = true, err
+	if err == nil {
+		x.dirs = make(map[string][]*Entry, len(x.children))
+		for d, cs := range x.children {
+			l := make([]*Entry, 0, len(cs))
+			for c := range cs {
+				l = append(l, x.byName[c])
+			}
+			slices.SortFunc(l, func(a, b *Entry) int { return strings.Compare(a.Name, b.Name) })
+			x.dirs[d] = l
+		}
+		x.children = nil
+	}
+	x.waiting = true
+	x.wake()
+}
+
+func (x *index) failed() error {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.err
+}
+
+// lookup returns the entry at name, waiting for it while the index is
+// being built.
+func (x *index) lookup(ctx context.Context, name string) (*Entry, error) {
+	clean, ok := cleanName(name)
+	if !ok {
+		return nil, &fs.PathError{Op: "lookup", Path: name, Err: fs.ErrNotExist}
+	}
+	for {
+		x.mu.Lock()
+		if e := x.byName[clean]; e != nil {
+			x.mu.Unlock()
+			return e, nil
+		}
+		if x.done {
+			err := x.err
+			x.mu.Unlock()
+			if err != nil {
+				return nil, fmt.Errorf("lookup %q: %w", name, err)
+			}
+			return nil, &fs.PathError{Op: "lookup", Path: name, Err: fs.ErrNotExist}
+		}
+		x.waiting = true
+		ch := x.changed
+		x.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("lookup %q: %w", name, ctx.Err())
+		}
+	}
+}
+
+// readDir lists dir once the index is complete.
+func (x *index) readDir(ctx context.Context, dir string) ([]*Entry, error) {
+	clean, ok := cleanName(dir)
+	if !ok {
+		return nil, &fs.PathError{Op: "readdir", Path: dir, Err: fs.ErrNotExist}
+	}
+	for {
+		x.mu.Lock()
+		if x.done {
+			defer x.mu.Unlock()
+			if x.err != nil {
+				return nil, fmt.Errorf("readdir %q: %w", dir, x.err)
+			}
+			e := x.byName[clean]
+			if e == nil {
+				return nil, &fs.PathError{Op: "readdir", Path: dir, Err: fs.ErrNotExist}
+			}
+			if e.Type != TypeDir {
+				return nil, &fs.PathError{Op: "readdir", Path: dir, Err: syscall.ENOTDIR}
+			}
+			return slices.Clone(x.dirs[clean]), nil
+		}
+		x.waiting = true
+		ch := x.changed
+		x.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("readdir %q: %w", dir, ctx.Err())
+		}
+	}
+}
+
+// wait waits for the index to be complete.
+func (x *index) wait(ctx context.Context) error {
+	_, err := x.readDir(ctx, "")
+	return err
+}
+
+// dataOffset is where the content of ino starts.
+func (x *index) dataOffset(ino uint64) (int64, bool) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	off, ok := x.data[ino]
+	return off, ok
+}
+
+func (x *index) chunksOf(ino uint64) []chunkRef {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.chunks[ino]
+}
+
+// indexRecord is the serialized form of a complete index.
+type indexRecord struct {
+	Version int
+	Entries []*Entry // every name, sorted
+	NextIno uint64
+	Data    map[uint64]int64
+	Chunks  map[uint64][]chunkRef
+	Refused int
+}
+
+func (x *index) marshal() ([]byte, error) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	rec := indexRecord{Version: indexVersion, NextIno: x.nextIno, Data: map[uint64]int64{}, Chunks: map[uint64][]chunkRef{}, Refused: x.refused}
+	for _, e := range x.byName {
+		rec.Entries = append(rec.Entries, e)
+		if off, ok := x.data[e.Ino]; ok {
+			rec.Data[e.Ino] = off
+		}
+		if c, ok := x.chunks[e.Ino]; ok {
+			rec.Chunks[e.Ino] = c
+		}
+	}
+	slices.SortFunc(rec.Entries, func(a, b *Entry) int { return strings.Compare(a.Name, b.Name) })
+	var buf bytes.Buffer
+	if err := gob.NewEncoder(&buf).Encode(&rec); err != nil {
+		return nil, fmt.Errorf("encode index: %w", err)
+	}
+	return buf.Bytes(), nil
+}
+
+// unmarshalIndex rebuilds a complete index from a record, checking that
+// it is a well-formed tree so a damaged record is rejected rather than
+// served.
+func unmarshalIndex(layer string, b []byte) (*index, error) {
+	var rec indexRecord
+	if err := gob.NewDecoder(bytes.NewReader(b)).Decode(&rec); err != nil {
+		return nil, fmt.Errorf("decode index: %w", err)
+	}
+	if rec.Version != indexVersion {
+		return nil, fmt.Errorf("index version %d, want %d", rec.Version, indexVersion)
+	}
+	x := newIndex(layer)
+	x.nextIno, x.refused = rec.NextIno, rec.Refused
+	for _, e := range rec.Entries {
+		if e == nil {
+			return nil, errors.New("index: nil entry")
+		}
+		if c, ok := cleanName(e.Name); !ok || c != e.Name {
+			return nil, fmt.Errorf("index: bad name %q", e.Name)
+		}
+		if e.Name == "" {
+			x.byName[""] = e
+			continue
+		}
+		x.byName[e.Name] = e
+	}
+	for _, e := range rec.Entries {
+		if e.Name == "" {
+			continue
+		}
+		if p := x.byName[parentOf(e.Name)]; p == nil || p.Type != TypeDir {
+			return nil, fmt.Errorf("index: %q has no parent directory", e.Name)
+		}
+		x.insert(e)
+	}
+	if rec.Data != nil {
+		x.data = rec.Data
+	}
+	if rec.Chunks != nil {
+		x.chunks = rec.Chunks
+	}
+	x.finish(nil)
+	return x, nil
+}
+
+// loadIndex reads the record name from meta; a missing or unusable
+// record is not an error, the caller rebuilds the index.
+func loadIndex(ctx context.Context, meta MetaStore, name, layer string) *index {
+	if meta == nil || name == "" {
+		return nil
+	}
+	b, err := meta.GetMeta(name)
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			slog.WarnContext(ctx, "layer: reading index record", "layer", layer, "record", name, "error", err)
+		}
+		return nil
+	}
+	x, err := unmarshalIndex(layer, b)
+	if err != nil {
+		slog.WarnContext(ctx, "layer: ignoring unusable index record", "layer", layer, "record", name, "error", err)
+		return nil
+	}
+	return x
+}
+
+// saveIndex stores a complete index; failing to is logged, not fatal: the
+// index is rebuilt next time.
+func saveIndex(ctx context.Context, meta MetaStore, name string, x *index) {
+	if meta == nil || name == "" {
+		return
+	}
+	b, err := x.marshal()
+	if err == nil {
+		err = meta.PutMeta(name, b)
+	}
+	if err != nil {
+		slog.WarnContext(ctx, "layer: saving index record", "layer", x.layer, "record", name, "error", err)
+	}
+}

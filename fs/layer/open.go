@@ -1,0 +1,94 @@
+package layer
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+)
+
+// Open opens a layer in the format its media type names, looking at the
+// blob's first bytes when the media type is generic:
+//   - uncompressed tar → OpenTar;
+//   - gzip or zstd with an eStargz/zstd:chunked TOC (the TOC digest
+//     annotation, or a TOC footer at the end of the blob) → OpenStargz;
+//     a TOC without chunk digests (legacy stargz) falls back to a stream;
+//   - other gzip or zstd → OpenStream.
+//
+// src may be nil when only a sequential read of the blob (open) is
+// possible; every format is then streamed.
+func Open(ctx context.Context, d Descriptor, src Source, open func(ctx context.Context) (io.ReadCloser, error), streams StreamStore, meta MetaStore) (Layer, error) {
+	kind, err := detect(ctx, d, src)
+	if err != nil {
+		return nil, err
+	}
+	if src != nil {
+		switch kind {
+		case "tar":
+			return OpenTar(ctx, d, src, meta)
+		case "compressed":
+			if d.Annotations[estargz.TOCJSONDigestAnnotation] != "" || hasTOCFooter(ctx, src) {
+				l, err := OpenStargz(ctx, d, src, meta)
+				if !errors.Is(err, errNoTOC) && !errors.Is(err, errUnverifiable) {
+					return l, err
+				}
+			}
+		}
+	}
+	if streams == nil {
+		return nil, fmt.Errorf("layer %s (%s): %w: needs a stream store", d.Digest, d.MediaType, ErrUnsupported)
+	}
+	return OpenStream(ctx, d, open, streams, meta)
+}
+
+// detect says "tar" or "compressed".
+func detect(ctx context.Context, d Descriptor, src Source) (string, error) {
+	mt := d.MediaType
+	switch {
+	case strings.HasSuffix(mt, ".tar"):
+		return "tar", nil
+	case strings.HasSuffix(mt, "gzip") || strings.HasSuffix(mt, "zstd"):
+		return "compressed", nil
+	}
+	if src == nil {
+		// A stream detects the compression from its first bytes too.
+		return "compressed", nil
+	}
+	head := make([]byte, 512)
+	n, err := readFull(ctx, src.ReadAt, head[:min(int64(len(head)), src.Size())], 0)
+	if err != nil && err != io.EOF {
+		return "", fmt.Errorf("layer %s: reading magic: %w", d.Digest, err)
+	}
+	head = head[:n]
+	switch {
+	case bytes.HasPrefix(head, gzipMagic), bytes.HasPrefix(head, zstdMagic):
+		return "compressed", nil
+	case len(head) == 512 && (bytes.HasPrefix(head[257:], []byte("ustar"))):
+		return "tar", nil
+	}
+	return "", fmt.Errorf("layer %s (%s): %w: not a tar, gzip or zstd blob", d.Digest, mt, ErrUnsupported)
+}
+
+// hasTOCFooter reports whether src ends with an eStargz or zstd:chunked
+// footer.
+func hasTOCFooter(ctx context.Context, src Source) bool {
+	size := src.Size()
+	for _, dc := range tocDecompressors() {
+		fs := dc.FooterSize()
+		if fs > size {
+			continue
+		}
+		b := make([]byte, fs)
+		if _, err := readFull(ctx, src.ReadAt, b, size-fs); err != nil {
+			return false
+		}
+		if _, off, _, err := dc.ParseFooter(b); err == nil && off >= 0 {
+			return true
+		}
+	}
+	return false
+}

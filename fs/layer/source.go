@@ -1,0 +1,90 @@
+package layer
+
+import (
+	"context"
+	"errors"
+
+	digest "github.com/opencontainers/go-digest"
+)
+
+// Source is random-access bytes of a layer blob, typically a registry
+// blob seen through the node cache.
+type Source interface {
+	// ReadAt reads len(p) bytes at off with io.ReaderAt semantics.
+	ReadAt(ctx context.Context, p []byte, off int64) (int, error)
+	// Size is the size of the blob in bytes.
+	Size() int64
+}
+
+// Fetcher is optionally implemented by a Source that can make a range
+// present ahead of a read (read-ahead, prefetch) and drop a range found
+// wrong, so that the next read fetches it again.
+type Fetcher interface {
+	Fetch(ctx context.Context, off, n int64) error
+	Invalidate(off, n int64)
+}
+
+// Stream is sequentially written, concurrently readable storage of one
+// decompressed blob: readers wait for the bytes they ask for until the
+// writer has written them, sealed the stream or aborted it.
+type Stream interface {
+	// Write appends p; only the writer (see StreamStore) calls it.
+	Write(p []byte) (int, error)
+	// Seal ends the stream; it fails if the content does not match the
+	// stream's key, in which case waiting readers get that error.
+	Seal() error
+	// Abort ends the stream with err, reported to every waiting reader.
+	Abort(err error)
+	// ReadAt waits until [off, off+len(p)) is written (or the stream
+	// ended) and reads it with io.ReaderAt semantics.
+	ReadAt(ctx context.Context, p []byte, off int64) (int, error)
+	// Written is the number of bytes written so far.
+	Written() int64
+	// Done reports whether the stream was sealed successfully.
+	Done() bool
+	// Close releases this handle of the stream.
+	Close() error
+}
+
+// StreamStore provides Streams keyed by the sha256 of their content (a
+// layer's diff ID). The first opener of a key that is not yet complete is
+// the writer (the bool result); other openers only read.
+type StreamStore interface {
+	Stream(key digest.Digest) (Stream, bool, error)
+}
+
+// MetaStore keeps small derived records (serialized indexes) so that a
+// remount or a daemon restart does not rebuild them.
+type MetaStore interface {
+	PutMeta(name string, data []byte) error
+	// GetMeta returns an error satisfying errors.Is(err, fs.ErrNotExist)
+	// when name is absent.
+	GetMeta(name string) ([]byte, error)
+}
+
+// Descriptor describes the layer blob to open, as in an OCI manifest.
+type Descriptor struct {
+	// Digest is the digest of the blob as stored in the registry.
+	Digest digest.Digest
+	// Size is the size of the blob in bytes.
+	Size int64
+	// MediaType is the blob's media type from the manifest.
+	MediaType string
+	// DiffID is the digest of the uncompressed tar (from the image
+	// config); required by OpenStream, which keys its Stream by it.
+	DiffID digest.Digest
+	// Annotations are the layer descriptor's annotations.
+	Annotations map[string]string
+}
+
+var (
+	// ErrCorrupt is wrapped by errors about a malformed layer: truncated
+	// or corrupt tar or compressed data, an impossible size, a bad TOC.
+	ErrCorrupt = errors.New("corrupt layer")
+	// ErrVerify is wrapped by errors about content that does not match
+	// the digest covering it, even after it was fetched again.
+	ErrVerify = errors.New("layer content does not match its digest")
+	// ErrUnsupported is wrapped by errors about a layer format or tar
+	// feature this package does not serve (e.g. sparse files).
+	ErrUnsupported = errors.New("unsupported layer")
+)
