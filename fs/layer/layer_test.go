@@ -434,3 +434,40 @@ func checkListing(t *testing.T, ctx context.Context, l Layer, truth map[string]*
 		t.Errorf("readdir of a file succeeded")
 	}
 }
+
+func TestTarFilesAreContiguousRanges(t *testing.T) {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	contents := map[string]string{"a/config.json": "{}", "a/model.safetensors": strings.Repeat("w", 3000), "b": "bee"}
+	for _, name := range []string{"a/config.json", "a/model.safetensors", "b"} {
+		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(contents[name])), Typeflag: tar.TypeReg}); err != nil {
+			t.Fatal(err)
+		}
+		tw.Write([]byte(contents[name]))
+	}
+	tw.Close()
+	blob := buf.Bytes()
+	l, err := OpenTar(context.Background(), Descriptor{Digest: digest.FromBytes(blob), Size: int64(len(blob))}, &memSource{b: blob}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := l.(Contiguous).Files()
+	if len(files) != 3 {
+		t.Fatalf("Files() = %v, want 3 files", files)
+	}
+	for i, f := range files {
+		if i > 0 && f.Off <= files[i-1].Off {
+			t.Errorf("files not in blob order: %v", files)
+		}
+		if got := string(blob[f.Off : f.Off+f.Len]); got != contents[f.Name] {
+			t.Errorf("%s: blob range holds %q, want %q", f.Name, got, contents[f.Name])
+		}
+		e, err := l.Lookup(context.Background(), f.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r, ok := l.(Contiguous).DataRange(e); !ok || r != f {
+			t.Errorf("DataRange(%s) = %v, %v; want %v", f.Name, r, ok, f)
+		}
+	}
+}
