@@ -1,0 +1,531 @@
+package prefetch
+
+import (
+	"container/list"
+	"context"
+	"errors"
+	"fmt"
+	"iter"
+	"log/slog"
+	"sync"
+
+	"golang.org/x/time/rate"
+)
+
+// ErrClosed is returned by Fill once the Scheduler is closed.
+var ErrClosed = errors.New("prefetch: scheduler closed")
+
+// Options configures a Scheduler. Zero fields take the defaults.
+type Options struct {
+	// Workers is how many fetches run at once node-wide, read-ahead and
+	// background together (default DefaultWorkers).
+	Workers int
+	// BackgroundWorkers is how many of the Workers background fill may use
+	// at once (default DefaultBackgroundWorkers, at most Workers), so
+	// read-ahead always finds a free worker.
+	BackgroundWorkers int
+	// SpanSize is the size of one fetch (default DefaultSpanSize). Spans
+	// are aligned to multiples of SpanSize in the blob, so read-ahead and
+	// fill of the same bytes meet on the same span.
+	SpanSize int64
+	// BackgroundRate caps background fill node-wide, in bytes per second;
+	// 0 means unlimited. Read-ahead is never capped: a reader waits for it.
+	BackgroundRate int64
+	// Logger receives read-ahead failures; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+func (o Options) withDefaults() Options {
+	if o.Workers <= 0 {
+		o.Workers = DefaultWorkers
+	}
+	if o.BackgroundWorkers <= 0 {
+		o.BackgroundWorkers = DefaultBackgroundWorkers
+	}
+	o.BackgroundWorkers = min(o.BackgroundWorkers, o.Workers)
+	if o.SpanSize <= 0 {
+		o.SpanSize = DefaultSpanSize
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	return o
+}
+
+// Scheduler runs the fetches ahead of readers for every Target of the
+// process: one per process, so the caps it enforces are node-wide. It keeps
+// two queues of span fetches. Read-ahead is served first by any worker;
+// background fill is started only when no read-ahead is waiting and fewer
+// than BackgroundWorkers background fetches run. A span queued or in flight
+// for a (target, offset) is never queued twice.
+//
+// Targets are used as map keys, so they must be comparable (a pointer, as
+// *cache.Blob is).
+type Scheduler struct {
+	opt     Options
+	limiter *rate.Limiter // nil when BackgroundRate is 0
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+
+	mu        sync.Mutex
+	cond      *sync.Cond // signalled when work is queued or a background slot frees
+	closed    bool
+	high, low list.List // of *task, oldest first
+	tasks     map[taskKey]*task
+	bgRunning int
+
+	// onQueue, set by tests before use, is called after a span is queued.
+	onQueue func(high bool)
+}
+
+type taskKey struct {
+	t   Target
+	off int64
+}
+
+// task is one span fetch, queued or running.
+type task struct {
+	t         Target
+	off, end  int64
+	high      bool          // in (or taken from) the read-ahead queue
+	readahead bool          // read-ahead asked for it: its errors are logged
+	bg        bool          // running in a background slot
+	elem      *list.Element // its place in a queue while queued
+	cancel    context.CancelFunc
+	done      bool
+	waiters   []*waiter
+}
+
+// waiter is one Fill's interest in a task's outcome.
+type waiter struct {
+	ch      chan<- result // buffered: a worker's send never blocks
+	tk      *task
+	piece   Range // the part of the Fill's ranges the task covers
+	attempt int
+}
+
+type result struct {
+	w   *waiter
+	err error
+}
+
+// NewScheduler starts the workers of a Scheduler; Close stops them.
+func NewScheduler(opt Options) *Scheduler {
+	opt = opt.withDefaults()
+	s := &Scheduler{opt: opt, tasks: make(map[taskKey]*task)}
+	s.cond = sync.NewCond(&s.mu)
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	if opt.BackgroundRate > 0 {
+		// The burst must hold one span, or WaitN would refuse it.
+		s.limiter = rate.NewLimiter(rate.Limit(opt.BackgroundRate), int(opt.SpanSize))
+	}
+	for range opt.Workers {
+		s.wg.Go(s.work)
+	}
+	return s
+}
+
+// Close stops the workers: queued spans are dropped (Fills waiting on them
+// return ErrClosed), running fetches have their contexts cancelled, and
+// Close returns once every worker has exited.
+func (s *Scheduler) Close() {
+	s.mu.Lock()
+	var orphans []*waiter
+	if !s.closed {
+		s.closed = true
+		s.cancel()
+		for _, q := range []*list.List{&s.high, &s.low} {
+			for e := q.Front(); e != nil; e = e.Next() {
+				tk := e.Value.(*task)
+				tk.elem, tk.done = nil, true
+				orphans = append(orphans, tk.waiters...)
+				tk.waiters = nil
+				delete(s.tasks, taskKey{tk.t, tk.off})
+			}
+			q.Init()
+		}
+		s.cond.Broadcast()
+	}
+	s.mu.Unlock()
+	for _, w := range orphans {
+		w.ch <- result{w, ErrClosed}
+	}
+	s.wg.Wait()
+}
+
+// ReadAhead queues fetches of r, split into spans, ahead of all background
+// work, and returns at once. Spans already present, queued or in flight are
+// skipped; a span queued for background fill is promoted. A failed
+// read-ahead is logged and dropped: the reader fetches the range itself and
+// sees the error then.
+func (s *Scheduler) ReadAhead(t Target, r Range) {
+	r = r.clip(t.Size())
+	for p := range spans(r, s.opt.SpanSize) {
+		if t.Present(p.Off, p.Len) {
+			continue
+		}
+		queued := false
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			return
+		}
+		for p.Len > 0 {
+			var q bool
+			p, q = s.enqueueLocked(t, p, true, nil)
+			queued = queued || q
+		}
+		s.mu.Unlock()
+		if queued && s.onQueue != nil {
+			s.onQueue(true)
+		}
+	}
+}
+
+// Forget drops the read-ahead queued for t and cancels the read-ahead of t
+// in flight, without waiting: for a target about to be closed, whose
+// readers are gone. Spans a Fill waits for are left to that Fill, which its
+// caller ends by cancelling its context.
+func (s *Scheduler) Forget(t Target) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k, tk := range s.tasks {
+		if k.t != t || len(tk.waiters) > 0 {
+			continue
+		}
+		delete(s.tasks, k)
+		if tk.elem != nil {
+			if tk.high {
+				s.high.Remove(tk.elem)
+			} else {
+				s.low.Remove(tk.elem)
+			}
+			tk.elem, tk.done = nil, true
+		} else {
+			tk.cancel()
+		}
+	}
+}
+
+// enqueueLocked makes a task cover the start of p: a new one, or the
+// task already queued or running at p.Off. A queued task is widened to p
+// and, for read-ahead, promoted; a running task shorter than p leaves
+// the rest of p, which is returned (Len 0 when there is none). w, when not
+// nil, is attached to the task that covers p. s.mu must be held.
+func (s *Scheduler) enqueueLocked(t Target, p Range, high bool, w *waiter) (rest Range, queued bool) {
+	k := taskKey{t, p.Off}
+	tk := s.tasks[k]
+	switch {
+	case tk == nil:
+		tk = &task{t: t, off: p.Off, end: p.End(), high: high}
+		if high {
+			tk.elem = s.high.PushBack(tk)
+		} else {
+			tk.elem = s.low.PushBack(tk)
+		}
+		s.tasks[k] = tk
+		queued = true
+	case tk.elem != nil:
+		tk.end = max(tk.end, p.End())
+		if high && !tk.high {
+			s.low.Remove(tk.elem)
+			tk.elem, tk.high = s.high.PushBack(tk), true
+			queued = true
+		}
+	case p.End() > tk.end:
+		rest = Range{Off: tk.end, Len: p.End() - tk.end}
+		p.Len = tk.end - p.Off
+	}
+	if high {
+		tk.readahead = true
+	}
+	if w != nil {
+		w.tk, w.piece = tk, p
+		tk.waiters = append(tk.waiters, w)
+	}
+	if queued {
+		s.cond.Signal()
+	}
+	return rest, queued
+}
+
+// work runs queued tasks until Close.
+func (s *Scheduler) work() {
+	for {
+		s.mu.Lock()
+		for !s.closed && s.high.Len() == 0 &&
+			(s.low.Len() == 0 || s.bgRunning >= s.opt.BackgroundWorkers) {
+			s.cond.Wait()
+		}
+		if s.closed {
+			s.mu.Unlock()
+			return
+		}
+		var tk *task
+		if s.high.Len() > 0 {
+			tk = s.high.Remove(s.high.Front()).(*task)
+		} else {
+			tk = s.low.Remove(s.low.Front()).(*task)
+			tk.bg = true
+			s.bgRunning++
+		}
+		tk.elem = nil
+		ctx, cancel := context.WithCancel(s.ctx)
+		tk.cancel = cancel
+		r := Range{Off: tk.off, Len: tk.end - tk.off}
+		s.mu.Unlock()
+
+		// Another task may have fetched these bytes while this one waited.
+		var err error
+		if !tk.t.Present(r.Off, r.Len) {
+			err = tk.t.Fetch(ctx, r.Off, r.Len)
+		}
+		cancelled := ctx.Err() != nil // its error is no failure of the fetch
+		cancel()
+
+		s.mu.Lock()
+		if tk.bg {
+			s.bgRunning--
+			if s.low.Len() > 0 {
+				s.cond.Signal()
+			}
+		}
+		if k := (taskKey{tk.t, tk.off}); s.tasks[k] == tk {
+			delete(s.tasks, k)
+		}
+		tk.done = true
+		waiters, readahead := tk.waiters, tk.readahead
+		tk.waiters = nil
+		closed := s.closed
+		s.mu.Unlock()
+
+		for _, w := range waiters {
+			w.ch <- result{w, err}
+		}
+		if err != nil && readahead && !closed && !cancelled {
+			s.opt.Logger.Warn("prefetch: read-ahead failed",
+				"target", targetName(tk.t), "off", r.Off, "len", r.Len, "err", err)
+		}
+	}
+}
+
+// Fill fetches ranges into t, in the given order, split into spans, at
+// background priority: it never starts a span while read-ahead is waiting,
+// shares BackgroundWorkers and BackgroundRate with every other Fill, and
+// keeps only a few spans queued so the order holds and a read-ahead is
+// never stuck behind a long background queue.
+//
+// progress, when not nil, is called from Fill's goroutine with the number
+// of bytes of ranges present so far (fetched, or found present) as spans
+// complete. A failed span is retried once; Fill then returns its error.
+// Fill returns ctx's error when cancelled, ErrClosed when the Scheduler is
+// closed, and nil once every range is present. When it returns, no fetch
+// that only it wanted is still running.
+func (s *Scheduler) Fill(ctx context.Context, t Target, ranges []Range, progress func(done int64)) error {
+	f := &fill{s: s, t: t, size: t.Size(), ranges: ranges}
+	limit := 2 * s.opt.BackgroundWorkers // a worker freed finds the next span queued
+	ch := make(chan result, limit)
+	attached := make(map[*waiter]struct{}, limit)
+	var (
+		done     int64
+		firstErr error
+		ctxDone  = ctx.Done()
+	)
+	report := func() {
+		if progress != nil {
+			progress(done)
+		}
+	}
+	// abandon detaches from every pending span after an error or a cancel.
+	abandon := func(err error) {
+		firstErr, ctxDone = err, nil
+		s.mu.Lock()
+		for w := range attached {
+			if s.detachLocked(w) {
+				delete(attached, w)
+			}
+		}
+		s.mu.Unlock()
+	}
+
+	for {
+		for len(attached) < limit && firstErr == nil {
+			if err := ctx.Err(); err != nil {
+				abandon(err)
+				break
+			}
+			p, attempt, ok := f.next()
+			if !ok {
+				break
+			}
+			if t.Present(p.Off, p.Len) {
+				done += p.Len
+				report()
+				continue
+			}
+			if s.limiter != nil {
+				if err := s.limiter.WaitN(ctx, int(p.Len)); err != nil {
+					abandon(cmpErr(ctx.Err(), fmt.Errorf("prefetch: fill rate limit: %w", err)))
+					break
+				}
+			}
+			w := &waiter{ch: ch, attempt: attempt}
+			s.mu.Lock()
+			if s.closed {
+				s.mu.Unlock()
+				abandon(ErrClosed)
+				break
+			}
+			rest, queued := s.enqueueLocked(t, p, false, w)
+			s.mu.Unlock()
+			attached[w] = struct{}{}
+			if rest.Len > 0 {
+				f.push(rest, attempt)
+			}
+			if queued && s.onQueue != nil {
+				s.onQueue(false)
+			}
+		}
+		if len(attached) == 0 {
+			return firstErr
+		}
+		select {
+		case r := <-ch:
+			delete(attached, r.w)
+			switch {
+			case r.err == nil:
+				done += r.w.piece.Len
+				report()
+			case firstErr != nil:
+				// Draining after an error: the outcome no longer matters.
+			case s.isClosed():
+				abandon(ErrClosed)
+			case ctx.Err() != nil:
+				abandon(ctx.Err())
+			case r.w.attempt == 0:
+				f.push(r.w.piece, 1)
+			default:
+				abandon(fmt.Errorf("prefetch: fill %s of %s: %w", r.w.piece, targetName(t), r.err))
+			}
+		case <-ctxDone:
+			abandon(ctx.Err())
+		}
+	}
+}
+
+// detachLocked withdraws w from its task, dropping a queued task nobody
+// else wants and cancelling a running one. It reports whether w is gone;
+// when not, the task's result is still to come to w. s.mu must be held.
+func (s *Scheduler) detachLocked(w *waiter) bool {
+	tk := w.tk
+	if tk.done {
+		return false
+	}
+	if len(tk.waiters) > 1 || tk.readahead {
+		tk.waiters = deleteWaiter(tk.waiters, w)
+		return true
+	}
+	delete(s.tasks, taskKey{tk.t, tk.off})
+	if tk.elem != nil {
+		if tk.high {
+			s.high.Remove(tk.elem)
+		} else {
+			s.low.Remove(tk.elem)
+		}
+		tk.elem, tk.done, tk.waiters = nil, true, nil
+		return true
+	}
+	tk.cancel()
+	return false
+}
+
+func (s *Scheduler) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+// fill walks a Fill's ranges span by span; retries and the rest of a
+// partly covered span go first.
+type fill struct {
+	s       *Scheduler
+	t       Target
+	size    int64
+	ranges  []Range
+	cur     Range // what is left of ranges[0] after the spans handed out
+	pending []pendingPiece
+}
+
+type pendingPiece struct {
+	r       Range
+	attempt int
+}
+
+func (f *fill) push(r Range, attempt int) {
+	f.pending = append(f.pending, pendingPiece{r, attempt})
+}
+
+func (f *fill) next() (Range, int, bool) {
+	if n := len(f.pending); n > 0 {
+		p := f.pending[n-1]
+		f.pending = f.pending[:n-1]
+		return p.r, p.attempt, true
+	}
+	for f.cur.Len <= 0 {
+		if len(f.ranges) == 0 {
+			return Range{}, 0, false
+		}
+		f.cur = f.ranges[0].clip(f.size)
+		f.ranges = f.ranges[1:]
+	}
+	p := firstSpan(f.cur, f.s.opt.SpanSize)
+	f.cur = Range{Off: p.End(), Len: f.cur.End() - p.End()}
+	return p, 0, true
+}
+
+// firstSpan returns the start of r up to the next multiple of span.
+func firstSpan(r Range, span int64) Range {
+	end := min((r.Off/span+1)*span, r.End())
+	return Range{Off: r.Off, Len: end - r.Off}
+}
+
+// spans splits r at multiples of span.
+func spans(r Range, span int64) iter.Seq[Range] {
+	return func(yield func(Range) bool) {
+		for r.Len > 0 {
+			p := firstSpan(r, span)
+			if !yield(p) {
+				return
+			}
+			r = Range{Off: p.End(), Len: r.End() - p.End()}
+		}
+	}
+}
+
+func deleteWaiter(ws []*waiter, w *waiter) []*waiter {
+	for i, x := range ws {
+		if x == w {
+			return append(ws[:i], ws[i+1:]...)
+		}
+	}
+	return ws
+}
+
+// cmpErr returns the first non-nil error.
+func cmpErr(errs ...error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// targetName names a target in logs and errors.
+func targetName(t Target) string {
+	if s, ok := t.(fmt.Stringer); ok {
+		return s.String()
+	}
+	return fmt.Sprintf("%T(%p)", t, t)
+}

@@ -1,0 +1,9 @@
+package prefetch_test
+
+import (
+	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/fs/prefetch"
+)
+
+// The node cache's blobs are what the scheduler drives in production.
+var _ prefetch.Target = (*cache.Blob)(nil)
