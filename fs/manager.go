@@ -17,7 +17,9 @@ import (
 
 	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/fs/layer"
+	"github.com/weightsnap/weightsnap/fs/prefetch"
 	"github.com/weightsnap/weightsnap/fs/remote"
+	"github.com/weightsnap/weightsnap/metrics"
 )
 
 // ErrUnsupported is returned by MountLayer for a layer that cannot be
@@ -29,20 +31,39 @@ var ErrUnsupported = errors.New("layer cannot be served lazily")
 // one background fill), whichever image, tag or repository it came from.
 type Manager struct {
 	store *cache.Store
-	opts  []remote.Option
+	cfg   Config
+	sched *prefetch.Scheduler
 
 	mu     sync.Mutex
 	layers map[digest.Digest]*sharedLayer
 	mounts map[string]*layerMount // by mountpoint
 }
 
+// Config tunes a Manager.
+type Config struct {
+	// Remote are the registry options (plain HTTP, mirrors, retries).
+	Remote []remote.Option
+	// Prefetch sizes read-ahead and background fill (zero: defaults).
+	Prefetch prefetch.Options
+	// MaxReadAhead bounds how far ahead of a sequential reader fetches
+	// go (default prefetch.DefaultMaxWindow).
+	MaxReadAhead int64
+	// NoBackgroundFill disables fetching whole layers into the cache
+	// after they are mounted.
+	NoBackgroundFill bool
+}
+
 // sharedLayer is one opened layer and the mounts using it.
 type sharedLayer struct {
 	refs   int
 	desc   layer.Descriptor
-	blob   *cache.Blob // nil for streamed layers
+	blob   *cache.Blob
 	layer  layer.Layer
+	contig layer.Contiguous   // nil unless file contents are blob ranges
 	cancel context.CancelFunc // stops background work
+
+	seqMu sync.Mutex
+	seq   map[uint64]*prefetch.Sequential // read-ahead state by inode
 }
 
 type layerMount struct {
@@ -51,11 +72,23 @@ type layerMount struct {
 }
 
 // NewManager returns a Manager fetching through store with the registry
-// options opts.
+// options opts and default read-ahead and background fill.
 func NewManager(store *cache.Store, opts ...remote.Option) *Manager {
+	return New(store, Config{Remote: opts})
+}
+
+// New returns a Manager fetching through store, configured by cfg.
+func New(store *cache.Store, cfg Config) *Manager {
+	if cfg.MaxReadAhead <= 0 {
+		cfg.MaxReadAhead = prefetch.DefaultMaxWindow
+	}
+	if cfg.Prefetch.SpanSize <= 0 {
+		cfg.Prefetch.SpanSize = prefetch.DefaultSpanSize
+	}
 	return &Manager{
 		store:  store,
-		opts:   opts,
+		cfg:    cfg,
+		sched:  prefetch.NewScheduler(cfg.Prefetch),
 		layers: make(map[digest.Digest]*sharedLayer),
 		mounts: make(map[string]*layerMount),
 	}
@@ -80,7 +113,7 @@ func (m *Manager) describe(ctx context.Context, imageRef string, d digest.Digest
 	if b, err := m.store.GetMeta(recordName(d)); err == nil && json.Unmarshal(b, &rec) == nil && rec.Size > 0 {
 		return rec, nil
 	}
-	img, err := remote.Resolve(ctx, imageRef, m.opts...)
+	img, err := remote.Resolve(ctx, imageRef, m.cfg.Remote...)
 	if err != nil {
 		return rec, err
 	}
@@ -121,7 +154,7 @@ func (m *Manager) acquire(ctx context.Context, imageRef string, d digest.Digest)
 	defer m.mu.Unlock()
 	if other, ok := m.layers[d]; ok { // lost a race: use the winner's
 		other.refs++
-		sl.close()
+		m.closeLayer(sl)
 		return other, nil
 	}
 	sl.refs = 1
@@ -130,7 +163,7 @@ func (m *Manager) acquire(ctx context.Context, imageRef string, d digest.Digest)
 }
 
 func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*sharedLayer, error) {
-	rb, err := remote.OpenBlob(ctx, rec.Repo, d, rec.Size, m.opts...)
+	rb, err := remote.OpenBlob(ctx, rec.Repo, d, rec.Size, m.cfg.Remote...)
 	if err != nil {
 		return nil, err
 	}
@@ -159,18 +192,62 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 		}
 		return nil, err
 	}
-	_ = bg
-	return &sharedLayer{desc: desc, blob: blob, layer: l, cancel: cancel}, nil
+	sl := &sharedLayer{desc: desc, blob: blob, layer: l, cancel: cancel, seq: make(map[uint64]*prefetch.Sequential)}
+	sl.contig, _ = l.(layer.Contiguous)
+	if !m.cfg.NoBackgroundFill && layer.RandomAccess(l) {
+		go m.fill(bg, sl)
+	}
+	return sl, nil
 }
 
-func (sl *sharedLayer) close() {
+// fill fetches the whole blob of sl into the cache, metadata files and
+// safetensors headers first, yielding to read-ahead.
+func (m *Manager) fill(ctx context.Context, sl *sharedLayer) {
+	var files []prefetch.File
+	if sl.contig != nil {
+		for _, f := range sl.contig.Files() {
+			files = append(files, prefetch.File{Name: f.Name, Range: prefetch.Range{Off: f.Off, Len: f.Len}})
+		}
+	}
+	label := sl.desc.Digest.String()
+	metrics.LayerSizeBytes.WithLabelValues(label).Set(float64(sl.blob.Size()))
+	progress := func(int64) { metrics.LayerFetchedBytes.WithLabelValues(label).Set(float64(sl.blob.CachedBytes())) }
+	ctx = remote.WithReason(ctx, "background")
+	err := m.sched.Fill(ctx, sl.blob, prefetch.ModelOrder(files, sl.blob.Size()), progress)
+	progress(0)
+	if err != nil && ctx.Err() == nil {
+		slog.Warn("background fill stopped", "layer", label, "err", err)
+	}
+}
+
+// onRead starts read-ahead for a sequential reader of a file whose bytes
+// are a contiguous range of the blob.
+func (m *Manager) onRead(sl *sharedLayer, e *layer.Entry, off, n int64) {
+	sl.seqMu.Lock()
+	q := sl.seq[e.Ino]
+	if q == nil {
+		r, ok := sl.contig.DataRange(e)
+		if !ok {
+			sl.seqMu.Unlock()
+			return
+		}
+		q = prefetch.NewSequential(prefetch.Range{Off: r.Off, Len: r.Len}, m.cfg.Prefetch.SpanSize, m.cfg.MaxReadAhead)
+		sl.seq[e.Ino] = q
+	}
+	ahead, ok := q.Observe(off, n)
+	sl.seqMu.Unlock()
+	if ok {
+		m.sched.ReadAhead(sl.blob, ahead)
+	}
+}
+
+func (m *Manager) closeLayer(sl *sharedLayer) {
 	sl.cancel()
+	m.sched.Forget(sl.blob)
 	if err := sl.layer.Close(); err != nil {
 		slog.Warn("closing layer", "layer", sl.desc.Digest, "err", err)
 	}
-	if sl.blob != nil {
-		sl.blob.Close()
-	}
+	sl.blob.Close()
 }
 
 func (m *Manager) release(d digest.Digest) {
@@ -186,7 +263,7 @@ func (m *Manager) release(d digest.Digest) {
 	}
 	m.mu.Unlock()
 	if ok {
-		sl.close()
+		m.closeLayer(sl)
 	}
 }
 
@@ -200,7 +277,11 @@ func (m *Manager) MountLayer(ctx context.Context, mountpoint, imageRef string, d
 		m.release(d)
 		return err
 	}
-	mnt, err := MountLayer(ctx, sl.layer, mountpoint, Options{Name: "weightsnap:" + d.String()})
+	opt := Options{Name: "weightsnap:" + d.String()}
+	if sl.contig != nil {
+		opt.OnRead = func(e *layer.Entry, off, n int64) { m.onRead(sl, e, off, n) }
+	}
+	mnt, err := MountLayer(ctx, sl.layer, mountpoint, opt)
 	if err != nil {
 		m.release(d)
 		return err
@@ -251,6 +332,7 @@ func (m *Manager) Close() error {
 			errs = append(errs, err)
 		}
 	}
+	m.sched.Close()
 	return errors.Join(errs...)
 }
 
@@ -277,7 +359,7 @@ type ImageMount struct {
 // MountImage mounts the merged tree of image ref at target, with the layer
 // mounts under workdir.
 func (m *Manager) MountImage(ctx context.Context, ref, target, workdir string) (im *ImageMount, err error) {
-	img, err := remote.Resolve(ctx, ref, m.opts...)
+	img, err := remote.Resolve(ctx, ref, m.cfg.Remote...)
 	if err != nil {
 		return nil, err
 	}

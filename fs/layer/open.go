@@ -92,3 +92,11 @@ func hasTOCFooter(ctx context.Context, src Source) bool {
 	}
 	return false
 }
+
+// RandomAccess reports whether l reads its content from its Source by
+// range (tar, eStargz), so that filling the Source ahead of readers helps;
+// a streamed layer instead reads the whole blob once, by itself.
+func RandomAccess(l Layer) bool {
+	_, streamed := l.(*streamLayer)
+	return !streamed
+}
