@@ -13,7 +13,6 @@ import (
 	"sync"
 
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/sys/unix"
 
 	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/fs/layer"
@@ -353,7 +352,7 @@ type ImageMount struct {
 	m       *Manager
 	target  string
 	layers  []string // layer mountpoints, base first
-	overlay bool     // false: a single layer bind-mounted at target
+	overlay bool     // the merged view is mounted
 }
 
 // MountImage mounts the merged tree of image ref at target, with the layer
@@ -382,19 +381,14 @@ func (m *Manager) MountImage(ctx context.Context, ref, target, workdir string) (
 	if err := os.MkdirAll(target, 0o755); err != nil {
 		return nil, err
 	}
-	if len(im.layers) == 1 {
-		err = bindMount(im.layers[0], target)
-	} else {
-		lowers := make([]string, len(im.layers))
-		for i, p := range im.layers { // overlayfs wants the top-most first
-			lowers[len(lowers)-1-i] = p
-		}
-		err = MountOverlay(lowers, target)
-		im.overlay = err == nil
+	lowers := make([]string, len(im.layers))
+	for i, p := range im.layers { // overlayfs wants the top-most first
+		lowers[len(lowers)-1-i] = p
 	}
-	if err != nil {
+	if err := MountOverlay(lowers, target); err != nil {
 		return nil, fmt.Errorf("mounting merged view at %s: %w", target, err)
 	}
+	im.overlay = true
 	return im, nil
 }
 
@@ -403,30 +397,11 @@ func (im *ImageMount) Unmount() error {
 	var errs []error
 	if im.overlay {
 		errs = append(errs, UnmountOverlay(im.target))
-	} else if len(im.layers) == 1 {
-		errs = append(errs, unmountBind(im.target))
+		im.overlay = false
 	}
 	for i := len(im.layers) - 1; i >= 0; i-- {
 		errs = append(errs, im.m.Unmount(context.Background(), im.layers[i]))
 	}
 	im.layers = nil
 	return errors.Join(errs...)
-}
-
-func bindMount(src, dst string) error {
-	if err := unix.Mount(src, dst, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind mount %s on %s: %w", src, dst, err)
-	}
-	if err := unix.Mount("", dst, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {
-		_ = unix.Unmount(dst, unix.MNT_DETACH)
-		return fmt.Errorf("read-only remount of %s: %w", dst, err)
-	}
-	return nil
-}
-
-func unmountBind(dst string) error {
-	if err := unix.Unmount(dst, 0); err != nil {
-		return unix.Unmount(dst, unix.MNT_DETACH)
-	}
-	return nil
 }
