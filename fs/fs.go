@@ -81,13 +81,17 @@ func MountLayer(ctx context.Context, l layer.Layer, mountpoint string, opt Optio
 			AllowOther: true,
 			// default_permissions makes the kernel enforce the entries'
 			// modes and owners, as it would for a disk file system.
-			Options:              []string{"default_permissions"},
-			DirectMountStrict:    true,
-			DirectMountFlags:     syscall.MS_RDONLY | syscall.MS_NOSUID | syscall.MS_NODEV,
-			FsName:               opt.Name,
-			Name:                 fuseSubtype,
-			MaxWrite:             maxRequest,
-			MaxReadAhead:         maxRequest,
+			Options:           []string{"default_permissions"},
+			DirectMountStrict: true,
+			DirectMountFlags:  syscall.MS_RDONLY | syscall.MS_NOSUID | syscall.MS_NODEV,
+			FsName:            opt.Name,
+			Name:              fuseSubtype,
+			MaxWrite:          maxRequest,
+			MaxReadAhead:      maxRequest,
+			// The kernel's asynchronous reads (its read-ahead) are capped
+			// by max_background; go-fuse's default of 12 starves a
+			// sequential reader whose bytes come from the network.
+			MaxBackground:        64,
 			EnableSymlinkCaching: true,
 			// Reads are answered from memory buffers, which splice
 			// cannot move without a copy; skip its pipe setup.

@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"sort"
 	"strings"
 	"time"
@@ -29,6 +30,7 @@ func runDemo(ctx context.Context, args []string) error {
 	fl := flag.NewFlagSet("demo", flag.ContinueOnError)
 	size := fl.String("size", "1GiB", "size of the generated safetensors file")
 	keep := fl.Bool("keep", false, "keep the demo's temporary directory")
+	cpuProfile := fl.String("cpuprofile", "", "write a CPU profile of the lazy read to this file")
 	if err := fl.Parse(args); err != nil {
 		return err
 	}
@@ -77,7 +79,18 @@ func runDemo(ctx context.Context, args []string) error {
 	}
 
 	step("lazy: mount with weightsnap, read the header, one tensor, then the whole file")
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+	}
 	lazy, err := lazyRead(ctx, ref, tmp, inImage, tensors)
+	pprof.StopCPUProfile()
 	if err != nil {
 		return err
 	}
