@@ -1,0 +1,195 @@
+// Command weightsnapd is weightsnap's containerd proxy snapshotter: it
+// serves containerd's snapshots API on a unix socket, mounting the layers
+// of model images lazily so that a pull returns before the weights are
+// downloaded. Configure containerd with deploy/containerd-config.toml.
+//
+// The lazy mounts are served by a second process, the FUSE manager (see
+// fusemanager.go), that weightsnapd starts and that survives it.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/log"
+	"google.golang.org/grpc"
+
+	"github.com/weightsnap/weightsnap/snapshot"
+)
+
+// shutdownGrace bounds how long SIGTERM waits for in-flight snapshot calls.
+const shutdownGrace = 10 * time.Second
+
+func main() {
+	var err error
+	if len(os.Args) > 1 && os.Args[1] == fuseManagerCommand {
+		err = runFuseManager(os.Args[2:])
+	} else {
+		err = run(os.Args[1:])
+	}
+	if err != nil {
+		slog.Error("weightsnapd failed", "err", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	cfg, err := parseFlags(args)
+	if err != nil {
+		return err
+	}
+	if err := setupLogging(cfg.LogLevel); err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	return serve(ctx, cfg)
+}
+
+// parseFlags applies defaults, then the config file, then the flags given
+// on the command line.
+func parseFlags(args []string) (Config, error) {
+	fset := flag.NewFlagSet("weightsnapd", flag.ContinueOnError)
+	def := defaultConfig()
+	configPath := fset.String("config", "", "TOML configuration file (see deploy/weightsnapd.toml)")
+	root := fset.String("root", def.Root, "state directory: metadata, snapshots and the node cache")
+	address := fset.String("address", def.Address, "unix socket serving containerd's snapshots API")
+	metricsAddr := fset.String("metrics-address", def.MetricsAddress, "host:port serving Prometheus metrics at /metrics (empty: off)")
+	logLevel := fset.String("log-level", def.LogLevel, "debug, info, warn or error")
+	if err := fset.Parse(args); err != nil {
+		return Config{}, err
+	}
+	if fset.NArg() > 0 {
+		return Config{}, fmt.Errorf("unexpected arguments: %v", fset.Args())
+	}
+	cfg, err := loadConfig(*configPath)
+	if err != nil {
+		return Config{}, err
+	}
+	fset.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "root":
+			cfg.Root = *root
+		case "address":
+			cfg.Address = *address
+		case "metrics-address":
+			cfg.MetricsAddress = *metricsAddr
+		case "log-level":
+			cfg.LogLevel = *logLevel
+		}
+	})
+	return cfg, nil
+}
+
+// setupLogging makes slog (weightsnap's packages) and containerd's logrus
+// logger (the snapshotter core) both write JSON lines to stderr at level.
+func setupLogging(level string) error {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return fmt.Errorf("log level %q: %w", level, err)
+	}
+	slog.SetDefault(slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: l})))
+	if err := log.SetLevel(strings.ToLower(level)); err != nil {
+		return fmt.Errorf("log level %q: %w", level, err)
+	}
+	return log.SetFormat(log.JSONFormat)
+}
+
+// serve runs the daemon until ctx is done, then shuts it down: the gRPC
+// server stops taking calls, and the FUSE manager unmounts every lazy
+// layer and exits.
+func serve(ctx context.Context, cfg Config) (err error) {
+	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
+		return fmt.Errorf("creating root: %w", err)
+	}
+	mc, adopted, err := connectManager(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+		defer cancel()
+		if serr := mc.shutdown(sctx); serr != nil {
+			err = errors.Join(err, fmt.Errorf("stopping the fuse manager: %w", serr))
+		}
+	}()
+
+	// The snapshotter's state sits beside the cache. When the manager
+	// outlived a previous weightsnapd, its mounts are still served and
+	// still in use by containers: keep them rather than remount.
+	sn, err := snapshot.New(ctx, filepath.Join(cfg.Root, "snapshotter"), mc, snapshot.Options{KeepMounts: adopted})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := sn.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("closing snapshotter: %w", cerr))
+		}
+	}()
+
+	lis, err := listenUnix(cfg.Address)
+	if err != nil {
+		return err
+	}
+	rpc := grpc.NewServer()
+	snapshotsapi.RegisterSnapshotsServer(rpc, snapshotservice.FromSnapshotter(sn))
+	errc := make(chan error, 1)
+	go func() { errc <- rpc.Serve(lis) }()
+	slog.Info("weightsnapd ready", "address", cfg.Address, "root", cfg.Root, "adopted_mounts", adopted)
+
+	select {
+	case <-ctx.Done():
+		slog.Info("shutting down")
+	case err = <-errc:
+		err = fmt.Errorf("snapshots server stopped: %w", err)
+	case <-mc.dead:
+		// Its mounts are gone: exit so that a restart starts a new
+		// manager and remounts every lazy layer.
+		err = errors.New("the fuse manager exited")
+	}
+	stopGRPC(rpc)
+	_ = os.Remove(cfg.Address)
+	return err
+}
+
+// listenUnix listens on the socket path, replacing a socket left by a
+// previous (killed) run.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("creating socket directory: %w", err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("removing stale socket: %w", err)
+	}
+	lis, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", path, err)
+	}
+	return lis, nil
+}
+
+// stopGRPC lets in-flight calls finish for a while, then cuts them off.
+func stopGRPC(rpc *grpc.Server) {
+	done := make(chan struct{})
+	go func() {
+		rpc.GracefulStop()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(shutdownGrace):
+		rpc.Stop()
+	}
+}

@@ -1,0 +1,702 @@
+package integration
+
+// The containerd harness: a real containerd (pinned, from .bin) with
+// Debian's runc, weightsnapd as its proxy snapshotter, and a registry,
+// each with its own temporary root, state and socket.
+
+import (
+	"archive/tar"
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	criapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/weightsnap/weightsnap/internal/testutil"
+)
+
+// stopGrace is how long a stopped process gets after SIGTERM before SIGKILL.
+const stopGrace = 20 * time.Second
+
+// readyTimeout bounds waiting for a daemon's socket.
+const readyTimeout = 60 * time.Second
+
+// shortTempDir returns a temporary directory with a short path (unix
+// socket paths are limited to 108 bytes, and t.TempDir's are long),
+// removed in t.Cleanup after every mount under it is gone.
+func shortTempDir(t testing.TB, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		unmountUnder(t, dir)
+		if err := os.RemoveAll(dir); err != nil {
+			t.Errorf("removing %s: %v", dir, err)
+		}
+	})
+	return dir
+}
+
+// mountsUnder returns the mount points at or under dir, deepest first.
+func mountsUnder(t testing.TB, dir string) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mps []string
+	for line := range strings.SplitSeq(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 {
+			continue
+		}
+		mp := unescapeMountinfo(f[4])
+		if mp == dir || strings.HasPrefix(mp, dir+"/") {
+			mps = append(mps, mp)
+		}
+	}
+	slices.SortFunc(mps, func(a, b string) int { return len(b) - len(a) })
+	return mps
+}
+
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// unmountUnder detaches every mount under dir (what a crashed daemon or
+// an aborted test left behind).
+func unmountUnder(t testing.TB, dir string) {
+	t.Helper()
+	for _, mp := range mountsUnder(t, dir) {
+		if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			t.Errorf("unmounting %s: %v", mp, err)
+		}
+	}
+}
+
+// process is a daemon started by a test.
+type process struct {
+	name string
+	cmd  *exec.Cmd
+	log  string // file holding its stdout and stderr
+	done chan struct{}
+	err  error // valid after done
+}
+
+// startProcess starts bin with args, its output in logFile. It is stopped
+// in t.Cleanup (SIGTERM, then SIGKILL), and the tail of its log is printed
+// if the test failed.
+func startProcess(t testing.TB, name, logFile string, env []string, bin string, args ...string) *process {
+	t.Helper()
+	p := spawn(t, name, logFile, env, bin, args...)
+	t.Cleanup(func() { p.stopAndReport(t) })
+	return p
+}
+
+// stopAndReport stops p and prints the tail of its log if the test failed.
+func (p *process) stopAndReport(t testing.TB) {
+	t.Helper()
+	p.stop(t)
+	if t.Failed() {
+		t.Logf("--- tail of %s log (%s):\n%s", p.name, p.log, tailFile(p.log, 60))
+	}
+}
+
+// spawn starts bin like startProcess, leaving stopping it to the caller.
+func spawn(t testing.TB, name, logFile string, env []string, bin string, args ...string) *process {
+	t.Helper()
+	lf, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lf.Close()
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = lf, lf
+	cmd.Env = append(os.Environ(), env...)
+	// Own process group: a ^C of the test does not reach it first, and
+	// Pdeathsig stops it if the test binary dies.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting %s: %v", name, err)
+	}
+	p := &process{name: name, cmd: cmd, log: logFile, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		close(p.done)
+	}()
+	return p
+}
+
+// stop sends SIGTERM and waits, then SIGKILL. Stopping twice is harmless.
+func (p *process) stop(t testing.TB) {
+	t.Helper()
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(stopGrace):
+		t.Errorf("%s did not stop within %v of SIGTERM; killing it", p.name, stopGrace)
+		p.kill(t)
+	}
+}
+
+// kill sends SIGKILL and waits for the process to be reaped.
+func (p *process) kill(t testing.TB) {
+	t.Helper()
+	_ = p.cmd.Process.Kill()
+	<-p.done
+}
+
+// exitedCleanly reports whether the process has exited with status 0.
+func (p *process) exitedCleanly() bool {
+	select {
+	case <-p.done:
+		return p.err == nil
+	default:
+		return false
+	}
+}
+
+func tailFile(path string, lines int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	all := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(all) > lines {
+		all = all[len(all)-lines:]
+	}
+	return strings.Join(all, "\n")
+}
+
+// waitSocket waits until a unix socket accepts connections, or the
+// process exits.
+func waitSocket(t testing.TB, p *process, path string) {
+	t.Helper()
+	deadline := time.Now().Add(readyTimeout)
+	for {
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-p.done:
+			t.Fatalf("%s exited before serving %s: %v\n%s", p.name, path, p.err, tailFile(p.log, 40))
+		case <-time.After(50 * time.Millisecond): // polling a socket; no event to wait on
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not serve %s within %v\n%s", p.name, path, readyTimeout, tailFile(p.log, 40))
+		}
+	}
+}
+
+var (
+	buildMu    sync.Mutex
+	buildCache = map[string]string{}
+)
+
+// goBuild builds the main package pkg in dir into out, once per test
+// binary while out exists; env is added to the build's environment.
+func goBuild(t testing.TB, dir, pkg, out string, env ...string) string {
+	t.Helper()
+	buildMu.Lock()
+	defer buildMu.Unlock()
+	key := dir + "|" + pkg
+	if p, ok := buildCache[key]; ok {
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	cmd := exec.Command("go", "build", "-o", out, pkg)
+	cmd.Dir = dir
+	cmd.Env = append(append(os.Environ(), "GOWORK=off"), env...)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+	}
+	buildCache[key] = out
+	return out
+}
+
+// weightsnapdBinary builds cmd/weightsnapd into a temp dir of the test.
+func weightsnapdBinary(t testing.TB) string {
+	t.Helper()
+	root, err := testutil.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return goBuild(t, root, "./cmd/weightsnapd", filepath.Join(t.TempDir(), "weightsnapd"))
+}
+
+// toolSource is the one program the test images run: "sleep" waits for
+// SIGTERM (the pod sandbox and long-running containers), "sum FILE" prints
+// the file's sha256. Images FROM scratch have no shell.
+const toolSource = `package main
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: tool sleep | sum FILE")
+		os.Exit(2)
+	}
+	switch os.Args[1] {
+	case "sleep":
+		c := make(chan os.Signal, 1)
+		signal.Notify(c, syscall.SIGTERM, syscall.SIGINT)
+		<-c
+	case "sum":
+		f, err := os.Open(os.Args[2])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		h := sha256.New()
+		if _, err := io.Copy(h, f); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		fmt.Println(hex.EncodeToString(h.Sum(nil)))
+	default:
+		os.Exit(2)
+	}
+}
+`
+
+// toolBinary builds toolSource as a static binary.
+func toolBinary(t testing.TB) string {
+	t.Helper()
+	src := t.TempDir()
+	if err := os.WriteFile(filepath.Join(src, "go.mod"), []byte("module wstool\n\ngo 1.22\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(src, "main.go"), []byte(toolSource), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Static: the images are FROM scratch.
+	return goBuild(t, src, ".", filepath.Join(src, "tool"), "CGO_ENABLED=0")
+}
+
+// tarLayer is an uncompressed tar layer with the given regular files.
+func tarLayer(t testing.TB, files map[string][]byte, mode map[string]int64) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	names := slices.Sorted(func(yield func(string) bool) {
+		for n := range files {
+			if !yield(n) {
+				return
+			}
+		}
+	})
+	dirs := map[string]bool{}
+	for _, n := range names {
+		for d := filepath.Dir(n); d != "." && !dirs[d]; d = filepath.Dir(d) {
+			dirs[d] = true
+		}
+	}
+	for _, d := range slices.Sorted(func(yield func(string) bool) {
+		for d := range dirs {
+			if !yield(d) {
+				return
+			}
+		}
+	}) {
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: time.Unix(1700000000, 0)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range names {
+		m := int64(0o644)
+		if v, ok := mode[n]; ok {
+			m = v
+		}
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: n, Mode: m, Size: int64(len(files[n])), ModTime: time.Unix(1700000000, 0)}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write(files[n]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// randomBytes returns n pseudo-random bytes (seeded; fast, incompressible).
+func randomBytes(n int, seed uint64) []byte {
+	var s [32]byte
+	s[0] = byte(seed)
+	s[1] = byte(seed >> 8)
+	r := rand.NewChaCha8(s)
+	b := make([]byte, n)
+	_, _ = r.Read(b)
+	return b
+}
+
+func sha256Hex(b []byte) string {
+	h := sha256.Sum256(b)
+	return hex.EncodeToString(h[:])
+}
+
+// image is an image pushed by pushImage.
+type image struct {
+	Ref    string          // registry/repo:tag
+	Layers []v1.Descriptor // manifest order
+}
+
+// pushImage pushes an OCI image of uncompressed tar layers with the given
+// entrypoint to the registry at addr.
+func pushImage(t testing.TB, addr, repoTag string, entrypoint []string, layers ...[]byte) image {
+	t.Helper()
+	ref, err := name.NewTag(addr+"/"+repoTag, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
+	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
+	for _, l := range layers {
+		img, err = mutate.AppendLayers(img, static.NewLayer(l, types.OCIUncompressedLayer))
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture = "linux", runtime.GOARCH
+	cf.Config.Entrypoint = entrypoint
+	if img, err = mutate.ConfigFile(img, cf); err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(ref, img, remote.WithContext(t.Context())); err != nil {
+		t.Fatalf("pushing %s: %v", ref, err)
+	}
+	m, err := img.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return image{Ref: ref.String(), Layers: m.Layers}
+}
+
+// weightsnapd is a running weightsnapd.
+type weightsnapd struct {
+	bin, root, sock, config, log string
+	proc                         *process
+}
+
+// startWeightsnapd starts weightsnapd with its state in root, reading
+// registry hosts from hostsDir.
+func startWeightsnapd(t testing.TB, root, hostsDir string) *weightsnapd {
+	t.Helper()
+	mkdir(t, root)
+	w := &weightsnapd{
+		bin:    weightsnapdBinary(t),
+		root:   filepath.Join(root, "state"),
+		sock:   filepath.Join(root, "ws.sock"),
+		config: filepath.Join(root, "weightsnapd.toml"),
+		log:    filepath.Join(root, "weightsnapd.log"),
+	}
+	cfg := fmt.Sprintf("log_level = \"debug\"\n[registry]\nconfig_path = %q\n", hostsDir)
+	if err := os.WriteFile(w.config, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Registered first, so it runs after weightsnapd has been stopped: a
+	// clean stop takes the FUSE manager and every mount with it.
+	t.Cleanup(func() {
+		if pid := w.managerPID(); pid > 0 && !waitExit(pid, stopGrace) {
+			t.Errorf("the FUSE manager (pid %d) outlived weightsnapd's SIGTERM", pid)
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		if left := mountsUnder(t, w.root); len(left) > 0 {
+			t.Errorf("mounts left after weightsnapd stopped: %v", left)
+		}
+	})
+	// One cleanup for every incarnation, so that a restarted weightsnapd
+	// is still stopped after containerd and the pods.
+	t.Cleanup(func() {
+		if w.proc != nil {
+			w.proc.stopAndReport(t)
+		}
+	})
+	w.start(t)
+	return w
+}
+
+// managerPID returns the pid of weightsnapd's FUSE manager, or 0.
+func (w *weightsnapd) managerPID() int {
+	b, err := os.ReadFile(filepath.Join(w.root, "fusemanager.pid"))
+	if err != nil {
+		return 0
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
+}
+
+func (w *weightsnapd) start(t testing.TB) {
+	t.Helper()
+	w.proc = spawn(t, "weightsnapd", w.log, nil, w.bin, "--config", w.config, "--root", w.root, "--address", w.sock)
+	waitSocket(t, w.proc, w.sock)
+}
+
+// killAndRestart kills weightsnapd with SIGKILL and starts it again.
+func (w *weightsnapd) killAndRestart(t testing.TB) {
+	t.Helper()
+	w.proc.kill(t)
+	w.start(t)
+}
+
+// restart stops weightsnapd with SIGTERM, checks that it exited cleanly
+// and took its FUSE manager and every mount with it, and starts it again.
+func (w *weightsnapd) restart(t testing.TB) {
+	t.Helper()
+	pid := w.managerPID()
+	w.proc.stop(t)
+	if !w.proc.exitedCleanly() {
+		t.Errorf("weightsnapd exited with %v after SIGTERM\n%s", w.proc.err, tailFile(w.log, 20))
+	}
+	if pid > 0 && !waitExit(pid, stopGrace) {
+		t.Errorf("the FUSE manager (pid %d) outlived weightsnapd's SIGTERM", pid)
+	}
+	if left := mountsUnder(t, w.root); len(left) > 0 {
+		t.Errorf("mounts left after weightsnapd stopped: %v", left)
+	}
+	w.start(t)
+}
+
+// waitExit waits until process pid (not necessarily a child) has exited,
+// and reports whether it did within timeout.
+func waitExit(pid int, timeout time.Duration) bool {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return errors.Is(err, unix.ESRCH) // already gone
+	}
+	defer unix.Close(fd)
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	for {
+		n, err := unix.Poll(fds, int(timeout.Milliseconds()))
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		return err == nil && n > 0
+	}
+}
+
+// containerd is a running containerd with weightsnap as its snapshotter.
+type containerd struct {
+	dir, root, state, sock, log string
+	proc                        *process
+	ctrBin                      string
+}
+
+// containerdConfig is containerd's config (version 3), per FIELD-NOTES.
+const containerdConfig = `version = 3
+root = %[1]q
+state = %[2]q
+disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.internal.v1.tracing"]
+
+[grpc]
+  address = %[3]q
+[ttrpc]
+  address = %[4]q
+[debug]
+  level = "debug"
+
+[proxy_plugins.weightsnap]
+  type = "snapshot"
+  address = %[5]q
+  [proxy_plugins.weightsnap.exports]
+    enable_remote_snapshot_annotations = "true"
+
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "weightsnap"
+  disable_snapshot_annotations = false
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = %[6]q
+  [plugins.'io.containerd.cri.v1.images'.registry]
+    config_path = %[7]q
+
+[plugins.'io.containerd.cri.v1.runtime']
+  restrict_oom_score_adj = true
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+    BinaryName = %[8]q
+
+[plugins.'io.containerd.grpc.v1.cri']
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
+  platform = %[9]q
+  snapshotter = "weightsnap"
+`
+
+// startContainerd starts containerd in dir using weightsnapd's socket,
+// with sandboxImage pinned as the pod sandbox image.
+func startContainerd(t testing.TB, dir, wsSock, hostsDir, sandboxImage string) *containerd {
+	t.Helper()
+	bin := testutil.RequireBinary(t, "containerd")
+	testutil.RequireBinary(t, "containerd-shim-runc-v2")
+	runc := testutil.RequireBinary(t, "runc")
+	c := &containerd{
+		dir:    dir,
+		root:   filepath.Join(dir, "root"),
+		state:  filepath.Join(dir, "state"),
+		sock:   filepath.Join(dir, "c.sock"),
+		log:    filepath.Join(dir, "containerd.log"),
+		ctrBin: testutil.RequireBinary(t, "ctr"),
+	}
+	cfg := fmt.Sprintf(containerdConfig, c.root, c.state, c.sock, c.sock+".ttrpc", wsSock,
+		sandboxImage, hostsDir, runc, "linux/"+runtime.GOARCH)
+	cfgPath := filepath.Join(dir, "containerd.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// containerd finds the shim in PATH.
+	path := "PATH=" + filepath.Dir(bin) + ":" + os.Getenv("PATH")
+	c.proc = startProcess(t, "containerd", c.log, []string{path}, bin, "--config", cfgPath)
+	t.Cleanup(func() { c.reapShims(t) }) // after containerd stopped (cleanups run LIFO)
+	waitSocket(t, c.proc, c.sock)
+	return c
+}
+
+// reapShims kills the shims (and so their containers) this containerd
+// started, found by the shim.pid files in its state directory.
+func (c *containerd) reapShims(t testing.TB) {
+	t.Helper()
+	_ = filepath.WalkDir(c.state, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || (d.Name() != "shim.pid" && d.Name() != "init.pid") {
+			return nil
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil
+		}
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 1 {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		return nil
+	})
+}
+
+// ctr runs ctr against this containerd and returns its stdout.
+func (c *containerd) ctr(t testing.TB, ctx context.Context, args ...string) (string, error) {
+	t.Helper()
+	cmd := exec.CommandContext(ctx, c.ctrBin, append([]string{"--address", c.sock}, args...)...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	if err != nil {
+		return stdout.String(), fmt.Errorf("ctr %s: %w\n%s", strings.Join(args, " "), err, stderr.String())
+	}
+	return stdout.String(), nil
+}
+
+// cri connects to containerd's CRI services.
+func (c *containerd) cri(t testing.TB) (criapi.RuntimeServiceClient, criapi.ImageServiceClient) {
+	t.Helper()
+	conn, err := grpc.NewClient("unix://"+c.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return criapi.NewRuntimeServiceClient(conn), criapi.NewImageServiceClient(conn)
+}
+
+// writeHostsToml writes <dir>/<host>/hosts.toml: plain HTTP to host,
+// through the given mirrors (plain-HTTP host:ports) first.
+func writeHostsToml(t testing.TB, dir, host string, mirrors ...string) {
+	t.Helper()
+	var b strings.Builder
+	fmt.Fprintf(&b, "server = \"http://%s\"\n", host)
+	for _, m := range mirrors {
+		fmt.Fprintf(&b, "\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", m)
+	}
+	hd := filepath.Join(dir, host)
+	if err := os.MkdirAll(hd, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(hd, "hosts.toml"), []byte(b.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// logHas reports whether a line of the file contains every one of subs.
+func logHas(path string, subs ...string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		ok := true
+		for _, s := range subs {
+			if !strings.Contains(sc.Text(), s) {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
+}

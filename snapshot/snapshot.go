@@ -1,0 +1,235 @@
+// Package snapshot is weightsnap's containerd snapshotter: layers whose
+// Prepare carries containerd's remote-snapshot labels are mounted lazily
+// through a LayerMounter and committed at once (containerd then skips the
+// blob); every other snapshot is an ordinary overlayfs snapshot, so the
+// snapshotter can be a node's only one.
+//
+// The remote-snapshot protocol, the overlay snapshots and the restore of
+// lazy mounts after a restart are stargz-snapshotter's snapshot package,
+// which has run in production for years; this package adapts weightsnap's
+// layer mounts to it and fixes what it leaves out (Usage of lazy layers).
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/snapshotters"
+	"github.com/containerd/log"
+	stargz "github.com/containerd/stargz-snapshotter/snapshot"
+	"github.com/opencontainers/go-digest"
+)
+
+// Labels containerd puts on a layer's Prepare when snapshot annotations are
+// enabled (CRI with disable_snapshot_annotations = false, or the transfer
+// service with the snapshotter's enable_remote_snapshot_annotations export).
+const (
+	// LabelTargetSnapshot names the committed snapshot a Prepare wants;
+	// its presence marks a Prepare that may be answered remotely.
+	LabelTargetSnapshot = "containerd.io/snapshot.ref"
+	// LabelImageRef is the image reference the layer belongs to.
+	LabelImageRef = snapshotters.TargetRefLabel
+	// LabelLayerDigest is the digest of the layer blob.
+	LabelLayerDigest = snapshotters.TargetLayerDigestLabel
+
+	// labelRemote is set by stargz-snapshotter's snapshot package on the
+	// snapshots it committed remotely.
+	labelRemote = "containerd.io/snapshot/remote"
+)
+
+// ErrNoLayerLabels is returned (and the layer downloaded normally) when a
+// remote Prepare lacks the image reference or layer digest label.
+var ErrNoLayerLabels = errors.New("prepare has no image-ref or layer-digest label")
+
+// LayerMounter mounts image layers lazily. *fs.Manager implements it; the
+// snapshotter depends only on this so it can be tested without FUSE.
+type LayerMounter interface {
+	// MountLayer mounts layer d of image imageRef read-only at
+	// mountpoint. An error means the layer is downloaded instead.
+	MountLayer(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error
+	// Check reports whether the mount at mountpoint still serves reads.
+	Check(ctx context.Context, mountpoint string) error
+	// Unmount unmounts mountpoint and releases what the mount held.
+	Unmount(ctx context.Context, mountpoint string) error
+}
+
+// Options configure New.
+type Options struct {
+	// KeepMounts says the LayerMounter's mounts outlived the previous
+	// snapshotter on this root (they are served by a process that kept
+	// running) and are in use: New keeps them as they are. Otherwise New
+	// unmounts whatever is left under root and mounts every lazy layer
+	// again.
+	KeepMounts bool
+}
+
+// New returns the snapshotter whose state lives under root (metadata.db
+// and snapshots/<id>/{fs,work}, as containerd's overlay snapshotter), with
+// lazy layers mounted by m. Lazy layers recorded under root are remounted
+// before New returns; one that cannot be remounted is logged and left
+// unavailable rather than failing the daemon.
+func New(ctx context.Context, root string, m LayerMounter, opts Options) (snapshots.Snapshotter, error) {
+	sopts := []stargz.Opt{stargz.AllowInvalidMountsOnRestart}
+	if opts.KeepMounts {
+		sopts = append(sopts, stargz.NoRestore)
+	}
+	sn, err := stargz.NewSnapshotter(ctx, root, &layerFS{m: m}, sopts...)
+	if err != nil {
+		return nil, fmt.Errorf("opening snapshotter at %s: %w", root, err)
+	}
+	return &snapshotter{Snapshotter: sn}, nil
+}
+
+// layerFS adapts a LayerMounter to stargz-snapshotter's FileSystem, which
+// passes the Prepare's labels.
+type layerFS struct{ m LayerMounter }
+
+func (l *layerFS) Mount(ctx context.Context, mountpoint string, labels map[string]string) error {
+	ref, d, err := layerOf(labels)
+	if err != nil {
+		return err
+	}
+	log.G(ctx).WithFields(log.Fields{"image": ref, "layer": d, "mountpoint": mountpoint}).Info("mounting layer lazily")
+	if err := l.m.MountLayer(ctx, mountpoint, ref, d); err != nil {
+		return fmt.Errorf("lazy mount of layer %s of %s: %w", d, ref, err)
+	}
+	return nil
+}
+
+func (l *layerFS) Check(ctx context.Context, mountpoint string, _ map[string]string) error {
+	return l.m.Check(ctx, mountpoint)
+}
+
+func (l *layerFS) Unmount(ctx context.Context, mountpoint string) error {
+	return l.m.Unmount(ctx, mountpoint)
+}
+
+// layerOf returns the image reference and layer digest of a Prepare's labels.
+func layerOf(labels map[string]string) (string, digest.Digest, error) {
+	ref, d := labels[LabelImageRef], labels[LabelLayerDigest]
+	if ref == "" || d == "" {
+		return "", "", ErrNoLayerLabels
+	}
+	dg, err := digest.Parse(d)
+	if err != nil {
+		return "", "", fmt.Errorf("label %s: %w", LabelLayerDigest, err)
+	}
+	return ref, dg, nil
+}
+
+// snapshotter is stargz-snapshotter's snapshotter with a Usage that counts
+// lazy layers: stargz records them as empty so that committing does not
+// walk (and so wait for the index of) the layer.
+type snapshotter struct {
+	snapshots.Snapshotter
+
+	// usage memoizes the usage of lazy layers, which never change, by
+	// name and creation time (a name can be reused after Remove).
+	usage sync.Map
+}
+
+type usageKey struct {
+	name    string
+	created int64
+}
+
+// Usage returns the resources taken by the snapshot key. For a lazy layer
+// that is the size and inode count of the layer's files (what a download
+// would take), computed once from the mount's metadata without reading any
+// file content.
+func (s *snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, error) {
+	u, err := s.Snapshotter.Usage(ctx, key)
+	if err != nil {
+		return u, err
+	}
+	info, err := s.Snapshotter.Stat(ctx, key)
+	if err != nil {
+		return u, err
+	}
+	if _, remote := info.Labels[labelRemote]; !remote || info.Kind != snapshots.KindCommitted {
+		return u, nil
+	}
+	k := usageKey{info.Name, info.Created.UnixNano()}
+	if v, ok := s.usage.Load(k); ok {
+		return v.(snapshots.Usage), nil
+	}
+	u, err = s.lazyUsage(ctx, info.Name)
+	if err != nil {
+		return snapshots.Usage{}, fmt.Errorf("usage of lazy layer %s: %w", key, err)
+	}
+	s.usage.Store(k, u)
+	return u, nil
+}
+
+// Remove removes the snapshot key and forgets a lazy layer's usage.
+func (s *snapshotter) Remove(ctx context.Context, key string) error {
+	if err := s.Snapshotter.Remove(ctx, key); err != nil {
+		return err
+	}
+	s.usage.Range(func(k, _ any) bool {
+		if k.(usageKey).name == key {
+			s.usage.Delete(k)
+		}
+		return true
+	})
+	return nil
+}
+
+// lazyUsage walks the mount of the committed lazy layer name. stargz keeps
+// a snapshot's directory to itself, but a View of a single committed
+// layer is a bind mount of exactly that directory.
+func (s *snapshotter) lazyUsage(ctx context.Context, name string) (snapshots.Usage, error) {
+	viewKey := fmt.Sprintf("weightsnap-usage-%d-%s", time.Now().UnixNano(), name)
+	mounts, err := s.Snapshotter.View(ctx, viewKey, name)
+	if err != nil {
+		return snapshots.Usage{}, err
+	}
+	defer func() {
+		if err := s.Snapshotter.Remove(ctx, viewKey); err != nil {
+			log.G(ctx).WithError(err).WithField("key", viewKey).Warn("removing usage view")
+		}
+	}()
+	if len(mounts) != 1 || mounts[0].Type != "bind" {
+		return snapshots.Usage{}, fmt.Errorf("unexpected view mounts %+v", mounts)
+	}
+	return treeUsage(ctx, mounts[0].Source)
+}
+
+// treeUsage sums the sizes and counts the inodes of the tree at root,
+// counting hard links once.
+func treeUsage(ctx context.Context, root string) (snapshots.Usage, error) {
+	var u snapshots.Usage
+	seen := make(map[uint64]struct{})
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		fi, err := os.Lstat(p)
+		if err != nil {
+			return err
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			if _, dup := seen[st.Ino]; dup {
+				return nil
+			}
+			seen[st.Ino] = struct{}{}
+		}
+		u.Inodes++
+		if fi.Mode().IsRegular() {
+			u.Size += fi.Size()
+		}
+		return nil
+	})
+	return u, err
+}

@@ -1,0 +1,340 @@
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+)
+
+// fakeMounter stands in for fs.Manager: a "mount" writes the layer's files
+// into the mount point directory, an unmount removes them.
+type fakeMounter struct {
+	mu      sync.Mutex
+	fail    error             // returned by MountLayer when set
+	mounted map[string]string // mount point → "ref@digest"
+	calls   []string          // "ref@digest" of every MountLayer
+}
+
+func newFakeMounter() *fakeMounter { return &fakeMounter{mounted: make(map[string]string)} }
+
+func (f *fakeMounter) MountLayer(ctx context.Context, mountpoint, ref string, d digest.Digest) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, ref+"@"+d.String())
+	if f.fail != nil {
+		return f.fail
+	}
+	if err := os.WriteFile(filepath.Join(mountpoint, "weights.bin"), make([]byte, 1000), 0o644); err != nil {
+		return err
+	}
+	if err := os.Mkdir(filepath.Join(mountpoint, "dir"), 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(mountpoint, "dir", "config.json"), []byte("{}"), 0o644); err != nil {
+		return err
+	}
+	f.mounted[mountpoint] = ref + "@" + d.String()
+	return nil
+}
+
+func (f *fakeMounter) Check(ctx context.Context, mountpoint string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.mounted[mountpoint]; !ok {
+		return errors.New("not mounted")
+	}
+	return nil
+}
+
+func (f *fakeMounter) Unmount(ctx context.Context, mountpoint string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.mounted[mountpoint]; !ok {
+		return errors.New("not mounted")
+	}
+	delete(f.mounted, mountpoint)
+	entries, err := os.ReadDir(mountpoint)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if err := os.RemoveAll(filepath.Join(mountpoint, e.Name())); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (f *fakeMounter) mountCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.mounted)
+}
+
+const (
+	testRef   = "registry.example/models/llm:v1"
+	testLayer = digest.Digest("sha256:1111111111111111111111111111111111111111111111111111111111111111")
+)
+
+// remoteLabels are the labels containerd's unpacker sends for a layer
+// when snapshot annotations are enabled.
+func remoteLabels(target string) map[string]string {
+	return map[string]string{
+		LabelTargetSnapshot: target,
+		LabelImageRef:       testRef,
+		LabelLayerDigest:    testLayer.String(),
+		"containerd.io/snapshot/cri.image-layers":    testLayer.String(),
+		"containerd.io/snapshot/cri.manifest-digest": "sha256:2222222222222222222222222222222222222222222222222222222222222222",
+	}
+}
+
+func newTestSnapshotter(t *testing.T, root string, m LayerMounter) snapshots.Snapshotter {
+	t.Helper()
+	sn, err := New(context.Background(), root, m, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sn
+}
+
+func testContext() context.Context {
+	return namespaces.WithNamespace(context.Background(), "test")
+}
+
+func TestRemotePrepareCommitsLazily(t *testing.T) {
+	ctx := testContext()
+	m := newFakeMounter()
+	sn := newTestSnapshotter(t, t.TempDir(), m)
+	t.Cleanup(func() { sn.Close() })
+
+	const chainID = "sha256:chain1"
+	_, err := sn.Prepare(ctx, "extract-1 "+chainID, "", snapshots.WithLabels(remoteLabels(chainID)))
+	if !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare of a remote layer = %v, want ErrAlreadyExists", err)
+	}
+	if got, want := m.calls, []string{testRef + "@" + testLayer.String()}; len(got) != 1 || got[0] != want[0] {
+		t.Fatalf("MountLayer calls = %v, want %v", got, want)
+	}
+	info, err := sn.Stat(ctx, chainID)
+	if err != nil {
+		t.Fatalf("Stat of the committed remote layer: %v", err)
+	}
+	if info.Kind != snapshots.KindCommitted {
+		t.Errorf("kind = %v, want committed", info.Kind)
+	}
+	if info.Labels[LabelLayerDigest] != testLayer.String() {
+		t.Errorf("committed labels = %v, want the layer digest kept for restore", info.Labels)
+	}
+
+	// Usage counts the layer's files, not zero.
+	u, err := sn.Usage(ctx, chainID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (snapshots.Usage{Size: 1002, Inodes: 4}); u != want {
+		t.Errorf("Usage = %+v, want %+v", u, want)
+	}
+
+	// containerd removes the abandoned extraction key.
+	if err := sn.Remove(ctx, "extract-1 "+chainID); err != nil && !errdefs.IsNotFound(err) {
+		t.Fatalf("Remove of the extraction key: %v", err)
+	}
+	if n := m.mountCount(); n != 1 {
+		t.Errorf("mounts after the extraction key was removed = %d, want the committed layer's 1", n)
+	}
+}
+
+func TestRemotePrepareFallsBack(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		labels map[string]string
+		fail   error
+	}{
+		{"mount fails", remoteLabels("sha256:chain1"), errors.New("layer cannot be served lazily")},
+		{"no layer labels", map[string]string{LabelTargetSnapshot: "sha256:chain1"}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := testContext()
+			m := newFakeMounter()
+			m.fail = tc.fail
+			sn := newTestSnapshotter(t, t.TempDir(), m)
+			t.Cleanup(func() { sn.Close() })
+
+			mounts, err := sn.Prepare(ctx, "extract-1", "", snapshots.WithLabels(tc.labels))
+			if err != nil {
+				t.Fatalf("Prepare = %v, want a normal snapshot to download into", err)
+			}
+			if len(mounts) != 1 || mounts[0].Type != "bind" {
+				t.Fatalf("mounts = %+v, want one bind mount of an empty directory", mounts)
+			}
+			if err := sn.Commit(ctx, "sha256:chain1", "extract-1"); err != nil {
+				t.Fatal(err)
+			}
+			info, err := sn.Stat(ctx, "sha256:chain1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, remote := info.Labels[labelRemote]; remote {
+				t.Errorf("fallback snapshot is labelled remote: %v", info.Labels)
+			}
+		})
+	}
+}
+
+// TestImageVolumePrepare follows what containerd's CRI plugin does for an
+// image volume: Prepare(target, chainID) with no labels, then Remove.
+func TestImageVolumePrepare(t *testing.T) {
+	ctx := testContext()
+	m := newFakeMounter()
+	root := t.TempDir()
+	sn := newTestSnapshotter(t, root, m)
+	t.Cleanup(func() { sn.Close() })
+
+	const chainID = "sha256:chain1"
+	if _, err := sn.Prepare(ctx, "extract-1", "", snapshots.WithLabels(remoteLabels(chainID))); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare of a remote layer = %v", err)
+	}
+	target := "/var/lib/containerd/io.containerd.grpc.v1.cri/image-volumes/sandbox1/sha256:abc"
+	mounts, err := sn.Prepare(ctx, target, chainID)
+	if err != nil {
+		t.Fatalf("image volume Prepare: %v", err)
+	}
+	if len(mounts) != 1 || mounts[0].Type != "overlay" {
+		t.Fatalf("mounts = %+v, want one overlay", mounts)
+	}
+	var lower string
+	for _, o := range mounts[0].Options {
+		if v, ok := strings.CutPrefix(o, "lowerdir="); ok {
+			lower = v
+		}
+	}
+	if _, err := os.Stat(filepath.Join(lower, "weights.bin")); err != nil {
+		t.Errorf("lowerdir %q is not the lazy layer: %v", lower, err)
+	}
+	// Mounts gives the same again (containerd asks after a restart).
+	again, err := sn.Mounts(ctx, target)
+	if err != nil || len(again) != 1 || again[0].Type != "overlay" {
+		t.Errorf("Mounts = %+v, %v", again, err)
+	}
+
+	if err := sn.Remove(ctx, target); err != nil {
+		t.Fatalf("Remove of the image volume: %v", err)
+	}
+	if n := m.mountCount(); n != 1 {
+		t.Errorf("lazy mounts after the volume was removed = %d, want 1 (the image stays)", n)
+	}
+	if err := sn.Remove(ctx, chainID); err != nil {
+		t.Fatalf("Remove of the image's layer: %v", err)
+	}
+	if n := m.mountCount(); n != 0 {
+		t.Errorf("lazy mounts after the layer was removed = %d, want 0", n)
+	}
+}
+
+// TestRestore checks that reopening the root mounts the lazy layers again
+// with the labels they were prepared with.
+func TestRestore(t *testing.T) {
+	ctx := testContext()
+	root := t.TempDir()
+	m := newFakeMounter()
+	sn := newTestSnapshotter(t, root, m)
+	const chainID = "sha256:chain1"
+	if _, err := sn.Prepare(ctx, "extract-1", "", snapshots.WithLabels(remoteLabels(chainID))); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare of a remote layer = %v", err)
+	}
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := m.mountCount(); n != 0 {
+		t.Fatalf("mounts after Close = %d, want 0", n)
+	}
+
+	m2 := newFakeMounter()
+	sn2 := newTestSnapshotter(t, root, m2)
+	t.Cleanup(func() { sn2.Close() })
+	if got := m2.calls; len(got) != 1 || got[0] != testRef+"@"+testLayer.String() {
+		t.Fatalf("MountLayer calls at restore = %v", got)
+	}
+	if _, err := sn2.Prepare(ctx, "volume", chainID); err != nil {
+		t.Fatalf("Prepare on a restored layer: %v", err)
+	}
+	u, err := sn2.Usage(ctx, chainID)
+	if err != nil || u.Size != 1002 {
+		t.Errorf("Usage after restore = %+v, %v", u, err)
+	}
+}
+
+// TestRestoreFailureLeavesLayerUnavailable: a layer that cannot be
+// mounted again does not stop the daemon; using it fails clearly.
+func TestRestoreFailureLeavesLayerUnavailable(t *testing.T) {
+	ctx := testContext()
+	root := t.TempDir()
+	sn := newTestSnapshotter(t, root, newFakeMounter())
+	const chainID = "sha256:chain1"
+	if _, err := sn.Prepare(ctx, "extract-1", "", snapshots.WithLabels(remoteLabels(chainID))); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare of a remote layer = %v", err)
+	}
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	m2 := newFakeMounter()
+	m2.fail = errors.New("registry unreachable")
+	sn2 := newTestSnapshotter(t, root, m2)
+	t.Cleanup(func() { sn2.Close() })
+	if _, err := sn2.Prepare(ctx, "volume", chainID); !errdefs.IsUnavailable(err) {
+		t.Errorf("Prepare on an unrestored layer = %v, want ErrUnavailable", err)
+	}
+}
+
+// TestKeepMounts: when the mounts outlived the previous snapshotter (it
+// was killed, the FUSE manager kept running), the new one uses them
+// without remounting.
+func TestKeepMounts(t *testing.T) {
+	ctx := testContext()
+	root := t.TempDir()
+	m := newFakeMounter()
+	sn := newTestSnapshotter(t, root, m)
+	t.Cleanup(func() { sn.Close() })
+	const chainID = "sha256:chain1"
+	if _, err := sn.Prepare(ctx, "extract-1", "", snapshots.WithLabels(remoteLabels(chainID))); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare of a remote layer = %v", err)
+	}
+	// A killed snapshotter leaves its root as it was; the metadata is
+	// locked while sn is open, so the crash is a copy of the root.
+	crashed := filepath.Join(t.TempDir(), "root")
+	if err := os.CopyFS(crashed, os.DirFS(root)); err != nil {
+		t.Fatal(err)
+	}
+	m2 := newFakeMounter()
+	for mp, l := range m.mounted {
+		m2.mounted[strings.Replace(mp, root, crashed, 1)] = l
+	}
+
+	sn2, err := New(ctx, crashed, m2, Options{KeepMounts: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sn2.Close() })
+	if len(m2.calls) != 0 {
+		t.Errorf("MountLayer calls with KeepMounts = %v, want none", m2.calls)
+	}
+	mounts, err := sn2.Prepare(ctx, "volume", chainID)
+	if err != nil {
+		t.Fatalf("Prepare on a kept layer: %v", err)
+	}
+	if len(mounts) != 1 || mounts[0].Type != "overlay" {
+		t.Errorf("mounts = %+v", mounts)
+	}
+	if u, err := sn2.Usage(ctx, chainID); err != nil || u.Size != 1002 {
+		t.Errorf("Usage of a kept layer = %+v, %v", u, err)
+	}
+}
