@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -168,7 +169,9 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 	}
 	desc := layer.Descriptor{Digest: d, Size: rec.Size, MediaType: rec.MediaType, DiffID: rec.DiffID, Annotations: rec.Annotations}
 	fetch := func(ctx context.Context, p []byte, off int64) error {
+		t0 := time.Now()
 		_, err := rb.ReadAt(ctx, p, off)
+		slog.Debug("fetched", "layer", d, "off", off, "len", len(p), "took", time.Since(t0), "err", err)
 		if errors.Is(err, io.EOF) && off+int64(len(p)) >= rb.Size() {
 			err = nil
 		}
@@ -182,7 +185,8 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 	opener := func(ctx context.Context) (io.ReadCloser, error) {
 		return rb.Open(remote.WithReason(ctx, "stream"), 0)
 	}
-	l, err := layer.Open(ctx, desc, blob, opener, streamStore{m.store}, m.store)
+	src := readAround{Blob: blob, sched: m.sched, span: m.cfg.Prefetch.SpanSize}
+	l, err := layer.Open(ctx, desc, src, opener, streamStore{m.store}, m.store)
 	if err != nil {
 		cancel()
 		blob.Close()
@@ -404,4 +408,25 @@ func (im *ImageMount) Unmount() error {
 	}
 	im.layers = nil
 	return errors.Join(errs...)
+}
+
+// readAround is the Source of a layer: a read that misses the cache also
+// queues the fetch of the whole span around it. Weight files are read in
+// large pieces (a tensor, an mmap fault-around), so the next read of a
+// cold region is most likely close by; one span-sized range request costs
+// little more than a chunk-sized one.
+type readAround struct {
+	*cache.Blob
+	sched *prefetch.Scheduler
+	span  int64
+}
+
+func (r readAround) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	n := int64(len(p))
+	if !r.Present(off, n) {
+		start := off / r.span * r.span
+		end := min(r.Size(), (off+n+r.span-1)/r.span*r.span)
+		r.sched.ReadAhead(r.Blob, prefetch.Range{Off: start, Len: end - start})
+	}
+	return r.Blob.ReadAt(ctx, p, off)
 }
