@@ -6,6 +6,8 @@ import (
 	"os"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/weightsnap/weightsnap/fs/prefetch"
 )
 
 // Config is weightsnapd's configuration file. deploy/weightsnapd.toml
@@ -23,7 +25,27 @@ type Config struct {
 	LogLevel string `toml:"log_level"`
 
 	Cache    CacheConfig    `toml:"cache"`
+	Fetch    FetchConfig    `toml:"fetch"`
 	Registry RegistryConfig `toml:"registry"`
+}
+
+// FetchConfig tunes read-ahead and background fill.
+type FetchConfig struct {
+	// Workers is the number of range requests in flight node-wide for
+	// read-ahead and background fill together.
+	Workers int `toml:"workers"`
+	// SpanBytes is the size of one range request.
+	SpanBytes int64 `toml:"span_bytes"`
+	// MaxReadAheadBytes bounds how far ahead of a sequential reader
+	// requests go.
+	MaxReadAheadBytes int64 `toml:"max_read_ahead_bytes"`
+	// BackgroundFill fetches every mounted layer into the cache after it is
+	// mounted, metadata files and safetensors headers first.
+	BackgroundFill bool `toml:"background_fill"`
+	// BackgroundWorkers bounds the range requests of background fill.
+	BackgroundWorkers int `toml:"background_workers"`
+	// BackgroundBytesPerSecond caps background fill; 0 is no cap.
+	BackgroundBytesPerSecond int64 `toml:"background_bytes_per_second"`
 }
 
 // CacheConfig configures the node cache.
@@ -51,6 +73,13 @@ func defaultConfig() Config {
 		Address:  "/run/weightsnap/weightsnap.sock",
 		LogLevel: "info",
 		Registry: RegistryConfig{ConfigPath: "/etc/containerd/certs.d"},
+		Fetch: FetchConfig{
+			Workers:           prefetch.DefaultWorkers,
+			SpanBytes:         prefetch.DefaultSpanSize,
+			MaxReadAheadBytes: prefetch.DefaultMaxWindow,
+			BackgroundFill:    true,
+			BackgroundWorkers: prefetch.DefaultBackgroundWorkers,
+		},
 	}
 }
 

@@ -6,18 +6,29 @@ import (
 
 	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/fs"
+	"github.com/weightsnap/weightsnap/fs/prefetch"
 	"github.com/weightsnap/weightsnap/fs/remote"
 	"github.com/weightsnap/weightsnap/snapshot"
 )
 
 // newMounter opens the node cache in cacheDir and returns the lazy layer
 // mounter over it, and what closes both.
-func newMounter(ctx context.Context, cacheDir string, cc CacheConfig, ropts []remote.Option) (snapshot.LayerMounter, func() error, error) {
+func newMounter(ctx context.Context, cacheDir string, cc CacheConfig, fc FetchConfig, ropts []remote.Option) (snapshot.LayerMounter, func() error, error) {
 	store, err := cache.Open(cacheDir, cache.Options{MaxBytes: cc.MaxBytes})
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening cache %s: %w", cacheDir, err)
 	}
-	m := fs.NewManager(store, ropts...)
+	m := fs.New(store, fs.Config{
+		Remote: ropts,
+		Prefetch: prefetch.Options{
+			Workers:           fc.Workers,
+			BackgroundWorkers: fc.BackgroundWorkers,
+			SpanSize:          fc.SpanBytes,
+			BackgroundRate:    fc.BackgroundBytesPerSecond,
+		},
+		MaxReadAhead:     fc.MaxReadAheadBytes,
+		NoBackgroundFill: !fc.BackgroundFill,
+	})
 	return m, func() error {
 		err := m.Close()
 		if cerr := store.Close(); cerr != nil && err == nil {
