@@ -118,6 +118,9 @@ type entry struct {
 	lastUse uint64
 	b       *blob
 	st      *stream
+	// sealedOK: a sealed stream's file was hashed (or sealed) by this
+	// process and matched its key.
+	sealedOK atomic.Bool
 }
 
 // Open opens (creating it 0700 if needed) the cache directory dir. Only one

@@ -77,6 +77,9 @@ func (s *Store) Stream(key digest.Digest) (st *Stream, writer bool, err error) {
 	if !key.Algorithm().Available() {
 		return nil, false, fmt.Errorf("cache: stream %s: digest algorithm unavailable", key)
 	}
+	if err := s.verifySealed(key); err != nil {
+		return nil, false, err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -128,6 +131,55 @@ func (s *Store) Stream(key digest.Digest) (st *Stream, writer bool, err error) {
 	s.entries[k] = e
 	s.touchLocked(e)
 	return &Stream{st: x, writer: true}, true, nil
+}
+
+// verifySealed checks, once per process, that a stream sealed on disk by
+// an earlier process still hashes to its key: unlike blob chunks, a
+// stream's bytes carry no checksums of their own. A file that does not
+// match is removed, so the stream is produced again instead of serving
+// wrong bytes.
+func (s *Store) verifySealed(key digest.Digest) error {
+	k := entryKey{kindStream, key}
+	s.mu.Lock()
+	e := s.entries[k]
+	need := e != nil && e.st == nil && !e.sealedOK.Load()
+	s.mu.Unlock()
+	if !need {
+		return nil
+	}
+	path := s.streamPath(key)
+	sum, err := hashFile(path, key.Algorithm())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // gone meanwhile (evicted): Stream produces it again
+	}
+	if err != nil {
+		return fmt.Errorf("cache: verify stream %s: %w", key, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.entries[k] != e || e.st != nil {
+		return nil // opened or replaced meanwhile
+	}
+	if sum == key {
+		e.sealedOK.Store(true)
+		return nil
+	}
+	slog.Warn("cache: sealed stream does not match its digest; discarding it", "key", key, "got", sum)
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("cache: remove corrupt stream %s: %w", key, err)
+	}
+	s.usage.Add(-e.bytes.Load())
+	delete(s.entries, k)
+	return nil
+}
+
+func hashFile(path string, alg digest.Algorithm) (digest.Digest, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	return alg.FromReader(f)
 }
 
 // detachLocked forgets a failed stream's entry so that the next Stream
@@ -248,6 +300,7 @@ func (h *Stream) Seal() error {
 		return err
 	}
 	x.state = streamSealed
+	x.e.sealedOK.Store(true)
 	x.h = nil
 	x.size.Store(x.written.Load())
 	close(x.wake)

@@ -5,6 +5,10 @@ import (
 	"context"
 	"errors"
 	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -303,4 +307,53 @@ func TestStreamEviction(t *testing.T) {
 	}
 	_, key := content(60, 2000)
 	openStream(t, s, key, true) // evicted: produced again
+}
+
+func TestStreamCorruptedOnDiskIsProducedAgain(t *testing.T) {
+	dir := t.TempDir()
+	data, key := content(56, 20000)
+	s := openStore(t, dir, testOptions())
+	w := openStream(t, s, key, true)
+	w.Write(data)
+	if err := w.Seal(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	s.Close()
+
+	// Flip a byte of the sealed file while no process has it open.
+	path := filepath.Join(dir, "streams")
+	var file string
+	filepath.WalkDir(path, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && strings.Contains(p, key.Encoded()) {
+			file = p
+		}
+		return nil
+	})
+	if file == "" {
+		t.Fatal("sealed stream file not found")
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 0xff
+	if err := os.WriteFile(file, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	s = openStore(t, dir, testOptions())
+	w = openStream(t, s, key, true) // corrupt: discarded, to be produced again
+	if w.Done() {
+		t.Fatal("a corrupted sealed stream opened as done")
+	}
+	w.Write(data)
+	if err := w.Seal(); err != nil {
+		t.Fatal(err)
+	}
+	p := make([]byte, len(data))
+	if n, err := w.ReadAt(context.Background(), p, 0); n != len(data) || (err != nil && err != io.EOF) || !bytes.Equal(p, data) {
+		t.Fatalf("ReadAt after reproducing = %d, %v", n, err)
+	}
+	w.Close()
 }
