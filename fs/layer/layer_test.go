@@ -209,7 +209,8 @@ var formats = []format{
 		if err != nil {
 			t.Fatal(err)
 		}
-		l := openVia(t, ctx, mtZstd, b, blob.DiffID(), nil)
+		ann := map[string]string{zstdchunked.ManifestChecksumAnnotation: blob.TOCDigest().String()}
+		l := openVia(t, ctx, mtZstd, b, blob.DiffID(), ann)
 		if _, ok := l.(*stargzLayer); !ok {
 			t.Fatalf("Open chose %T", l)
 		}

@@ -9,13 +9,15 @@ import (
 	"strings"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
 )
 
 // Open opens a layer in the format its media type names, looking at the
 // blob's first bytes when the media type is generic:
 //   - uncompressed tar → OpenTar;
-//   - gzip or zstd with an eStargz/zstd:chunked TOC (the TOC digest
-//     annotation, or a TOC footer at the end of the blob) → OpenStargz;
+//   - gzip or zstd with an eStargz/zstd:chunked TOC (announced by the TOC
+//     digest or zstd:chunked manifest annotation; for a blob of generic
+//     media type, found by its footer) → OpenStargz;
 //     a TOC without chunk digests (legacy stargz) falls back to a stream;
 //   - other gzip or zstd → OpenStream.
 //
@@ -31,7 +33,7 @@ func Open(ctx context.Context, d Descriptor, src Source, open func(ctx context.C
 		case "tar":
 			return OpenTar(ctx, d, src, meta)
 		case "compressed":
-			if d.Annotations[estargz.TOCJSONDigestAnnotation] != "" || hasTOCFooter(ctx, src) {
+			if mayHaveTOC(d) && hasTOCFooter(ctx, src) {
 				l, err := OpenStargz(ctx, d, src, meta)
 				if !errors.Is(err, errNoTOC) && !errors.Is(err, errUnverifiable) {
 					return l, err
@@ -71,6 +73,19 @@ func detect(ctx context.Context, d Descriptor, src Source) (string, error) {
 		return "tar", nil
 	}
 	return "", fmt.Errorf("layer %s (%s): %w: not a tar, gzip or zstd blob", d.Digest, mt, ErrUnsupported)
+}
+
+// mayHaveTOC reports whether d may be an eStargz or zstd:chunked blob: it
+// says so in its annotations, or its media type says nothing. A layer
+// typed plain gzip or zstd with neither annotation is streamed without
+// probing its footer: the probe would fetch the end of the blob once more
+// for the most common kind of layer.
+func mayHaveTOC(d Descriptor) bool {
+	if d.Annotations[estargz.TOCJSONDigestAnnotation] != "" || d.Annotations[zstdchunked.ManifestChecksumAnnotation] != "" {
+		return true
+	}
+	mt := d.MediaType
+	return !strings.HasSuffix(mt, "gzip") && !strings.HasSuffix(mt, "zstd")
 }
 
 // hasTOCFooter reports whether src ends with an eStargz or zstd:chunked
