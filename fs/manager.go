@@ -361,14 +361,14 @@ type ImageMount struct {
 
 // MountImage mounts the merged tree of image ref at target, with the layer
 // mounts under workdir.
-func (m *Manager) MountImage(ctx context.Context, ref, target, workdir string) (im *ImageMount, err error) {
+func (m *Manager) MountImage(ctx context.Context, ref, target, workdir string) (_ *ImageMount, err error) {
 	img, err := remote.Resolve(ctx, ref, m.cfg.Remote...)
 	if err != nil {
 		return nil, err
 	}
-	im = &ImageMount{m: m, target: target}
+	im := &ImageMount{m: m, target: target}
 	defer func() {
-		if err != nil {
+		if err != nil { // undo the layer mounts made so far
 			im.Unmount()
 		}
 	}()
