@@ -78,10 +78,19 @@ type Proxy struct {
 	faults    Faults
 	rng       *rand.Rand
 	blobBytes map[string]int64
+	holds     map[string]*hold // by blob digest
 
 	totalBlobBytes atomic.Int64
 	requests       atomic.Int64
 	blobRequests   atomic.Int64
+	injected       atomic.Int64
+}
+
+// hold keeps the bytes [from, to) of a blob back until released.
+type hold struct {
+	from, to int64
+	released chan struct{}
+	once     sync.Once
 }
 
 // StartProxy starts a proxy on a free loopback port in front of target (a
@@ -113,6 +122,7 @@ func StartProxy(t testing.TB, target string, faults Faults) *Proxy {
 		},
 		closing:   make(chan struct{}),
 		blobBytes: map[string]int64{},
+		holds:     map[string]*hold{},
 	}
 	if err := p.SetFaults(faults); err != nil {
 		ln.Close()
@@ -165,6 +175,10 @@ func (p *Proxy) Requests() int64 { return p.requests.Load() }
 // BlobRequests returns how many blob GETs the proxy has received.
 func (p *Proxy) BlobRequests() int64 { return p.blobRequests.Load() }
 
+// InjectedFaults returns how many blob GETs the proxy has failed, reset,
+// stalled or answered 429 (corruption is not counted).
+func (p *Proxy) InjectedFaults() int64 { return p.injected.Load() }
+
 // Reset zeroes all counters.
 func (p *Proxy) Reset() {
 	p.mu.Lock()
@@ -173,6 +187,40 @@ func (p *Proxy) Reset() {
 	p.totalBlobBytes.Store(0)
 	p.requests.Store(0)
 	p.blobRequests.Store(0)
+	p.injected.Store(0)
+}
+
+// Hold holds back the bytes [from, to) of blob digest ("sha256:…"): a
+// response carrying bytes of that range sends (and flushes) what comes
+// before from and then waits. Responses that end at or before from, or
+// start at or after to, are not affected, so a client can still read the
+// head and the tail (an eStargz or gzip footer) of the blob. That is how a
+// test observes what a client does with part of a blob without depending
+// on timing. The returned release lets every held and future response
+// proceed; it may be called more than once, and stopping the proxy
+// releases too. A later Hold of the same digest replaces this one.
+func (p *Proxy) Hold(digest string, from, to int64) (release func()) {
+	h := &hold{from: from, to: to, released: make(chan struct{})}
+	p.mu.Lock()
+	p.holds[digest] = h
+	p.mu.Unlock()
+	return func() { h.once.Do(func() { close(h.released) }) }
+}
+
+// holdFor returns the hold of digest that is not yet released, or nil.
+func (p *Proxy) holdFor(digest string) *hold {
+	p.mu.Lock()
+	h := p.holds[digest]
+	p.mu.Unlock()
+	if h == nil {
+		return nil
+	}
+	select {
+	case <-h.released:
+		return nil
+	default:
+		return h
+	}
 }
 
 var blobPath = regexp.MustCompile(`^/v2/.+/blobs/([a-z0-9]+:[a-zA-Z0-9=_-]+)$`)
@@ -188,6 +236,9 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f, corrupt := faultNone, false
 	if digest != "" {
 		f, corrupt = p.draw(digest)
+	}
+	if f != faultNone {
+		p.injected.Add(1)
 	}
 	switch f {
 	case faultFail:
@@ -233,10 +284,55 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if f == faultReset {
 		body = io.LimitReader(body, max(resp.ContentLength, 0)/2)
 	}
-	_, _ = io.Copy(countingWriter{w: w, count: func(n int) { p.addBlobBytes(digest, n) }}, body)
+	out := countingWriter{w: w, count: func(n int) { p.addBlobBytes(digest, n) }}
+	if h := p.holdFor(digest); h != nil && h.covers(bodyStart(resp), resp.ContentLength) {
+		if err := p.sendHeld(r, w, out, body, h, bodyStart(resp)); err != nil {
+			return
+		}
+	}
+	_, _ = io.Copy(out, body)
 	if f == faultReset {
 		p.reset(w)
 	}
+}
+
+// covers reports whether a body of n bytes (n < 0: unknown) starting at
+// blob offset start carries bytes that h holds.
+func (h *hold) covers(start, n int64) bool {
+	return start < h.to && (n < 0 || start+n > h.from)
+}
+
+// sendHeld sends the part of body (which starts at blob offset start) that
+// lies before h.from, flushes it and waits for h's release. An error means
+// the client or the proxy went away.
+func (p *Proxy) sendHeld(r *http.Request, w http.ResponseWriter, out io.Writer, body io.Reader, h *hold, start int64) error {
+	if n := h.from - start; n > 0 {
+		if _, err := io.CopyN(out, body, n); err != nil {
+			return err
+		}
+	}
+	_ = http.NewResponseController(w).Flush()
+	select {
+	case <-h.released:
+		return nil
+	case <-r.Context().Done():
+		return r.Context().Err()
+	case <-p.closing:
+		return http.ErrServerClosed
+	}
+}
+
+// bodyStart returns the blob offset of the first byte of a 200 or 206
+// response body.
+func bodyStart(resp *http.Response) int64 {
+	if resp.StatusCode != http.StatusPartialContent {
+		return 0
+	}
+	var start int64
+	if _, err := fmt.Sscanf(resp.Header.Get("Content-Range"), "bytes %d-", &start); err != nil {
+		return 0
+	}
+	return start
 }
 
 // draw picks the fault for one blob GET.
@@ -318,14 +414,20 @@ func hopByHop(header string) bool {
 
 // countingWriter reports the bytes the handler managed to write, so a body
 // cut short by a reset or a client hanging up is counted as far as it went.
+// Bytes are counted before they are written (and the unwritten rest taken
+// back after), so a counter read after a client has received bytes never
+// lags behind them.
 type countingWriter struct {
 	w     io.Writer
 	count func(int)
 }
 
 func (c countingWriter) Write(b []byte) (int, error) {
+	c.count(len(b))
 	n, err := c.w.Write(b)
-	c.count(n)
+	if n < len(b) {
+		c.count(n - len(b))
+	}
 	return n, err
 }
 

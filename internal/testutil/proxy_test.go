@@ -229,3 +229,60 @@ func TestProxyRetryingClientSucceeds(t *testing.T) {
 	}
 	t.Logf("%d attempts for %d fetches", attempts, fetches)
 }
+
+func TestProxyHoldsBlobBytesUntilReleased(t *testing.T) {
+	addr := inProcessRegistry(t)
+	blob, digest := pushRandomBlob(t, addr, "hold", 200_000)
+	p := StartProxy(t, addr, Faults{})
+	release := p.Hold(digest, 50_000, 150_000)
+	url := blobURL(p, "hold", digest)
+
+	// A range ending before the hold is not affected.
+	if r := fetch(t.Context(), http.MethodGet, url, "bytes=0-49999"); r.err != nil || !bytes.Equal(r.body, blob[:50_000]) {
+		t.Fatalf("range before the hold: err %v, %d bytes", r.err, len(r.body))
+	}
+
+	// So is one starting after it.
+	if r := fetch(t.Context(), http.MethodGet, url, "bytes=150000-199999"); r.err != nil || !bytes.Equal(r.body, blob[150_000:]) {
+		t.Fatalf("range after the hold: err %v, %d bytes", r.err, len(r.body))
+	}
+
+	// A full GET delivers the head and then blocks: read exactly the head,
+	// check it, and only then release.
+	req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	head := make([]byte, 50_000)
+	if _, err := io.ReadFull(resp.Body, head); err != nil || !bytes.Equal(head, blob[:50_000]) {
+		t.Fatalf("held GET: head: err %v", err)
+	}
+	if got := p.BlobBytes(digest); got != 150_000 {
+		t.Fatalf("blob bytes sent while held: got %d, want 150000 (two heads and the tail)", got)
+	}
+	release()
+	rest, err := io.ReadAll(resp.Body)
+	if err != nil || !bytes.Equal(rest, blob[50_000:]) {
+		t.Fatalf("held GET after release: err %v, %d bytes", err, len(rest))
+	}
+	release() // idempotent
+}
+
+func TestProxyCountsInjectedFaults(t *testing.T) {
+	addr := inProcessRegistry(t)
+	_, digest := pushRandomBlob(t, addr, "count-faults", 1000)
+	p := StartProxy(t, addr, Faults{FailRate: 1})
+	for range 3 {
+		if r := fetch(t.Context(), http.MethodGet, blobURL(p, "count-faults", digest), ""); r.status != http.StatusInternalServerError {
+			t.Fatalf("status %d, want 500", r.status)
+		}
+	}
+	if got := p.InjectedFaults(); got != 3 {
+		t.Fatalf("InjectedFaults = %d, want 3", got)
+	}
+}
