@@ -43,7 +43,7 @@ debs:
 # containerd, ctr and the runc shim, pinned, built from the Go module proxy.
 containerd:
 	@if [ ! -x $(TOOLS)/containerd ] || [ ! -x $(TOOLS)/ctr ] || [ ! -x $(TOOLS)/containerd-shim-runc-v2 ] || \
-	    ! $(TOOLS)/containerd --version 2>/dev/null | grep -q $(CONTAINERD); then \
+	    ! $(TOOLS)/containerd --version 2>/dev/null | grep -q " $(CONTAINERD:v%=%)"; then \
 	  echo "building containerd $(CONTAINERD) into $(TOOLS)"; \
 	  GOBIN=$(TOOLS) $(GO) install \
 	    github.com/containerd/containerd/v2/cmd/containerd@$(CONTAINERD) \
@@ -51,9 +51,16 @@ containerd:
 	    github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$(CONTAINERD); \
 	fi
 
-# bench: time to first read and full-read throughput against a full pull.
-bench: build deps
-	$(BIN)/weightsnap bench $(BENCHFLAGS)
+# bench: time to first read and full-read throughput of every path (raw
+# registry GET, local file, containerd overlayfs full pull, weightsnap
+# through CRI image volumes) in one run, as a table, out/bench/bench.json
+# and out/bench/bench.svg. Needs root and FUSE; takes a few minutes at the
+# default size. Knobs (environment or make variables):
+# WEIGHTSNAP_BENCH_SIZE (2GiB; e.g. 1GiB, 4GiB, 16GiB), WEIGHTSNAP_BENCH_SHARDS
+# (1; e.g. 4 for model-0000N-of-00004.safetensors and an index) and
+# WEIGHTSNAP_BENCH_OUT (out/bench). Not part of `make test`.
+bench: deps
+	$(GO) test ./integration -run '^$$' -bench BenchmarkModelPull -benchtime 1x -timeout 60m
 
 clean:
 	rm -rf $(BIN)

@@ -276,22 +276,27 @@ func weightsnapdBinary(t testing.TB) string {
 
 // toolSource is the one program the test images run: "sleep" waits for
 // SIGTERM (the pod sandbox and long-running containers), "sum FILE" prints
-// the file's sha256. Images FROM scratch have no shell.
+// the file's sha256, "read FILE..." reads model files as a loader does and
+// reports its progress (see readFiles). Images FROM scratch have no shell.
 const toolSource = `package main
 
 import (
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
+	"time"
 )
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: tool sleep | sum FILE")
+		fmt.Fprintln(os.Stderr, "usage: tool sleep | sum FILE | read FILE...")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -311,9 +316,111 @@ func main() {
 			os.Exit(1)
 		}
 		fmt.Println(hex.EncodeToString(h.Sum(nil)))
+	case "read":
+		if err := readFiles(os.Args[2:]); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
 	default:
 		os.Exit(2)
 	}
+}
+
+// readFiles reads the files like a model loader and prints one line per
+// event, "EVENT UNIX_NS BYTES": "start" before anything is opened; "first"
+// once the first MiB of the first *.safetensors file is in; "headers" once
+// every other file has been read whole and every *.safetensors header
+// (8-byte length and JSON) parsed; then, while every *.safetensors file is
+// read sequentially in 1 MiB reads, "progress" every 64 MiB and "done" at
+// the end, BYTES counting that sequential pass.
+func readFiles(files []string) error {
+	emit := func(ev string, n int64) { fmt.Printf("%s %d %d\n", ev, time.Now().UnixNano(), n) }
+	emit("start", 0)
+	var weights, others []string
+	for _, f := range files {
+		if strings.HasSuffix(f, ".safetensors") {
+			weights = append(weights, f)
+		} else {
+			others = append(others, f)
+		}
+	}
+	if len(weights) == 0 {
+		return fmt.Errorf("no *.safetensors file among %v", files)
+	}
+	buf := make([]byte, 1<<20)
+	f, err := os.Open(weights[0])
+	if err != nil {
+		return err
+	}
+	n, err := io.ReadFull(f, buf)
+	f.Close()
+	if err != nil && err != io.ErrUnexpectedEOF {
+		return fmt.Errorf("%s: %w", weights[0], err)
+	}
+	emit("first", int64(n))
+	for _, o := range others {
+		if _, err := os.ReadFile(o); err != nil {
+			return err
+		}
+	}
+	for _, w := range weights {
+		if err := readHeader(w); err != nil {
+			return err
+		}
+	}
+	emit("headers", 0)
+	var total int64
+	next := int64(64 << 20)
+	for _, w := range weights {
+		f, err := os.Open(w)
+		if err != nil {
+			return err
+		}
+		for {
+			n, err := f.Read(buf)
+			total += int64(n)
+			for total >= next {
+				emit("progress", total)
+				next += 64 << 20
+			}
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				f.Close()
+				return fmt.Errorf("%s: %w", w, err)
+			}
+		}
+		f.Close()
+	}
+	emit("done", total)
+	return nil
+}
+
+// readHeader reads and parses the JSON header of a safetensors file.
+func readHeader(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	var size [8]byte
+	if _, err := io.ReadFull(f, size[:]); err != nil {
+		return fmt.Errorf("%s: header length: %w", path, err)
+	}
+	n := binary.LittleEndian.Uint64(size[:])
+	if n > 100<<20 {
+		return fmt.Errorf("%s: header of %d bytes", path, n)
+	}
+	hdr := make([]byte, n)
+	if _, err := io.ReadFull(f, hdr); err != nil {
+		return fmt.Errorf("%s: header: %w", path, err)
+	}
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(hdr, &m); err != nil {
+		return fmt.Errorf("%s: header: %w", path, err)
+	}
+	return nil
 }
 `
 
@@ -591,6 +698,13 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.internal.v1.traci
 // with sandboxImage pinned as the pod sandbox image.
 func startContainerd(t testing.TB, dir, wsSock, hostsDir, sandboxImage string) *containerd {
 	t.Helper()
+	return startContainerdWithConfig(t, dir, wsSock, hostsDir, sandboxImage, "")
+}
+
+// startContainerdWithConfig is startContainerd with extra appended to
+// containerd's config.
+func startContainerdWithConfig(t testing.TB, dir, wsSock, hostsDir, sandboxImage, extra string) *containerd {
+	t.Helper()
 	bin := testutil.RequireBinary(t, "containerd")
 	testutil.RequireBinary(t, "containerd-shim-runc-v2")
 	runc := testutil.RequireBinary(t, "runc")
@@ -603,7 +717,7 @@ func startContainerd(t testing.TB, dir, wsSock, hostsDir, sandboxImage string) *
 		ctrBin: testutil.RequireBinary(t, "ctr"),
 	}
 	cfg := fmt.Sprintf(containerdConfig, c.root, c.state, c.sock, c.sock+".ttrpc", wsSock,
-		sandboxImage, hostsDir, runc, "linux/"+runtime.GOARCH)
+		sandboxImage, hostsDir, runc, "linux/"+runtime.GOARCH) + extra
 	cfgPath := filepath.Join(dir, "containerd.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)

@@ -1,0 +1,822 @@
+package integration
+
+// Helpers of BenchmarkModelPull: configuration, model generation, timed
+// reads (registry GET, local file, containers), machine facts, and the
+// table, JSON and SVG outputs.
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"golang.org/x/sys/unix"
+	criapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/weightsnap/weightsnap/pack"
+)
+
+// Environment knobs of the benchmark.
+const (
+	benchEnvSize   = "WEIGHTSNAP_BENCH_SIZE"   // model size: "2GiB" (default), "512MiB", "16G", bytes
+	benchEnvShards = "WEIGHTSNAP_BENCH_SHARDS" // number of *.safetensors files (default 1)
+	benchEnvOut    = "WEIGHTSNAP_BENCH_OUT"    // output directory (default <repo>/out/bench)
+)
+
+// benchProgressStep is how often (in bytes read) the timed readers record
+// a point of their progress; the container tool uses the same step.
+const benchProgressStep = 64 << 20
+
+// benchConfig is what the environment asks the benchmark to do.
+type benchConfig struct {
+	size   int64 // bytes of weights, over all shards
+	shards int
+	out    string
+}
+
+// benchConfigFromEnv reads the knobs, with their defaults.
+func benchConfigFromEnv(repoRoot string) (benchConfig, error) {
+	c := benchConfig{size: 2 << 30, shards: 1, out: filepath.Join(repoRoot, "out", "bench")}
+	if v := os.Getenv(benchEnvSize); v != "" {
+		n, err := parseSize(v)
+		if err != nil {
+			return c, fmt.Errorf("%s: %w", benchEnvSize, err)
+		}
+		c.size = n
+	}
+	if v := os.Getenv(benchEnvShards); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 999 {
+			return c, fmt.Errorf("%s=%q: want a shard count from 1 to 999", benchEnvShards, v)
+		}
+		c.shards = n
+	}
+	if v := os.Getenv(benchEnvOut); v != "" {
+		c.out = v
+	}
+	// Each shard holds at least one tensor after its header.
+	if c.size/int64(c.shards) < 1<<20 {
+		return c, fmt.Errorf("%d bytes in %d shards: want at least 1 MiB per shard", c.size, c.shards)
+	}
+	return c, nil
+}
+
+// parseSize parses "2GiB", "512MiB", "16G", "1.5GiB" or a byte count;
+// K, M, G and T are binary multiples with or without "iB"/"B".
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	num := strings.TrimRight(t, "KMGTiBkmgtb")
+	unit := strings.ToUpper(strings.TrimPrefix(t, num))
+	unit = strings.TrimSuffix(strings.TrimSuffix(unit, "B"), "I")
+	mult := map[string]float64{"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
+	v, err := strconv.ParseFloat(strings.TrimSpace(num), 64)
+	if err != nil || mult == 0 || v <= 0 {
+		return 0, fmt.Errorf("size %q: want a number with an optional unit (KiB, MiB, GiB, TiB)", s)
+	}
+	return int64(v * mult), nil
+}
+
+// benchModel is a generated model directory, laid out for pack.Build with
+// Prefix "/": the tool program at the root (so that a container can run
+// the model image itself, as the overlayfs path does) and the model files
+// under models/.
+type benchModel struct {
+	dir     string
+	weights []string // *.safetensors paths relative to dir, in shard order
+	others  []string // config, tokenizer and index paths relative to dir
+	size    int64    // bytes of the weights files
+}
+
+// modelFiles returns the model's files under root (a mount point of the
+// model image, or the directory itself), the metadata files first.
+func (m benchModel) modelFiles(root string) []string {
+	var fs []string
+	for _, p := range append(append([]string(nil), m.others...), m.weights...) {
+		fs = append(fs, filepath.Join(root, p))
+	}
+	return fs
+}
+
+// writeBenchModel writes a model of size bytes of weights in shards
+// safetensors files (Hugging Face names and, when sharded, an index),
+// with a config.json carrying variant, into dir.
+func writeBenchModel(ctx context.Context, dir string, tool []byte, size int64, shards int, seed uint64, variant string) (benchModel, error) {
+	m := benchModel{dir: dir, size: size}
+	md := filepath.Join(dir, "models")
+	if err := os.MkdirAll(md, 0o755); err != nil {
+		return m, err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "tool"), tool, 0o755); err != nil {
+		return m, err
+	}
+	weightMap := map[string]string{}
+	tensor := 0
+	for i := range shards {
+		name := "model.safetensors"
+		if shards > 1 {
+			name = fmt.Sprintf("model-%05d-of-%05d.safetensors", i+1, shards)
+		}
+		n := size / int64(shards)
+		if i == shards-1 {
+			n = size - n*int64(shards-1)
+		}
+		names, err := writeSafetensors(ctx, filepath.Join(md, name), n, seed*1000+uint64(i), &tensor)
+		if err != nil {
+			return m, err
+		}
+		for _, t := range names {
+			weightMap[t] = name
+		}
+		m.weights = append(m.weights, filepath.Join("models", name))
+	}
+	small := map[string]any{
+		"config.json": map[string]any{
+			"architectures": []string{"BenchForCausalLM"}, "model_type": "bench",
+			"torch_dtype": "bfloat16", "hidden_size": 4096, "num_hidden_layers": tensor,
+			"weightsnap_bench_variant": variant,
+		},
+		"tokenizer.json": benchTokenizer(seed),
+	}
+	if shards > 1 {
+		small["model.safetensors.index.json"] = map[string]any{
+			"metadata": map[string]any{"total_size": size}, "weight_map": weightMap,
+		}
+	}
+	for _, name := range []string{"config.json", "model.safetensors.index.json", "tokenizer.json"} {
+		v, ok := small[name]
+		if !ok {
+			continue
+		}
+		b, err := json.MarshalIndent(v, "", "  ")
+		if err != nil {
+			return m, err
+		}
+		if err := os.WriteFile(filepath.Join(md, name), b, 0o644); err != nil {
+			return m, err
+		}
+		m.others = append(m.others, filepath.Join("models", name))
+	}
+	return m, nil
+}
+
+// benchTokenizer is a tokenizer.json of some hundred KiB, about what a
+// real one weighs.
+func benchTokenizer(seed uint64) map[string]any {
+	r := rand.New(rand.NewPCG(seed, 7))
+	vocab := make(map[string]int, 20000)
+	for i := range 20000 {
+		vocab[fmt.Sprintf("tok%x", r.Uint64()>>40)] = i
+	}
+	return map[string]any{"version": "1.0", "model": map[string]any{"type": "BPE", "vocab": vocab}}
+}
+
+// benchTensorBytes is the size of the generated tensors (BF16 8192×4096).
+const benchTensorBytes = 64 << 20
+
+// stTensor is a tensor entry of a safetensors header.
+type stTensor struct {
+	Dtype   string   `json:"dtype"`
+	Shape   []int64  `json:"shape"`
+	Offsets [2]int64 `json:"data_offsets"`
+}
+
+// writeSafetensors writes a valid safetensors file of exactly size bytes:
+// tensors of benchTensorBytes and one smaller remainder, filled with
+// seeded pseudo-random non-zero bytes. Tensor names continue from *next.
+func writeSafetensors(ctx context.Context, path string, size int64, seed uint64, next *int) ([]string, error) {
+	var hdr []byte
+	var names []string
+	// The header's length decides how many data bytes are left, which
+	// decides the header: grow a reserve until the header fits in it, and
+	// pad it with spaces as the format allows.
+	for reserve := int64(0); ; {
+		data := size - 8 - reserve
+		if data <= 0 {
+			return nil, fmt.Errorf("%s: %d bytes cannot hold a safetensors header", path, size)
+		}
+		tensors := map[string]any{"__metadata__": map[string]string{"format": "pt"}}
+		names = names[:0]
+		for off, i := int64(0), *next; off < data; i++ {
+			n := min(int64(benchTensorBytes), data-off)
+			t := stTensor{Dtype: "BF16", Shape: []int64{8192, 4096}, Offsets: [2]int64{off, off + n}}
+			if n != benchTensorBytes {
+				t.Dtype, t.Shape = "U8", []int64{n}
+			}
+			name := fmt.Sprintf("model.layers.%d.mlp.weight", i)
+			tensors[name] = t
+			names = append(names, name)
+			off += n
+		}
+		js, err := json.Marshal(tensors)
+		if err != nil {
+			return nil, err
+		}
+		if int64(len(js)) <= reserve {
+			hdr = append(js, bytes.Repeat([]byte(" "), int(reserve)-len(js))...)
+			break
+		}
+		reserve = (int64(len(js)) + 64 + 7) &^ 7
+	}
+	*next += len(names)
+
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var lenb [8]byte
+	binary.LittleEndian.PutUint64(lenb[:], uint64(len(hdr)))
+	if _, err := f.Write(append(lenb[:], hdr...)); err != nil {
+		return nil, fmt.Errorf("writing %s: %w", path, err)
+	}
+	if err := fillRandom(ctx, f, 8+int64(len(hdr)), size, seed); err != nil {
+		return nil, fmt.Errorf("writing %s: %w", path, err)
+	}
+	return names, f.Close()
+}
+
+// benchFillChunk is the unit of fillRandom: each chunk has its own
+// ChaCha8 stream, so that chunks are generated in parallel and the bytes
+// do not depend on the number of workers.
+const benchFillChunk = 4 << 20
+
+// fillRandom writes pseudo-random non-zero bytes into f from off to end,
+// on every CPU.
+func fillRandom(ctx context.Context, f *os.File, off, end int64, seed uint64) error {
+	chunks := (end - off + benchFillChunk - 1) / benchFillChunk
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	errs := make([]error, runtime.NumCPU())
+	for w := range errs {
+		wg.Go(func() {
+			buf := make([]byte, benchFillChunk)
+			for {
+				c := next.Add(1) - 1
+				if c >= chunks || ctx.Err() != nil {
+					errs[w] = ctx.Err()
+					return
+				}
+				at := off + c*benchFillChunk
+				b := buf[:min(benchFillChunk, end-at)]
+				var s [32]byte
+				binary.LittleEndian.PutUint64(s[:], seed)
+				binary.LittleEndian.PutUint64(s[8:], uint64(c))
+				_, _ = rand.NewChaCha8(s).Read(b)
+				for i := 0; ; i++ {
+					j := bytes.IndexByte(b[i:], 0)
+					if j < 0 {
+						break
+					}
+					i += j
+					b[i] = byte(i) | 1
+				}
+				if _, err := f.WriteAt(b, at); err != nil {
+					errs[w] = err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// packAndPush builds m's directory into an image (pack's layout: one
+// uncompressed layer per large file) and pushes it to ref.
+func packAndPush(ctx context.Context, m benchModel, ref string) ([]v1.Descriptor, error) {
+	img, err := pack.Build(ctx, m.dir, pack.Options{Prefix: "/"})
+	if err != nil {
+		return nil, err
+	}
+	if err := pack.Push(ctx, img, ref, true, nil); err != nil {
+		return nil, err
+	}
+	mf, err := img.Manifest()
+	if err != nil {
+		return nil, err
+	}
+	return mf.Layers, nil
+}
+
+// dropCaches writes back dirty pages and drops the page cache, dentries
+// and inodes, so that the next reads come from disk.
+func dropCaches() error {
+	unix.Sync()
+	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0o200); err != nil {
+		return fmt.Errorf("dropping the page cache: %w", err)
+	}
+	return nil
+}
+
+// benchPoint is a point of a read's progress: seconds since the path's
+// start, bytes read so far.
+type benchPoint [2]float64
+
+// readTrace is the timeline of one full read of the model's weights.
+type readTrace struct {
+	start, first, headers, done time.Time // zero when not applicable
+	bytes                       int64
+	progress                    []struct {
+		at    time.Time
+		bytes int64
+	}
+}
+
+// parseToolOutput parses the lines of the tool's "read" mode (readFiles
+// in toolSource); other lines are ignored.
+func parseToolOutput(lines []string) (readTrace, error) {
+	var tr readTrace
+	for _, l := range lines {
+		f := strings.Fields(l)
+		if len(f) != 3 {
+			continue
+		}
+		ns, err1 := strconv.ParseInt(f[1], 10, 64)
+		n, err2 := strconv.ParseInt(f[2], 10, 64)
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		at := time.Unix(0, ns)
+		switch f[0] {
+		case "start":
+			tr.start = at
+		case "first":
+			tr.first = at
+		case "headers":
+			tr.headers = at
+		case "progress":
+			tr.progress = append(tr.progress, struct {
+				at    time.Time
+				bytes int64
+			}{at, n})
+		case "done":
+			tr.done, tr.bytes = at, n
+		}
+	}
+	if tr.start.IsZero() || tr.done.IsZero() {
+		return tr, fmt.Errorf("incomplete reader output (no start or done line):\n%s", strings.Join(lines, "\n"))
+	}
+	return tr, nil
+}
+
+// series returns the trace as points relative to origin.
+func (tr readTrace) series(origin time.Time) []benchPoint {
+	sec := func(t time.Time) float64 { return t.Sub(origin).Seconds() }
+	pts := []benchPoint{{0, 0}, {sec(tr.start), 0}}
+	if !tr.first.IsZero() {
+		pts = append(pts, benchPoint{sec(tr.first), 1 << 20})
+	}
+	for _, p := range tr.progress {
+		pts = append(pts, benchPoint{sec(p.at), float64(p.bytes)})
+	}
+	return append(pts, benchPoint{sec(tr.done), float64(tr.bytes)})
+}
+
+// readMBps is the throughput of the read itself, from its start to its
+// last byte, in MB/s (10^6 bytes).
+func (tr readTrace) readMBps() float64 {
+	d := tr.done.Sub(tr.start).Seconds()
+	if d <= 0 {
+		return 0
+	}
+	return float64(tr.bytes) / d / 1e6
+}
+
+// progressWriter records a readTrace of what is written to it.
+type progressWriter struct {
+	tr   *readTrace
+	next int64
+}
+
+func (w *progressWriter) Write(p []byte) (int, error) {
+	if w.tr.first.IsZero() && w.tr.bytes+int64(len(p)) >= 1<<20 {
+		w.tr.first = time.Now()
+	}
+	w.tr.bytes += int64(len(p))
+	for w.tr.bytes >= w.next {
+		w.tr.progress = append(w.tr.progress, struct {
+			at    time.Time
+			bytes int64
+		}{time.Now(), w.tr.bytes})
+		w.next += benchProgressStep
+	}
+	return len(p), nil
+}
+
+// timedGet GETs each blob from base (http://host:port) in turn, one
+// stream at a time like curl, and discards the bodies.
+func timedGet(ctx context.Context, base, repo string, digests []string) (readTrace, error) {
+	client := &http.Client{Transport: &http.Transport{Proxy: nil, DisableCompression: true}}
+	defer client.CloseIdleConnections()
+	tr := readTrace{start: time.Now()}
+	w := &progressWriter{tr: &tr, next: benchProgressStep}
+	for _, d := range digests {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/v2/"+repo+"/blobs/"+d, nil)
+		if err != nil {
+			return tr, err
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return tr, fmt.Errorf("GET %s: %w", d, err)
+		}
+		if resp.StatusCode != http.StatusOK {
+			resp.Body.Close()
+			return tr, fmt.Errorf("GET %s: %s", d, resp.Status)
+		}
+		_, err = io.CopyBuffer(w, resp.Body, make([]byte, 1<<20))
+		resp.Body.Close()
+		if err != nil {
+			return tr, fmt.Errorf("GET %s: %w", d, err)
+		}
+	}
+	tr.done = time.Now()
+	return tr, nil
+}
+
+// runTool runs the tool on the host and parses its "read" output.
+func runTool(ctx context.Context, tool string, args ...string) (readTrace, error) {
+	cmd := exec.CommandContext(ctx, tool, args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return readTrace{}, fmt.Errorf("%s %s: %w\n%s", tool, strings.Join(args, " "), err, stderr.String())
+	}
+	return parseToolOutput(strings.Split(string(out), "\n"))
+}
+
+// readerPod is a pod whose container reads the model from an image
+// volume and exits, with the times of each CRI step.
+type readerPod struct {
+	pod
+	sandboxStart, sandboxReady, created, started time.Time
+	trace                                        readTrace
+}
+
+// runReaderPod runs a pod (host network) in namespace ns whose container,
+// the tools image, mounts modelRef read-only at /models-volume and runs
+// "tool read" on files (paths in that volume), and waits for it to exit.
+// The pod is removed in tb.Cleanup (callers may remove it earlier). It
+// returns errors rather than failing, so that pods can run in parallel.
+func runReaderPod(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, toolsRef, ns, name, modelRef string, files []string) (readerPod, error) {
+	rp := readerPod{sandboxStart: time.Now()}
+	cfg, id, err := runSandbox(tb, ctx, rt, logDir, ns, name)
+	if err != nil {
+		return rp, err
+	}
+	rp.sandboxReady = time.Now()
+	rp.sandbox = id
+	cc, err := rt.CreateContainer(ctx, &criapi.CreateContainerRequest{
+		PodSandboxId:  id,
+		SandboxConfig: cfg,
+		Config: &criapi.ContainerConfig{
+			Metadata: &criapi.ContainerMetadata{Name: "reader"},
+			Image:    &criapi.ImageSpec{Image: toolsRef},
+			Command:  append([]string{"/tool", "read"}, files...),
+			LogPath:  "reader.log",
+			Mounts: []*criapi.Mount{{
+				ContainerPath: "/models-volume",
+				Image:         &criapi.ImageSpec{Image: modelRef},
+				Readonly:      true,
+			}},
+		},
+	})
+	if err != nil {
+		return rp, fmt.Errorf("CreateContainer %s/%s with image volume %s: %w", ns, name, modelRef, err)
+	}
+	rp.created = time.Now()
+	rp.container = cc.ContainerId
+	if _, err := rt.StartContainer(ctx, &criapi.StartContainerRequest{ContainerId: cc.ContainerId}); err != nil {
+		return rp, fmt.Errorf("StartContainer %s/%s: %w", ns, name, err)
+	}
+	rp.started = time.Now()
+	exit, err := waitContainerExit(ctx, rt, cc.ContainerId)
+	if err != nil {
+		return rp, err
+	}
+	logPath := filepath.Join(cfg.LogDirectory, "reader.log")
+	if exit != 0 {
+		lines, _ := criLogLines(logPath)
+		return rp, fmt.Errorf("reader in %s/%s exited %d:\n%s", ns, name, exit, strings.Join(lines, "\n"))
+	}
+	// containerd may write the last lines just after it reports the exit.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		lines, err := criLogLines(logPath)
+		if err == nil {
+			if rp.trace, err = parseToolOutput(lines); err == nil {
+				return rp, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return rp, fmt.Errorf("reader log of %s/%s: %w", ns, name, err)
+		}
+		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
+			return rp, err
+		}
+	}
+}
+
+// runSandbox runs a pod sandbox (host network) in namespace ns, removed
+// in tb.Cleanup, and returns its config and id.
+func runSandbox(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, ns, name string) (*criapi.PodSandboxConfig, string, error) {
+	cfg := &criapi.PodSandboxConfig{
+		Metadata:     &criapi.PodSandboxMetadata{Name: name, Namespace: ns, Uid: ns + "-" + name},
+		LogDirectory: filepath.Join(logDir, ns, name),
+		Linux: &criapi.LinuxPodSandboxConfig{SecurityContext: &criapi.LinuxSandboxSecurityContext{
+			NamespaceOptions: &criapi.NamespaceOption{Network: criapi.NamespaceMode_NODE},
+		}},
+	}
+	if err := os.MkdirAll(cfg.LogDirectory, 0o755); err != nil {
+		return nil, "", err
+	}
+	sb, err := rt.RunPodSandbox(ctx, &criapi.RunPodSandboxRequest{Config: cfg})
+	if err != nil {
+		return nil, "", fmt.Errorf("RunPodSandbox %s/%s: %w", ns, name, err)
+	}
+	tb.Cleanup(func() { removePod(tb, rt, pod{sandbox: sb.PodSandboxId}) })
+	return cfg, sb.PodSandboxId, nil
+}
+
+// waitContainerExit polls the container's status until it has exited
+// (CRI has no event for it that a client can wait on here) and returns its
+// exit code.
+func waitContainerExit(ctx context.Context, rt criapi.RuntimeServiceClient, id string) (int32, error) {
+	for {
+		st, err := rt.ContainerStatus(ctx, &criapi.ContainerStatusRequest{ContainerId: id})
+		if err != nil {
+			return 0, fmt.Errorf("ContainerStatus %s: %w", id, err)
+		}
+		if st.Status.State == criapi.ContainerState_CONTAINER_EXITED {
+			return st.Status.ExitCode, nil
+		}
+		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
+			return 0, fmt.Errorf("waiting for container %s: %w", id, err)
+		}
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}
+
+// criLogLines returns the stdout lines of a CRI container log
+// ("TIMESTAMP STREAM P|F MESSAGE", partial lines joined).
+func criLogLines(path string) ([]string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var lines []string
+	var partial strings.Builder
+	for l := range strings.SplitSeq(string(b), "\n") {
+		f := strings.SplitN(l, " ", 4)
+		if len(f) < 3 || f[1] != "stdout" {
+			continue
+		}
+		msg := ""
+		if len(f) == 4 {
+			msg = f[3]
+		}
+		partial.WriteString(msg)
+		if f[2] == "F" {
+			lines = append(lines, partial.String())
+			partial.Reset()
+		}
+	}
+	return lines, nil
+}
+
+// vmHWM returns the peak resident set size of process pid, in bytes.
+func vmHWM(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for l := range strings.SplitSeq(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(l, "VmHWM:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("VmHWM of %d: %w", pid, err)
+			}
+			return kb << 10, nil
+		}
+	}
+	return 0, fmt.Errorf("no VmHWM in /proc/%d/status", pid)
+}
+
+// diskUsage returns what the files under dir occupy on disk (allocated
+// blocks, as du reports, hard links counted once) and their apparent size.
+func diskUsage(dir string) (allocated, apparent int64, err error) {
+	seen := map[[2]uint64]bool{}
+	err = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		st, ok := fi.Sys().(*syscall.Stat_t)
+		if !ok {
+			return nil
+		}
+		key := [2]uint64{st.Dev, st.Ino}
+		if seen[key] {
+			return nil
+		}
+		seen[key] = true
+		allocated += st.Blocks * 512
+		if fi.Mode().IsRegular() {
+			apparent += fi.Size()
+		}
+		return nil
+	})
+	return allocated, apparent, err
+}
+
+// benchMachine describes where the benchmark ran.
+type benchMachine struct {
+	CPUs      int    `json:"cpus"`
+	CPUModel  string `json:"cpu_model"`
+	MemBytes  int64  `json:"mem_bytes"`
+	Kernel    string `json:"kernel"`
+	OS        string `json:"os"`
+	GoVersion string `json:"go"`
+}
+
+func (m benchMachine) String() string {
+	return fmt.Sprintf("%d CPUs (%s), %.1f GiB RAM, Linux %s, %s, %s",
+		m.CPUs, m.CPUModel, float64(m.MemBytes)/(1<<30), m.Kernel, m.OS, m.GoVersion)
+}
+
+func machineInfo() benchMachine {
+	m := benchMachine{CPUs: runtime.NumCPU(), GoVersion: runtime.Version()}
+	var u unix.Utsname
+	if unix.Uname(&u) == nil {
+		m.Kernel = unix.ByteSliceToString(u.Release[:])
+	}
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		for l := range strings.SplitSeq(string(b), "\n") {
+			if rest, ok := strings.CutPrefix(l, "MemTotal:"); ok {
+				kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+				m.MemBytes = kb << 10
+			}
+		}
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for l := range strings.SplitSeq(string(b), "\n") {
+			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPUModel = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	if b, err := os.ReadFile("/etc/os-release"); err == nil {
+		for l := range strings.SplitSeq(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "PRETTY_NAME="); ok {
+				m.OS = strings.Trim(v, `"`)
+			}
+		}
+	}
+	return m
+}
+
+// benchPath is the result of reading the model one way.
+type benchPath struct {
+	Key  string `json:"key"`
+	Name string `json:"name"`
+	// Note says what the clock starts at and what was cached.
+	Note string `json:"note"`
+	// Steps are times of the steps before the read (pull, sandbox, …),
+	// in seconds from the path's start.
+	Steps map[string]float64 `json:"steps_s,omitempty"`
+	// FirstMiB, Headers and LastByte are seconds from the path's start to
+	// the first MiB of the first weights file, every header and small file,
+	// and the last byte of the weights.
+	FirstMiB float64 `json:"first_mib_s"`
+	Headers  float64 `json:"headers_s,omitempty"`
+	LastByte float64 `json:"last_byte_s"`
+	Bytes    int64   `json:"bytes"`
+	// ReadMBps is Bytes over the read itself (from the reader's start to
+	// its last byte), in MB/s.
+	ReadMBps float64 `json:"read_MBps"`
+	// EndToEndMBps is Bytes over LastByte, in MB/s.
+	EndToEndMBps float64      `json:"end_to_end_MBps"`
+	Series       []benchPoint `json:"series"`
+}
+
+// newBenchPath fills a benchPath from a trace whose clock starts at origin.
+func newBenchPath(key, name, note string, origin time.Time, tr readTrace) benchPath {
+	sec := func(t time.Time) float64 {
+		if t.IsZero() {
+			return 0
+		}
+		return round3(t.Sub(origin).Seconds())
+	}
+	return benchPath{
+		Key: key, Name: name, Note: note,
+		FirstMiB: sec(tr.first), Headers: sec(tr.headers), LastByte: sec(tr.done),
+		Bytes: tr.bytes, ReadMBps: math.Round(tr.readMBps()), Series: tr.series(origin),
+		EndToEndMBps: math.Round(float64(tr.bytes) / tr.done.Sub(origin).Seconds() / 1e6),
+	}
+}
+
+func round3(v float64) float64 { return math.Round(v*1000) / 1000 }
+
+// benchTarget is one of the issue's targets, measured, not asserted.
+type benchTarget struct {
+	Name  string  `json:"name"`
+	Want  string  `json:"want"`
+	Value float64 `json:"value"`
+	Limit float64 `json:"limit"`
+	Pass  bool    `json:"pass"`
+	Note  string  `json:"note,omitempty"`
+}
+
+// atMost and atLeast build a target for value against limit.
+func atMost(name, want string, value, limit float64, note string) benchTarget {
+	return benchTarget{Name: name, Want: want, Value: value, Limit: limit, Pass: value <= limit, Note: note}
+}
+
+func atLeast(name, want string, value, limit float64, note string) benchTarget {
+	return benchTarget{Name: name, Want: want, Value: value, Limit: limit, Pass: value >= limit, Note: note}
+}
+
+// benchResult is bench.json.
+type benchResult struct {
+	Time       string             `json:"time"`
+	Command    string             `json:"command"`
+	Machine    benchMachine       `json:"machine"`
+	Model      benchModelInfo     `json:"model"`
+	DropCaches string             `json:"drop_caches"`
+	Paths      []benchPath        `json:"paths"`
+	Shared     benchShared        `json:"shared"`
+	RSS        benchRSS           `json:"rss"`
+	Cache      benchCache         `json:"cache"`
+	Targets    []benchTarget      `json:"targets"`
+	Setup      map[string]float64 `json:"setup_s"`
+}
+
+type benchModelInfo struct {
+	WeightsBytes int64    `json:"weights_bytes"`
+	Shards       int      `json:"shards"`
+	Files        []string `json:"files"`
+	ImageBytes   int64    `json:"image_bytes"` // all layers
+	Layers       int      `json:"layers"`
+	Ref          string   `json:"ref"`
+}
+
+// benchShared is the many-pods case: pods in namespaces reading a model
+// through two tags (manifests that differ only in config.json).
+type benchShared struct {
+	Pods          int      `json:"pods"`
+	Namespaces    []string `json:"namespaces"`
+	Refs          []string `json:"refs"`
+	ModelBytes    int64    `json:"model_bytes"` // distinct layers of both tags
+	RegistryBytes int64    `json:"registry_bytes"`
+	Ratio         float64  `json:"ratio"`
+	PullS         float64  `json:"pull_s"`
+	FirstMiBMaxS  float64  `json:"first_mib_max_s"`
+	LastByteMaxS  float64  `json:"last_byte_max_s"`
+	AggregateMBps float64  `json:"aggregate_read_MBps"`
+}
+
+type benchRSS struct {
+	WeightsnapdBytes int64  `json:"weightsnapd_vmhwm_bytes"`
+	ManagerBytes     int64  `json:"fuse_manager_vmhwm_bytes"`
+	Note             string `json:"note,omitempty"`
+}
+
+type benchCache struct {
+	Dir            string  `json:"dir"`
+	AllocatedBytes int64   `json:"allocated_bytes"`
+	ApparentBytes  int64   `json:"apparent_bytes"`
+	DataBytes      int64   `json:"data_bytes"`
+	Ratio          float64 `json:"ratio"`
+}

@@ -1,0 +1,578 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	criapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/weightsnap/weightsnap/internal/testutil"
+)
+
+// benchOverlayUnpack lets ctr's pulls (the transfer service) unpack into
+// containerd's overlayfs snapshotter too: the harness' config names only
+// weightsnap, and an unpack_config list replaces the default one.
+const benchOverlayUnpack = `
+[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
+  platform = %q
+  snapshotter = "overlayfs"
+`
+
+// benchNamespace is the containerd namespace of the overlayfs full pull,
+// apart from CRI's.
+const benchNamespace = "bench"
+
+// BenchmarkModelPull is `make bench`: it builds a model image, starts a
+// registry (behind a byte-counting proxy), weightsnapd and containerd, and
+// in one run measures reading the whole model by every path: a raw
+// registry GET (the physical limit), a local file, a full pull through
+// containerd's overlayfs snapshotter, and weightsnap through CRI image
+// volumes (cold, warm, and eight pods sharing a model). It prints a table
+// and writes bench.json and bench.svg. Targets are reported, not asserted.
+// Knobs: WEIGHTSNAP_BENCH_SIZE, WEIGHTSNAP_BENCH_SHARDS, WEIGHTSNAP_BENCH_OUT.
+// Run it once: -run '^$' -bench BenchmarkModelPull -benchtime 1x.
+func BenchmarkModelPull(b *testing.B) {
+	if b.N != 1 {
+		b.Fatalf("BenchmarkModelPull measures one run of minutes: use -benchtime 1x (b.N is %d)", b.N)
+	}
+	repoRoot, err := testutil.RepoRoot()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg, err := benchConfigFromEnv(repoRoot)
+	if err != nil {
+		b.Fatal(err)
+	}
+	testutil.RequireFUSE(b)
+	testutil.RequireBinary(b, "containerd")
+	ctx, cancel := context.WithTimeout(b.Context(), 55*time.Minute)
+	defer cancel()
+	r := benchResult{
+		Time:    time.Now().UTC().Format(time.RFC3339),
+		Command: fmt.Sprintf("make bench %s=%s %s=%d", benchEnvSize, gibString(cfg.size), benchEnvShards, cfg.shards),
+		Machine: machineInfo(),
+		Setup:   map[string]float64{},
+	}
+	step := func(name string, start time.Time) {
+		r.Setup[name] = round3(time.Since(start).Seconds())
+		b.Logf("%s: %.1f s", name, time.Since(start).Seconds())
+	}
+	var dropErr error
+	drop := func() {
+		if err := dropCaches(); err != nil && dropErr == nil {
+			dropErr = err
+			b.Logf("warning: %v; cold cases read from the page cache", err)
+		}
+	}
+
+	// The stack: as newStack, plus overlayfs for ctr's pulls. Images are
+	// pushed to the registry directly. The timed paths pull from it
+	// directly too: on two cores the counting proxy, a copy through the
+	// test process, halves the registry's throughput. Only the shared-model
+	// case, which counts registry bytes, pulls through the proxy.
+	t0 := time.Now()
+	dir := shortTempDir(b, "wsb")
+	reg := testutil.StartRegistry(b)
+	origin := testutil.StartProxy(b, reg.URL(), testutil.Faults{})
+	hosts := filepath.Join(dir, "certs.d")
+	writeHostsToml(b, hosts, origin.Addr)
+	writeHostsToml(b, hosts, reg.Addr)
+	toolPath := toolBinary(b)
+	tool, err := os.ReadFile(toolPath)
+	if err != nil {
+		b.Fatal(err)
+	}
+	toolLayer := tarLayer(b, map[string][]byte{"tool": tool}, map[string]int64{"tool": 0o755})
+	tools := pushImage(b, origin.Addr, "tools:v1", []string{"/tool", "sleep"}, toolLayer)
+	ws := startWeightsnapd(b, filepath.Join(dir, "wsd"), hosts)
+	ctd := startContainerdWithConfig(b, mkdir(b, filepath.Join(dir, "ctd")), ws.sock, hosts, tools.Ref,
+		fmt.Sprintf(benchOverlayUnpack, "linux/"+runtime.GOARCH))
+	rt, is := ctd.cri(b)
+	if _, err := is.PullImage(ctx, &criapi.PullImageRequest{Image: &criapi.ImageSpec{Image: tools.Ref}}); err != nil {
+		b.Fatalf("CRI PullImage %s: %v", tools.Ref, err)
+	}
+	// A first pod sandbox pays containerd's one-time costs (the sandbox
+	// image's snapshot, the first shim), as on a node that has run pods.
+	logs := filepath.Join(dir, "logs")
+	if _, id, err := runSandbox(b, ctx, rt, logs, "bench-warmup", "warmup"); err != nil {
+		b.Fatal(err)
+	} else {
+		removePod(b, rt, pod{sandbox: id})
+	}
+	step("stack", t0)
+
+	// Model A: the one every path reads.
+	t0 = time.Now()
+	data := mkdir(b, filepath.Join(dir, "data"))
+	ma, err := writeBenchModel(ctx, filepath.Join(data, "a"), tool, cfg.size, cfg.shards, 1, "a")
+	if err != nil {
+		b.Fatal(err)
+	}
+	step("generate model", t0)
+	t0 = time.Now()
+	refA := reg.Addr + "/bench/model:a"
+	layersA, err := packAndPush(ctx, ma, reg.Addr+"/bench/model:a")
+	if err != nil {
+		b.Fatal(err)
+	}
+	step("pack and push model", t0)
+	weightsA := weightDigests(layersA)
+	r.Model = benchModelInfo{
+		WeightsBytes: ma.size, Shards: cfg.shards, Files: append(slices.Clone(ma.others), ma.weights...),
+		ImageBytes: layersSize(layersA), Layers: len(layersA), Ref: refA,
+	}
+
+	// 1. The registry GET: the physical limit, and through the proxy.
+	var paths []benchPath
+	for _, g := range []struct {
+		key, name, base string
+		cold            bool
+	}{
+		{"get-cold", "registry GET, cold", reg.URL(), true},
+		{"get-warm", "registry GET, warm", reg.URL(), false},
+		{"get-proxy-cold", "registry GET via proxy, cold", origin.URL(), true},
+		{"get-proxy-warm", "registry GET via proxy, warm", origin.URL(), false},
+	} {
+		if g.cold {
+			drop()
+		}
+		tr, err := timedGet(ctx, g.base, "bench/model", weightsA)
+		if err != nil {
+			b.Fatal(err)
+		}
+		via := "straight to the registry, as the timed paths below"
+		if g.base == origin.URL() {
+			via = "through the counting proxy, as the shared-model case"
+		}
+		note := fmt.Sprintf("one HTTP GET per weights blob, in turn, %s; clock from the first request; %s", via, coldNote(g.cold))
+		paths = append(paths, newBenchPath(g.key, g.name, note, tr.start, tr))
+	}
+
+	// 2. The same bytes from a local file, by the same reader program.
+	for _, cold := range []bool{true, false} {
+		if cold {
+			drop()
+		}
+		tr, err := runTool(ctx, toolPath, append([]string{"read"}, ma.modelFiles(ma.dir)...)...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		key, name := "local-cold", "local file, cold"
+		if !cold {
+			key, name = "local-warm", "local file, warm"
+		}
+		note := "the generated files on the host's disk (ext4), read by the tool on the host; clock from the reader's start; " + coldNote(cold)
+		paths = append(paths, newBenchPath(key, name, note, tr.start, tr))
+	}
+
+	// 3. A full pull through containerd's overlayfs snapshotter, then a
+	// container of the model image reading it.
+	drop()
+	t0 = time.Now()
+	if _, err := ctd.ctr(b, ctx, "--namespace", benchNamespace, "images", "pull", "--snapshotter", "overlayfs",
+		"--plain-http", "--hosts-dir", hosts, refA); err != nil {
+		b.Fatal(err)
+	}
+	pulled := time.Now()
+	out, err := ctd.ctr(b, ctx, append([]string{"--namespace", benchNamespace, "run", "--rm", "--snapshotter", "overlayfs",
+		refA, "bench-overlay", "/tool", "read"}, ma.modelFiles("/")...)...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	tr, err := parseToolOutput(strings.Split(out, "\n"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	overlay := newBenchPath("overlayfs", "overlayfs full pull (ctr)",
+		"ctr images pull (transfer service, unpack to overlayfs), then ctr run of the model image reading it; clock from the pull request; caches dropped",
+		t0, tr)
+	overlay.Steps = map[string]float64{"pull": round3(pulled.Sub(t0).Seconds()), "reader": round3(tr.start.Sub(t0).Seconds())}
+	paths = append(paths, overlay)
+	// Free the disk for the rest of the run.
+	if _, err := ctd.ctr(b, ctx, "--namespace", benchNamespace, "images", "rm", "--sync", refA); err != nil {
+		b.Logf("removing the overlayfs image: %v", err)
+	}
+
+	// 4. weightsnap through CRI: pull, pod, image volume, read; the cache
+	// empty and the page cache dropped.
+	drop()
+	t0 = time.Now()
+	if _, err := is.PullImage(ctx, &criapi.PullImageRequest{Image: &criapi.ImageSpec{Image: refA}}); err != nil {
+		b.Fatalf("CRI PullImage %s: %v", refA, err)
+	}
+	pulled = time.Now()
+	volFiles := ma.modelFiles("/models-volume")
+	cold, err := runReaderPod(b, ctx, rt, logs, tools.Ref, "bench-a", "cold", refA, volFiles)
+	if err != nil {
+		b.Fatal(err)
+	}
+	removePod(b, rt, cold.pod)
+	wsCold := podPath("ws-cold", "weightsnap CRI, cold",
+		"CRI PullImage, RunPodSandbox, CreateContainer with the image volume, StartContainer, tool read; clock from PullImage; weightsnap cache empty, caches dropped",
+		t0, pulled, cold)
+	paths = append(paths, wsCold)
+
+	// 5. A second pod while everything is warm, and a third after the
+	// page cache was dropped (weightsnap's cache holds the model on disk).
+	for _, c := range []struct {
+		key, name, note string
+		drop            bool
+	}{
+		{"ws-warm", "weightsnap CRI, warm re-read", "a new pod (image present, no pull) right after the cold one; clock from RunPodSandbox; weightsnap cache and page cache warm", false},
+		{"ws-cached", "weightsnap CRI, cache on disk", "a new pod (image present, no pull); clock from RunPodSandbox; weightsnap cache full, page cache dropped", true},
+	} {
+		if c.drop {
+			drop()
+		}
+		p, err := runReaderPod(b, ctx, rt, logs, tools.Ref, "bench-b", c.key, refA, volFiles)
+		if err != nil {
+			b.Fatal(err)
+		}
+		removePod(b, rt, p.pod)
+		bp := podPath(c.key, c.name, c.note, p.sandboxStart, time.Time{}, p)
+		paths = append(paths, bp)
+	}
+	r.Paths = paths
+
+	// 6. Eight pods in two namespaces through two tags of another model
+	// (the same weights; the tags' manifests differ in config.json), its
+	// layers new to weightsnap's cache, all at once. Model A's files are
+	// no longer needed: make room for model B's.
+	if err := os.RemoveAll(ma.dir); err != nil {
+		b.Fatal(err)
+	}
+	t0 = time.Now()
+	var refsB []string
+	var mb benchModel
+	layersB := map[string]v1.Descriptor{}
+	for i, tag := range []string{"v1", "v1-tuned"} {
+		bdir := filepath.Join(data, "b")
+		if i == 0 {
+			if mb, err = writeBenchModel(ctx, bdir, tool, cfg.size, cfg.shards, 2, tag); err != nil {
+				b.Fatal(err)
+			}
+		} else if err := rewriteVariant(filepath.Join(bdir, "models", "config.json"), tag); err != nil {
+			b.Fatal(err)
+		}
+		ls, err := packAndPush(ctx, benchModel{dir: bdir}, reg.Addr+"/bench/shared:"+tag)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, l := range ls {
+			layersB[l.Digest.String()] = l
+		}
+		refsB = append(refsB, origin.Addr+"/bench/shared:"+tag)
+	}
+	if err := os.RemoveAll(filepath.Join(data, "b")); err != nil {
+		b.Fatal(err)
+	}
+	step("generate, pack and push the shared model", t0)
+	sharedLayers := slices.Collect(maps.Values(layersB))
+
+	drop()
+	beforeB := servedBytes(origin, sharedLayers)
+	t0 = time.Now()
+	for _, ref := range refsB {
+		if _, err := is.PullImage(ctx, &criapi.PullImageRequest{Image: &criapi.ImageSpec{Image: ref}}); err != nil {
+			b.Fatalf("CRI PullImage %s: %v", ref, err)
+		}
+	}
+	pulled = time.Now()
+	namespaces := []string{"team-a", "team-b"}
+	pods := make([]readerPod, 8)
+	errs := make([]error, len(pods))
+	var wg sync.WaitGroup
+	for i := range pods {
+		wg.Go(func() {
+			ns, ref := namespaces[i%2], refsB[(i/2)%2]
+			pods[i], errs[i] = runReaderPod(b, ctx, rt, logs, tools.Ref, ns, fmt.Sprintf("shared-%d", i), ref, mb.modelFiles("/models-volume"))
+		})
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	var firstMax, lastMax time.Duration
+	var total int64
+	for _, p := range pods {
+		firstMax = max(firstMax, p.trace.first.Sub(t0))
+		lastMax = max(lastMax, p.trace.done.Sub(t0))
+		total += p.trace.bytes
+		removePod(b, rt, p.pod)
+	}
+	r.Shared = benchShared{
+		Pods: len(pods), Namespaces: namespaces, Refs: refsB,
+		ModelBytes: layersSize(sharedLayers), RegistryBytes: servedBytes(origin, sharedLayers) - beforeB,
+		PullS: round3(pulled.Sub(t0).Seconds()), FirstMiBMaxS: round3(firstMax.Seconds()), LastByteMaxS: round3(lastMax.Seconds()),
+	}
+	r.Shared.Ratio = round4(float64(r.Shared.RegistryBytes) / float64(r.Shared.ModelBytes))
+	r.Shared.AggregateMBps = round3(float64(total) / lastMax.Seconds() / 1e6)
+
+	// 7. Peak RSS and the cache on disk, with every layer fetched.
+	if ws.proc.cmd.Process != nil {
+		if v, err := vmHWM(ws.proc.cmd.Process.Pid); err == nil {
+			r.RSS.WeightsnapdBytes = v
+		} else {
+			r.RSS.Note = err.Error()
+		}
+	}
+	if pid := ws.managerPID(); pid > 0 {
+		if v, err := vmHWM(pid); err == nil {
+			r.RSS.ManagerBytes = v
+		} else {
+			r.RSS.Note = err.Error()
+		}
+	} else {
+		r.RSS.Note = "no FUSE manager pid file"
+	}
+	cacheDir := filepath.Join(ws.root, "cache")
+	alloc, apparent, err := diskUsage(cacheDir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	dataLayers := map[string]v1.Descriptor{}
+	for _, l := range slices.Concat(layersA, sharedLayers, tools.Layers) {
+		dataLayers[l.Digest.String()] = l
+	}
+	r.Cache = benchCache{Dir: cacheDir, AllocatedBytes: alloc, ApparentBytes: apparent, DataBytes: layersSize(slices.Collect(maps.Values(dataLayers)))}
+	r.Cache.Ratio = round4(float64(alloc) / float64(r.Cache.DataBytes))
+
+	r.DropCaches = "dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every cold case"
+	if dropErr != nil {
+		r.DropCaches = "NOT dropped, cold cases may have read from the page cache: " + dropErr.Error()
+	}
+	r.Targets = benchTargets(r)
+	reportMetrics(b, r)
+	writeTable(os.Stdout, r)
+	jsonPath, svgPath, err := writeOutputs(cfg.out, r)
+	if err != nil {
+		b.Fatal(err)
+	}
+	fmt.Printf("wrote %s and %s\n", jsonPath, svgPath)
+}
+
+// benchTargets computes the issue's targets from the result.
+func benchTargets(r benchResult) []benchTarget {
+	p := map[string]benchPath{}
+	for _, x := range r.Paths {
+		p[x.Key] = x
+	}
+	mib256 := float64(256 << 20)
+	return []benchTarget{
+		atMost("time to first read", "≤ 0.02 × full pull's", p["ws-cold"].FirstMiB, 0.02*p["overlayfs"].FirstMiB,
+			fmt.Sprintf("%.3f s vs %.2f s (%.4f×); weightsnap: pull %.2f s, pod and container until the reader ran %.2f s, first MiB %.3f s; overlayfs: pull %.2f s, container %.2f s; flatness in size needs runs at several sizes",
+				p["ws-cold"].FirstMiB, p["overlayfs"].FirstMiB, p["ws-cold"].FirstMiB/p["overlayfs"].FirstMiB,
+				p["ws-cold"].Steps["pull"], p["ws-cold"].Steps["reader"]-p["ws-cold"].Steps["pull"], p["ws-cold"].FirstMiB-p["ws-cold"].Steps["reader"],
+				p["overlayfs"].Steps["pull"], p["overlayfs"].Steps["reader"]-p["overlayfs"].Steps["pull"])),
+		atLeast("cold full read throughput", "≥ 0.8 × registry GET cold", p["ws-cold"].EndToEndMBps, 0.8*p["get-cold"].EndToEndMBps,
+			fmt.Sprintf("%.0f vs %.0f MB/s (%.2f×), each bytes over the time from the pull request (the GET) to the last byte, since weightsnap fetches from the mount on; the reader alone saw %.0f MB/s",
+				p["ws-cold"].EndToEndMBps, p["get-cold"].EndToEndMBps, p["ws-cold"].EndToEndMBps/p["get-cold"].EndToEndMBps, p["ws-cold"].ReadMBps)),
+		atMost("cold time to last byte", "≤ full pull's", p["ws-cold"].LastByte, p["overlayfs"].LastByte,
+			fmt.Sprintf("%.2f s vs %.2f s", p["ws-cold"].LastByte, p["overlayfs"].LastByte)),
+		atLeast("warm re-read throughput", "≥ 0.9 × local file, warm", p["ws-warm"].ReadMBps, 0.9*p["local-warm"].ReadMBps,
+			fmt.Sprintf("%.0f vs %.0f MB/s (%.2f×); both with the page cache warm", p["ws-warm"].ReadMBps, p["local-warm"].ReadMBps, p["ws-warm"].ReadMBps/p["local-warm"].ReadMBps)),
+		atMost("registry bytes, 8 pods", "≤ 1.02 × model", r.Shared.Ratio, 1.02,
+			fmt.Sprintf("%s served for %s", gib(r.Shared.RegistryBytes), gib(r.Shared.ModelBytes))),
+		atMost("cache on disk", "≤ 1.02 × data", r.Cache.Ratio, 1.02,
+			fmt.Sprintf("%s for %s", gib(r.Cache.AllocatedBytes), gib(r.Cache.DataBytes))),
+		atMost("weightsnapd peak RSS, MiB", "≤ 256 MiB", float64(r.RSS.WeightsnapdBytes)/(1<<20), mib256/(1<<20),
+			fmt.Sprintf("streaming %s, not 16 GiB", gib(r.Model.WeightsBytes))),
+		atMost("FUSE manager peak RSS, MiB", "≤ 256 MiB", float64(r.RSS.ManagerBytes)/(1<<20), mib256/(1<<20),
+			"the process serving FUSE and fetching"),
+	}
+}
+
+// reportMetrics reports the headline numbers as benchmark metrics.
+func reportMetrics(b *testing.B, r benchResult) {
+	for _, p := range r.Paths {
+		b.ReportMetric(p.FirstMiB, p.Key+"-first-MiB-s")
+		b.ReportMetric(p.LastByte, p.Key+"-last-byte-s")
+		b.ReportMetric(p.ReadMBps, p.Key+"-read-MB/s")
+		b.ReportMetric(p.EndToEndMBps, p.Key+"-e2e-MB/s")
+	}
+	b.ReportMetric(r.Shared.Ratio, "8pods-registry-bytes/model")
+	b.ReportMetric(r.Cache.Ratio, "cache-bytes/data")
+	b.ReportMetric(float64(r.RSS.WeightsnapdBytes)/(1<<20), "weightsnapd-peak-RSS-MiB")
+	b.ReportMetric(float64(r.RSS.ManagerBytes)/(1<<20), "fuse-manager-peak-RSS-MiB")
+}
+
+// podPath fills a benchPath for a reader pod, its clock from origin; a
+// non-zero pulled adds the pull as a step.
+func podPath(key, name, note string, origin, pulled time.Time, p readerPod) benchPath {
+	bp := newBenchPath(key, name, note, origin, p.trace)
+	sec := func(t time.Time) float64 { return round3(t.Sub(origin).Seconds()) }
+	bp.Steps = map[string]float64{"sandbox": sec(p.sandboxReady), "created": sec(p.created), "started": sec(p.started), "reader": sec(p.trace.start)}
+	if !pulled.IsZero() {
+		bp.Steps["pull"] = sec(pulled)
+	}
+	return bp
+}
+
+func coldNote(cold bool) string {
+	if cold {
+		return "caches dropped"
+	}
+	return "right after the cold one, page cache warm"
+}
+
+// weightDigests returns the digests of the layers holding a
+// *.safetensors file, in manifest order.
+func weightDigests(layers []v1.Descriptor) []string {
+	var ds []string
+	for _, l := range layers {
+		if strings.HasSuffix(l.Annotations["org.opencontainers.image.title"], ".safetensors") {
+			ds = append(ds, l.Digest.String())
+		}
+	}
+	return ds
+}
+
+func layersSize(layers []v1.Descriptor) int64 {
+	var n int64
+	for _, l := range layers {
+		n += l.Size
+	}
+	return n
+}
+
+// servedBytes sums what the proxy has served of the layers' blobs.
+func servedBytes(p *testutil.Proxy, layers []v1.Descriptor) int64 {
+	var n int64
+	for _, l := range layers {
+		n += p.BlobBytes(l.Digest.String())
+	}
+	return n
+}
+
+// rewriteVariant rewrites the variant in a generated config.json, which
+// makes a second image of the same weights.
+func rewriteVariant(path, variant string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	i := strings.Index(string(b), `"weightsnap_bench_variant": "`)
+	if i < 0 {
+		return fmt.Errorf("%s: no variant", path)
+	}
+	j := i + len(`"weightsnap_bench_variant": "`)
+	k := strings.IndexByte(string(b[j:]), '"')
+	out := string(b[:j]) + variant + string(b[j+k:])
+	return os.WriteFile(path, []byte(out), 0o644)
+}
+
+func round4(v float64) float64 { return float64(int64(v*10000+0.5)) / 10000 }
+
+func gibString(n int64) string {
+	if n%(1<<30) == 0 {
+		return fmt.Sprintf("%dGiB", n>>30)
+	}
+	return fmt.Sprintf("%dMiB", n>>20)
+}
+
+// TestBenchModelIsValidSafetensors checks the benchmark's generated model:
+// exact sizes, parseable headers whose tensors tile the data, non-zero
+// data, and an index naming every tensor's shard.
+func TestBenchModelIsValidSafetensors(t *testing.T) {
+	const size = 3<<20 + 12345
+	m, err := writeBenchModel(t.Context(), t.TempDir(), []byte("tool"), size, 2, 9, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.weights) != 2 || filepath.Base(m.weights[1]) != "model-00002-of-00002.safetensors" {
+		t.Fatalf("weights files %v", m.weights)
+	}
+	var total int64
+	shardOf := map[string]string{}
+	for _, w := range m.weights {
+		b, err := os.ReadFile(filepath.Join(m.dir, w))
+		if err != nil {
+			t.Fatal(err)
+		}
+		total += int64(len(b))
+		n := int64(binary.LittleEndian.Uint64(b[:8]))
+		var hdr map[string]json.RawMessage
+		if err := json.Unmarshal(b[8:8+n], &hdr); err != nil {
+			t.Fatalf("%s: header: %v", w, err)
+		}
+		var spans [][2]int64
+		for name, raw := range hdr {
+			if name == "__metadata__" {
+				continue
+			}
+			var ts stTensor
+			if err := json.Unmarshal(raw, &ts); err != nil {
+				t.Fatalf("%s: tensor %s: %v", w, name, err)
+			}
+			elems := int64(1)
+			for _, d := range ts.Shape {
+				elems *= d
+			}
+			if width := map[string]int64{"BF16": 2, "U8": 1}[ts.Dtype]; elems*width != ts.Offsets[1]-ts.Offsets[0] {
+				t.Errorf("%s: tensor %s: %s%v does not fill %v", w, name, ts.Dtype, ts.Shape, ts.Offsets)
+			}
+			spans = append(spans, ts.Offsets)
+			shardOf[name] = filepath.Base(w)
+		}
+		slices.SortFunc(spans, func(a, b [2]int64) int { return int(a[0] - b[0]) })
+		end := int64(0)
+		for _, s := range spans {
+			if s[0] != end {
+				t.Errorf("%s: tensors leave a gap or overlap at %d", w, end)
+			}
+			end = s[1]
+		}
+		if data := b[8+n:]; end != int64(len(data)) {
+			t.Errorf("%s: tensors cover %d of %d data bytes", w, end, len(data))
+		} else if i := bytes.IndexByte(data, 0); i >= 0 {
+			t.Errorf("%s: zero byte at data offset %d", w, i)
+		}
+	}
+	if total != size {
+		t.Errorf("weights files hold %d bytes, want %d", total, size)
+	}
+	var index struct {
+		WeightMap map[string]string `json:"weight_map"`
+	}
+	b, err := os.ReadFile(filepath.Join(m.dir, "models", "model.safetensors.index.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &index); err != nil {
+		t.Fatal(err)
+	}
+	if !maps.Equal(index.WeightMap, shardOf) {
+		t.Errorf("index weight_map %v, want %v", index.WeightMap, shardOf)
+	}
+	if len(m.modelFiles("/v")) != 5 { // config, index, tokenizer, 2 shards
+		t.Errorf("model files %v", m.modelFiles("/v"))
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"2GiB": 2 << 30, "512MiB": 512 << 20, "16G": 16 << 30, "1.5GiB": 3 << 29, "4096": 4096, "1 gib": 1 << 30} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "GiB", "2XB", "-1G", "two"} {
+		if _, err := parseSize(in); err == nil {
+			t.Errorf("parseSize(%q) succeeded", in)
+		}
+	}
+}
