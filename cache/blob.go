@@ -280,6 +280,48 @@ func (h *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	}
 }
 
+// ReadFile makes [off, off+n) present and checked, exactly as ReadAt
+// would, and returns the data file that holds those bytes at the same
+// offsets, so that a caller can move them without copying (splice into
+// FUSE). The file belongs to the Blob and stays valid until Close. A range
+// past the end is clamped; off at or past the end is io.EOF.
+func (h *Blob) ReadFile(ctx context.Context, off, n int64) (*os.File, error) {
+	if h.closed.Load() {
+		return nil, ErrClosed
+	}
+	b := h.b
+	if off < 0 || n <= 0 {
+		return nil, fmt.Errorf("cache: blob %s: bad range %d+%d", b.key, off, n)
+	}
+	if off >= b.size {
+		return nil, io.EOF
+	}
+	n = min(n, b.size-off)
+	lo, hi := int(off/b.chunk), int((off+n-1)/b.chunk)
+	missed := false
+	for {
+		if b.strict.Load() && !b.complete.Load() {
+			if err := h.Verify(ctx); err != nil {
+				return nil, err
+			}
+			missed = true
+		}
+		if g := b.gen.Load(); g&1 == 0 && b.verified.all(lo, hi) {
+			if missed {
+				missBytes.Add(float64(n))
+			} else {
+				hitBytes.Add(float64(n))
+			}
+			return b.data, nil
+		}
+		waited, err := b.ensure(ctx, h.fetch, lo, hi, true)
+		if err != nil {
+			return nil, err
+		}
+		missed = missed || waited
+	}
+}
+
 // Fetch makes [off, off+n) present without reading it out: read-ahead and
 // background fill. Contiguous missing chunks are fetched together, up to
 // Options.MaxFetch per FetchFunc call; chunks another caller is fetching

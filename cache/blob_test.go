@@ -780,3 +780,45 @@ func TestBitmapAll(t *testing.T) {
 		t.Error("clear")
 	}
 }
+
+// ReadFile fetches and checks like ReadAt, then hands out the data file:
+// the bytes at the returned offsets are the content, and a chunk corrupted
+// on disk is refetched before the file is handed out.
+func TestReadFileServesCheckedBytes(t *testing.T) {
+	dir := t.TempDir()
+	data, key := content(9, 6*testChunk+11)
+	s, _ := Open(dir, testOptions())
+	src := newSource(data)
+	b, _ := s.Blob(key, int64(len(data)), src.fetch)
+	off, n := int64(testChunk+5), int64(2*testChunk)
+	f, err := b.ReadFile(context.Background(), off, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, n)
+	if _, err := f.ReadAt(got, off); err != nil || !bytes.Equal(got, data[off:off+n]) {
+		t.Fatalf("file bytes at %d differ from the content (err %v)", off, err)
+	}
+	if len(src.Calls()) == 0 {
+		t.Fatal("ReadFile of a cold range fetched nothing")
+	}
+	if _, err := b.ReadFile(context.Background(), int64(len(data)), 1); err != io.EOF {
+		t.Fatalf("ReadFile at the end: %v, want io.EOF", err)
+	}
+	b.Close()
+	s.Close()
+
+	flip(t, filepath.Join(dir, "blobs", "sha256", key.Encoded()+".data"), 2*testChunk+3)
+	s = openStore(t, dir, testOptions())
+	src = newSource(data)
+	b = openBlob(t, s, key, int64(len(data)), src.fetch)
+	if f, err = b.ReadFile(context.Background(), off, n); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.ReadAt(got, off); err != nil || !bytes.Equal(got, data[off:off+n]) {
+		t.Fatal("after corruption on disk, ReadFile handed out wrong bytes")
+	}
+	if want := []call{{2 * testChunk, testChunk}}; !equalCalls(src.Calls(), want) {
+		t.Fatalf("fetch calls = %v, want %v", src.Calls(), want)
+	}
+}

@@ -24,8 +24,10 @@ const (
 	// cacheTimeout is how long the kernel may keep entries, attributes and
 	// negative lookups: a layer never changes once mounted.
 	cacheTimeout = time.Hour
-	// maxRequest is the largest read the kernel sends, and its read-ahead.
-	maxRequest = 1 << 20
+	// maxRequest is the largest read the kernel sends, and its read-ahead:
+	// 1 MiB less two pages, so that a spliced reply (header, payload and
+	// the page go-fuse adds) fits the default pipe-max-size of 1 MiB.
+	maxRequest = 1<<20 - 8<<10
 	// bdiReadAheadKB is the read-ahead window of the mount's backing
 	// device; with maxRequest it roughly doubles sequential throughput
 	// (see FIELD-NOTES).
@@ -73,6 +75,7 @@ func MountLayer(ctx context.Context, l layer.Layer, mountpoint string, opt Optio
 	}
 	log := slog.Default().With("layer", opt.Name)
 	state := &fsys{layer: l, name: opt.Name, onRead: opt.OnRead, log: log}
+	state.files, _ = l.(layer.FileReader)
 	root := &node{fs: state, e: rootEntry}
 
 	timeout := cacheTimeout
@@ -93,9 +96,10 @@ func MountLayer(ctx context.Context, l layer.Layer, mountpoint string, opt Optio
 			// sequential reader whose bytes come from the network.
 			MaxBackground:        64,
 			EnableSymlinkCaching: true,
-			// Reads are answered from memory buffers, which splice
-			// cannot move without a copy; skip its pipe setup.
-			DisableSplice: true,
+			// Splice moves reads answered from a file (the node
+			// cache) into the kernel without a copy in this process;
+			// reads answered from memory gain nothing from its pipes.
+			DisableSplice: state.files == nil,
 			Debug:         opt.Debug,
 		},
 		EntryTimeout:    &timeout,

@@ -422,11 +422,19 @@ type readAround struct {
 }
 
 func (r readAround) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
-	n := int64(len(p))
+	r.around(off, int64(len(p)))
+	return r.Blob.ReadAt(ctx, p, off)
+}
+
+func (r readAround) ReadFile(ctx context.Context, off, n int64) (*os.File, error) {
+	r.around(off, n)
+	return r.Blob.ReadFile(ctx, off, n)
+}
+
+func (r readAround) around(off, n int64) {
 	if !r.Present(off, n) {
 		start := off / r.span * r.span
 		end := min(r.Size(), (off+n+r.span-1)/r.span*r.span)
 		r.sched.ReadAhead(r.Blob, prefetch.Range{Off: start, Len: end - start})
 	}
-	return r.Blob.ReadAt(ctx, p, off)
 }

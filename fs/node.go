@@ -42,9 +42,13 @@ var (
 // before the mount and read concurrently after, so it needs no locks; the
 // only mutable field is the first-read flag, an atomic.
 type fsys struct {
-	layer   layer.Layer
-	name    string
-	onRead  func(e *layer.Entry, off, n int64)
+	layer  layer.Layer
+	name   string
+	onRead func(e *layer.Entry, off, n int64)
+	// files is set when the layer can hand out the local file holding a
+	// read's bytes: reads are then spliced from the node cache into FUSE
+	// without passing through this process's memory.
+	files   layer.FileReader
 	log     *slog.Logger
 	mounted time.Time
 
@@ -205,7 +209,15 @@ func (n *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off int
 		n.fs.onRead(e, off, want)
 	}
 	start := time.Now()
-	err := readFull(ctx, n.fs.layer, e, dest[:want], off)
+	var res fuse.ReadResult
+	var err error
+	if n.fs.files != nil {
+		res, err = n.readFile(ctx, off, want)
+	}
+	if n.fs.files == nil || errors.Is(err, layer.ErrUnsupported) {
+		err = readFull(ctx, n.fs.layer, e, dest[:want], off)
+		res = newReadResult(dest[:want])
+	}
 	elapsed := time.Since(start).Seconds()
 	if err != nil {
 		readLatencyError.Observe(elapsed)
@@ -215,7 +227,20 @@ func (n *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off int
 	if !n.fs.firstRead.Load() && n.fs.firstRead.CompareAndSwap(false, true) {
 		metrics.TimeToFirstRead.WithLabelValues(n.fs.name).Set(time.Since(n.fs.mounted).Seconds())
 	}
-	return newReadResult(dest[:want]), 0
+	return res, 0
+}
+
+// readFile answers a read with the range of a local file holding it;
+// go-fuse splices it into the kernel.
+func (n *node) readFile(ctx context.Context, off, want int64) (fuse.ReadResult, error) {
+	f, fileOff, length, err := n.fs.files.ReadFile(ctx, n.e, off, int(want))
+	if err != nil {
+		return nil, err
+	}
+	if int64(length) < want {
+		return nil, errShortContent
+	}
+	return fuse.ReadResultFd(f.Fd(), fileOff, length), nil
 }
 
 // errShortContent means the layer's content ended before the size its

@@ -1,6 +1,12 @@
 package layer
 
-import "sort"
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+)
 
 // FileRange is where a regular file's content sits in a blob.
 type FileRange struct {
@@ -46,4 +52,42 @@ func (l *tarLayer) Files() []FileRange {
 	}
 	sort.Slice(files, func(i, j int) bool { return files[i].Off < files[j].Off })
 	return files
+}
+
+// FileSource is optionally implemented by a Source that can make a range
+// present and hand out the local file holding it, at the same offsets,
+// instead of copying the bytes out (the node cache does).
+type FileSource interface {
+	ReadFile(ctx context.Context, off, n int64) (*os.File, error)
+}
+
+// FileReader is implemented by layers that can serve a read of a regular
+// file as a range of a local file, so FUSE can splice it without copying.
+type FileReader interface {
+	// ReadFile returns the file and offset holding n bytes of e's content
+	// at off (fewer at the end of e: length says how many). It fails with
+	// ErrUnsupported when the layer's source cannot hand out files.
+	ReadFile(ctx context.Context, e *Entry, off int64, n int) (f *os.File, fileOff int64, length int, err error)
+}
+
+var _ FileReader = (*tarLayer)(nil)
+
+func (l *tarLayer) ReadFile(ctx context.Context, e *Entry, off int64, n int) (*os.File, int64, int, error) {
+	fsrc, ok := l.src.(FileSource)
+	if !ok {
+		return nil, 0, 0, ErrUnsupported
+	}
+	base, err := contentRange(l.idx, e, off, l.src.Size())
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	if off >= e.Size {
+		return nil, 0, 0, io.EOF
+	}
+	length := int(min(int64(n), e.Size-off))
+	f, err := fsrc.ReadFile(ctx, base+off, int64(length))
+	if err != nil {
+		return nil, 0, 0, fmt.Errorf("read %q at %d: %w", e.Name, off, err)
+	}
+	return f, base + off, length, nil
 }
