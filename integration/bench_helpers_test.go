@@ -477,6 +477,13 @@ type readerPod struct {
 // The pod is removed in tb.Cleanup (callers may remove it earlier). It
 // returns errors rather than failing, so that pods can run in parallel.
 func runReaderPod(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, toolsRef, ns, name, modelRef string, files []string) (readerPod, error) {
+	return runReaderPodPulling(tb, ctx, rt, logDir, toolsRef, ns, name, modelRef, files, nil)
+}
+
+// runReaderPodPulling is runReaderPod with pull, if not nil, called between
+// RunPodSandbox and CreateContainer: kubelet's order, which pulls a pod's
+// image volumes after creating its sandbox.
+func runReaderPodPulling(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, toolsRef, ns, name, modelRef string, files []string, pull func() error) (readerPod, error) {
 	rp := readerPod{sandboxStart: time.Now()}
 	cfg, id, err := runSandbox(tb, ctx, rt, logDir, ns, name)
 	if err != nil {
@@ -484,6 +491,11 @@ func runReaderPod(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceCl
 	}
 	rp.sandboxReady = time.Now()
 	rp.sandbox = id
+	if pull != nil {
+		if err := pull(); err != nil {
+			return rp, err
+		}
+	}
 	cc, err := rt.CreateContainer(ctx, &criapi.CreateContainerRequest{
 		PodSandboxId:  id,
 		SandboxConfig: cfg,
