@@ -415,8 +415,21 @@ func (s *Store) flusher() {
 				slog.Warn("cache: persisting presence records", "key", b.key, "err", err)
 			}
 		}
+		// Batch the next round: an fdatasync per fetch would force
+		// writeback at the network's pace and cost CPU the readers need.
+		// A crash loses at most this much of records, which only means
+		// refetching those chunks.
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-time.After(flushInterval):
+		}
 	}
 }
+
+// flushInterval is the least time between two rounds of persisting
+// presence records.
+const flushInterval = 500 * time.Millisecond
 
 // PutMeta stores a small derived record under name ("/"-separated, local,
 // e.g. "layer/<hex>.json") atomically: readers see the old or the new
