@@ -2,6 +2,9 @@ package integration
 
 import (
 	"bytes"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -51,8 +54,9 @@ func TestCLIPackMountAndSignal(t *testing.T) {
 	}
 
 	target := filepath.Join(dir, "mnt")
+	metricsAddr := cliFreeAddr(t)
 	var stderr bytes.Buffer
-	cmd := exec.Command(bin, "mount", "--cache-dir", filepath.Join(dir, "cache"), ref, target)
+	cmd := exec.Command(bin, "mount", "--cache-dir", filepath.Join(dir, "cache"), "--metrics-address", metricsAddr, ref, target)
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -74,6 +78,22 @@ func TestCLIPackMountAndSignal(t *testing.T) {
 		got, err := os.ReadFile(filepath.Join(inImage, name))
 		if err != nil || !bytes.Equal(got, want) {
 			t.Fatalf("%s through the mount: %d bytes, err %v; want %d bytes", name, len(got), err, len(want))
+		}
+	}
+
+	// The metrics endpoint reports what the reads cost.
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"weightsnap_registry_bytes_total{", "weightsnap_registry_requests_total{outcome=\"ok\"}", "weightsnap_time_to_first_read_seconds{", "weightsnap_read_latency_seconds_bucket{"} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s", want)
 		}
 	}
 
@@ -105,4 +125,15 @@ func TestCLIMountErrors(t *testing.T) {
 	if left := lazyMountsUnder(t, dir); len(left) != 0 {
 		t.Fatalf("mounts left: %v", left)
 	}
+}
+
+// cliFreeAddr returns a loopback address with a port free right now.
+func cliFreeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
 }
