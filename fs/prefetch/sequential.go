@@ -4,9 +4,9 @@ import "sync"
 
 // Sequential watches the reads of one open file, whose bytes are the
 // contiguous blob range file, and says what to read ahead. A read that
-// starts near where the stream has got to is sequential, and doubles the
-// window, from 2 spans up to the maximum; any other read is random and
-// resets it. Read-ahead is handed out up to span boundaries of the blob as
+// starts near where the stream has got to is sequential; each time the
+// reader has consumed a whole window, the window doubles, from 2 spans up
+// to the maximum. Any other read is random and resets it. Read-ahead is handed out up to span boundaries of the blob as
 // the reader advances, so that each fetch the scheduler makes is a whole
 // span. It is safe for concurrent use: the
 // kernel sends a file's reads concurrently and slightly out of order.
@@ -20,6 +20,7 @@ type Sequential struct {
 	pos    int64 // furthest end read by the stream, relative to file
 	issued int64 // end of what has been handed out to read ahead, relative
 	window int64
+	growAt int64 // the window doubles once the reader reaches this, relative
 }
 
 // NewSequential returns a detector for the file occupying file in the
@@ -36,7 +37,7 @@ func NewSequential(file Range, span, maxWindow int64) *Sequential {
 	// Less than a span would never reach a span boundary ahead.
 	maxWindow = max(maxWindow, span)
 	minWindow := min(2*span, maxWindow)
-	return &Sequential{file: file, span: span, minWindow: minWindow, maxWindow: maxWindow, window: minWindow}
+	return &Sequential{file: file, span: span, minWindow: minWindow, maxWindow: maxWindow, window: minWindow, growAt: minWindow}
 }
 
 // Observe records a read of n bytes at off (relative to the file) and
@@ -52,12 +53,17 @@ func (q *Sequential) Observe(off, n int64) (ahead Range, ok bool) {
 	if off < q.pos-q.span || off > q.pos+q.span {
 		q.window = q.minWindow
 		q.pos, q.issued = end, end
+		q.growAt = end + q.window
 		return Range{}, false
 	}
-	if q.pos > 0 || off > 0 {
-		q.window = min(2*q.window, q.maxWindow)
-	}
 	q.pos = max(q.pos, end)
+	// Grow once the reader has consumed a window's worth, not on every
+	// read: the kernel sends a window as many reads at once, and doubling
+	// on each would fetch far past a reader that stops (one tensor).
+	if q.pos >= q.growAt {
+		q.window = min(2*q.window, q.maxWindow)
+		q.growAt = q.pos + q.window
+	}
 	q.issued = max(q.issued, q.pos)
 	want := q.pos + q.window
 	if want < q.file.Len {

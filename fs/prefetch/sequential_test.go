@@ -13,15 +13,18 @@ func TestSequentialWindowGrowsAndResets(t *testing.T) {
 	}
 	r := func(off, n int64) Range { return Range{Off: off * mib, Len: n * mib} }
 	steps := []step{
-		{0, mib, r(1, 15), true},           // first read: 2 spans ahead, to a span boundary
-		{mib, mib, r(16, 16), true},        // window 32 MiB
-		{2 * mib, mib, r(32, 32), true},    // window 64 MiB
-		{3 * mib, mib, Range{}, false},     // capped; no new whole span
-		{5 * mib, mib, Range{}, false},     // a small skip is still sequential
-		{4 * mib, mib, Range{}, false},     // out of order, within slack
-		{11 * mib, mib, r(64, 8), true},    // a new span: issue it
+		{0, mib, r(1, 15), true},         // first read: 2 spans ahead, to a span boundary
+		{mib, mib, Range{}, false},       // inside the first window: nothing new
+		{8 * mib, mib, r(16, 8), true},   // the window slides by whole spans
+		{16 * mib, mib, r(24, 24), true}, // a window consumed: 16 → 32 MiB
+		{12 * mib, mib, Range{}, false},  // out of order, within slack
+		{24 * mib, mib, r(48, 8), true},
+		{32 * mib, mib, r(56, 8), true},
+		{40 * mib, mib, r(64, 8), true},
+		{48 * mib, mib, r(72, 40), true},   // consumed again: 32 → 64 MiB
+		{56 * mib, mib, r(112, 8), true},   // capped at 64 MiB ahead
 		{500 * mib, mib, Range{}, false},   // random: reset
-		{501 * mib, mib, r(502, 26), true}, // confirmed: 16 → 32 MiB, to a boundary
+		{501 * mib, mib, r(502, 10), true}, // confirmed, window back at 16 MiB, to a boundary
 	}
 	for i, s := range steps {
 		got, ok := q.Observe(s.off, s.n)
@@ -36,11 +39,12 @@ func TestSequentialStopsAtFileEnd(t *testing.T) {
 	if got, ok := q.Observe(0, mib); !ok || got != (Range{mib, 15 * mib}) {
 		t.Fatalf("first: %v %v", got, ok)
 	}
-	// Less than a span left, but it is the file's tail: hand it out.
-	if got, ok := q.Observe(mib, mib); !ok || got != (Range{16 * mib, 4 * mib}) {
+	// Less than a span left, but it is the file's tail: hand it out once
+	// the window reaches it.
+	if got, ok := q.Observe(4*mib, mib); !ok || got != (Range{16 * mib, 4 * mib}) {
 		t.Fatalf("tail: %v %v", got, ok)
 	}
-	if got, ok := q.Observe(2*mib, mib); ok {
+	if got, ok := q.Observe(5*mib, mib); ok {
 		t.Fatalf("after the tail: %v, want nothing", got)
 	}
 }
@@ -74,8 +78,8 @@ func TestSequentialRandomFirstRead(t *testing.T) {
 	if got, ok := q.Observe(300*mib, 4096); ok {
 		t.Fatalf("a first read in the middle read ahead %v", got)
 	}
-	// Window 32 MiB from 300 MiB + 8 KiB, down to a span boundary.
-	if got, ok := q.Observe(300*mib+4096, 4096); !ok || got != (Range{300*mib + 8192, 28*mib - 8192}) {
-		t.Fatalf("the confirming read: %v %v, want up to 328 MiB", got, ok)
+	// Window 16 MiB from 300 MiB + 8 KiB, down to a span boundary.
+	if got, ok := q.Observe(300*mib+4096, 4096); !ok || got != (Range{300*mib + 8192, 12*mib - 8192}) {
+		t.Fatalf("the confirming read: %v %v, want up to 312 MiB", got, ok)
 	}
 }
