@@ -410,31 +410,50 @@ func (im *ImageMount) Unmount() error {
 	return errors.Join(errs...)
 }
 
-// readAround is the Source of a layer: a read that misses the cache also
-// queues the fetch of the whole span around it. Weight files are read in
-// large pieces (a tensor, an mmap fault-around), so the next read of a
-// cold region is most likely close by; one span-sized range request costs
-// little more than a chunk-sized one.
+// readAround is the Source of a layer. A read that misses the cache holds
+// back background fill while it waits, and fetches the whole span around
+// it: weight files are read in large pieces (a tensor, the kernel's
+// read-ahead), so the next read of a cold region is most likely close by,
+// and one span-sized range request costs little more than a chunk-sized
+// one. Small reads (headers, config files) fetch only their chunk at once
+// and leave the rest of the span to the scheduler.
 type readAround struct {
 	*cache.Blob
 	sched *prefetch.Scheduler
 	span  int64
 }
 
+// smallRead is the largest read served before the rest of its span.
+const smallRead = 64 << 10
+
 func (r readAround) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
-	r.around(off, int64(len(p)))
+	done, err := r.around(ctx, off, int64(len(p)))
+	defer done()
+	if err != nil {
+		return 0, err
+	}
 	return r.Blob.ReadAt(ctx, p, off)
 }
 
 func (r readAround) ReadFile(ctx context.Context, off, n int64) (*os.File, error) {
-	r.around(off, n)
+	done, err := r.around(ctx, off, n)
+	defer done()
+	if err != nil {
+		return nil, err
+	}
 	return r.Blob.ReadFile(ctx, off, n)
 }
 
-func (r readAround) around(off, n int64) {
-	if !r.Present(off, n) {
-		start := off / r.span * r.span
-		end := min(r.Size(), (off+n+r.span-1)/r.span*r.span)
-		r.sched.ReadAhead(r.Blob, prefetch.Range{Off: start, Len: end - start})
+func (r readAround) around(ctx context.Context, off, n int64) (done func(), err error) {
+	if r.Present(off, n) {
+		return func() {}, nil
 	}
+	done = r.sched.Demand()
+	start := off / r.span * r.span
+	end := min(r.Size(), (off+n+r.span-1)/r.span*r.span)
+	if n <= smallRead {
+		r.sched.ReadAhead(r.Blob, prefetch.Range{Off: start, Len: end - start})
+		return done, nil
+	}
+	return done, r.Blob.Fetch(ctx, start, end-start)
 }

@@ -74,6 +74,7 @@ type Scheduler struct {
 	high, low list.List // of *task, oldest first
 	tasks     map[taskKey]*task
 	bgRunning int
+	demand    int // readers waiting on the registry: background holds back
 
 	// onQueue, set by tests before use, is called after a span is queued.
 	onQueue func(high bool)
@@ -152,6 +153,26 @@ func (s *Scheduler) Close() {
 		w.ch <- result{w, ErrClosed}
 	}
 	s.wg.Wait()
+}
+
+// Demand tells the scheduler that a reader is waiting on the registry
+// (a cache miss): no background span starts until every such reader has
+// called the returned function, so that the bandwidth and CPU go to it.
+func (s *Scheduler) Demand() (done func()) {
+	s.mu.Lock()
+	s.demand++
+	s.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			s.demand--
+			if s.demand == 0 && s.low.Len() > 0 {
+				s.cond.Broadcast()
+			}
+			s.mu.Unlock()
+		})
+	}
 }
 
 // ReadAhead queues fetches of r, split into spans, ahead of all background
@@ -255,7 +276,7 @@ func (s *Scheduler) work() {
 	for {
 		s.mu.Lock()
 		for !s.closed && s.high.Len() == 0 &&
-			(s.low.Len() == 0 || s.bgRunning >= s.opt.BackgroundWorkers) {
+			(s.low.Len() == 0 || s.bgRunning >= s.opt.BackgroundWorkers || s.demand > 0) {
 			s.cond.Wait()
 		}
 		if s.closed {

@@ -351,3 +351,32 @@ func TestForget(t *testing.T) {
 		t.Fatalf("fetches of the forgotten target %v, want %v", got, want)
 	}
 }
+
+// While a reader waits on the registry, background fill starts nothing;
+// read-ahead still runs. When the reader is done, background resumes.
+func TestDemandHoldsBackBackground(t *testing.T) {
+	s, queued := newTestScheduler(t, Options{Workers: 2, BackgroundWorkers: 2, SpanSize: 100})
+	bg, fg := newFake("bg", 200), newFake("fg", 1000)
+	g := newGate(bg, fg)
+
+	done := s.Demand()
+	errc := goFill(t.Context(), s, bg, []Range{rng(0, 200)}, nil)
+	waitQueued(t, queued, false, 2) // idle workers would take these at once
+	s.ReadAhead(fg, rng(500, 100))
+	ev := g.next(t)
+	if ev.t != fg {
+		t.Fatalf("while a reader waits, %s%v started; want only read-ahead", ev.t.name, ev.r)
+	}
+	ev.release <- nil
+	done()
+	for range 2 {
+		ev := g.next(t)
+		if ev.t != bg {
+			t.Fatalf("after the reader: %s%v, want background", ev.t.name, ev.r)
+		}
+		ev.release <- nil
+	}
+	if err := wait(t, errc, "Fill"); err != nil {
+		t.Fatal(err)
+	}
+}
