@@ -64,6 +64,9 @@ type sharedLayer struct {
 
 	seqMu sync.Mutex
 	seq   map[uint64]*prefetch.Sequential // read-ahead state by inode
+
+	used     chan struct{} // closed at the first read of any file
+	usedOnce sync.Once
 }
 
 type layerMount struct {
@@ -195,13 +198,27 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 		}
 		return nil, err
 	}
-	sl := &sharedLayer{desc: desc, blob: blob, layer: l, cancel: cancel, seq: make(map[uint64]*prefetch.Sequential)}
+	sl := &sharedLayer{desc: desc, blob: blob, layer: l, cancel: cancel, seq: make(map[uint64]*prefetch.Sequential), used: make(chan struct{})}
 	sl.contig, _ = l.(layer.Contiguous)
 	if !m.cfg.NoBackgroundFill && layer.RandomAccess(l) {
-		go m.fill(bg, sl)
+		go func() {
+			select { // see fillDelay
+			case <-sl.used:
+			case <-time.After(fillDelay):
+			case <-bg.Done():
+				return
+			}
+			m.fill(bg, sl)
+		}()
 	}
 	return sl, nil
 }
+
+// fillDelay is how long after its mount a layer nobody reads waits before
+// its background fill starts. A pull is followed by the creation of the
+// containers that use the image, which needs the node's CPU; the first
+// read of the layer starts the fill at once.
+const fillDelay = 2 * time.Second
 
 // fill fetches the whole blob of sl into the cache, metadata files and
 // safetensors headers first, yielding to read-ahead.
@@ -223,9 +240,14 @@ func (m *Manager) fill(ctx context.Context, sl *sharedLayer) {
 	}
 }
 
-// onRead starts read-ahead for a sequential reader of a file whose bytes
-// are a contiguous range of the blob.
+// onRead marks the layer used (starting its background fill) and starts
+// read-ahead for a sequential reader of a file whose bytes are a
+// contiguous range of the blob.
 func (m *Manager) onRead(sl *sharedLayer, e *layer.Entry, off, n int64) {
+	sl.usedOnce.Do(func() { close(sl.used) })
+	if sl.contig == nil {
+		return
+	}
 	sl.seqMu.Lock()
 	q := sl.seq[e.Ino]
 	if q == nil {
@@ -281,9 +303,7 @@ func (m *Manager) MountLayer(ctx context.Context, mountpoint, imageRef string, d
 		return err
 	}
 	opt := Options{Name: "weightsnap:" + d.String()}
-	if sl.contig != nil {
-		opt.OnRead = func(e *layer.Entry, off, n int64) { m.onRead(sl, e, off, n) }
-	}
+	opt.OnRead = func(e *layer.Entry, off, n int64) { m.onRead(sl, e, off, n) }
 	mnt, err := MountLayer(ctx, sl.layer, mountpoint, opt)
 	if err != nil {
 		m.release(d)

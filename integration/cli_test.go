@@ -103,7 +103,7 @@ func TestCLIPackMountAndSignal(t *testing.T) {
 	if err := <-exited; err != nil {
 		t.Fatalf("weightsnap mount after SIGTERM: %v\n%s", err, stderr.String())
 	}
-	if left := lazyMountsUnder(t, dir); len(left) != 0 {
+	if left := mountsUnder(t, dir); len(left) != 0 {
 		t.Fatalf("mounts left after SIGTERM: %v", left)
 	}
 }
@@ -122,7 +122,7 @@ func TestCLIMountErrors(t *testing.T) {
 	if strings.Count(msg, "\n") != 0 || !strings.Contains(msg, "not found") {
 		t.Fatalf("mount of a missing image said %q; want one line saying not found", msg)
 	}
-	if left := lazyMountsUnder(t, dir); len(left) != 0 {
+	if left := mountsUnder(t, dir); len(left) != 0 {
 		t.Fatalf("mounts left: %v", left)
 	}
 }

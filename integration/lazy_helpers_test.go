@@ -6,7 +6,6 @@ package integration
 
 import (
 	"archive/tar"
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -16,7 +15,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -57,7 +55,7 @@ func lazyRoot(t *testing.T) string {
 	testutil.RequireFUSE(t)
 	dir := t.TempDir()
 	t.Cleanup(func() {
-		for _, mp := range lazyMountsUnder(t, dir) {
+		for _, mp := range mountsUnder(t, dir) {
 			t.Errorf("mount left behind at %s: detaching it", mp)
 			if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
 				t.Errorf("detach %s: %v", mp, err)
@@ -65,60 +63,6 @@ func lazyRoot(t *testing.T) string {
 		}
 	})
 	return dir
-}
-
-// lazyMountsUnder lists the mount points at or below dir, deepest first.
-func lazyMountsUnder(t testing.TB, dir string) []string {
-	t.Helper()
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		t.Errorf("read mountinfo: %v", err)
-		return nil
-	}
-	defer f.Close()
-	var out []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		mp := lazyUnescapeMountinfo(fields[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			out = append(out, mp)
-		}
-	}
-	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
-	return out
-}
-
-// lazyUnescapeMountinfo undoes mountinfo's octal escapes (\040 for a space).
-func lazyUnescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			v := 0
-			ok := true
-			for _, c := range s[i+1 : i+4] {
-				if c < '0' || c > '7' {
-					ok = false
-					break
-				}
-				v = v*8 + int(c-'0')
-			}
-			if ok {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // lazyNode is a Manager over its own Store, as one weightsnap process on a

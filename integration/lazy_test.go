@@ -665,7 +665,7 @@ func TestLazyCorruptEStargzChunk(t *testing.T) {
 			if !strings.Contains(err.Error(), blob.Digest()) {
 				t.Errorf("mount error does not name the layer %s: %v", blob.Digest(), err)
 			}
-			if left := lazyMountsUnder(t, dir); len(left) > 0 {
+			if left := mountsUnder(t, dir); len(left) > 0 {
 				t.Errorf("failed mount left mounts behind: %v", left)
 			}
 			return
@@ -749,7 +749,7 @@ func TestLazyMissingBlob(t *testing.T) {
 				if !strings.Contains(err.Error(), blob.Digest()) {
 					t.Errorf("mount error does not name the missing blob %s: %v", blob.Digest(), err)
 				}
-				if left := lazyMountsUnder(t, dir); len(left) > 0 {
+				if left := mountsUnder(t, dir); len(left) > 0 {
 					t.Errorf("failed mount left mounts behind: %v", left)
 				}
 				return
@@ -928,7 +928,7 @@ func TestLazyHostileInput(t *testing.T) {
 					if !strings.Contains(err.Error(), blobs[0].Digest()) {
 						t.Errorf("mount error does not name the layer %s: %v", blobs[0].Digest(), err)
 					}
-					if left := lazyMountsUnder(t, dir); len(left) > 0 {
+					if left := mountsUnder(t, dir); len(left) > 0 {
 						t.Errorf("failed mount left mounts behind: %v", left)
 					}
 					return
