@@ -23,7 +23,7 @@ test: deps vet
 	$(GO) test -count=1 -timeout 60m ./...
 
 vet:
-	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
+	@test -z "$$(gofmt -l .)" || { gofmt -l .; echo "gofmt needed"; exit 1; }
 	$(GO) vet ./...
 
 deps: debs containerd
