@@ -197,15 +197,23 @@ func (s *Store) loadBlob(e *entry, size int64) (*blob, error) {
 	if err := data.Truncate(size); err != nil {
 		return fail(err)
 	}
+	// Bytes of chunks without a record are garbage from a crash or a
+	// drop: give the space back, one hole per run of such chunks.
+	hole := -1
 	for i, p := range r.present {
 		if p {
 			b.present.set(i)
 			b.sums[i] = r.sums[i]
-		} else {
-			// Bytes of a chunk without a record are garbage from a crash
-			// or a drop: give the space back.
-			b.punch(i)
+			if hole >= 0 {
+				b.punchRun(hole, i)
+				hole = -1
+			}
+		} else if hole < 0 {
+			hole = i
 		}
+	}
+	if hole >= 0 {
+		b.punchRun(hole, b.n)
 	}
 	b.cached.Store(r.cached)
 	b.complete.Store(r.complete)
@@ -218,9 +226,13 @@ func (b *blob) chunkLen(i int) int64 { return chunkLen(int64(i), b.chunk, b.size
 
 // punch frees the disk space of chunk i. Callers hold b.mu (or own b
 // exclusively) with b open, so the fd cannot be closed and reused meanwhile.
-func (b *blob) punch(i int) {
-	unix.Fallocate(int(b.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
-		int64(i)*b.chunk, b.chunkLen(i))
+func (b *blob) punch(i int) { b.punchRun(i, i+1) }
+
+// punchRun frees the space of chunks [lo, hi).
+func (b *blob) punchRun(lo, hi int) {
+	off := int64(lo) * b.chunk
+	end := min(b.size, int64(hi)*b.chunk)
+	unix.Fallocate(int(b.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, end-off)
 }
 
 // Size returns the size of the content.
