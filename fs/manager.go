@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/weightsnap/weightsnap/cache"
@@ -110,10 +111,14 @@ type layerRecord struct {
 func recordName(d digest.Digest) string { return "layer/" + d.Encoded() + ".json" }
 
 // describe returns the record of layer d of imageRef, resolving the image
-// only when the record is not yet kept.
+// only when the record is not yet kept. The blob is fetched from imageRef's
+// repository, whichever repository first recorded the layer.
 func (m *Manager) describe(ctx context.Context, imageRef string, d digest.Digest) (layerRecord, error) {
 	var rec layerRecord
 	if b, err := m.store.GetMeta(recordName(d)); err == nil && json.Unmarshal(b, &rec) == nil && rec.Size > 0 {
+		if ref, err := name.ParseReference(imageRef); err == nil {
+			rec.Repo = ref.Context().Name()
+		}
 		return rec, nil
 	}
 	img, err := remote.Resolve(ctx, imageRef, m.cfg.Remote...)
