@@ -8,6 +8,7 @@ import (
 	"iter"
 	"log/slog"
 	"sync"
+	"time"
 
 	"golang.org/x/time/rate"
 )
@@ -75,6 +76,11 @@ type Scheduler struct {
 	tasks     map[taskKey]*task
 	bgRunning int
 	demand    int // readers waiting on the registry: background holds back
+	// quietUntil: background starts nothing before this, a short while
+	// after the last reader's miss or read-ahead; quietTimer wakes the
+	// workers then.
+	quietUntil time.Time
+	quietTimer *time.Timer
 
 	// onQueue, set by tests before use, is called after a span is queued.
 	onQueue func(high bool)
@@ -167,12 +173,43 @@ func (s *Scheduler) Demand() (done func()) {
 		once.Do(func() {
 			s.mu.Lock()
 			s.demand--
-			if s.demand == 0 && s.low.Len() > 0 {
-				s.cond.Broadcast()
-			}
+			s.hushLocked()
 			s.mu.Unlock()
 		})
 	}
+}
+
+// quiet is how long background fill waits after a reader's last miss or
+// read-ahead: readers come in bursts (the kernel's read-ahead windows, one
+// tensor after another), and a background span started between two of
+// them competes with the next for bandwidth and CPU.
+const quiet = 50 * time.Millisecond
+
+// hushLocked starts or extends the quiet period. Callers hold s.mu.
+func (s *Scheduler) hushLocked() {
+	s.quietUntil = time.Now().Add(quiet)
+	if s.quietTimer == nil {
+		s.quietTimer = time.AfterFunc(quiet, s.wakeAfterQuiet)
+	}
+}
+
+// quietLocked reports whether background must wait; past the quiet period
+// it is not. Callers hold s.mu.
+func (s *Scheduler) quietLocked() bool {
+	return time.Now().Before(s.quietUntil)
+}
+
+// wakeAfterQuiet wakes the workers at the end of the quiet period, or
+// re-arms itself if the period was extended meanwhile.
+func (s *Scheduler) wakeAfterQuiet() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if left := time.Until(s.quietUntil); left > 0 && !s.closed {
+		s.quietTimer = time.AfterFunc(left, s.wakeAfterQuiet)
+		return
+	}
+	s.quietTimer = nil
+	s.cond.Broadcast()
 }
 
 // ReadAhead queues fetches of r, split into spans, ahead of all background
@@ -197,6 +234,7 @@ func (s *Scheduler) ReadAhead(t Target, r Range) {
 			p, q = s.enqueueLocked(t, p, true, nil)
 			queued = queued || q
 		}
+		s.hushLocked()
 		s.mu.Unlock()
 		if queued && s.onQueue != nil {
 			s.onQueue(true)
@@ -276,7 +314,7 @@ func (s *Scheduler) work() {
 	for {
 		s.mu.Lock()
 		for !s.closed && s.high.Len() == 0 &&
-			(s.low.Len() == 0 || s.bgRunning >= s.opt.BackgroundWorkers || s.demand > 0) {
+			(s.low.Len() == 0 || s.bgRunning >= s.opt.BackgroundWorkers || s.demand > 0 || s.quietLocked()) {
 			s.cond.Wait()
 		}
 		if s.closed {
