@@ -77,8 +77,7 @@ type Scheduler struct {
 	bgRunning int
 	demand    int // readers waiting on the registry: background holds back
 	// quietUntil: background starts nothing before this, a short while
-	// after the last reader's miss or read-ahead; quietTimer wakes the
-	// workers then.
+	// after the last reader's miss; quietTimer wakes the workers then.
 	quietUntil time.Time
 	quietTimer *time.Timer
 
@@ -179,10 +178,12 @@ func (s *Scheduler) Demand() (done func()) {
 	}
 }
 
-// quiet is how long background fill waits after a reader's last miss or
-// read-ahead: readers come in bursts (the kernel's read-ahead windows, one
-// tensor after another), and a background span started between two of
-// them competes with the next for bandwidth and CPU.
+// quiet is how long background fill waits after a reader's last miss: a
+// reader that misses comes back in bursts (the kernel's read-ahead
+// windows, one tensor after another), and a background span started
+// between two of them competes with the next for bandwidth and CPU. A
+// reader that read-ahead keeps ahead of does not miss, and background runs
+// beside it.
 const quiet = 50 * time.Millisecond
 
 // hushLocked starts or extends the quiet period. Callers hold s.mu.
@@ -234,7 +235,6 @@ func (s *Scheduler) ReadAhead(t Target, r Range) {
 			p, q = s.enqueueLocked(t, p, true, nil)
 			queued = queued || q
 		}
-		s.hushLocked()
 		s.mu.Unlock()
 		if queued && s.onQueue != nil {
 			s.onQueue(true)
