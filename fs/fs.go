@@ -59,6 +59,7 @@ type Mount struct {
 
 	unmountOnce sync.Once
 	unmountErr  error
+	done        chan struct{} // closed when the server has exited
 }
 
 // MountLayer mounts l read-only at mountpoint and serves it until
@@ -119,7 +120,11 @@ func MountLayer(ctx context.Context, l layer.Layer, mountpoint string, opt Optio
 	if err != nil {
 		return nil, fmt.Errorf("mount layer %s at %s: %w", opt.Name, mountpoint, err)
 	}
-	m := &Mount{server: server, mountpoint: mountpoint, log: log}
+	m := &Mount{server: server, mountpoint: mountpoint, log: log, done: make(chan struct{})}
+	go func() {
+		server.Wait()
+		close(m.done)
+	}()
 
 	var st unix.Stat_t
 	if err := unix.Stat(mountpoint, &st); err != nil {
@@ -157,17 +162,22 @@ func (m *Mount) unmount() error {
 	// server loops on success.
 	err := m.server.Unmount()
 	if err == nil {
+		<-m.done // the loops have ended; the closer follows at once
 		return nil
 	}
 	m.log.Warn("unmount failed, detaching lazily", "mountpoint", m.mountpoint, "err", err)
 	if derr := unix.Unmount(m.mountpoint, unix.MNT_DETACH); derr != nil && !errors.Is(derr, unix.EINVAL) {
 		return fmt.Errorf("unmount %s: %w (detach: %w)", m.mountpoint, err, derr)
 	}
-	// EINVAL: someone else has unmounted it already; either way the
-	// connection ends when the kernel drops the superblock.
-	m.server.Wait()
+	// EINVAL: someone else has unmounted it already. Either way the
+	// connection ends when the kernel drops the superblock, once its last
+	// user is gone: Done tells when; waiting here could take forever.
 	return nil
 }
+
+// Done is closed when the mount's server has exited: at once after a clean
+// Unmount, and after a lazy detach once the last user has let go.
+func (m *Mount) Done() <-chan struct{} { return m.done }
 
 // CleanupMount removes a stale FUSE mount at mountpoint, such as one left
 // by a daemon killed with SIGKILL ("transport endpoint is not

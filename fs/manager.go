@@ -36,8 +36,20 @@ type Manager struct {
 	sched *prefetch.Scheduler
 
 	mu     sync.Mutex
-	layers map[digest.Digest]*sharedLayer
+	layers map[digest.Digest]*layerSlot
 	mounts map[string]*layerMount // by mountpoint
+}
+
+// layerSlot is a layer's place in the Manager: opened once however many
+// callers mount it at the same time, and closed completely before it is
+// opened again (a streamed layer's writer must not be closed under a new
+// reader of the same stream).
+type layerSlot struct {
+	refs   int
+	ready  chan struct{} // closed when the open has finished
+	sl     *sharedLayer  // after ready: the layer, or nil and err
+	err    error
+	closed chan struct{} // set at the last release; closed once closed
 }
 
 // Config tunes a Manager.
@@ -54,20 +66,21 @@ type Config struct {
 	NoBackgroundFill bool
 }
 
-// sharedLayer is one opened layer and the mounts using it.
+// sharedLayer is one opened layer.
 type sharedLayer struct {
-	refs   int
 	desc   layer.Descriptor
 	blob   *cache.Blob
 	layer  layer.Layer
 	contig layer.Contiguous   // nil unless file contents are blob ranges
 	cancel context.CancelFunc // stops background work
 
-	seqMu sync.Mutex
-	seq   map[uint64]*prefetch.Sequential // read-ahead state by inode
+	seqMu  sync.Mutex
+	seq    map[uint64][]*stream // read-ahead state of each file's readers
+	seqUse uint64               // clock for replacing the least recently used
 
 	used     chan struct{} // closed at the first read of any file
 	usedOnce sync.Once
+	filled   chan struct{} // closed when background fill has returned
 }
 
 type layerMount struct {
@@ -93,7 +106,7 @@ func New(store *cache.Store, cfg Config) *Manager {
 		store:  store,
 		cfg:    cfg,
 		sched:  prefetch.NewScheduler(cfg.Prefetch),
-		layers: make(map[digest.Digest]*sharedLayer),
+		layers: make(map[digest.Digest]*layerSlot),
 		mounts: make(map[string]*layerMount),
 	}
 }
@@ -140,34 +153,53 @@ func (m *Manager) describe(ctx context.Context, imageRef string, d digest.Digest
 	return rec, nil
 }
 
-// acquire returns the shared opened layer d, opening it on first use.
+// acquire returns the shared opened layer d, opening it on first use;
+// every successful acquire is paired with a release.
 func (m *Manager) acquire(ctx context.Context, imageRef string, d digest.Digest) (*sharedLayer, error) {
-	m.mu.Lock()
-	if sl, ok := m.layers[d]; ok {
-		sl.refs++
+	for {
+		m.mu.Lock()
+		slot := m.layers[d]
+		if slot != nil && slot.closed != nil { // closing: wait, then open anew
+			closed := slot.closed
+			m.mu.Unlock()
+			select {
+			case <-closed:
+				continue
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
+		if slot != nil {
+			slot.refs++
+			m.mu.Unlock()
+			select {
+			case <-slot.ready:
+			case <-ctx.Done():
+				m.release(d)
+				return nil, ctx.Err()
+			}
+			if slot.err != nil {
+				m.release(d)
+				return nil, slot.err
+			}
+			return slot.sl, nil
+		}
+		slot = &layerSlot{refs: 1, ready: make(chan struct{})}
+		m.layers[d] = slot
 		m.mu.Unlock()
-		return sl, nil
-	}
-	m.mu.Unlock()
 
-	rec, err := m.describe(ctx, imageRef, d)
-	if err != nil {
-		return nil, err
+		rec, err := m.describe(ctx, imageRef, d)
+		if err == nil {
+			slot.sl, err = m.open(ctx, d, rec)
+		}
+		slot.err = err
+		close(slot.ready)
+		if err != nil {
+			m.release(d)
+			return nil, err
+		}
+		return slot.sl, nil
 	}
-	sl, err := m.open(ctx, d, rec)
-	if err != nil {
-		return nil, err
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if other, ok := m.layers[d]; ok { // lost a race: use the winner's
-		other.refs++
-		m.closeLayer(sl)
-		return other, nil
-	}
-	sl.refs = 1
-	m.layers[d] = sl
-	return sl, nil
 }
 
 func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*sharedLayer, error) {
@@ -203,10 +235,14 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 		}
 		return nil, err
 	}
-	sl := &sharedLayer{desc: desc, blob: blob, layer: l, cancel: cancel, seq: make(map[uint64]*prefetch.Sequential), used: make(chan struct{})}
+	sl := &sharedLayer{desc: desc, blob: blob, layer: l, cancel: cancel, seq: make(map[uint64][]*stream),
+		used: make(chan struct{}), filled: make(chan struct{})}
 	sl.contig, _ = l.(layer.Contiguous)
-	if !m.cfg.NoBackgroundFill && layer.RandomAccess(l) {
+	if m.cfg.NoBackgroundFill || !layer.RandomAccess(l) {
+		close(sl.filled)
+	} else {
 		go func() {
+			defer close(sl.filled)
 			select { // see fillDelay
 			case <-sl.used:
 			case <-time.After(fillDelay):
@@ -217,6 +253,47 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 		}()
 	}
 	return sl, nil
+}
+
+// stream is one reader of a file, as far as read-ahead can tell.
+type stream struct {
+	q       *prefetch.Sequential
+	lastUse uint64
+}
+
+// maxReaders is how many readers of one file get read-ahead of their own
+// (tensor-parallel ranks loading one checkpoint read it at several places).
+const maxReaders = 4
+
+// reader returns the read-ahead state of the reader of e that a read at off
+// continues, starting one (in place of the least recently used) if none
+// does; nil if e's bytes are not a blob range. Callers hold sl.seqMu.
+func (sl *sharedLayer) reader(e *layer.Entry, off, span, maxWindow int64) *prefetch.Sequential {
+	sl.seqUse++
+	streams := sl.seq[e.Ino]
+	for _, st := range streams {
+		if st.q.Near(off) {
+			st.lastUse = sl.seqUse
+			return st.q
+		}
+	}
+	r, ok := sl.contig.DataRange(e)
+	if !ok {
+		return nil
+	}
+	st := &stream{q: prefetch.NewSequential(prefetch.Range{Off: r.Off, Len: r.Len}, span, maxWindow), lastUse: sl.seqUse}
+	if len(streams) < maxReaders {
+		sl.seq[e.Ino] = append(streams, st)
+		return st.q
+	}
+	oldest := 0
+	for i, o := range streams {
+		if o.lastUse < streams[oldest].lastUse {
+			oldest = i
+		}
+	}
+	streams[oldest] = st
+	return st.q
 }
 
 // fillDelay is how long after its mount a layer nobody reads waits before
@@ -239,8 +316,11 @@ func (m *Manager) fill(ctx context.Context, sl *sharedLayer) {
 	progress := func(int64) { metrics.LayerFetchedBytes.WithLabelValues(label).Set(float64(sl.blob.CachedBytes())) }
 	ctx = remote.WithReason(ctx, "background")
 	err := m.sched.Fill(ctx, sl.blob, prefetch.ModelOrder(files, sl.blob.Size()), progress)
+	if ctx.Err() != nil {
+		return // the layer is being closed
+	}
 	progress(0)
-	if err != nil && ctx.Err() == nil {
+	if err != nil {
 		slog.Warn("background fill stopped", "layer", label, "err", err)
 	}
 }
@@ -254,17 +334,12 @@ func (m *Manager) onRead(sl *sharedLayer, e *layer.Entry, off, n int64) {
 		return
 	}
 	sl.seqMu.Lock()
-	q := sl.seq[e.Ino]
-	if q == nil {
-		r, ok := sl.contig.DataRange(e)
-		if !ok {
-			sl.seqMu.Unlock()
-			return
-		}
-		q = prefetch.NewSequential(prefetch.Range{Off: r.Off, Len: r.Len}, m.cfg.Prefetch.SpanSize, m.cfg.MaxReadAhead)
-		sl.seq[e.Ino] = q
+	q := sl.reader(e, off, m.cfg.Prefetch.SpanSize, m.cfg.MaxReadAhead)
+	var ahead prefetch.Range
+	ok := q != nil
+	if ok {
+		ahead, ok = q.Observe(off, n)
 	}
-	ahead, ok := q.Observe(off, n)
 	sl.seqMu.Unlock()
 	if ok {
 		m.sched.ReadAhead(sl.blob, ahead)
@@ -273,6 +348,10 @@ func (m *Manager) onRead(sl *sharedLayer, e *layer.Entry, off, n int64) {
 
 func (m *Manager) closeLayer(sl *sharedLayer) {
 	sl.cancel()
+	<-sl.filled
+	label := sl.desc.Digest.String()
+	metrics.LayerSizeBytes.DeleteLabelValues(label)
+	metrics.LayerFetchedBytes.DeleteLabelValues(label)
 	m.sched.Forget(sl.blob)
 	if err := sl.layer.Close(); err != nil {
 		slog.Warn("closing layer", "layer", sl.desc.Digest, "err", err)
@@ -280,25 +359,33 @@ func (m *Manager) closeLayer(sl *sharedLayer) {
 	sl.blob.Close()
 }
 
+// release drops a reference to layer d; the last one closes the layer.
 func (m *Manager) release(d digest.Digest) {
 	m.mu.Lock()
-	sl, ok := m.layers[d]
-	if ok {
-		sl.refs--
-		if sl.refs > 0 {
-			ok = false
-		} else {
-			delete(m.layers, d)
-		}
+	slot := m.layers[d]
+	slot.refs--
+	if slot.refs > 0 {
+		m.mu.Unlock()
+		return
 	}
+	slot.closed = make(chan struct{})
 	m.mu.Unlock()
-	if ok {
-		m.closeLayer(sl)
+	<-slot.ready
+	if slot.sl != nil {
+		m.closeLayer(slot.sl)
 	}
+	m.mu.Lock()
+	delete(m.layers, d)
+	close(slot.closed)
+	m.mu.Unlock()
 }
 
 // MountLayer mounts layer d of image imageRef lazily at mountpoint.
 func (m *Manager) MountLayer(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error {
+	mountpoint = filepath.Clean(mountpoint)
+	if m.mounted(mountpoint) {
+		return fmt.Errorf("a layer is already mounted at %s: %w", mountpoint, iofs.ErrExist)
+	}
 	sl, err := m.acquire(ctx, imageRef, d)
 	if err != nil {
 		return err
@@ -315,9 +402,24 @@ func (m *Manager) MountLayer(ctx context.Context, mountpoint, imageRef string, d
 		return err
 	}
 	m.mu.Lock()
-	m.mounts[filepath.Clean(mountpoint)] = &layerMount{digest: d, mount: mnt}
+	_, taken := m.mounts[mountpoint]
+	if !taken {
+		m.mounts[mountpoint] = &layerMount{digest: d, mount: mnt}
+	}
 	m.mu.Unlock()
+	if taken { // a concurrent MountLayer at the same place won
+		mnt.Unmount()
+		m.release(d)
+		return fmt.Errorf("a layer is already mounted at %s: %w", mountpoint, iofs.ErrExist)
+	}
 	return nil
+}
+
+func (m *Manager) mounted(mountpoint string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, ok := m.mounts[mountpoint]
+	return ok
 }
 
 // Check reports whether the layer mounted at mountpoint is still served.
@@ -341,9 +443,22 @@ func (m *Manager) Unmount(ctx context.Context, mountpoint string) error {
 	if !ok {
 		return fmt.Errorf("no layer mounted at %s: %w", mountpoint, iofs.ErrNotExist)
 	}
-	err := lm.mount.Unmount()
-	m.release(lm.digest)
-	return err
+	if err := lm.mount.Unmount(); err != nil {
+		m.mu.Lock() // still mounted: keep it, and the layer it serves
+		m.mounts[filepath.Clean(mountpoint)] = lm
+		m.mu.Unlock()
+		return err
+	}
+	select {
+	case <-lm.mount.Done():
+		m.release(lm.digest)
+	default: // detached while busy: the layer serves its last users
+		go func() {
+			<-lm.mount.Done()
+			m.release(lm.digest)
+		}()
+	}
+	return nil
 }
 
 // Close unmounts every layer the Manager mounted.
@@ -473,12 +588,17 @@ func (r readAround) around(ctx context.Context, off, n int64) (done func(), err 
 	if r.Present(off, n) {
 		return func() {}, nil
 	}
-	done = r.sched.Demand()
+	demandDone := r.sched.Demand()
 	start := off / r.span * r.span
 	end := min(r.Size(), (off+n+r.span-1)/r.span*r.span)
 	if n <= smallRead {
-		r.sched.ReadAhead(r.Blob, prefetch.Range{Off: start, Len: end - start})
-		return done, nil
+		// After the read's own chunk has come: queued first, a span
+		// fetch would take that chunk along and make the read wait for
+		// the whole span.
+		return func() {
+			r.sched.ReadAhead(r.Blob, prefetch.Range{Off: start, Len: end - start})
+			demandDone()
+		}, nil
 	}
-	return done, r.Blob.Fetch(ctx, start, end-start)
+	return demandDone, r.Blob.Fetch(ctx, start, end-start)
 }

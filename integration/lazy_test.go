@@ -969,3 +969,42 @@ func lazyWalkAll(root string) error {
 		return nil
 	})
 }
+
+// TestLazyConcurrentMountsOfAStreamedLayer: two mounts of one gzip layer
+// made at the same time share one stream; unmounting one while the stream
+// is still running leaves the other whole.
+func TestLazyConcurrentMountsOfAStreamedLayer(t *testing.T) {
+	root := lazyRoot(t)
+	reg := testutil.StartRegistry(t)
+	layer := lazyTar(t, lazyDir("data/"), lazyFile("data/early.txt", []byte("early\n")),
+		lazyFile("data/weights.bin", lazyRandom(6<<20, 5)), lazyFile("data/late.txt", []byte("late\n")))
+	blobs := testutil.EncodeLayers(t, [][]byte{layer}, testutil.FormatGzip)
+	testutil.PushImage(t, reg.Addr, "stream/twice:v1", blobs)
+	blob := blobs[0]
+	size := int64(len(blob.Blob))
+	proxy := testutil.StartProxy(t, reg.Addr, testutil.Faults{})
+	release := proxy.Hold(blob.Digest(), size/2, size-(2<<20))
+	t.Cleanup(release)
+
+	n := lazyStartNode(t, filepath.Join(root, "cache"), cache.Options{}, remote.WithStallTimeout(0))
+	ref := proxy.Addr + "/stream/twice:v1"
+	mps := []string{filepath.Join(root, "a"), filepath.Join(root, "b")}
+	errs := make(chan error, len(mps))
+	for _, mp := range mps {
+		go func() { errs <- n.m.MountLayer(t.Context(), mp, ref, digest.Digest(blob.Digest())) }()
+	}
+	for range mps {
+		if err := <-errs; err != nil {
+			t.Fatalf("MountLayer: %v", err)
+		}
+	}
+	t.Cleanup(func() { n.m.Unmount(context.Background(), mps[1]) })
+	if got, err := lazyReadFile(t, filepath.Join(mps[1], "data/early.txt")); err != nil || string(got) != "early\n" {
+		t.Fatalf("early file: %q, %v", got, err)
+	}
+	if err := n.m.Unmount(t.Context(), mps[0]); err != nil {
+		t.Fatalf("unmount %s: %v", mps[0], err)
+	}
+	release()
+	testutil.CompareTrees(t, testutil.ExtractTree([][]byte{layer}), lazyScan(t, mps[1]))
+}

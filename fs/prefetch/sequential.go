@@ -80,3 +80,12 @@ func (q *Sequential) Observe(off, n int64) (ahead Range, ok bool) {
 	q.issued = want
 	return ahead, true
 }
+
+// Near reports whether a read at off (relative to the file) continues the
+// stream this Sequential follows, so that a caller watching several
+// readers of one file can tell them apart.
+func (q *Sequential) Near(off int64) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return off >= q.pos-q.span && off <= q.pos+q.span
+}
