@@ -67,6 +67,11 @@ type blob struct {
 	// on nothing is served until all of it is fetched and verified.
 	strict atomic.Bool
 
+	// splice is held for reading while a range handed out by ReadFile is
+	// being moved out of the data file; dropping a chunk takes it for
+	// writing, so that a hole is never punched under bytes being served.
+	splice sync.RWMutex
+
 	mu       sync.Mutex // guards sums, inflight, vrun, closed and bitmap writes
 	sums     []uint32
 	inflight map[int]*flight
@@ -295,18 +300,19 @@ func (h *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 // ReadFile makes [off, off+n) present and checked, exactly as ReadAt
 // would, and returns the data file that holds those bytes at the same
 // offsets, so that a caller can move them without copying (splice into
-// FUSE). The file belongs to the Blob and stays valid until Close. A range
-// past the end is clamped; off at or past the end is io.EOF.
-func (h *Blob) ReadFile(ctx context.Context, off, n int64) (*os.File, error) {
+// FUSE). The bytes stay in place until release is called, which the caller
+// must do once it has read them; the file belongs to the Blob. A range past
+// the end is clamped; off at or past the end is io.EOF.
+func (h *Blob) ReadFile(ctx context.Context, off, n int64) (f *os.File, release func(), err error) {
 	if h.closed.Load() {
-		return nil, ErrClosed
+		return nil, nil, ErrClosed
 	}
 	b := h.b
 	if off < 0 || n <= 0 {
-		return nil, fmt.Errorf("cache: blob %s: bad range %d+%d", b.key, off, n)
+		return nil, nil, fmt.Errorf("cache: blob %s: bad range %d+%d", b.key, off, n)
 	}
 	if off >= b.size {
-		return nil, io.EOF
+		return nil, nil, io.EOF
 	}
 	n = min(n, b.size-off)
 	lo, hi := int(off/b.chunk), int((off+n-1)/b.chunk)
@@ -314,21 +320,23 @@ func (h *Blob) ReadFile(ctx context.Context, off, n int64) (*os.File, error) {
 	for {
 		if b.strict.Load() && !b.complete.Load() {
 			if err := h.Verify(ctx); err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 			missed = true
 		}
-		if g := b.gen.Load(); g&1 == 0 && b.verified.all(lo, hi) {
+		b.splice.RLock()
+		if b.verified.all(lo, hi) { // and stays so until RUnlock
 			if missed {
 				missBytes.Add(float64(n))
 			} else {
 				hitBytes.Add(float64(n))
 			}
-			return b.data, nil
+			return b.data, b.splice.RUnlock, nil
 		}
+		b.splice.RUnlock()
 		waited, err := b.ensure(ctx, h.fetch, lo, hi, true)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		missed = missed || waited
 	}
@@ -676,11 +684,13 @@ func (b *blob) dropLocked(i int) {
 	if b.closed || !b.present.get(i) {
 		return
 	}
+	b.splice.Lock()
 	b.gen.Add(1)
 	b.present.clear(i)
 	b.verified.clear(i)
 	b.punch(i)
 	b.gen.Add(1)
+	b.splice.Unlock()
 	n := b.chunkLen(i)
 	b.cached.Add(-n)
 	b.e.bytes.Add(-n)

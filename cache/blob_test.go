@@ -791,7 +791,7 @@ func TestReadFileServesCheckedBytes(t *testing.T) {
 	src := newSource(data)
 	b, _ := s.Blob(key, int64(len(data)), src.fetch)
 	off, n := int64(testChunk+5), int64(2*testChunk)
-	f, err := b.ReadFile(context.Background(), off, n)
+	f, release, err := b.ReadFile(context.Background(), off, n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -799,10 +799,11 @@ func TestReadFileServesCheckedBytes(t *testing.T) {
 	if _, err := f.ReadAt(got, off); err != nil || !bytes.Equal(got, data[off:off+n]) {
 		t.Fatalf("file bytes at %d differ from the content (err %v)", off, err)
 	}
+	release()
 	if len(src.Calls()) == 0 {
 		t.Fatal("ReadFile of a cold range fetched nothing")
 	}
-	if _, err := b.ReadFile(context.Background(), int64(len(data)), 1); err != io.EOF {
+	if _, _, err := b.ReadFile(context.Background(), int64(len(data)), 1); err != io.EOF {
 		t.Fatalf("ReadFile at the end: %v, want io.EOF", err)
 	}
 	b.Close()
@@ -812,12 +813,13 @@ func TestReadFileServesCheckedBytes(t *testing.T) {
 	s = openStore(t, dir, testOptions())
 	src = newSource(data)
 	b = openBlob(t, s, key, int64(len(data)), src.fetch)
-	if f, err = b.ReadFile(context.Background(), off, n); err != nil {
+	if f, release, err = b.ReadFile(context.Background(), off, n); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := f.ReadAt(got, off); err != nil || !bytes.Equal(got, data[off:off+n]) {
 		t.Fatal("after corruption on disk, ReadFile handed out wrong bytes")
 	}
+	release()
 	if want := []call{{2 * testChunk, testChunk}}; !equalCalls(src.Calls(), want) {
 		t.Fatalf("fetch calls = %v, want %v", src.Calls(), want)
 	}

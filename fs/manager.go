@@ -575,11 +575,11 @@ func (r readAround) ReadAt(ctx context.Context, p []byte, off int64) (int, error
 	return r.Blob.ReadAt(ctx, p, off)
 }
 
-func (r readAround) ReadFile(ctx context.Context, off, n int64) (*os.File, error) {
+func (r readAround) ReadFile(ctx context.Context, off, n int64) (*os.File, func(), error) {
 	done, err := r.around(ctx, off, n)
 	defer done()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	return r.Blob.ReadFile(ctx, off, n)
 }

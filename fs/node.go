@@ -233,14 +233,33 @@ func (n *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off int
 // readFile answers a read with the range of a local file holding it;
 // go-fuse splices it into the kernel.
 func (n *node) readFile(ctx context.Context, off, want int64) (fuse.ReadResult, error) {
-	f, fileOff, length, err := n.fs.files.ReadFile(ctx, n.e, off, int(want))
+	f, fileOff, length, release, err := n.fs.files.ReadFile(ctx, n.e, off, int(want))
 	if err != nil {
 		return nil, err
 	}
 	if int64(length) < want {
+		release()
 		return nil, errShortContent
 	}
-	return fuse.ReadResultFd(f.Fd(), fileOff, length), nil
+	return &fileResult{ReadResult: fuse.ReadResultFd(f.Fd(), fileOff, length), fd: f.Fd(), off: fileOff, size: length, release: release}, nil
+}
+
+// fileResult is a read answered from a range of a local file; go-fuse
+// splices it (Seekable) and calls Done once it has been sent, which lets
+// the cache reuse the range.
+type fileResult struct {
+	fuse.ReadResult
+	fd      uintptr
+	off     int64
+	size    int
+	release func()
+}
+
+func (r *fileResult) Seekable() (uintptr, int64, int) { return r.fd, r.off, r.size }
+
+func (r *fileResult) Done() {
+	r.ReadResult.Done()
+	r.release()
 }
 
 // errShortContent means the layer's content ended before the size its

@@ -57,37 +57,39 @@ func (l *tarLayer) Files() []FileRange {
 // FileSource is optionally implemented by a Source that can make a range
 // present and hand out the local file holding it, at the same offsets,
 // instead of copying the bytes out (the node cache does).
+// The bytes stay in place until release is called.
 type FileSource interface {
-	ReadFile(ctx context.Context, off, n int64) (*os.File, error)
+	ReadFile(ctx context.Context, off, n int64) (f *os.File, release func(), err error)
 }
 
 // FileReader is implemented by layers that can serve a read of a regular
 // file as a range of a local file, so FUSE can splice it without copying.
 type FileReader interface {
 	// ReadFile returns the file and offset holding n bytes of e's content
-	// at off (fewer at the end of e: length says how many). It fails with
-	// ErrUnsupported when the layer's source cannot hand out files.
-	ReadFile(ctx context.Context, e *Entry, off int64, n int) (f *os.File, fileOff int64, length int, err error)
+	// at off (fewer at the end of e: length says how many); the bytes stay
+	// in place until release is called. It fails with ErrUnsupported when
+	// the layer's source cannot hand out files.
+	ReadFile(ctx context.Context, e *Entry, off int64, n int) (f *os.File, fileOff int64, length int, release func(), err error)
 }
 
 var _ FileReader = (*tarLayer)(nil)
 
-func (l *tarLayer) ReadFile(ctx context.Context, e *Entry, off int64, n int) (*os.File, int64, int, error) {
+func (l *tarLayer) ReadFile(ctx context.Context, e *Entry, off int64, n int) (*os.File, int64, int, func(), error) {
 	fsrc, ok := l.src.(FileSource)
 	if !ok {
-		return nil, 0, 0, ErrUnsupported
+		return nil, 0, 0, nil, ErrUnsupported
 	}
 	base, err := contentRange(l.idx, e, off, l.src.Size())
 	if err != nil {
-		return nil, 0, 0, err
+		return nil, 0, 0, nil, err
 	}
 	if off >= e.Size {
-		return nil, 0, 0, io.EOF
+		return nil, 0, 0, nil, io.EOF
 	}
 	length := int(min(int64(n), e.Size-off))
-	f, err := fsrc.ReadFile(ctx, base+off, int64(length))
+	f, release, err := fsrc.ReadFile(ctx, base+off, int64(length))
 	if err != nil {
-		return nil, 0, 0, fmt.Errorf("read %q at %d: %w", e.Name, off, err)
+		return nil, 0, 0, nil, fmt.Errorf("read %q at %d: %w", e.Name, off, err)
 	}
-	return f, base + off, length, nil
+	return f, base + off, length, release, nil
 }
