@@ -41,6 +41,11 @@ import (
 //     directory Opaque and is not listed.
 //   - Inode numbers follow the order of the headers (root = 1), so they are
 //     stable across remounts; a hard link shares its target's inode.
+//   - While a streamed layer is still being indexed, an entry is returned
+//     as soon as it has been seen: a later header for the same name (rare
+//     in a single layer) or a later hard link to it is not reflected in
+//     what was returned before; lookups after completion see the final
+//     entry. A directory listing always waits for completion.
 
 const (
 	whiteoutPrefix = ".wh."
