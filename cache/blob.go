@@ -52,7 +52,7 @@ type blob struct {
 	size  int64
 	chunk int64
 	n     int
-	data  *os.File
+	st    storage // the data file and the segments
 	rec   *os.File
 	refs  int // guarded by s.mu
 
@@ -166,14 +166,22 @@ func (s *Store) loadBlob(e *entry, size int64) (*blob, error) {
 		data.Close()
 		return nil, fmt.Errorf("cache: open blob %s: %w", e.key, err)
 	}
+	segs, err := loadSegments(base, size)
+	if err != nil {
+		data.Close()
+		rec.Close()
+		return nil, fmt.Errorf("cache: open blob %s: %w", e.key, err)
+	}
 	b := &blob{
 		s: s, e: e, key: e.key, size: size, chunk: s.chunkSize,
-		n: chunkCount(size, s.chunkSize), data: data, rec: rec,
+		n: chunkCount(size, s.chunkSize), rec: rec,
 		inflight: make(map[int]*flight),
 	}
+	b.st.data, b.st.segDir = data, segmentDir(base)
+	b.st.segs.Store(&segs)
 	b.present, b.verified, b.sums = newBitmap(b.n), newBitmap(b.n), make([]uint32, b.n)
 	fail := func(err error) (*blob, error) {
-		data.Close()
+		b.st.close()
 		rec.Close()
 		return nil, fmt.Errorf("cache: open blob %s: %w", e.key, err)
 	}
@@ -201,6 +209,11 @@ func (s *Store) loadBlob(e *entry, size int64) (*blob, error) {
 	}
 	if err := data.Truncate(size); err != nil {
 		return fail(err)
+	}
+	// A crash between making a segment and punching its range out of
+	// the data file leaves stale bytes there.
+	for _, g := range segs {
+		unix.Fallocate(int(data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, g.off, g.end-g.off)
 	}
 	// Bytes of chunks without a record are garbage from a crash or a
 	// drop: give the space back, one hole per run of such chunks.
@@ -235,9 +248,7 @@ func (b *blob) punch(i int) { b.punchRun(i, i+1) }
 
 // punchRun frees the space of chunks [lo, hi).
 func (b *blob) punchRun(lo, hi int) {
-	off := int64(lo) * b.chunk
-	end := min(b.size, int64(hi)*b.chunk)
-	unix.Fallocate(int(b.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, end-off)
+	b.st.punch(int64(lo)*b.chunk, min(b.size, int64(hi)*b.chunk))
 }
 
 // Size returns the size of the content.
@@ -275,7 +286,7 @@ func (h *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 		}
 		g := b.gen.Load()
 		if g&1 == 0 && b.verified.all(lo, hi) {
-			n, err := b.data.ReadAt(p, off)
+			n, err := b.st.ReadAt(p, off)
 			if b.gen.Load() == g {
 				if err != nil {
 					return n, fmt.Errorf("cache: read blob %s at %d: %w", b.key, off, err)
@@ -298,21 +309,22 @@ func (h *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 }
 
 // ReadFile makes [off, off+n) present and checked, exactly as ReadAt
-// would, and returns the data file that holds those bytes at the same
-// offsets, so that a caller can move them without copying (splice into
-// FUSE). The bytes stay in place until release is called, which the caller
-// must do once it has read them; the file belongs to the Blob. A range past
-// the end is clamped; off at or past the end is io.EOF.
-func (h *Blob) ReadFile(ctx context.Context, off, n int64) (f *os.File, release func(), err error) {
+// would, and returns the file that holds those bytes and their offset in
+// it, so that a caller can move them without copying (splice into FUSE).
+// The bytes stay in place until release is called, which the caller must
+// do once it has read them; the file belongs to the Blob. A range past the
+// end is clamped; off at or past the end is io.EOF. A range that crosses
+// a segment's boundary is not in one file and is an error.
+func (h *Blob) ReadFile(ctx context.Context, off, n int64) (f *os.File, fileOff int64, release func(), err error) {
 	if h.closed.Load() {
-		return nil, nil, ErrClosed
+		return nil, 0, nil, ErrClosed
 	}
 	b := h.b
 	if off < 0 || n <= 0 {
-		return nil, nil, fmt.Errorf("cache: blob %s: bad range %d+%d", b.key, off, n)
+		return nil, 0, nil, fmt.Errorf("cache: blob %s: bad range %d+%d", b.key, off, n)
 	}
 	if off >= b.size {
-		return nil, nil, io.EOF
+		return nil, 0, nil, io.EOF
 	}
 	n = min(n, b.size-off)
 	lo, hi := int(off/b.chunk), int((off+n-1)/b.chunk)
@@ -320,23 +332,28 @@ func (h *Blob) ReadFile(ctx context.Context, off, n int64) (f *os.File, release 
 	for {
 		if b.strict.Load() && !b.complete.Load() {
 			if err := h.Verify(ctx); err != nil {
-				return nil, nil, err
+				return nil, 0, nil, err
 			}
 			missed = true
 		}
 		b.splice.RLock()
 		if b.verified.all(lo, hi) { // and stays so until RUnlock
+			f, fileOff, ok := b.st.fileOf(off, n)
+			if !ok {
+				b.splice.RUnlock()
+				return nil, 0, nil, fmt.Errorf("cache: blob %s: range %d+%d crosses a segment boundary", b.key, off, n)
+			}
 			if missed {
 				missBytes.Add(float64(n))
 			} else {
 				hitBytes.Add(float64(n))
 			}
-			return b.data, b.splice.RUnlock, nil
+			return f, fileOff, b.splice.RUnlock, nil
 		}
 		b.splice.RUnlock()
 		waited, err := b.ensure(ctx, h.fetch, lo, hi, true)
 		if err != nil {
-			return nil, nil, err
+			return nil, 0, nil, err
 		}
 		missed = missed || waited
 	}
@@ -431,26 +448,6 @@ func (h *Blob) Verify(ctx context.Context) error {
 	return nil
 }
 
-// File returns a read-only file of the content once it is Complete (for
-// FUSE passthrough); ok is false otherwise. The file belongs to the handle
-// and is closed by Close. Reads through it bypass the cache's checks.
-func (h *Blob) File() (*os.File, bool) {
-	if h.closed.Load() || !h.b.complete.Load() {
-		return nil, false
-	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.file == nil {
-		f, err := os.Open(h.b.s.blobPath(h.b.key) + ".data")
-		if err != nil {
-			slog.Warn("cache: open blob file", "key", h.b.key, "err", err)
-			return nil, false
-		}
-		h.file = f
-	}
-	return h.file, true
-}
-
 // Close releases the handle.
 func (h *Blob) Close() error {
 	if h.closed.Swap(true) {
@@ -508,7 +505,7 @@ func (b *blob) shutdown() error {
 	err := b.flush()
 	b.recMu.Lock()
 	b.recClosed = true
-	err = errors.Join(err, b.rec.Close(), b.data.Close())
+	err = errors.Join(err, b.rec.Close(), b.st.close())
 	b.recMu.Unlock()
 	return err
 }
@@ -604,7 +601,7 @@ func (b *blob) run(ctx context.Context, fetch FetchFunc, fl *flight) error {
 	err := fetch(ctx, buf, off)
 	if err != nil {
 		err = fmt.Errorf("cache: fetch %s [%d, %d): %w", b.key, off, end, err)
-	} else if _, werr := b.data.WriteAt(buf, off); werr != nil {
+	} else if _, werr := b.st.WriteAt(buf, off); werr != nil {
 		err = fmt.Errorf("cache: store %s [%d, %d): %w", b.key, off, end, werr)
 	}
 	var recs []byte
@@ -670,7 +667,7 @@ func (b *blob) flush() error {
 	if len(p) == 0 || b.recClosed {
 		return nil
 	}
-	if err := unix.Fdatasync(int(b.data.Fd())); err != nil {
+	if err := b.st.sync(); err != nil {
 		return fmt.Errorf("cache: sync %s: %w", b.key, err)
 	}
 	if _, err := b.rec.Write(p); err != nil {
@@ -712,7 +709,7 @@ func (b *blob) verifyChunk(i int) error {
 	bufp := b.s.getBuf()
 	defer b.s.putBuf(bufp)
 	buf := (*bufp)[:b.chunkLen(i)]
-	if _, err := b.data.ReadAt(buf, int64(i)*b.chunk); err != nil {
+	if _, err := b.st.ReadAt(buf, int64(i)*b.chunk); err != nil {
 		return fmt.Errorf("cache: read blob %s chunk %d: %w", b.key, i, err)
 	}
 	got := checksum(buf)
@@ -842,7 +839,7 @@ func (b *blob) hash(ctx context.Context) (digest.Digest, error) {
 			return "", err
 		}
 		n := min(int64(len(buf)), b.size-off)
-		if _, err := b.data.ReadAt(buf[:n], off); err != nil {
+		if _, err := b.st.ReadAt(buf[:n], off); err != nil {
 			return "", fmt.Errorf("cache: hash blob %s: %w", b.key, err)
 		}
 		for i := int(off / b.chunk); i <= int((off+n-1)/b.chunk); i++ {

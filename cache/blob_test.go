@@ -66,7 +66,7 @@ func TestReadMissThenHit(t *testing.T) {
 	}
 	readAll(t, b, data, 3000)
 	verify(t, b)
-	if f, ok := b.File(); !ok {
+	if f, ok := b.FileOf(0, b.Size()); !ok {
 		t.Fatal("File of a complete blob not available")
 	} else if got, err := io.ReadAll(f); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("File content differs (%v)", err)
@@ -215,7 +215,7 @@ func TestRestartFetchesNothing(t *testing.T) {
 	if !b.Complete() {
 		t.Fatal("complete blob not Complete after restart")
 	}
-	if _, ok := b.File(); !ok {
+	if _, ok := b.FileOf(0, b.Size()); !ok {
 		t.Fatal("no File after restart")
 	}
 	readAll(t, b, data, 10000)
@@ -427,7 +427,7 @@ func TestInvalidateRefetchesAndPersists(t *testing.T) {
 	if b.Present(testChunk, 1) || b.Complete() || b.CachedBytes() != 3*testChunk {
 		t.Fatal("Invalidate did not drop chunk 1")
 	}
-	if _, ok := b.File(); ok {
+	if _, ok := b.FileOf(0, b.Size()); ok {
 		t.Fatal("File of an incomplete blob")
 	}
 	b.Close()
@@ -791,19 +791,19 @@ func TestReadFileServesCheckedBytes(t *testing.T) {
 	src := newSource(data)
 	b, _ := s.Blob(key, int64(len(data)), src.fetch)
 	off, n := int64(testChunk+5), int64(2*testChunk)
-	f, release, err := b.ReadFile(context.Background(), off, n)
+	f, fileOff, release, err := b.ReadFile(context.Background(), off, n)
 	if err != nil {
 		t.Fatal(err)
 	}
 	got := make([]byte, n)
-	if _, err := f.ReadAt(got, off); err != nil || !bytes.Equal(got, data[off:off+n]) {
+	if _, err := f.ReadAt(got, fileOff); err != nil || !bytes.Equal(got, data[off:off+n]) {
 		t.Fatalf("file bytes at %d differ from the content (err %v)", off, err)
 	}
 	release()
 	if len(src.Calls()) == 0 {
 		t.Fatal("ReadFile of a cold range fetched nothing")
 	}
-	if _, _, err := b.ReadFile(context.Background(), int64(len(data)), 1); err != io.EOF {
+	if _, _, _, err := b.ReadFile(context.Background(), int64(len(data)), 1); err != io.EOF {
 		t.Fatalf("ReadFile at the end: %v, want io.EOF", err)
 	}
 	b.Close()
@@ -813,10 +813,10 @@ func TestReadFileServesCheckedBytes(t *testing.T) {
 	s = openStore(t, dir, testOptions())
 	src = newSource(data)
 	b = openBlob(t, s, key, int64(len(data)), src.fetch)
-	if f, release, err = b.ReadFile(context.Background(), off, n); err != nil {
+	if f, fileOff, release, err = b.ReadFile(context.Background(), off, n); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := f.ReadAt(got, off); err != nil || !bytes.Equal(got, data[off:off+n]) {
+	if _, err := f.ReadAt(got, fileOff); err != nil || !bytes.Equal(got, data[off:off+n]) {
 		t.Fatal("after corruption on disk, ReadFile handed out wrong bytes")
 	}
 	release()

@@ -9,6 +9,7 @@
 //
 //	blobs/<alg>/<hex>.data   sparse content of a Blob
 //	blobs/<alg>/<hex>.rec    which chunks of it are present (see records.go)
+//	blobs/<alg>/<hex>.seg/   ranges of it kept in files of their own (segment.go)
 //	streams/<alg>/<hex>      a sealed Stream
 //	streams/tmp/*.partial    Streams being written (deleted at Open)
 //	meta/<name>              records of PutMeta
@@ -201,12 +202,12 @@ func (s *Store) scan() error {
 			name := f.Name()
 			hex, ok := strings.CutSuffix(name, ".rec")
 			if !ok {
-				if hex, ok := strings.CutSuffix(name, ".data"); ok {
+				if hex, ok := cutDataSuffix(name); ok {
 					if _, err := os.Stat(filepath.Join(adir, hex+".rec")); err == nil {
 						continue
 					}
 				}
-				os.Remove(filepath.Join(adir, name)) // orphan or temporary
+				os.RemoveAll(filepath.Join(adir, name)) // orphan or temporary
 				continue
 			}
 			key := digest.NewDigestFromEncoded(digest.Algorithm(a.Name()), hex)
@@ -215,6 +216,7 @@ func (s *Store) scan() error {
 			if err != nil || key.Validate() != nil || !valid {
 				os.Remove(filepath.Join(adir, name))
 				os.Remove(filepath.Join(adir, hex+".data"))
+				os.RemoveAll(segmentDir(filepath.Join(adir, hex)))
 				continue
 			}
 			e := &entry{entryKey: entryKey{kindBlob, key}}
@@ -366,11 +368,21 @@ func (s *Store) removeLocked(e *entry) {
 		// The records go first: data without records is never trusted.
 		os.Remove(base + ".rec")
 		os.Remove(base + ".data")
+		os.RemoveAll(segmentDir(base))
 	case kindStream:
 		os.Remove(s.streamPath(e.key))
 	}
 	s.usage.Add(-e.bytes.Load())
 	delete(s.entries, e.entryKey)
+}
+
+// cutDataSuffix returns the key of a blob's data file or segment
+// directory.
+func cutDataSuffix(name string) (string, bool) {
+	if hex, ok := strings.CutSuffix(name, ".data"); ok {
+		return hex, true
+	}
+	return strings.CutSuffix(name, ".seg")
 }
 
 func (s *Store) blobPath(key digest.Digest) string {

@@ -47,6 +47,13 @@ type Options struct {
 	// length) before it is served, so a read-ahead engine can prefetch.
 	// It runs on the read path and must not block.
 	OnRead func(e *layer.Entry, off, n int64)
+	// Passthrough, if set, is asked at the open of a regular file for a
+	// local file holding exactly its content. When it returns one, the
+	// kernel reads that file directly (FUSE passthrough, Linux ≥ 6.9) and
+	// this process sees no reads of the open file; the file's content
+	// must stay in place for as long as the mount lives. Where the kernel
+	// cannot pass through, files are served as if it were unset.
+	Passthrough func(e *layer.Entry) (*os.File, bool)
 }
 
 // Mount is a layer mounted with MountLayer.
@@ -75,7 +82,7 @@ func MountLayer(ctx context.Context, l layer.Layer, mountpoint string, opt Optio
 		return nil, fmt.Errorf("mount layer %s: root is not a directory", opt.Name)
 	}
 	log := slog.Default().With("layer", opt.Name)
-	state := &fsys{layer: l, name: opt.Name, onRead: opt.OnRead, log: log}
+	state := &fsys{layer: l, name: opt.Name, onRead: opt.OnRead, passthrough: opt.Passthrough, log: log}
 	state.files, _ = l.(layer.FileReader)
 	root := &node{fs: state, e: rootEntry}
 
@@ -133,6 +140,10 @@ func MountLayer(ctx context.Context, l layer.Layer, mountpoint string, opt Optio
 	}
 	m.dev = st.Dev
 	m.raiseReadAhead()
+	if state.passthrough != nil && server.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH == 0 {
+		log.Info("kernel has no FUSE passthrough; cached files are served through the daemon")
+		state.noPassthrough.Store(true)
+	}
 	return m, nil
 }
 

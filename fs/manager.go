@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -64,7 +65,15 @@ type Config struct {
 	// NoBackgroundFill disables fetching whole layers into the cache
 	// after they are mounted.
 	NoBackgroundFill bool
+	// NoPassthrough serves every read through the daemon, even of files
+	// the cache holds whole (see Options.Passthrough).
+	NoPassthrough bool
 }
+
+// passthroughMin is the smallest file that gets a cache file of its own,
+// to be passed through once cached: weight files, not the many small ones,
+// whose reads the page cache absorbs anyway.
+const passthroughMin = 4 << 20
 
 // sharedLayer is one opened layer.
 type sharedLayer struct {
@@ -225,7 +234,10 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 	opener := func(ctx context.Context) (io.ReadCloser, error) {
 		return rb.Open(remote.WithReason(ctx, "stream"), 0)
 	}
-	src := readAround{Blob: blob, sched: m.sched, span: m.cfg.Prefetch.SpanSize}
+	// The index is read without read-ahead: the spans around tar headers
+	// would land in the data file just before segment moves them out.
+	src := &readAround{Blob: blob, sched: m.sched, span: m.cfg.Prefetch.SpanSize}
+	src.noAhead.Store(true)
 	l, err := layer.Open(ctx, desc, src, opener, streamStore{m.store}, m.store)
 	if err != nil {
 		cancel()
@@ -238,6 +250,10 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 	sl := &sharedLayer{desc: desc, blob: blob, layer: l, cancel: cancel, seq: make(map[uint64][]*stream),
 		used: make(chan struct{}), filled: make(chan struct{})}
 	sl.contig, _ = l.(layer.Contiguous)
+	if !m.cfg.NoPassthrough {
+		sl.segment()
+	}
+	src.noAhead.Store(false)
 	if m.cfg.NoBackgroundFill || !layer.RandomAccess(l) {
 		close(sl.filled)
 	} else {
@@ -253,6 +269,36 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 		}()
 	}
 	return sl, nil
+}
+
+// segment gives each large file of a contiguous layer a cache file of its
+// own, so that it can be passed through once the blob is verified. A file
+// that cannot get one (see cache.ErrSegment) is served through the daemon.
+func (sl *sharedLayer) segment() {
+	if sl.contig == nil {
+		return
+	}
+	for _, f := range sl.contig.Files() {
+		if f.Len < passthroughMin {
+			continue
+		}
+		if err := sl.blob.Segment(f.Off, f.Len); err != nil {
+			slog.Debug("no passthrough for file", "layer", sl.desc.Digest, "file", f.Name, "err", err)
+		}
+	}
+}
+
+// passthroughFile returns the cache file holding exactly e's content, once
+// the layer's blob is verified.
+func (sl *sharedLayer) passthroughFile(e *layer.Entry) (*os.File, bool) {
+	if sl.contig == nil || e.Size < passthroughMin {
+		return nil, false
+	}
+	r, ok := sl.contig.DataRange(e)
+	if !ok {
+		return nil, false
+	}
+	return sl.blob.FileOf(r.Off, r.Len)
 }
 
 // stream is one reader of a file, as far as read-ahead can tell.
@@ -396,6 +442,9 @@ func (m *Manager) MountLayer(ctx context.Context, mountpoint, imageRef string, d
 	}
 	opt := Options{Name: "weightsnap:" + d.String()}
 	opt.OnRead = func(e *layer.Entry, off, n int64) { m.onRead(sl, e, off, n) }
+	if !m.cfg.NoPassthrough {
+		opt.Passthrough = sl.passthroughFile
+	}
 	mnt, err := MountLayer(ctx, sl.layer, mountpoint, opt)
 	if err != nil {
 		m.release(d)
@@ -559,14 +608,15 @@ func (im *ImageMount) Unmount() error {
 // and leave the rest of the span to the scheduler.
 type readAround struct {
 	*cache.Blob
-	sched *prefetch.Scheduler
-	span  int64
+	sched   *prefetch.Scheduler
+	span    int64
+	noAhead atomic.Bool // fetch only what is read
 }
 
 // smallRead is the largest read served before the rest of its span.
 const smallRead = 64 << 10
 
-func (r readAround) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+func (r *readAround) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	done, err := r.around(ctx, off, int64(len(p)))
 	defer done()
 	if err != nil {
@@ -575,17 +625,17 @@ func (r readAround) ReadAt(ctx context.Context, p []byte, off int64) (int, error
 	return r.Blob.ReadAt(ctx, p, off)
 }
 
-func (r readAround) ReadFile(ctx context.Context, off, n int64) (*os.File, func(), error) {
+func (r *readAround) ReadFile(ctx context.Context, off, n int64) (*os.File, int64, func(), error) {
 	done, err := r.around(ctx, off, n)
 	defer done()
 	if err != nil {
-		return nil, nil, err
+		return nil, 0, nil, err
 	}
 	return r.Blob.ReadFile(ctx, off, n)
 }
 
-func (r readAround) around(ctx context.Context, off, n int64) (done func(), err error) {
-	if r.Present(off, n) {
+func (r *readAround) around(ctx context.Context, off, n int64) (done func(), err error) {
+	if r.Present(off, n) || r.noAhead.Load() {
 		return func() {}, nil
 	}
 	demandDone := r.sched.Demand()

@@ -6,6 +6,7 @@ import (
 	"io"
 	iofs "io/fs"
 	"log/slog"
+	"os"
 	"path"
 	"sync"
 	"sync/atomic"
@@ -36,6 +37,10 @@ const (
 var (
 	readLatencyOK    = metrics.ReadLatency.WithLabelValues("ok")
 	readLatencyError = metrics.ReadLatency.WithLabelValues("error")
+	opensPassthrough = metrics.FileOpens.WithLabelValues("passthrough")
+	opensFUSE        = metrics.FileOpens.WithLabelValues("fuse")
+	openPassthrough  = metrics.OpenFiles.WithLabelValues("passthrough")
+	openFUSE         = metrics.OpenFiles.WithLabelValues("fuse")
 )
 
 // fsys is the state shared by every node of one mount. It is written once
@@ -48,9 +53,14 @@ type fsys struct {
 	// files is set when the layer can hand out the local file holding a
 	// read's bytes: reads are then spliced from the node cache into FUSE
 	// without passing through this process's memory.
-	files   layer.FileReader
-	log     *slog.Logger
-	mounted time.Time
+	files layer.FileReader
+	// passthrough finds a local file holding a regular file's content
+	// (Options.Passthrough); noPassthrough is set once the kernel is
+	// known not to support it.
+	passthrough   func(e *layer.Entry) (*os.File, bool)
+	noPassthrough atomic.Bool
+	log           *slog.Logger
+	mounted       time.Time
 
 	// firstRead flips once, on the first successful content read, to
 	// record the mount's time to first read.
@@ -64,6 +74,13 @@ type node struct {
 	gofs.Inode
 	fs *fsys
 	e  *layer.Entry
+
+	// The kernel fails the open of a file in passthrough mode while it is
+	// open in caching mode, and the other way round, so every open of a
+	// node is of the mode of those still open.
+	openMu      sync.Mutex
+	cachedOpens int // open handles served by Read
+	passOpens   int // open handles the kernel reads from a local file
 }
 
 var (
@@ -182,8 +199,9 @@ func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
 	return 0
 }
 
-// Open allows reading only. The page cache is kept across opens because
-// the content of a layer never changes.
+// Open allows reading only. A file whose content is all in a local file
+// is passed through to it; otherwise the page cache is kept across opens,
+// because the content of a layer never changes.
 func (n *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
 	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND|syscall.O_CREAT) != 0 {
 		return nil, 0, syscall.EROFS
@@ -191,7 +209,66 @@ func (n *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32,
 	if n.e.Type != layer.TypeReg {
 		return nil, 0, syscall.EINVAL
 	}
-	return nil, fuse.FOPEN_KEEP_CACHE, 0
+	n.openMu.Lock()
+	defer n.openMu.Unlock()
+	if n.passOpens > 0 {
+		// go-fuse reuses the backing file registered by the first.
+		n.passOpens++
+		opensPassthrough.Inc()
+		openPassthrough.Inc()
+		return &passthroughHandle{n: n}, 0, 0
+	}
+	if n.cachedOpens == 0 && n.fs.passthrough != nil && !n.fs.noPassthrough.Load() {
+		if f, ok := n.fs.passthrough(n.e); ok {
+			n.passOpens++
+			opensPassthrough.Inc()
+			openPassthrough.Inc()
+			return &passthroughHandle{n: n, f: f}, 0, 0
+		}
+	}
+	n.cachedOpens++
+	opensFUSE.Inc()
+	openFUSE.Inc()
+	return &cachedHandle{n: n}, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+// passthroughHandle is an open file the kernel reads from f itself.
+type passthroughHandle struct {
+	n *node
+	f *os.File
+}
+
+var (
+	_ = (gofs.FilePassthroughFder)((*passthroughHandle)(nil))
+	_ = (gofs.FileReleaser)((*passthroughHandle)(nil))
+)
+
+// PassthroughFd is asked by go-fuse for the first passthrough open of a
+// node only; the kernel keeps its own reference to the file.
+func (h *passthroughHandle) PassthroughFd() (int, bool) {
+	if h.f == nil {
+		return 0, false
+	}
+	return int(h.f.Fd()), true
+}
+
+func (h *passthroughHandle) Release(ctx context.Context) syscall.Errno {
+	h.n.openMu.Lock()
+	h.n.passOpens--
+	h.n.openMu.Unlock()
+	openPassthrough.Dec()
+	return 0
+}
+
+// cachedHandle is an open file served by Read.
+type cachedHandle struct{ n *node }
+
+func (h *cachedHandle) Release(ctx context.Context) syscall.Errno {
+	h.n.openMu.Lock()
+	h.n.cachedOpens--
+	h.n.openMu.Unlock()
+	openFUSE.Dec()
+	return 0
 }
 
 // Read fills go-fuse's own (pooled) request buffer from the layer and

@@ -47,6 +47,20 @@ var (
 		Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
 	}, []string{"result"})
 
+	// FileOpens counts opens of files, by how their reads are served:
+	// "passthrough" (the kernel reads the cache file itself) or "fuse".
+	FileOpens = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: ns, Name: "file_opens_total",
+		Help: "File opens, by how reads are served (passthrough or fuse).",
+	}, []string{"mode"})
+
+	// OpenFiles is the number of files open, by mode as in FileOpens. A
+	// close reaches the daemon asynchronously, shortly after the caller's.
+	OpenFiles = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: ns, Name: "open_files",
+		Help: "Files open, by how reads are served (passthrough or fuse).",
+	}, []string{"mode"})
+
 	// LayerFetchedBytes and LayerSizeBytes give the background-fetch
 	// progress of each layer, by layer digest.
 	LayerFetchedBytes = prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -70,7 +84,7 @@ var Registry = prometheus.NewRegistry()
 
 func init() {
 	Registry.MustRegister(RegistryBytes, RegistryRequests, CacheBytes, CacheEvictedBytes,
-		ReadLatency, LayerFetchedBytes, LayerSizeBytes, TimeToFirstRead,
+		ReadLatency, FileOpens, OpenFiles, LayerFetchedBytes, LayerSizeBytes, TimeToFirstRead,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 }
 

@@ -53,6 +53,10 @@ type CacheConfig struct {
 	// MaxBytes bounds the cache; least recently used data no open file
 	// needs is evicted beyond it. 0 means unbounded.
 	MaxBytes int64 `toml:"max_bytes"`
+	// Passthrough lets the kernel read large files the cache holds whole
+	// and verified straight from the cache (FUSE passthrough, Linux ≥ 6.9),
+	// without a round trip through the daemon.
+	Passthrough bool `toml:"passthrough"`
 }
 
 // RegistryConfig configures registry access.
@@ -73,6 +77,7 @@ func defaultConfig() Config {
 		Address:  "/run/weightsnap/weightsnap.sock",
 		LogLevel: "info",
 		Registry: RegistryConfig{ConfigPath: "/etc/containerd/certs.d"},
+		Cache:    CacheConfig{Passthrough: true},
 		Fetch: FetchConfig{
 			Workers:           prefetch.DefaultWorkers,
 			SpanBytes:         prefetch.DefaultSpanSize,

@@ -28,6 +28,7 @@ func newMounter(ctx context.Context, cacheDir string, cc CacheConfig, fc FetchCo
 		},
 		MaxReadAhead:     fc.MaxReadAheadBytes,
 		NoBackgroundFill: !fc.BackgroundFill,
+		NoPassthrough:    !cc.Passthrough,
 	})
 	return m, func() error {
 		err := m.Close()

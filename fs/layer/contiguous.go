@@ -55,11 +55,11 @@ func (l *tarLayer) Files() []FileRange {
 }
 
 // FileSource is optionally implemented by a Source that can make a range
-// present and hand out the local file holding it, at the same offsets,
-// instead of copying the bytes out (the node cache does).
+// present and hand out the local file holding it, and the range's offset
+// in that file, instead of copying the bytes out (the node cache does).
 // The bytes stay in place until release is called.
 type FileSource interface {
-	ReadFile(ctx context.Context, off, n int64) (f *os.File, release func(), err error)
+	ReadFile(ctx context.Context, off, n int64) (f *os.File, fileOff int64, release func(), err error)
 }
 
 // FileReader is implemented by layers that can serve a read of a regular
@@ -87,9 +87,9 @@ func (l *tarLayer) ReadFile(ctx context.Context, e *Entry, off int64, n int) (*o
 		return nil, 0, 0, nil, io.EOF
 	}
 	length := int(min(int64(n), e.Size-off))
-	f, release, err := fsrc.ReadFile(ctx, base+off, int64(length))
+	f, fileOff, release, err := fsrc.ReadFile(ctx, base+off, int64(length))
 	if err != nil {
 		return nil, 0, 0, nil, fmt.Errorf("read %q at %d: %w", e.Name, off, err)
 	}
-	return f, base + off, length, release, nil
+	return f, fileOff, length, release, nil
 }
