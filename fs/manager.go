@@ -368,7 +368,16 @@ func (m *Manager) fill(ctx context.Context, sl *sharedLayer) {
 	progress(0)
 	if err != nil {
 		slog.Warn("background fill stopped", "layer", label, "err", err)
+		return
 	}
+	// Hashing the whole blob may still be running.
+	if err := sl.blob.Verify(ctx); err != nil {
+		if ctx.Err() == nil {
+			slog.Warn("layer not verified", "layer", label, "err", err)
+		}
+		return
+	}
+	metrics.LayerVerified.WithLabelValues(label).Set(1)
 }
 
 // onRead marks the layer used (starting its background fill) and starts
@@ -398,6 +407,7 @@ func (m *Manager) closeLayer(sl *sharedLayer) {
 	label := sl.desc.Digest.String()
 	metrics.LayerSizeBytes.DeleteLabelValues(label)
 	metrics.LayerFetchedBytes.DeleteLabelValues(label)
+	metrics.LayerVerified.DeleteLabelValues(label)
 	m.sched.Forget(sl.blob)
 	if err := sl.layer.Close(); err != nil {
 		slog.Warn("closing layer", "layer", sl.desc.Digest, "err", err)

@@ -92,7 +92,7 @@ func writeJSON(path string, r benchResult) error {
 var chartStyle = map[string]string{
 	"get-cold": "#4e79a7", "get-warm": "#a0cbe8", "get-proxy-cold": "#76b7b2",
 	"local-cold": "#79706e", "local-warm": "#bab0ac",
-	"overlayfs": "#f28e2b", "ws-cold": "#e15759", "ws-warm": "#59a14f", "ws-cached": "#b07aa1",
+	"overlayfs": "#f28e2b", "ws-cold": "#e15759", "ws-warm": "#59a14f", "ws-cached": "#b07aa1", "ws-host-warm": "#8cd17d",
 }
 
 // writeSVG draws every path's bytes read over time, each from its own

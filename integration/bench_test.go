@@ -231,24 +231,61 @@ func BenchmarkModelPull(b *testing.B) {
 
 	// 5. A second pod while everything is warm, and a third after the
 	// page cache was dropped (weightsnap's cache holds the model on disk).
+	// Both start once weightsnap has verified the layers the cold pod
+	// read, when their large files are passed through to the cache.
+	t0 = time.Now()
+	if err := ws.waitVerified(ctx, weightDigests(layersA)); err != nil {
+		b.Fatal(err)
+	}
+	step("layers verified after the cold read", t0)
 	for _, c := range []struct {
 		key, name, note string
 		drop            bool
 	}{
-		{"ws-warm", "weightsnap CRI, warm re-read", "a new pod (image present, no pull) right after the cold one; clock from RunPodSandbox; weightsnap cache and page cache warm", false},
+		{"ws-warm", "weightsnap CRI, warm re-read", "a new pod (image present, no pull) once weightsnap has verified the layers (large files passed through); clock from RunPodSandbox; weightsnap cache and page cache warm", false},
 		{"ws-cached", "weightsnap CRI, cache on disk", "a new pod (image present, no pull); clock from RunPodSandbox; weightsnap cache full, page cache dropped", true},
 	} {
 		if c.drop {
 			drop()
+		}
+		opens, err := ws.metric(ctx, passthroughOpensSeries)
+		if err != nil {
+			b.Fatal(err)
 		}
 		p, err := runReaderPod(b, ctx, rt, logs, tools.Ref, "bench-b", c.key, refA, volFiles)
 		if err != nil {
 			b.Fatal(err)
 		}
 		removePod(b, rt, p.pod)
-		bp := podPath(c.key, c.name, c.note, p.sandboxStart, time.Time{}, p)
+		after, err := ws.metric(ctx, passthroughOpensSeries)
+		if err != nil {
+			b.Fatal(err)
+		}
+		note := fmt.Sprintf("%s; %.0f of %d weight files opened with passthrough", c.note, after-opens, len(ma.weights))
+		bp := podPath(c.key, c.name, note, p.sandboxStart, time.Time{}, p)
 		paths = append(paths, bp)
 	}
+	// The same reader as "local file, warm", on the host, through
+	// weightsnap's layer mounts: the one difference is the file system.
+	hostFiles, err := filesInMounts(mountsUnder(b, ws.root), ma.modelFiles(""))
+	if err != nil {
+		b.Fatal(err)
+	}
+	opens, err := ws.metric(ctx, passthroughOpensSeries)
+	if err != nil {
+		b.Fatal(err)
+	}
+	tr, err = runTool(ctx, toolPath, append([]string{"read"}, hostFiles...)...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	after, err := ws.metric(ctx, passthroughOpensSeries)
+	if err != nil {
+		b.Fatal(err)
+	}
+	paths = append(paths, newBenchPath("ws-host-warm", "weightsnap mount, warm (host)",
+		fmt.Sprintf("the layer mounts weightsnapd made for the image, read by the tool on the host as the local file; clock from the reader's start; page cache warm; %.0f of %d weight files opened with passthrough", after-opens, len(ma.weights)),
+		tr.start, tr))
 	r.Paths = paths
 
 	// 6. Eight pods in two namespaces through two tags of another model
@@ -388,8 +425,10 @@ func benchTargets(r benchResult) []benchTarget {
 				p["ws-cold"].EndToEndMBps, p["get-cold"].EndToEndMBps, p["ws-cold"].EndToEndMBps/p["get-cold"].EndToEndMBps, p["ws-cold"].ReadMBps)),
 		atMost("cold time to last byte", "≤ full pull's", p["ws-cold"].LastByte, p["overlayfs"].LastByte,
 			fmt.Sprintf("%.2f s vs %.2f s", p["ws-cold"].LastByte, p["overlayfs"].LastByte)),
-		atLeast("warm re-read throughput", "≥ 0.9 × local file, warm", p["ws-warm"].ReadMBps, 0.9*p["local-warm"].ReadMBps,
-			fmt.Sprintf("%.0f vs %.0f MB/s (%.2f×); both with the page cache warm", p["ws-warm"].ReadMBps, p["local-warm"].ReadMBps, p["ws-warm"].ReadMBps/p["local-warm"].ReadMBps)),
+		atLeast("warm re-read throughput", "≥ 0.9 × local file, warm", p["ws-host-warm"].ReadMBps, 0.9*p["local-warm"].ReadMBps,
+			fmt.Sprintf("%.0f vs %.0f MB/s (%.2f×), the same reader on the host, page cache warm; in pods: weightsnap %.0f, overlayfs %.0f MB/s (%.2f×)",
+				p["ws-host-warm"].ReadMBps, p["local-warm"].ReadMBps, p["ws-host-warm"].ReadMBps/p["local-warm"].ReadMBps,
+				p["ws-warm"].ReadMBps, p["overlayfs"].ReadMBps, p["ws-warm"].ReadMBps/p["overlayfs"].ReadMBps)),
 		atMost("registry bytes, 8 pods", "≤ 1.02 × model", r.Shared.Ratio, 1.02,
 			fmt.Sprintf("%s served for %s", gib(r.Shared.RegistryBytes), gib(r.Shared.ModelBytes))),
 		atMost("cache on disk", "≤ 1.02 × data", r.Cache.Ratio, 1.02,
@@ -453,6 +492,29 @@ func layersSize(layers []v1.Descriptor) int64 {
 	}
 	return n
 }
+
+// filesInMounts returns, for each path relative to a layer's root, where
+// it is found under one of mounts.
+func filesInMounts(mounts, rels []string) ([]string, error) {
+	var out []string
+	for _, rel := range rels {
+		found := ""
+		for _, mp := range mounts {
+			if _, err := os.Stat(filepath.Join(mp, rel)); err == nil {
+				found = filepath.Join(mp, rel)
+				break
+			}
+		}
+		if found == "" {
+			return nil, fmt.Errorf("%s is in none of weightsnapd's mounts %v", rel, mounts)
+		}
+		out = append(out, found)
+	}
+	return out, nil
+}
+
+// passthroughOpensSeries is the series counting opens the kernel passes through.
+const passthroughOpensSeries = `weightsnap_file_opens_total{mode="passthrough"}`
 
 // servedBytes sums what the proxy has served of the layers' blobs.
 func servedBytes(p *testutil.Proxy, layers []v1.Descriptor) int64 {

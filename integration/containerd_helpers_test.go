@@ -13,8 +13,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -546,6 +548,7 @@ func pushImage(t testing.TB, addr, repoTag string, entrypoint []string, layers .
 // weightsnapd is a running weightsnapd.
 type weightsnapd struct {
 	bin, root, sock, config, log string
+	metrics                      string // host:port of /metrics
 	proc                         *process
 }
 
@@ -561,7 +564,8 @@ func startWeightsnapd(t testing.TB, root, hostsDir string) *weightsnapd {
 		config: filepath.Join(root, "weightsnapd.toml"),
 		log:    filepath.Join(root, "weightsnapd.log"),
 	}
-	cfg := fmt.Sprintf("log_level = \"debug\"\n[registry]\nconfig_path = %q\n", hostsDir)
+	w.metrics = freeLoopbackAddr(t)
+	cfg := fmt.Sprintf("log_level = \"debug\"\nmetrics_address = %q\n[registry]\nconfig_path = %q\n", w.metrics, hostsDir)
 	if err := os.WriteFile(w.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -585,6 +589,74 @@ func startWeightsnapd(t testing.TB, root, hostsDir string) *weightsnapd {
 	})
 	w.start(t)
 	return w
+}
+
+// freeLoopbackAddr returns a loopback host:port that was free a moment ago.
+func freeLoopbackAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// waitVerified waits until weightsnapd reports every layer in digests
+// cached whole and verified (weightsnap_layer_verified).
+func (w *weightsnapd) waitVerified(ctx context.Context, digests []string) error {
+	for {
+		body, err := httpGet(ctx, "http://"+w.metrics+"/metrics")
+		if err == nil {
+			missing := 0
+			for _, d := range digests {
+				if !strings.Contains(body, fmt.Sprintf("weightsnap_layer_verified{layer=%q} 1", d)) {
+					missing++
+				}
+			}
+			if missing == 0 {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for weightsnapd to verify %d layers: %w (last scrape error: %v)", len(digests), ctx.Err(), err)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// metric returns the value of the sample named series (name and labels,
+// as in the text format) from weightsnapd's /metrics; 0 if absent.
+func (w *weightsnapd) metric(ctx context.Context, series string) (float64, error) {
+	body, err := httpGet(ctx, "http://"+w.metrics+"/metrics")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(body, "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			return strconv.ParseFloat(strings.TrimSpace(v), 64)
+		}
+	}
+	return 0, nil
+}
+
+// httpGet returns the body of a GET of url.
+func httpGet(ctx context.Context, url string) (string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err == nil && resp.StatusCode != http.StatusOK {
+		err = fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return string(b), err
 }
 
 // managerPID returns the pid of weightsnapd's FUSE manager, or 0.

@@ -72,6 +72,14 @@ var (
 		Help: "Size of a layer's content.",
 	}, []string{"layer"})
 
+	// LayerVerified is 1 once a mounted layer is in the cache whole and
+	// verified against its digest: its large files are then passed
+	// through.
+	LayerVerified = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: ns, Name: "layer_verified",
+		Help: "1 once a layer is cached whole and verified against its digest.",
+	}, []string{"layer"})
+
 	// TimeToFirstRead is the time from mount to the first file read, per mount.
 	TimeToFirstRead = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: ns, Name: "time_to_first_read_seconds",
@@ -84,7 +92,7 @@ var Registry = prometheus.NewRegistry()
 
 func init() {
 	Registry.MustRegister(RegistryBytes, RegistryRequests, CacheBytes, CacheEvictedBytes,
-		ReadLatency, FileOpens, OpenFiles, LayerFetchedBytes, LayerSizeBytes, TimeToFirstRead,
+		ReadLatency, FileOpens, OpenFiles, LayerFetchedBytes, LayerSizeBytes, LayerVerified, TimeToFirstRead,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 }
 
