@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -234,10 +233,11 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 	opener := func(ctx context.Context) (io.ReadCloser, error) {
 		return rb.Open(remote.WithReason(ctx, "stream"), 0)
 	}
-	// The index is read without read-ahead: the spans around tar headers
-	// would land in the data file just before segment moves them out.
-	src := &readAround{Blob: blob, sched: m.sched, span: m.cfg.Prefetch.SpanSize}
-	src.noAhead.Store(true)
+	// Read-ahead around the tar headers read to build the index waits
+	// until segment has given the large files their own cache files, so
+	// that their first spans are not written to the data file only to be
+	// moved.
+	src := &readAround{Blob: blob, sched: m.sched, span: m.cfg.Prefetch.SpanSize, deferring: true}
 	l, err := layer.Open(ctx, desc, src, opener, streamStore{m.store}, m.store)
 	if err != nil {
 		cancel()
@@ -253,7 +253,7 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 	if !m.cfg.NoPassthrough {
 		sl.segment()
 	}
-	src.noAhead.Store(false)
+	src.startReadAhead()
 	if m.cfg.NoBackgroundFill || !layer.RandomAccess(l) {
 		close(sl.filled)
 	} else {
@@ -618,9 +618,41 @@ func (im *ImageMount) Unmount() error {
 // and leave the rest of the span to the scheduler.
 type readAround struct {
 	*cache.Blob
-	sched   *prefetch.Scheduler
-	span    int64
-	noAhead atomic.Bool // fetch only what is read
+	sched *prefetch.Scheduler
+	span  int64
+
+	mu        sync.Mutex
+	deferring bool             // read-ahead is held back (see startReadAhead)
+	deferred  []prefetch.Range // and these spans wait for it
+}
+
+// readAhead queues rg for the scheduler, or keeps it for startReadAhead.
+func (r *readAround) readAhead(rg prefetch.Range) {
+	r.mu.Lock()
+	if r.deferring {
+		r.deferred = append(r.deferred, rg)
+		r.mu.Unlock()
+		return
+	}
+	r.mu.Unlock()
+	r.sched.ReadAhead(r.Blob, rg)
+}
+
+// startReadAhead ends the deferral and queues the spans held back.
+func (r *readAround) startReadAhead() {
+	r.mu.Lock()
+	held := r.deferred
+	r.deferring, r.deferred = false, nil
+	r.mu.Unlock()
+	for _, rg := range held {
+		r.sched.ReadAhead(r.Blob, rg)
+	}
+}
+
+func (r *readAround) isDeferring() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.deferring
 }
 
 // smallRead is the largest read served before the rest of its span.
@@ -645,7 +677,7 @@ func (r *readAround) ReadFile(ctx context.Context, off, n int64) (*os.File, int6
 }
 
 func (r *readAround) around(ctx context.Context, off, n int64) (done func(), err error) {
-	if r.Present(off, n) || r.noAhead.Load() {
+	if r.Present(off, n) {
 		return func() {}, nil
 	}
 	demandDone := r.sched.Demand()
@@ -656,9 +688,12 @@ func (r *readAround) around(ctx context.Context, off, n int64) (done func(), err
 		// fetch would take that chunk along and make the read wait for
 		// the whole span.
 		return func() {
-			r.sched.ReadAhead(r.Blob, prefetch.Range{Off: start, Len: end - start})
+			r.readAhead(prefetch.Range{Off: start, Len: end - start})
 			demandDone()
 		}, nil
+	}
+	if r.isDeferring() {
+		return demandDone, nil // the read fetches its own chunks
 	}
 	return demandDone, r.Blob.Fetch(ctx, start, end-start)
 }
