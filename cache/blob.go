@@ -39,9 +39,6 @@ type Blob struct {
 	b      *blob
 	fetch  FetchFunc
 	closed atomic.Bool
-
-	mu   sync.Mutex
-	file *os.File // File's result, closed with the handle
 }
 
 // blob is the shared state of one key.
@@ -376,6 +373,22 @@ func (h *Blob) Fetch(ctx context.Context, off, n int64) error {
 	return err
 }
 
+// Check makes [off, off+n) present and checks every chunk of it against
+// its checksum, as a read would, without reading it out: after a restart,
+// chunks are trusted only once checked in this process.
+func (h *Blob) Check(ctx context.Context, off, n int64) error {
+	if h.closed.Load() {
+		return ErrClosed
+	}
+	b := h.b
+	lo, hi, ok := b.chunkRange(off, n)
+	if !ok {
+		return nil
+	}
+	_, err := b.ensure(ctx, h.fetch, lo, hi, true)
+	return err
+}
+
 // chunkRange returns the chunks overlapping [off, off+n) ∩ [0, size).
 func (b *blob) chunkRange(off, n int64) (lo, hi int, ok bool) {
 	off = max(off, 0)
@@ -402,8 +415,9 @@ func (h *Blob) Complete() bool { return h.b.complete.Load() }
 
 // Invalidate drops the chunks overlapping [off, off+n), for a caller whose
 // own verifier (an eStargz chunk digest) found them wrong; the next read
-// fetches them again. A chunk being fetched is not affected. A file
-// returned by File before is not protected from the holes this leaves.
+// fetches them again. A chunk being fetched is not affected. Only layers
+// whose files are compressed chunks (eStargz) call it, never for a range
+// handed out by FileOf.
 func (h *Blob) Invalidate(off, n int64) {
 	b := h.b
 	lo, hi, ok := b.chunkRange(off, n)
@@ -445,6 +459,17 @@ func (h *Blob) Verify(ctx context.Context) error {
 			return r.err
 		}
 	}
+	// The run that completed the blob may still hold it (see verifyLoop).
+	b.mu.Lock()
+	r := b.vrun
+	b.mu.Unlock()
+	if r != nil {
+		select {
+		case <-r.done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	return nil
 }
 
@@ -453,15 +478,8 @@ func (h *Blob) Close() error {
 	if h.closed.Swap(true) {
 		return nil
 	}
-	h.mu.Lock()
-	var err error
-	if h.file != nil {
-		err = h.file.Close()
-		h.file = nil
-	}
-	h.mu.Unlock()
 	h.b.s.releaseBlob(h.b)
-	return err
+	return nil
 }
 
 // releaseBlob drops a reference; the last one closes the files, so the
@@ -798,7 +816,9 @@ func (b *blob) verifyLoop(r *verifyRun) {
 		slog.Error("cache: blob content does not match its digest; discarded", "key", b.key, "got", sum)
 		break
 	}
-	b.vrun = nil
+	// vrun stays set until the run has let go of the blob: a Verify that
+	// finds the blob complete meanwhile still waits for this run, so that
+	// once Verify returns the blob's references are the callers' own.
 	b.mu.Unlock()
 	if markComplete {
 		// Durably, so that a restart does not hash it again.
@@ -810,15 +830,16 @@ func (b *blob) verifyLoop(r *verifyRun) {
 			b.recMu.Unlock()
 		}
 	}
+	b.s.releaseBlob(b)
+	b.mu.Lock()
+	b.vrun = nil
+	b.mu.Unlock()
+	close(r.done)
 	if r.err == nil && !markComplete && b.cached.Load() == b.size {
 		// Inconclusive, and the refetch that made the blob whole again
 		// may have found this run still going instead of starting one.
 		b.kickVerify()
 	}
-	// Released before waking waiters, so that once Verify returns the
-	// blob's references are the callers' own.
-	b.s.releaseBlob(b)
-	close(r.done)
 }
 
 // hash computes the digest of the data file, with the key's algorithm.
@@ -839,6 +860,7 @@ func (b *blob) hash(ctx context.Context) (digest.Digest, error) {
 			return "", err
 		}
 		n := min(int64(len(buf)), b.size-off)
+		g := b.gen.Load()
 		if _, err := b.st.ReadAt(buf[:n], off); err != nil {
 			return "", fmt.Errorf("cache: hash blob %s: %w", b.key, err)
 		}
@@ -849,7 +871,9 @@ func (b *blob) hash(ctx context.Context) (digest.Digest, error) {
 			s := int64(i)*b.chunk - off
 			got := checksum(buf[s : s+b.chunkLen(i)])
 			b.mu.Lock()
-			if b.present.get(i) && !b.verified.get(i) {
+			// A drop or a new segment raced with the read: the bytes
+			// may not be the chunk's, and the caller hashes again.
+			if g&1 == 0 && b.gen.Load() == g && b.present.get(i) && !b.verified.get(i) {
 				if got == b.sums[i] {
 					b.verified.set(i)
 				} else {

@@ -66,11 +66,6 @@ func TestReadMissThenHit(t *testing.T) {
 	}
 	readAll(t, b, data, 3000)
 	verify(t, b)
-	if f, ok := b.FileOf(0, b.Size()); !ok {
-		t.Fatal("File of a complete blob not available")
-	} else if got, err := io.ReadAll(f); err != nil || !bytes.Equal(got, data) {
-		t.Fatalf("File content differs (%v)", err)
-	}
 }
 
 func TestFetchCoalescesMissingRuns(t *testing.T) {
@@ -214,9 +209,6 @@ func TestRestartFetchesNothing(t *testing.T) {
 	b = openBlob(t, s, key, int64(len(data)), noFetch(t))
 	if !b.Complete() {
 		t.Fatal("complete blob not Complete after restart")
-	}
-	if _, ok := b.FileOf(0, b.Size()); !ok {
-		t.Fatal("no File after restart")
 	}
 	readAll(t, b, data, 10000)
 }
@@ -426,9 +418,6 @@ func TestInvalidateRefetchesAndPersists(t *testing.T) {
 	b.Invalidate(testChunk+5, 10)
 	if b.Present(testChunk, 1) || b.Complete() || b.CachedBytes() != 3*testChunk {
 		t.Fatal("Invalidate did not drop chunk 1")
-	}
-	if _, ok := b.FileOf(0, b.Size()); ok {
-		t.Fatal("File of an incomplete blob")
 	}
 	b.Close()
 	s.Close()

@@ -27,25 +27,27 @@ import (
 //	blobs/<alg>/<hex>.seg/<off>-<len>    the bytes [off, off+len)
 //
 // A segment file is created, filled with whatever part of its range the
-// data file already held, synced and only then renamed into place, so a
-// segment that exists holds every present byte of its range. Bytes of the
-// range left in the data file by a crash before the hole was punched are
-// punched at the next open.
+// data file already held, and renamed into place before the data file's
+// range is punched. Like the data file, it is synced before records name
+// bytes in it; bytes a crash loses anyway fail their chunk's checksum
+// after the restart and are fetched again. Bytes of the range left in the
+// data file by a crash before the punch are punched at the next open.
 type segment struct {
 	off, end int64
 	path     string
 	f        *os.File
 	dirty    atomic.Bool // written since the last flush
 
-	roMu sync.Mutex
-	ro   *os.File // read-only handle for FileOf, opened on first use
+	roMu   sync.Mutex
+	ro     *os.File // read-only handle for FileOf, opened on first use
+	closed bool     // guarded by roMu: the blob's files are closed
 }
 
-// maxSegmentCopy bounds how many present chunks a new segment may move out
-// of the data file (8 MiB with the default chunk size). Segments are declared right after a layer's index is
-// built, when little more than the tar headers is cached; a blob cached
-// by an older layout keeps its bytes where they are instead of stalling
-// its readers for a long copy.
+// maxSegmentCopy bounds how many present chunks a new segment may move
+// out of the data file (8 MiB with the default chunk size). Segments are
+// declared right after a layer's index is built, when little more than
+// the tar headers is cached; a blob cached by an older layout keeps its
+// bytes where they are instead of stalling its readers for a long copy.
 const maxSegmentCopy = 8
 
 // ErrSegment is wrapped by Segment's errors about a range that cannot be
@@ -170,6 +172,7 @@ func (s *storage) close() error {
 			err = errors.Join(err, g.ro.Close())
 			g.ro = nil
 		}
+		g.closed = true
 		g.roMu.Unlock()
 	}
 	return err
@@ -190,19 +193,30 @@ func loadSegments(base string, size int64) ([]*segment, error) {
 	if err != nil {
 		return nil, err
 	}
+	// A file that is not a usable segment is removed: the bytes it held
+	// are then missing where the records say present, which the chunk
+	// checks after a restart catch (they are fetched again).
 	var segs []*segment
 	for _, de := range des {
+		path := filepath.Join(dir, de.Name())
 		off, n, ok := parseSegmentName(de.Name())
-		if !ok || off+n > size {
-			os.Remove(filepath.Join(dir, de.Name()))
+		if !ok || n > size-off {
+			os.Remove(path)
 			continue
 		}
-		f, err := os.OpenFile(filepath.Join(dir, de.Name()), os.O_RDWR, 0)
-		if err != nil {
-			closeSegments(segs)
-			return nil, err
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err == nil {
+			err = f.Truncate(n)
+			if err != nil {
+				f.Close()
+			}
 		}
-		segs = append(segs, &segment{off: off, end: off + n, path: f.Name(), f: f})
+		if err != nil {
+			slog.Warn("cache: unusable segment removed", "file", path, "err", err)
+			os.Remove(path)
+			continue
+		}
+		segs = append(segs, &segment{off: off, end: off + n, path: path, f: f})
 	}
 	sort.Slice(segs, func(i, j int) bool { return segs[i].off < segs[j].off })
 	kept := segs[:0]
@@ -212,10 +226,6 @@ func loadSegments(base string, size int64) ([]*segment, error) {
 			g.f.Close()
 			os.Remove(g.path)
 			continue
-		}
-		if err := g.f.Truncate(g.end - g.off); err != nil {
-			closeSegments(segs)
-			return nil, err
 		}
 		kept = append(kept, g)
 	}
@@ -248,7 +258,7 @@ func (h *Blob) Segment(off, n int64) error {
 		return ErrClosed
 	}
 	b := h.b
-	if off < 0 || n <= 0 || off+n > b.size {
+	if off < 0 || n <= 0 || n > b.size-off {
 		return fmt.Errorf("%w: %s: range %d+%d outside the content", ErrSegment, b.key, off, n)
 	}
 	for {
@@ -304,7 +314,7 @@ func (b *blob) addSegmentLocked(off, n int64) error {
 	if moved > maxSegmentCopy {
 		return fmt.Errorf("%w: %s: %d chunks of %d+%d already cached", ErrSegment, b.key, moved, off, n)
 	}
-	g, err := b.createSegment(off, n, lo, hi, moved > 0)
+	g, err := b.createSegment(off, n, lo, hi)
 	if err != nil {
 		return fmt.Errorf("cache: segment %d+%d of %s: %w", off, n, b.key, err)
 	}
@@ -324,10 +334,10 @@ func (b *blob) addSegmentLocked(off, n int64) error {
 
 // createSegment writes the segment file of [off, off+n) with the bytes of
 // present chunks lo..hi copied from the data file, and renames it into
-// place once it is durable. An empty one (nothing to copy) needs no sync
-// until bytes are recorded in it: the blob's next flush syncs it and its
-// directory.
-func (b *blob) createSegment(off, n int64, lo, hi int, copied bool) (*segment, error) {
+// place. Nothing is synced here: bytes lost to a crash fail their chunk's
+// checksum after the restart and are fetched again, and the blob's next
+// flush syncs the file and its directory before records name new bytes.
+func (b *blob) createSegment(off, n int64, lo, hi int) (*segment, error) {
 	dir := b.st.segDir
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
@@ -347,6 +357,7 @@ func (b *blob) createSegment(off, n int64, lo, hi int, copied bool) (*segment, e
 	}
 	bufp := b.s.getBuf()
 	defer b.s.putBuf(bufp)
+	copied := false
 	for c := lo; c <= hi; c++ {
 		if !b.present.get(c) {
 			continue
@@ -360,45 +371,43 @@ func (b *blob) createSegment(off, n int64, lo, hi int, copied bool) (*segment, e
 		if _, err := f.WriteAt(buf, from-off); err != nil {
 			return fail(err)
 		}
-	}
-	if copied {
-		if err := unix.Fdatasync(int(f.Fd())); err != nil {
-			return fail(err)
-		}
+		copied = true
 	}
 	if err := os.Rename(f.Name(), final); err != nil {
 		return fail(err)
 	}
-	if copied {
-		syncDir(dir)
-	} else {
-		b.st.dirDirty.Store(true)
-	}
-	return &segment{off: off, end: off + n, path: final, f: f}, nil
+	b.st.dirDirty.Store(true)
+	g := &segment{off: off, end: off + n, path: final, f: f}
+	g.dirty.Store(copied)
+	return g, nil
 }
 
 // FileOf returns a read-only file whose content is exactly [off, off+n)
-// of the blob, at offset 0, once the blob is Complete: a segment, or the
-// data file for the whole of a blob without segments. ok is false
-// otherwise. The file stays open while the blob is, and its bytes stay in
-// place while any handle of the blob is open: a Complete blob is only
-// dropped by eviction, which needs every handle closed.
+// of the blob, at offset 0: the segment of that range, once the blob is
+// Complete and every chunk of the range has been checked in this process
+// (after a restart, see Check). ok is false otherwise. The file stays
+// open while the blob is. A checked chunk of a Complete blob is never
+// dropped while the blob is open (only Invalidate would, which tar layers
+// do not call), so the bytes stay in place for whoever reads the file.
 func (h *Blob) FileOf(off, n int64) (f *os.File, ok bool) {
 	b := h.b
 	if h.closed.Load() || !b.complete.Load() {
 		return nil, false
 	}
 	segs := *b.st.segs.Load()
-	if off == 0 && n == b.size && len(segs) == 0 {
-		return h.dataFile()
-	}
 	i := sort.Search(len(segs), func(i int) bool { return segs[i].end > off })
 	if i == len(segs) || segs[i].off != off || segs[i].end != off+n {
+		return nil, false
+	}
+	if lo, hi, _ := b.chunkRange(off, n); !b.verified.all(lo, hi) {
 		return nil, false
 	}
 	g := segs[i]
 	g.roMu.Lock()
 	defer g.roMu.Unlock()
+	if g.closed {
+		return nil, false
+	}
 	if g.ro == nil {
 		ro, err := os.Open(g.path)
 		if err != nil {
@@ -408,19 +417,4 @@ func (h *Blob) FileOf(off, n int64) (f *os.File, ok bool) {
 		g.ro = ro
 	}
 	return g.ro, true
-}
-
-// dataFile opens the data file read-only, once per handle.
-func (h *Blob) dataFile() (*os.File, bool) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.file == nil {
-		f, err := os.Open(h.b.s.blobPath(h.b.key) + ".data")
-		if err != nil {
-			slog.Warn("cache: open blob file", "key", h.b.key, "err", err)
-			return nil, false
-		}
-		h.file = f
-	}
-	return h.file, true
 }

@@ -80,10 +80,97 @@ func TestSegmentHoldsItsRange(t *testing.T) {
 
 	s = openStore(t, dir, testOptions())
 	b = openBlob(t, s, key, int64(len(data)), noFetch(t))
-	readAll(t, b, data, 1<<16)
-	verify(t, b)
+	if !b.Complete() {
+		t.Fatal("not Complete after a reopen")
+	}
+	if _, ok := b.FileOf(off, n); ok {
+		t.Fatal("FileOf handed out a segment before its chunks were checked in this process")
+	}
+	if err := b.Check(context.Background(), off, n); err != nil {
+		t.Fatal(err)
+	}
 	if got := readFileOf(t, b, off, n); !bytes.Equal(got, data[off:off+n]) {
 		t.Fatal("segment file differs after a reopen")
+	}
+	readAll(t, b, data, 1<<16)
+
+	// A chunk of the range dropped: not handed out any more.
+	b.Invalidate(off+n/2, 1)
+	if _, ok := b.FileOf(off, n); ok {
+		t.Fatal("FileOf handed out a segment with a dropped chunk")
+	}
+}
+
+// A segment corrupted while the store was closed is caught by Check
+// before FileOf hands it out, and fetched again.
+func TestSegmentCorruptCaughtByCheck(t *testing.T) {
+	dir := t.TempDir()
+	data, key := content(29, 6*testChunk)
+	s := openStore(t, dir, testOptions())
+	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
+	off, n := int64(testChunk+7), int64(3*testChunk)
+	if err := b.Segment(off, n); err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, b, data, 1<<16)
+	verify(t, b)
+	b.Close()
+	s.Close()
+
+	flip(t, filepath.Join(dir, "blobs", "sha256", key.Encoded()+".seg", segmentName(off, n)), testChunk)
+	s = openStore(t, dir, testOptions())
+	src := newSource(data)
+	b = openBlob(t, s, key, int64(len(data)), src.fetch)
+	if err := b.Check(context.Background(), 0, int64(len(data))); err != nil {
+		t.Fatal(err)
+	}
+	if len(src.Calls()) != 1 {
+		t.Fatalf("fetch calls %v, want the corrupt chunk refetched", src.Calls())
+	}
+	verify(t, b)
+	if got := readFileOf(t, b, off, n); !bytes.Equal(got, data[off:off+n]) {
+		t.Fatal("segment file differs after the corrupt chunk was refetched")
+	}
+}
+
+// Unusable segment files are removed at open, and the blob still opens;
+// their bytes are fetched again.
+func TestSegmentUnusableFilesRemoved(t *testing.T) {
+	dir := t.TempDir()
+	data, key := content(30, 4*testChunk)
+	s := openStore(t, dir, testOptions())
+	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
+	off, n := int64(testChunk), int64(2*testChunk)
+	if err := b.Segment(off, n); err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, b, data, 1<<16)
+	b.Close()
+	s.Close()
+
+	segDir := filepath.Join(dir, "blobs", "sha256", key.Encoded()+".seg")
+	good := filepath.Join(segDir, segmentName(off, n))
+	if err := os.Remove(good); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(good, 0o700); err != nil { // cannot be opened for writing
+		t.Fatal(err)
+	}
+	huge := filepath.Join(segDir, "9223372036854775807-10")
+	if err := os.WriteFile(huge, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s = openStore(t, dir, testOptions())
+	src := newSource(data)
+	b = openBlob(t, s, key, int64(len(data)), src.fetch)
+	for _, p := range []string{good, huge} {
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("unusable segment %s left in place (stat: %v)", p, err)
+		}
+	}
+	readAll(t, b, data, 1<<16)
+	if src.fetchedBytes() == 0 {
+		t.Fatal("the bytes of the removed segment were not fetched again")
 	}
 }
 

@@ -370,8 +370,14 @@ func (m *Manager) fill(ctx context.Context, sl *sharedLayer) {
 		slog.Warn("background fill stopped", "layer", label, "err", err)
 		return
 	}
-	// Hashing the whole blob may still be running.
-	if err := sl.blob.Verify(ctx); err != nil {
+	// Hashing the whole blob may still be running; after a restart, the
+	// blob is known whole but its chunks are checked (read back against
+	// their checksums) before files are passed through.
+	err = sl.blob.Verify(ctx)
+	if err == nil {
+		err = sl.blob.Check(ctx, 0, sl.blob.Size())
+	}
+	if err != nil {
 		if ctx.Err() == nil {
 			slog.Warn("layer not verified", "layer", label, "err", err)
 		}

@@ -79,8 +79,9 @@ type node struct {
 	// open in caching mode, and the other way round, so every open of a
 	// node is of the mode of those still open.
 	openMu      sync.Mutex
-	cachedOpens int // open handles served by Read
-	passOpens   int // open handles the kernel reads from a local file
+	cachedOpens int      // open handles served by Read
+	passOpens   int      // open handles the kernel reads from passFile
+	passFile    *os.File // set while passOpens > 0
 }
 
 var (
@@ -211,20 +212,16 @@ func (n *node) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32,
 	}
 	n.openMu.Lock()
 	defer n.openMu.Unlock()
-	if n.passOpens > 0 {
-		// go-fuse reuses the backing file registered by the first.
+	if n.passOpens == 0 && n.cachedOpens == 0 && n.fs.passthrough != nil && !n.fs.noPassthrough.Load() {
+		n.passFile, _ = n.fs.passthrough(n.e)
+	}
+	if n.passFile != nil {
+		// Every handle carries the file: go-fuse registers it for
+		// whichever open it finishes first and reuses it for the others.
 		n.passOpens++
 		opensPassthrough.Inc()
 		openPassthrough.Inc()
-		return &passthroughHandle{n: n}, 0, 0
-	}
-	if n.cachedOpens == 0 && n.fs.passthrough != nil && !n.fs.noPassthrough.Load() {
-		if f, ok := n.fs.passthrough(n.e); ok {
-			n.passOpens++
-			opensPassthrough.Inc()
-			openPassthrough.Inc()
-			return &passthroughHandle{n: n, f: f}, 0, 0
-		}
+		return &passthroughHandle{n: n, f: n.passFile}, 0, 0
 	}
 	n.cachedOpens++
 	opensFUSE.Inc()
@@ -243,18 +240,18 @@ var (
 	_ = (gofs.FileReleaser)((*passthroughHandle)(nil))
 )
 
-// PassthroughFd is asked by go-fuse for the first passthrough open of a
-// node only; the kernel keeps its own reference to the file.
+// PassthroughFd is asked by go-fuse when the node has no backing file
+// registered; the kernel keeps its own reference to the file.
 func (h *passthroughHandle) PassthroughFd() (int, bool) {
-	if h.f == nil {
-		return 0, false
-	}
 	return int(h.f.Fd()), true
 }
 
 func (h *passthroughHandle) Release(ctx context.Context) syscall.Errno {
 	h.n.openMu.Lock()
 	h.n.passOpens--
+	if h.n.passOpens == 0 {
+		h.n.passFile = nil
+	}
 	h.n.openMu.Unlock()
 	openPassthrough.Dec()
 	return 0

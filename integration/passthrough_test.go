@@ -11,6 +11,7 @@ import (
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/weightsnap/weightsnap/cache"
+	wsfs "github.com/weightsnap/weightsnap/fs"
 	"github.com/weightsnap/weightsnap/fs/remote"
 	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/metrics"
@@ -28,7 +29,7 @@ func passthroughOpens() float64 {
 }
 
 // passthroughCompleteLayer makes the largest layer of ref cached whole and
-// verified, through the node's own cache, and returns its digest.
+// verified, every chunk checked, through the node's own cache.
 func passthroughCompleteLayer(t *testing.T, n *lazyNode, ref string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), lazyGuard)
@@ -57,6 +58,9 @@ func passthroughCompleteLayer(t *testing.T, n *lazyNode, ref string) {
 	defer b.Close()
 	if err := b.Verify(ctx); err != nil {
 		t.Fatalf("verify layer %s: %v", big.Digest, err)
+	}
+	if err := b.Check(ctx, 0, big.Size); err != nil {
+		t.Fatalf("check layer %s: %v", big.Digest, err)
 	}
 }
 
@@ -133,12 +137,24 @@ func TestLazyPassthrough(t *testing.T) {
 	}
 	readThrough("verified layer")
 
-	// A restart finds the layer verified and passes the file through at
-	// its first open.
+	// After a restart the layer is known whole, but a file is passed
+	// through only once its chunks are checked again.
 	img.unmount()
 	n.close()
-	n = lazyStartNode(t, cacheDir, cache.Options{})
+	// (Without background fill, which would check them at its own pace.)
+	n = lazyStartNodeWith(t, cacheDir, cache.Options{}, wsfs.Config{NoBackgroundFill: true})
 	img = n.mountImage(t, model.ref, filepath.Join(dir, "image2"))
 	p = img.path(model.bigPath)
+	opens = passthroughOpens()
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	readRange(f, 0, 4096)
+	f.Close()
+	if got := passthroughOpens(); got != opens {
+		t.Fatal("a file was passed through after a restart before its chunks were checked")
+	}
+	passthroughCompleteLayer(t, n, model.ref)
 	readThrough("after a restart")
 }
