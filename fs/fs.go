@@ -107,7 +107,7 @@ func MountLayer(ctx context.Context, l layer.Layer, mountpoint string, opt Optio
 			// Splice moves reads answered from a file (the node
 			// cache) into the kernel without a copy in this process;
 			// reads answered from memory gain nothing from its pipes.
-			DisableSplice: state.files == nil || os.Getenv("WS_NOSPLICE") != "",
+			DisableSplice: state.files == nil,
 			Debug:         opt.Debug,
 		},
 		EntryTimeout:    &timeout,
