@@ -361,22 +361,17 @@ func (h *Blob) ReadFile(ctx context.Context, off, n int64) (f *os.File, fileOff 
 // Options.MaxFetch per FetchFunc call; chunks another caller is fetching
 // are waited for.
 func (h *Blob) Fetch(ctx context.Context, off, n int64) error {
-	if h.closed.Load() {
-		return ErrClosed
-	}
-	b := h.b
-	lo, hi, ok := b.chunkRange(off, n)
-	if !ok {
-		return nil
-	}
-	_, err := b.ensure(ctx, h.fetch, lo, hi, false)
-	return err
+	return h.ensureRange(ctx, off, n, false)
 }
 
 // Check makes [off, off+n) present and checks every chunk of it against
 // its checksum, as a read would, without reading it out: after a restart,
 // chunks are trusted only once checked in this process.
 func (h *Blob) Check(ctx context.Context, off, n int64) error {
+	return h.ensureRange(ctx, off, n, true)
+}
+
+func (h *Blob) ensureRange(ctx context.Context, off, n int64, verify bool) error {
 	if h.closed.Load() {
 		return ErrClosed
 	}
@@ -385,7 +380,7 @@ func (h *Blob) Check(ctx context.Context, off, n int64) error {
 	if !ok {
 		return nil
 	}
-	_, err := b.ensure(ctx, h.fetch, lo, hi, true)
+	_, err := b.ensure(ctx, h.fetch, lo, hi, verify)
 	return err
 }
 

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	digest "github.com/opencontainers/go-digest"
 )
 
 // readFileOf reads the whole file FileOf hands out for [off, off+n).
@@ -26,6 +28,23 @@ func readFileOf(t *testing.T, b *Blob, off, n int64) []byte {
 		t.Fatalf("FileOf(%d, %d): read %d bytes, err %v; want exactly the range then EOF", off, n, m, err)
 	}
 	return got[:m]
+}
+
+// cacheSegmented caches all of data in a store at dir, with [off, off+n)
+// in a segment, verified, and closes the store.
+func cacheSegmented(t *testing.T, dir string, data []byte, key digest.Digest, off, n int64) {
+	t.Helper()
+	s := openStore(t, dir, testOptions())
+	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
+	if err := b.Segment(off, n); err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, b, data, 1<<16)
+	verify(t, b)
+	b.Close()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // allocated returns the bytes of disk space a file uses.
@@ -106,21 +125,13 @@ func TestSegmentHoldsItsRange(t *testing.T) {
 func TestSegmentCorruptCaughtByCheck(t *testing.T) {
 	dir := t.TempDir()
 	data, key := content(29, 6*testChunk)
-	s := openStore(t, dir, testOptions())
-	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
 	off, n := int64(testChunk+7), int64(3*testChunk)
-	if err := b.Segment(off, n); err != nil {
-		t.Fatal(err)
-	}
-	readAll(t, b, data, 1<<16)
-	verify(t, b)
-	b.Close()
-	s.Close()
+	cacheSegmented(t, dir, data, key, off, n)
 
 	flip(t, filepath.Join(dir, "blobs", "sha256", key.Encoded()+".seg", segmentName(off, n)), testChunk)
-	s = openStore(t, dir, testOptions())
+	s := openStore(t, dir, testOptions())
 	src := newSource(data)
-	b = openBlob(t, s, key, int64(len(data)), src.fetch)
+	b := openBlob(t, s, key, int64(len(data)), src.fetch)
 	if err := b.Check(context.Background(), 0, int64(len(data))); err != nil {
 		t.Fatal(err)
 	}
@@ -138,15 +149,8 @@ func TestSegmentCorruptCaughtByCheck(t *testing.T) {
 func TestSegmentUnusableFilesRemoved(t *testing.T) {
 	dir := t.TempDir()
 	data, key := content(30, 4*testChunk)
-	s := openStore(t, dir, testOptions())
-	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
 	off, n := int64(testChunk), int64(2*testChunk)
-	if err := b.Segment(off, n); err != nil {
-		t.Fatal(err)
-	}
-	readAll(t, b, data, 1<<16)
-	b.Close()
-	s.Close()
+	cacheSegmented(t, dir, data, key, off, n)
 
 	segDir := filepath.Join(dir, "blobs", "sha256", key.Encoded()+".seg")
 	good := filepath.Join(segDir, segmentName(off, n))
@@ -160,9 +164,9 @@ func TestSegmentUnusableFilesRemoved(t *testing.T) {
 	if err := os.WriteFile(huge, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s = openStore(t, dir, testOptions())
+	s := openStore(t, dir, testOptions())
 	src := newSource(data)
-	b = openBlob(t, s, key, int64(len(data)), src.fetch)
+	b := openBlob(t, s, key, int64(len(data)), src.fetch)
 	for _, p := range []string{good, huge} {
 		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("unusable segment %s left in place (stat: %v)", p, err)

@@ -238,6 +238,7 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 	// that their first spans are not written to the data file only to be
 	// moved.
 	src := &readAround{Blob: blob, sched: m.sched, span: m.cfg.Prefetch.SpanSize, deferring: true}
+	t0 := time.Now()
 	l, err := layer.Open(ctx, desc, src, opener, streamStore{m.store}, m.store)
 	if err != nil {
 		cancel()
@@ -250,10 +251,12 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 	sl := &sharedLayer{desc: desc, blob: blob, layer: l, cancel: cancel, seq: make(map[uint64][]*stream),
 		used: make(chan struct{}), filled: make(chan struct{})}
 	sl.contig, _ = l.(layer.Contiguous)
+	indexed := time.Now()
 	if !m.cfg.NoPassthrough {
 		sl.segment()
 	}
 	src.startReadAhead()
+	slog.Debug("layer opened", "layer", d, "index", indexed.Sub(t0), "segments", time.Since(indexed))
 	if m.cfg.NoBackgroundFill || !layer.RandomAccess(l) {
 		close(sl.filled)
 	} else {
@@ -461,7 +464,9 @@ func (m *Manager) MountLayer(ctx context.Context, mountpoint, imageRef string, d
 	if !m.cfg.NoPassthrough {
 		opt.Passthrough = sl.passthroughFile
 	}
+	t0 := time.Now()
 	mnt, err := MountLayer(ctx, sl.layer, mountpoint, opt)
+	slog.Debug("layer mounted", "layer", d, "mountpoint", mountpoint, "took", time.Since(t0), "err", err)
 	if err != nil {
 		m.release(d)
 		return err

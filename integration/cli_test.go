@@ -128,7 +128,7 @@ func TestCLIMountErrors(t *testing.T) {
 }
 
 // cliFreeAddr returns a loopback address with a port free right now.
-func cliFreeAddr(t *testing.T) string {
+func cliFreeAddr(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

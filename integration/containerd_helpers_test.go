@@ -564,7 +564,7 @@ func startWeightsnapd(t testing.TB, root, hostsDir string) *weightsnapd {
 		config: filepath.Join(root, "weightsnapd.toml"),
 		log:    filepath.Join(root, "weightsnapd.log"),
 	}
-	w.metrics = freeLoopbackAddr(t)
+	w.metrics = cliFreeAddr(t)
 	cfg := fmt.Sprintf("log_level = \"debug\"\nmetrics_address = %q\n[registry]\nconfig_path = %q\n", w.metrics, hostsDir)
 	if err := os.WriteFile(w.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -589,17 +589,6 @@ func startWeightsnapd(t testing.TB, root, hostsDir string) *weightsnapd {
 	})
 	w.start(t)
 	return w
-}
-
-// freeLoopbackAddr returns a loopback host:port that was free a moment ago.
-func freeLoopbackAddr(t testing.TB) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // waitVerified waits until weightsnapd reports every layer in digests
