@@ -38,6 +38,10 @@ type Manager struct {
 	mu     sync.Mutex
 	layers map[digest.Digest]*layerSlot
 	mounts map[string]*layerMount // by mountpoint
+	closed bool
+
+	warmStop chan struct{} // closed by Close: layers held by Warm let go
+	warmWG   sync.WaitGroup
 }
 
 // layerSlot is a layer's place in the Manager: opened once however many
@@ -67,6 +71,9 @@ type Config struct {
 	// NoPassthrough serves every read through the daemon, even of files
 	// the cache holds whole (see Options.Passthrough).
 	NoPassthrough bool
+	// WarmHold is how long a layer opened by Warm stays open for the
+	// mount it was opened for (default one minute).
+	WarmHold time.Duration
 }
 
 // passthroughMin is the smallest file that gets a cache file of its own,
@@ -110,13 +117,98 @@ func New(store *cache.Store, cfg Config) *Manager {
 	if cfg.Prefetch.SpanSize <= 0 {
 		cfg.Prefetch.SpanSize = prefetch.DefaultSpanSize
 	}
-	return &Manager{
-		store:  store,
-		cfg:    cfg,
-		sched:  prefetch.NewScheduler(cfg.Prefetch),
-		layers: make(map[digest.Digest]*layerSlot),
-		mounts: make(map[string]*layerMount),
+	if cfg.WarmHold <= 0 {
+		cfg.WarmHold = time.Minute
 	}
+	return &Manager{
+		store:    store,
+		cfg:      cfg,
+		sched:    prefetch.NewScheduler(cfg.Prefetch),
+		layers:   make(map[digest.Digest]*layerSlot),
+		mounts:   make(map[string]*layerMount),
+		warmStop: make(chan struct{}),
+	}
+}
+
+// Warm opens the layers of imageRef that are not open yet, in the
+// background and all at once, so that the mounts containerd asks for one
+// after another find them indexed. A layer nobody mounts within
+// Config.WarmHold is closed again.
+func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return
+	}
+	var todo []digest.Digest
+	for _, d := range layers {
+		if _, open := m.layers[d]; !open {
+			todo = append(todo, d)
+		}
+	}
+	if len(todo) == 0 {
+		m.mu.Unlock()
+		return
+	}
+	m.warmWG.Add(1) // under mu: Close waits for it
+	m.mu.Unlock()
+	slog.Debug("warming layers", "image", imageRef, "layers", len(todo))
+	go func() {
+		defer m.warmWG.Done()
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go func() {
+			select {
+			case <-m.warmStop:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		// One resolve of the image records every layer, so that the
+		// opens below do not each ask the registry for the manifest.
+		if _, err := m.describe(ctx, imageRef, todo[0]); err != nil {
+			slog.Debug("warming layers", "image", imageRef, "err", err)
+			return
+		}
+		var wg sync.WaitGroup
+		for _, d := range todo {
+			wg.Go(func() { m.warmLayer(ctx, imageRef, d) })
+		}
+		wg.Wait()
+	}()
+}
+
+// warmLayer holds layer d open for Config.WarmHold, or until ctx ends.
+func (m *Manager) warmLayer(ctx context.Context, imageRef string, d digest.Digest) {
+	if _, err := m.acquire(ctx, imageRef, d); err != nil {
+		slog.Debug("warming layer", "layer", d, "image", imageRef, "err", err)
+		return
+	}
+	t := time.NewTimer(m.cfg.WarmHold)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	m.release(d)
+}
+
+// OpenLayers lists the layers open now, mounted or held by Warm; not
+// those still opening or already closing.
+func (m *Manager) OpenLayers() []digest.Digest {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var ds []digest.Digest
+	for d, slot := range m.layers {
+		select {
+		case <-slot.ready:
+			if slot.err == nil && slot.closed == nil {
+				ds = append(ds, d)
+			}
+		default:
+		}
+	}
+	return ds
 }
 
 // layerRecord is what the Manager remembers of a layer so that a remount
@@ -534,6 +626,13 @@ func (m *Manager) Unmount(ctx context.Context, mountpoint string) error {
 // Close unmounts every layer the Manager mounted.
 func (m *Manager) Close() error {
 	m.mu.Lock()
+	if !m.closed {
+		m.closed = true
+		close(m.warmStop)
+	}
+	m.mu.Unlock()
+	m.warmWG.Wait()
+	m.mu.Lock()
 	var points []string
 	for p := range m.mounts {
 		points = append(points, p)
@@ -582,6 +681,11 @@ func (m *Manager) MountImage(ctx context.Context, ref, target, workdir string) (
 			im.Unmount()
 		}
 	}()
+	var above []digest.Digest // opened while the first is mounted
+	for _, l := range img.Layers[min(1, len(img.Layers)):] {
+		above = append(above, l.Digest)
+	}
+	m.Warm(img.Ref.String(), above)
 	for i, l := range img.Layers {
 		mp := filepath.Join(workdir, fmt.Sprintf("layer-%03d", i))
 		if err := m.MountLayer(ctx, mp, img.Ref.String(), l.Digest); err != nil {

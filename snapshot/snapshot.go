@@ -17,6 +17,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -39,6 +40,9 @@ const (
 	LabelImageRef = snapshotters.TargetRefLabel
 	// LabelLayerDigest is the digest of the layer blob.
 	LabelLayerDigest = snapshotters.TargetLayerDigestLabel
+	// LabelImageLayers lists (comma-separated) layer digests of the image,
+	// for snapshotters that prepare layers in parallel.
+	LabelImageLayers = snapshotters.TargetImageLayersLabel
 
 	// labelRemote is set by stargz-snapshotter's snapshot package on the
 	// snapshots it committed remotely.
@@ -59,6 +63,13 @@ type LayerMounter interface {
 	Check(ctx context.Context, mountpoint string) error
 	// Unmount unmounts mountpoint and releases what the mount held.
 	Unmount(ctx context.Context, mountpoint string) error
+}
+
+// Warmer is optionally implemented by a LayerMounter that can open an
+// image's other layers ahead of their Prepares, which containerd makes one
+// after another; it must not block.
+type Warmer interface {
+	Warm(imageRef string, layers []digest.Digest)
 }
 
 // Options configure New.
@@ -98,6 +109,11 @@ func (l *layerFS) Mount(ctx context.Context, mountpoint string, labels map[strin
 		return err
 	}
 	log.G(ctx).WithFields(log.Fields{"image": ref, "layer": d, "mountpoint": mountpoint}).Info("mounting layer lazily")
+	if w, ok := l.m.(Warmer); ok {
+		if others := otherLayers(labels[LabelImageLayers], d); len(others) > 0 {
+			w.Warm(ref, others)
+		}
+	}
 	if err := l.m.MountLayer(ctx, mountpoint, ref, d); err != nil {
 		return fmt.Errorf("lazy mount of layer %s of %s: %w", d, ref, err)
 	}
@@ -110,6 +126,19 @@ func (l *layerFS) Check(ctx context.Context, mountpoint string, _ map[string]str
 
 func (l *layerFS) Unmount(ctx context.Context, mountpoint string) error {
 	return l.m.Unmount(ctx, mountpoint)
+}
+
+// otherLayers parses the image-layers label, leaving out self and what is
+// not a digest (the label is a hint: a wrong entry only costs a warm-up).
+func otherLayers(label string, self digest.Digest) []digest.Digest {
+	var ds []digest.Digest
+	for _, f := range strings.Split(label, ",") {
+		d, err := digest.Parse(strings.TrimSpace(f))
+		if err == nil && d != self {
+			ds = append(ds, d)
+		}
+	}
+	return ds
 }
 
 // layerOf returns the image reference and layer digest of a Prepare's labels.

@@ -78,6 +78,28 @@ func (s *mountService) Mount(a MountArgs, _ *struct{}) error {
 	return s.m.MountLayer(context.Background(), a.Mountpoint, a.ImageRef, d)
 }
 
+// WarmArgs are the arguments of Mounts.Warm.
+type WarmArgs struct {
+	ImageRef string
+	Layers   []string
+}
+
+// Warm opens an image's layers ahead of their mounts; see snapshot.Warmer.
+func (s *mountService) Warm(a WarmArgs, _ *struct{}) error {
+	w, ok := s.m.(snapshot.Warmer)
+	if !ok {
+		return nil
+	}
+	var ds []digest.Digest
+	for _, l := range a.Layers {
+		if d, err := digest.Parse(l); err == nil {
+			ds = append(ds, d)
+		}
+	}
+	w.Warm(a.ImageRef, ds)
+	return nil
+}
+
 // Check checks a mount; see snapshot.LayerMounter.
 func (s *mountService) Check(mountpoint string, _ *struct{}) error {
 	return s.m.Check(context.Background(), mountpoint)
@@ -213,7 +235,10 @@ type managerClient struct {
 	exited chan struct{}
 }
 
-var _ snapshot.LayerMounter = (*managerClient)(nil)
+var (
+	_ snapshot.LayerMounter = (*managerClient)(nil)
+	_ snapshot.Warmer       = (*managerClient)(nil)
+)
 
 // call runs an RPC, giving up (but not cancelling it in the manager) when
 // ctx ends.
@@ -230,6 +255,16 @@ func (c *managerClient) call(ctx context.Context, method string, args any) error
 // MountLayer implements snapshot.LayerMounter.
 func (c *managerClient) MountLayer(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error {
 	return c.call(ctx, "Mount", MountArgs{Mountpoint: mountpoint, ImageRef: imageRef, Digest: d.String()})
+}
+
+// Warm implements snapshot.Warmer. It does not wait for the answer: the
+// manager only starts the work, and a lost hint costs nothing but time.
+func (c *managerClient) Warm(imageRef string, layers []digest.Digest) {
+	args := WarmArgs{ImageRef: imageRef}
+	for _, d := range layers {
+		args.Layers = append(args.Layers, d.String())
+	}
+	c.c.Go(rpcService+".Warm", args, new(struct{}), nil)
 }
 
 // Check implements snapshot.LayerMounter.

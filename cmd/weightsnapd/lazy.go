@@ -11,6 +11,9 @@ import (
 	"github.com/weightsnap/weightsnap/snapshot"
 )
 
+// The FUSE manager forwards warm-up hints to the lazy layer Manager.
+var _ snapshot.Warmer = (*fs.Manager)(nil)
+
 // newMounter opens the node cache in cacheDir and returns the lazy layer
 // mounter over it, and what closes both.
 func newMounter(ctx context.Context, cacheDir string, cc CacheConfig, fc FetchConfig, ropts []remote.Option) (snapshot.LayerMounter, func() error, error) {

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // Faults are the failures a Proxy injects into blob GETs (requests to
@@ -36,9 +37,15 @@ type Faults struct {
 	// Seed seeds the fault draws, so a sequential client sees the same
 	// sequence of faults in every run.
 	Seed int64
+	// Latency delays every request by this much before it is forwarded,
+	// as a registry across a network would (benchmarks, not tests).
+	Latency time.Duration
 }
 
 func (f Faults) validate() error {
+	if f.Latency < 0 {
+		return fmt.Errorf("negative latency %v", f.Latency)
+	}
 	rates := []float64{f.FailRate, f.ResetRate, f.StallRate, f.TooManyRate}
 	sum := 0.0
 	for _, r := range rates {
@@ -256,6 +263,18 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	p.mu.Lock()
+	latency := p.faults.Latency
+	p.mu.Unlock()
+	if latency > 0 {
+		t := time.NewTimer(latency)
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+			t.Stop()
+			return
+		}
+	}
 	resp, err := p.forward(r)
 	if err != nil {
 		http.Error(w, "proxy: "+err.Error(), http.StatusBadGateway)

@@ -1,0 +1,176 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/weightsnap/weightsnap/cache"
+	wsfs "github.com/weightsnap/weightsnap/fs"
+	"github.com/weightsnap/weightsnap/fs/remote"
+	"github.com/weightsnap/weightsnap/internal/testutil"
+	"github.com/weightsnap/weightsnap/pack"
+)
+
+// warmLayers returns the layer digests of ref.
+func warmLayers(t *testing.T, ref string) []digest.Digest {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), lazyGuard)
+	defer cancel()
+	img, err := remote.Resolve(ctx, ref, lazyRemoteOptions()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ds []digest.Digest
+	for _, l := range img.Layers {
+		ds = append(ds, l.Digest)
+	}
+	return ds
+}
+
+// openIs reports whether the Manager has exactly the layers ds open.
+func openIs(m *wsfs.Manager, ds []digest.Digest) bool {
+	open := m.OpenLayers()
+	slices.Sort(open)
+	want := slices.Clone(ds)
+	slices.Sort(want)
+	return slices.Equal(open, want)
+}
+
+// TestLazyWarm: Warm opens an image's layers before any mount asks for
+// them, reading their tar headers from the registry; the mounts then use
+// the opened layers and read right, and the layers are closed once the
+// hold has passed and nothing mounts them. Close lets go of held layers at
+// once.
+func TestLazyWarm(t *testing.T) {
+	root := lazyRoot(t)
+	reg := testutil.StartRegistry(t)
+	proxy := testutil.StartProxy(t, reg.URL(), testutil.Faults{})
+	model := lazyPushModel(t, root, reg.Addr, "warm/model:v1", 12<<20, 21)
+	ref := proxy.Addr + "/warm/model:v1"
+	layers := warmLayers(t, ref)
+	if len(layers) < 2 {
+		t.Fatalf("the test model has %d layers, want several", len(layers))
+	}
+	dir, err := os.MkdirTemp(root, "warm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("mounts use warmed layers; Close lets go", func(t *testing.T) {
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache1"), cache.Options{}, wsfs.Config{WarmHold: time.Hour, NoBackgroundFill: true})
+		proxy.Reset()
+		n.m.Warm(ref, layers)
+		lazyWaitFor(t, "every layer opened", func() bool { return openIs(n.m, layers) })
+		// Each open read its tar headers (the proxy counts a request
+		// before it answers it).
+		if got := proxy.BlobRequests(); got < int64(len(layers)) {
+			t.Errorf("%d blob requests for opening %d layers", got, len(layers))
+		}
+		img := n.mountImage(t, ref, filepath.Join(dir, "image1"))
+		got, err := lazyReadFile(t, img.path(model.bigPath))
+		if err != nil || !bytes.Equal(got, model.big) {
+			t.Fatalf("read %s: err %v, content equal %v", model.bigPath, err, bytes.Equal(got, model.big))
+		}
+		if err := img.unmount(); err != nil {
+			t.Fatal(err)
+		}
+		if !openIs(n.m, layers) {
+			t.Fatalf("layers open after unmount: %v, want all, held", n.m.OpenLayers())
+		}
+		lazyGuarded(t, "close with held layers", func() struct{} { n.close(); return struct{}{} })
+		if open := n.m.OpenLayers(); len(open) != 0 {
+			t.Fatalf("layers still open after Close: %v", open)
+		}
+	})
+
+	t.Run("held layers close after the hold", func(t *testing.T) {
+		// The hold is long enough for the poll below to see all the
+		// layers open at once.
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache2"), cache.Options{}, wsfs.Config{WarmHold: 5 * time.Second, NoBackgroundFill: true})
+		n.m.Warm(ref, layers)
+		lazyWaitFor(t, "every layer opened", func() bool { return openIs(n.m, layers) })
+		lazyWaitFor(t, "the held layers to close", func() bool { return len(n.m.OpenLayers()) == 0 })
+	})
+}
+
+// BenchmarkLayerMounts mounts the five layers of a model one after
+// another, as containerd's Prepares come, through a proxy that adds 20 ms
+// to every registry request (a registry across a network): without the
+// image's layer list, and with it (Warm, as containerd's cri.image-layers
+// label gives it). Every iteration starts from an empty cache. Run with
+// go test ./integration -run '^$' -bench BenchmarkLayerMounts -benchtime 5x
+func BenchmarkLayerMounts(b *testing.B) {
+	testutil.RequireFUSE(b)
+	root := b.TempDir()
+	reg := testutil.StartRegistry(b)
+	proxy := testutil.StartProxy(b, reg.URL(), testutil.Faults{Latency: 20 * time.Millisecond})
+	src := filepath.Join(root, "model")
+	files := map[string][]byte{"config.json": []byte(`{"hidden_size": 64}`)}
+	for i := range 4 {
+		files[fmt.Sprintf("model-%05d-of-00004.safetensors", i+1)] = lazyRandom(8<<20, uint64(40+i))
+	}
+	for name, body := range files {
+		if err := os.MkdirAll(src, 0o755); err != nil {
+			b.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(src, name), body, 0o644); err != nil {
+			b.Fatal(err)
+		}
+	}
+	img, err := pack.Build(b.Context(), src, pack.Options{LargeFileThreshold: 1 << 20, Prefix: "models/m"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := pack.Push(b.Context(), img, reg.Addr+"/bench/layers:v1", true, nil); err != nil {
+		b.Fatal(err)
+	}
+	ref := proxy.Addr + "/bench/layers:v1"
+	resolved, err := remote.Resolve(b.Context(), ref, lazyRemoteOptions()...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var layers []digest.Digest
+	for _, l := range resolved.Layers {
+		layers = append(layers, l.Digest)
+	}
+	b.Logf("%d layers, %v added to every registry request", len(layers), 20*time.Millisecond)
+
+	for _, warm := range []bool{false, true} {
+		b.Run(fmt.Sprintf("warm=%v", warm), func(b *testing.B) {
+			for i := range b.N {
+				b.StopTimer()
+				dir := filepath.Join(root, fmt.Sprintf("run-%v-%d", warm, i))
+				store, err := cache.Open(filepath.Join(dir, "cache"), cache.Options{})
+				if err != nil {
+					b.Fatal(err)
+				}
+				m := wsfs.New(store, wsfs.Config{Remote: lazyRemoteOptions(), NoBackgroundFill: true})
+				b.StartTimer()
+				if warm {
+					m.Warm(ref, layers[1:])
+				}
+				for j, d := range layers {
+					if err := m.MountLayer(b.Context(), filepath.Join(dir, fmt.Sprintf("layer-%d", j)), ref, d); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.StopTimer()
+				if err := m.Close(); err != nil {
+					b.Error(err)
+				}
+				if err := store.Close(); err != nil {
+					b.Error(err)
+				}
+			}
+			b.ReportMetric(float64(b.Elapsed().Milliseconds())/float64(b.N), "ms/image")
+		})
+	}
+}
