@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -22,6 +23,9 @@ import (
 	"github.com/weightsnap/weightsnap/fs/remote"
 	"github.com/weightsnap/weightsnap/metrics"
 )
+
+// errManagerClosed is returned by MountLayer after Close.
+var errManagerClosed = errors.New("manager closed")
 
 // ErrUnsupported is returned by MountLayer for a layer that cannot be
 // served lazily; the caller falls back to downloading it.
@@ -93,9 +97,11 @@ type sharedLayer struct {
 	seq    map[uint64][]*stream // read-ahead state of each file's readers
 	seqUse uint64               // clock for replacing the least recently used
 
-	used     chan struct{} // closed at the first read of any file
-	usedOnce sync.Once
-	filled   chan struct{} // closed when background fill has returned
+	used        chan struct{} // closed at the first read of any file
+	usedOnce    sync.Once
+	mounted     chan struct{} // closed at the first mount
+	mountedOnce sync.Once
+	filled      chan struct{} // closed when background fill has returned
 }
 
 type layerMount struct {
@@ -130,10 +136,15 @@ func New(store *cache.Store, cfg Config) *Manager {
 	}
 }
 
+// maxWarming bounds the layers Warm opens at once.
+const maxWarming = 4
+
 // Warm opens the layers of imageRef that are not open yet, in the
-// background and all at once, so that the mounts containerd asks for one
-// after another find them indexed. A layer nobody mounts within
-// Config.WarmHold is closed again.
+// background and several at once, so that the mounts containerd asks for
+// one after another find them indexed. Layers that would be streamed
+// whole (plain gzip or zstd) are left alone: opening one starts its
+// download. A layer nobody mounts within Config.WarmHold is closed again;
+// its background fill waits for a mount.
 func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
 	m.mu.Lock()
 	if m.closed {
@@ -142,7 +153,7 @@ func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
 	}
 	var todo []digest.Digest
 	for _, d := range layers {
-		if _, open := m.layers[d]; !open {
+		if slot := m.layers[d]; (slot == nil || slot.closed != nil) && !slices.Contains(todo, d) {
 			todo = append(todo, d)
 		}
 	}
@@ -164,15 +175,30 @@ func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
 			case <-ctx.Done():
 			}
 		}()
-		// One resolve of the image records every layer, so that the
-		// opens below do not each ask the registry for the manifest.
-		if _, err := m.describe(ctx, imageRef, todo[0]); err != nil {
-			slog.Debug("warming layers", "image", imageRef, "err", err)
-			return
-		}
+		sem := make(chan struct{}, maxWarming)
 		var wg sync.WaitGroup
 		for _, d := range todo {
-			wg.Go(func() { m.warmLayer(ctx, imageRef, d) })
+			// In turn: the first layer without a record resolves the
+			// image, which records every layer for the others.
+			rec, err := m.describe(ctx, imageRef, d)
+			if err != nil {
+				slog.Debug("warming layer", "layer", d, "image", imageRef, "err", err)
+				continue
+			}
+			if !layer.MayBeRandomAccess(rec.descriptor(d)) {
+				continue
+			}
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
+			}
+			if ctx.Err() != nil {
+				break
+			}
+			wg.Go(func() {
+				defer func() { <-sem }()
+				m.warmLayer(ctx, imageRef, d)
+			})
 		}
 		wg.Wait()
 	}()
@@ -238,19 +264,36 @@ func (m *Manager) describe(ctx context.Context, imageRef string, d digest.Digest
 	if err != nil {
 		return rec, err
 	}
+	for _, l := range m.record(img) {
+		if l.digest == d {
+			return l.layerRecord, nil
+		}
+	}
+	return rec, fmt.Errorf("layer %s is not in image %s: %w", d, imageRef, iofs.ErrNotExist)
+}
+
+// recorded is a layer's record with its digest.
+type recorded struct {
+	digest digest.Digest
+	layerRecord
+}
+
+// record keeps the records of img's layers and returns them.
+func (m *Manager) record(img *remote.Image) []recorded {
+	var recs []recorded
 	for _, l := range img.Layers {
 		r := layerRecord{Repo: img.Ref.Context().Name(), MediaType: l.MediaType, Size: l.Size, DiffID: l.DiffID, Annotations: l.Annotations}
 		if b, err := json.Marshal(r); err == nil {
 			_ = m.store.PutMeta(recordName(l.Digest), b)
 		}
-		if l.Digest == d {
-			rec = r
-		}
+		recs = append(recs, recorded{l.Digest, r})
 	}
-	if rec.Size == 0 {
-		return rec, fmt.Errorf("layer %s is not in image %s: %w", d, imageRef, iofs.ErrNotExist)
-	}
-	return rec, nil
+	return recs
+}
+
+// descriptor is the layer descriptor of layer d with this record.
+func (r layerRecord) descriptor(d digest.Digest) layer.Descriptor {
+	return layer.Descriptor{Digest: d, Size: r.Size, MediaType: r.MediaType, DiffID: r.DiffID, Annotations: r.Annotations}
 }
 
 // acquire returns the shared opened layer d, opening it on first use;
@@ -307,7 +350,7 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 	if err != nil {
 		return nil, err
 	}
-	desc := layer.Descriptor{Digest: d, Size: rec.Size, MediaType: rec.MediaType, DiffID: rec.DiffID, Annotations: rec.Annotations}
+	desc := rec.descriptor(d)
 	fetch := func(ctx context.Context, p []byte, off int64) error {
 		t0 := time.Now()
 		_, err := rb.ReadAt(ctx, p, off)
@@ -341,7 +384,7 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 		return nil, err
 	}
 	sl := &sharedLayer{desc: desc, blob: blob, layer: l, cancel: cancel, seq: make(map[uint64][]*stream),
-		used: make(chan struct{}), filled: make(chan struct{})}
+		used: make(chan struct{}), mounted: make(chan struct{}), filled: make(chan struct{})}
 	sl.contig, _ = l.(layer.Contiguous)
 	indexed := time.Now()
 	if !m.cfg.NoPassthrough {
@@ -354,6 +397,11 @@ func (m *Manager) open(ctx context.Context, d digest.Digest, rec layerRecord) (*
 	} else {
 		go func() {
 			defer close(sl.filled)
+			select { // a layer opened by Warm may never be mounted
+			case <-sl.mounted:
+			case <-bg.Done():
+				return
+			}
 			select { // see fillDelay
 			case <-sl.used:
 			case <-time.After(fillDelay):
@@ -437,8 +485,8 @@ func (sl *sharedLayer) reader(e *layer.Entry, off, span, maxWindow int64) *prefe
 	return st.q
 }
 
-// fillDelay is how long after its mount a layer nobody reads waits before
-// its background fill starts. A pull is followed by the creation of the
+// fillDelay is how long after its first mount a layer nobody reads waits
+// before its background fill starts. A pull is followed by the creation of the
 // containers that use the image, which needs the node's CPU; the first
 // read of the layer starts the fill at once.
 const fillDelay = 2 * time.Second
@@ -540,6 +588,12 @@ func (m *Manager) release(d digest.Digest) {
 // MountLayer mounts layer d of image imageRef lazily at mountpoint.
 func (m *Manager) MountLayer(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error {
 	mountpoint = filepath.Clean(mountpoint)
+	m.mu.Lock()
+	closed := m.closed
+	m.mu.Unlock()
+	if closed {
+		return fmt.Errorf("mount layer %s: %w", d, errManagerClosed)
+	}
 	if m.mounted(mountpoint) {
 		return fmt.Errorf("a layer is already mounted at %s: %w", mountpoint, iofs.ErrExist)
 	}
@@ -574,6 +628,7 @@ func (m *Manager) MountLayer(ctx context.Context, mountpoint, imageRef string, d
 		m.release(d)
 		return fmt.Errorf("a layer is already mounted at %s: %w", mountpoint, iofs.ErrExist)
 	}
+	sl.mountedOnce.Do(func() { close(sl.mounted) })
 	return nil
 }
 
@@ -681,7 +736,10 @@ func (m *Manager) MountImage(ctx context.Context, ref, target, workdir string) (
 			im.Unmount()
 		}
 	}()
-	var above []digest.Digest // opened while the first is mounted
+	// The records spare every mount a resolve of the image; the layers
+	// above the first are opened while it is mounted.
+	m.record(img)
+	var above []digest.Digest
 	for _, l := range img.Layers[min(1, len(img.Layers)):] {
 		above = append(above, l.Digest)
 	}

@@ -54,7 +54,7 @@ func TestCLIPackMountAndSignal(t *testing.T) {
 	}
 
 	target := filepath.Join(dir, "mnt")
-	metricsAddr := cliFreeAddr(t)
+	metricsAddr := freeLoopbackAddr(t)
 	var stderr bytes.Buffer
 	cmd := exec.Command(bin, "mount", "--cache-dir", filepath.Join(dir, "cache"), "--metrics-address", metricsAddr, ref, target)
 	cmd.Stderr = &stderr
@@ -127,8 +127,8 @@ func TestCLIMountErrors(t *testing.T) {
 	}
 }
 
-// cliFreeAddr returns a loopback address with a port free right now.
-func cliFreeAddr(t testing.TB) string {
+// freeLoopbackAddr returns a loopback address with a port free right now.
+func freeLoopbackAddr(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -564,7 +564,7 @@ func startWeightsnapd(t testing.TB, root, hostsDir string) *weightsnapd {
 		config: filepath.Join(root, "weightsnapd.toml"),
 		log:    filepath.Join(root, "weightsnapd.log"),
 	}
-	w.metrics = cliFreeAddr(t)
+	w.metrics = freeLoopbackAddr(t)
 	cfg := fmt.Sprintf("log_level = \"debug\"\nmetrics_address = %q\n[registry]\nconfig_path = %q\n", w.metrics, hostsDir)
 	if err := os.WriteFile(w.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -594,6 +594,9 @@ func startWeightsnapd(t testing.TB, root, hostsDir string) *weightsnapd {
 // waitVerified waits until weightsnapd reports every layer in digests
 // cached whole and verified (weightsnap_layer_verified).
 func (w *weightsnapd) waitVerified(ctx context.Context, digests []string) error {
+	if len(digests) == 0 {
+		return errors.New("waiting for weightsnapd to verify layers: no layers named")
+	}
 	for {
 		body, err := httpGet(ctx, "http://"+w.metrics+"/metrics")
 		if err == nil {

@@ -17,6 +17,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -134,7 +135,7 @@ func otherLayers(label string, self digest.Digest) []digest.Digest {
 	var ds []digest.Digest
 	for _, f := range strings.Split(label, ",") {
 		d, err := digest.Parse(strings.TrimSpace(f))
-		if err == nil && d != self {
+		if err == nil && d != self && !slices.Contains(ds, d) {
 			ds = append(ds, d)
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -336,5 +337,42 @@ func TestKeepMounts(t *testing.T) {
 	}
 	if u, err := sn2.Usage(ctx, chainID); err != nil || u.Size != 1002 {
 		t.Errorf("Usage of a kept layer = %+v, %v", u, err)
+	}
+}
+
+// warmingMounter is a fakeMounter that records the warm-up hints it gets.
+type warmingMounter struct {
+	*fakeMounter
+	warmed [][]digest.Digest
+}
+
+func (w *warmingMounter) Warm(ref string, layers []digest.Digest) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.warmed = append(w.warmed, layers)
+}
+
+// A remote Prepare passes the image's other layers, from containerd's
+// image-layers label, to a Warmer before mounting: without the layer
+// itself, duplicates or entries that are not digests.
+func TestRemotePrepareWarmsOtherLayers(t *testing.T) {
+	ctx := testContext()
+	m := &warmingMounter{fakeMounter: newFakeMounter()}
+	sn := newTestSnapshotter(t, t.TempDir(), m)
+	t.Cleanup(func() { sn.Close() })
+
+	other := digest.FromString("other layer")
+	labels := remoteLabels("sha256:chain1")
+	labels[LabelImageLayers] = strings.Join([]string{testLayer.String(), other.String(), "not-a-digest", other.String()}, ",")
+	if _, err := sn.Prepare(ctx, "extract-1 sha256:chain1", "", snapshots.WithLabels(labels)); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare of a remote layer = %v, want ErrAlreadyExists", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.warmed) != 1 || !slices.Equal(m.warmed[0], []digest.Digest{other}) {
+		t.Fatalf("warm hints = %v, want one with %s", m.warmed, other)
+	}
+	if len(m.calls) != 1 {
+		t.Fatalf("MountLayer calls = %v, want the layer's one", m.calls)
 	}
 }

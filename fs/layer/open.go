@@ -88,6 +88,13 @@ func mayHaveTOC(d Descriptor) bool {
 	return !strings.HasSuffix(mt, "gzip") && !strings.HasSuffix(mt, "zstd")
 }
 
+// MayBeRandomAccess reports whether Open may serve d by range (an
+// uncompressed tar, or a blob that may carry a TOC), rather than stream
+// the whole blob as soon as it is opened.
+func MayBeRandomAccess(d Descriptor) bool {
+	return strings.HasSuffix(d.MediaType, ".tar") || mayHaveTOC(d)
+}
+
 // hasTOCFooter reports whether src ends with an eStargz or zstd:chunked
 // footer.
 func hasTOCFooter(ctx context.Context, src Source) bool {
