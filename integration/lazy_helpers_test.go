@@ -341,5 +341,17 @@ func lazyWaitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// lazyResolve resolves ref from the registry, as the Manager would.
+func lazyResolve(t testing.TB, ref string) *remote.Image {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), lazyGuard)
+	defer cancel()
+	img, err := remote.Resolve(ctx, ref, lazyRemoteOptions()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
 // lazyIsEIO reports whether err is an EIO from the file system.
 func lazyIsEIO(err error) bool { return errors.Is(err, unix.EIO) }

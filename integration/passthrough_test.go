@@ -12,7 +12,6 @@ import (
 
 	"github.com/weightsnap/weightsnap/cache"
 	wsfs "github.com/weightsnap/weightsnap/fs"
-	"github.com/weightsnap/weightsnap/fs/remote"
 	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/metrics"
 )
@@ -32,12 +31,9 @@ func passthroughOpens() float64 {
 // verified, every chunk checked, through the node's own cache.
 func passthroughCompleteLayer(t *testing.T, n *lazyNode, ref string) {
 	t.Helper()
+	img := lazyResolve(t, ref)
 	ctx, cancel := context.WithTimeout(t.Context(), lazyGuard)
 	defer cancel()
-	img, err := remote.Resolve(ctx, ref, lazyRemoteOptions()...)
-	if err != nil {
-		t.Fatal(err)
-	}
 	big := img.Layers[0]
 	for _, l := range img.Layers {
 		if l.Size > big.Size {

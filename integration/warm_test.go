@@ -2,7 +2,6 @@ package integration
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -14,22 +13,15 @@ import (
 
 	"github.com/weightsnap/weightsnap/cache"
 	wsfs "github.com/weightsnap/weightsnap/fs"
-	"github.com/weightsnap/weightsnap/fs/remote"
 	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/pack"
 )
 
 // warmLayers returns the layer digests of ref.
-func warmLayers(t *testing.T, ref string) []digest.Digest {
+func warmLayers(t testing.TB, ref string) []digest.Digest {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), lazyGuard)
-	defer cancel()
-	img, err := remote.Resolve(ctx, ref, lazyRemoteOptions()...)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var ds []digest.Digest
-	for _, l := range img.Layers {
+	for _, l := range lazyResolve(t, ref).Layers {
 		ds = append(ds, l.Digest)
 	}
 	return ds
@@ -138,14 +130,7 @@ func BenchmarkLayerMounts(b *testing.B) {
 		b.Fatal(err)
 	}
 	ref := proxy.Addr + "/bench/layers:v1"
-	resolved, err := remote.Resolve(b.Context(), ref, lazyRemoteOptions()...)
-	if err != nil {
-		b.Fatal(err)
-	}
-	var layers []digest.Digest
-	for _, l := range resolved.Layers {
-		layers = append(layers, l.Digest)
-	}
+	layers := warmLayers(b, ref)
 	b.Logf("%d layers, %v added to every registry request", len(layers), 20*time.Millisecond)
 
 	for _, warm := range []bool{false, true} {
