@@ -464,14 +464,23 @@ func (x *index) lookup(ctx context.Context, name string) (*Entry, error) {
 			}
 			return nil, &fs.PathError{Op: "lookup", Path: name, Err: fs.ErrNotExist}
 		}
-		x.waiting = true
-		ch := x.changed
-		x.mu.Unlock()
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return nil, fmt.Errorf("lookup %q: %w", name, ctx.Err())
+		if err := x.awaitChangeLocked(ctx); err != nil {
+			return nil, fmt.Errorf("lookup %q: %w", name, err)
 		}
+	}
+}
+
+// awaitChangeLocked releases x.mu, which the caller holds, and waits until
+// the index changes or ctx ends.
+func (x *index) awaitChangeLocked(ctx context.Context) error {
+	x.waiting = true
+	ch := x.changed
+	x.mu.Unlock()
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
@@ -497,13 +506,8 @@ func (x *index) readDir(ctx context.Context, dir string) ([]*Entry, error) {
 			}
 			return slices.Clone(x.dirs[clean]), nil
 		}
-		x.waiting = true
-		ch := x.changed
-		x.mu.Unlock()
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return nil, fmt.Errorf("readdir %q: %w", dir, ctx.Err())
+		if err := x.awaitChangeLocked(ctx); err != nil {
+			return nil, fmt.Errorf("readdir %q: %w", dir, err)
 		}
 	}
 }
