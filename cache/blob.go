@@ -14,7 +14,6 @@ import (
 	"sync/atomic"
 
 	digest "github.com/opencontainers/go-digest"
-	"golang.org/x/sys/unix"
 
 	"github.com/weightsnap/weightsnap/metrics"
 )
@@ -210,7 +209,7 @@ func (s *Store) loadBlob(e *entry, size int64) (*blob, error) {
 	// A crash between making a segment and punching its range out of
 	// the data file leaves stale bytes there.
 	for _, g := range segs {
-		unix.Fallocate(int(data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, g.off, g.end-g.off)
+		punchFile(data, g.off, g.end-g.off)
 	}
 	// Bytes of chunks without a record are garbage from a crash or a
 	// drop: give the space back, one hole per run of such chunks.

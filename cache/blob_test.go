@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -84,7 +85,7 @@ func TestFetchCoalescesMissingRuns(t *testing.T) {
 		{0, 4 * testChunk}, {4 * testChunk, testChunk}, // the present chunk 5 splits the run
 		{6 * testChunk, 4 * testChunk}, {10 * testChunk, testChunk}, // MaxFetch is 4 chunks
 	}
-	if got := src.Calls(); !equalCalls(got, want) {
+	if got := src.Calls(); !slices.Equal(got, want) {
 		t.Fatalf("fetch calls = %v, want %v", got, want)
 	}
 	verify(t, b)
@@ -92,18 +93,6 @@ func TestFetchCoalescesMissingRuns(t *testing.T) {
 	if len(src.Calls()) != len(want) {
 		t.Fatal("reading a complete blob fetched")
 	}
-}
-
-func equalCalls(a, b []call) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestSingleFlight(t *testing.T) {
@@ -267,7 +256,7 @@ func TestCorruptDataFileDetected(t *testing.T) {
 			if !complete {
 				want = append(want, call{5 * testChunk, testChunk})
 			}
-			if got := src.Calls(); !equalCalls(got, want) {
+			if got := src.Calls(); !slices.Equal(got, want) {
 				t.Fatalf("fetch calls = %v, want %v", got, want)
 			}
 			verify(t, b)
@@ -304,7 +293,7 @@ func TestCrashRecoveryServesOnlyCorrectBytes(t *testing.T) {
 	}{
 		{"records without data", func(t *testing.T, data, rec string) int64 {
 			// The data never reached the disk (a hole), the records did.
-			punchFile(t, data, testChunk, 2*testChunk)
+			zeroRange(t, data, testChunk, 2*testChunk)
 			return 2
 		}},
 		{"data file truncated", func(t *testing.T, data, rec string) int64 {
@@ -366,7 +355,8 @@ func TestCrashRecoveryServesOnlyCorrectBytes(t *testing.T) {
 	}
 }
 
-func punchFile(t *testing.T, path string, off, n int64) {
+// zeroRange overwrites [off, off+n) of the file at path with zeros.
+func zeroRange(t *testing.T, path string, off, n int64) {
 	t.Helper()
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
@@ -429,7 +419,7 @@ func TestInvalidateRefetchesAndPersists(t *testing.T) {
 		t.Fatal("dropped chunk came back after restart")
 	}
 	readAll(t, b, data, 999)
-	if got := src.Calls(); !equalCalls(got, []call{{testChunk, testChunk}}) {
+	if got := src.Calls(); !slices.Equal(got, []call{{testChunk, testChunk}}) {
 		t.Fatalf("fetch calls = %v", got)
 	}
 }
@@ -809,7 +799,7 @@ func TestReadFileServesCheckedBytes(t *testing.T) {
 		t.Fatal("after corruption on disk, ReadFile handed out wrong bytes")
 	}
 	release()
-	if want := []call{{2 * testChunk, testChunk}}; !equalCalls(src.Calls(), want) {
+	if want := []call{{2 * testChunk, testChunk}}; !slices.Equal(src.Calls(), want) {
 		t.Fatalf("fetch calls = %v, want %v", src.Calls(), want)
 	}
 }

@@ -128,9 +128,15 @@ func (s *storage) WriteAt(p []byte, off int64) (int, error) {
 // punch frees the space of [off, end).
 func (s *storage) punch(off, end int64) {
 	s.split(off, end-off, func(x piece) error {
-		unix.Fallocate(int(x.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, x.fileOff, x.n)
+		punchFile(x.f, x.fileOff, x.n)
 		return nil
 	})
+}
+
+// punchFile frees the disk space of [off, off+n) of f, keeping its size.
+// It is best effort: bytes left behind are never served, only kept.
+func punchFile(f *os.File, off, n int64) {
+	unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 }
 
 // fileOf returns the file and offset holding all of [off, off+n), if one
@@ -326,7 +332,7 @@ func (b *blob) addSegmentLocked(off, n int64) error {
 	b.splice.Lock()
 	b.gen.Add(1)
 	b.st.segs.Store(&segs)
-	unix.Fallocate(int(b.st.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	punchFile(b.st.data, off, n)
 	b.gen.Add(1)
 	b.splice.Unlock()
 	return nil

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"slices"
 	"testing"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
@@ -77,23 +78,11 @@ func TestHostileNamesRefused(t *testing.T) {
 			for _, e := range ents {
 				names = append(names, e.Name)
 			}
-			if want := []string{"abs", "d", "defined-later", "lnk", "ok"}; !equalStrings(names, want) {
+			if want := []string{"abs", "d", "defined-later", "lnk", "ok"}; !slices.Equal(names, want) {
 				t.Errorf("root lists %q, want %q", names, want)
 			}
 		})
 	}
-}
-
-func equalStrings(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestHostileStructureErrors(t *testing.T) {
