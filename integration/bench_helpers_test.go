@@ -517,21 +517,7 @@ func runReaderPodPulling(tb testing.TB, ctx context.Context, rt criapi.RuntimeSe
 			return rp, err
 		}
 	}
-	cc, err := rt.CreateContainer(ctx, &criapi.CreateContainerRequest{
-		PodSandboxId:  id,
-		SandboxConfig: cfg,
-		Config: &criapi.ContainerConfig{
-			Metadata: &criapi.ContainerMetadata{Name: "reader"},
-			Image:    &criapi.ImageSpec{Image: toolsRef},
-			Command:  append([]string{"/tool", "read"}, files...),
-			LogPath:  "reader.log",
-			Mounts: []*criapi.Mount{{
-				ContainerPath: "/models-volume",
-				Image:         &criapi.ImageSpec{Image: modelRef},
-				Readonly:      true,
-			}},
-		},
-	})
+	cc, err := rt.CreateContainer(ctx, readerContainer(id, cfg, toolsRef, modelRef, append([]string{"/tool", "read"}, files...)))
 	if err != nil {
 		return rp, fmt.Errorf("CreateContainer %s/%s with image volume %s: %w", ns, name, modelRef, err)
 	}

@@ -2,9 +2,7 @@ package integration
 
 import (
 	"bytes"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -82,17 +80,12 @@ func TestCLIPackMountAndSignal(t *testing.T) {
 	}
 
 	// The metrics endpoint reports what the reads cost.
-	resp, err := http.Get("http://" + metricsAddr + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	body, err := httpGet(t.Context(), "http://"+metricsAddr+"/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"weightsnap_registry_bytes_total{", "weightsnap_registry_requests_total{outcome=\"ok\"}", "weightsnap_time_to_first_read_seconds{", "weightsnap_read_latency_seconds_bucket{"} {
-		if !strings.Contains(string(body), want) {
+		if !strings.Contains(body, want) {
 			t.Errorf("metrics lack %s", want)
 		}
 	}

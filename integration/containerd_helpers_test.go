@@ -597,25 +597,20 @@ func (w *weightsnapd) waitVerified(ctx context.Context, digests []string) error 
 	if len(digests) == 0 {
 		return errors.New("waiting for weightsnapd to verify layers: no layers named")
 	}
-	for {
-		body, err := httpGet(ctx, "http://"+w.metrics+"/metrics")
-		if err == nil {
-			missing := 0
-			for _, d := range digests {
-				if !strings.Contains(body, fmt.Sprintf("weightsnap_layer_verified{layer=%q} 1", d)) {
-					missing++
-				}
+	for _, d := range digests {
+		for {
+			v, err := w.metric(ctx, fmt.Sprintf("weightsnap_layer_verified{layer=%q}", d))
+			if err == nil && v == 1 {
+				break
 			}
-			if missing == 0 {
-				return nil
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("waiting for weightsnapd to verify layer %s: %w (last scrape error: %v)", d, ctx.Err(), err)
+			case <-time.After(100 * time.Millisecond):
 			}
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("waiting for weightsnapd to verify %d layers: %w (last scrape error: %v)", len(digests), ctx.Err(), err)
-		case <-time.After(100 * time.Millisecond):
 		}
 	}
+	return nil
 }
 
 // metric returns the value of the sample named series (name and labels,
@@ -631,6 +626,27 @@ func (w *weightsnapd) metric(ctx context.Context, series string) (float64, error
 		}
 	}
 	return 0, nil
+}
+
+// readerContainer is the container of a reader pod: the tools image
+// running command, with modelRef mounted read-only at /models-volume as
+// an image volume.
+func readerContainer(sandboxID string, cfg *criapi.PodSandboxConfig, toolsRef, modelRef string, command []string) *criapi.CreateContainerRequest {
+	return &criapi.CreateContainerRequest{
+		PodSandboxId:  sandboxID,
+		SandboxConfig: cfg,
+		Config: &criapi.ContainerConfig{
+			Metadata: &criapi.ContainerMetadata{Name: "reader"},
+			Image:    &criapi.ImageSpec{Image: toolsRef},
+			Command:  command,
+			LogPath:  "reader.log",
+			Mounts: []*criapi.Mount{{
+				ContainerPath: "/models-volume",
+				Image:         &criapi.ImageSpec{Image: modelRef},
+				Readonly:      true,
+			}},
+		},
+	}
 }
 
 // httpGet returns the body of a GET of url.

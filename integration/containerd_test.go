@@ -163,21 +163,7 @@ func (s *stack) runPod(t *testing.T, ctx context.Context, rt criapi.RuntimeServi
 	}
 	p := pod{sandbox: sb.PodSandboxId}
 	t.Cleanup(func() { removePod(t, rt, p) })
-	cc, err := rt.CreateContainer(ctx, &criapi.CreateContainerRequest{
-		PodSandboxId:  sb.PodSandboxId,
-		SandboxConfig: cfg,
-		Config: &criapi.ContainerConfig{
-			Metadata: &criapi.ContainerMetadata{Name: "reader"},
-			Image:    &criapi.ImageSpec{Image: s.tools.Ref},
-			Command:  []string{"/tool", "sleep"},
-			LogPath:  "reader.log",
-			Mounts: []*criapi.Mount{{
-				ContainerPath: "/models-volume",
-				Image:         &criapi.ImageSpec{Image: modelRef},
-				Readonly:      true,
-			}},
-		},
-	})
+	cc, err := rt.CreateContainer(ctx, readerContainer(sb.PodSandboxId, cfg, s.tools.Ref, modelRef, []string{"/tool", "sleep"}))
 	if err != nil {
 		t.Fatalf("CreateContainer with image volume %s: %v", modelRef, err)
 	}
