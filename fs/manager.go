@@ -44,8 +44,10 @@ type Manager struct {
 	mounts map[string]*layerMount // by mountpoint
 	closed bool
 
-	warmStop chan struct{} // closed by Close: layers held by Warm let go
-	warmWG   sync.WaitGroup
+	// warmCtx bounds Warm's work: Close cancels it, and held layers let go.
+	warmCtx    context.Context
+	warmCancel context.CancelFunc
+	warmWG     sync.WaitGroup
 }
 
 // layerSlot is a layer's place in the Manager: opened once however many
@@ -126,13 +128,15 @@ func New(store *cache.Store, cfg Config) *Manager {
 	if cfg.WarmHold <= 0 {
 		cfg.WarmHold = time.Minute
 	}
+	warmCtx, warmCancel := context.WithCancel(context.Background())
 	return &Manager{
-		store:    store,
-		cfg:      cfg,
-		sched:    prefetch.NewScheduler(cfg.Prefetch),
-		layers:   make(map[digest.Digest]*layerSlot),
-		mounts:   make(map[string]*layerMount),
-		warmStop: make(chan struct{}),
+		store:      store,
+		cfg:        cfg,
+		sched:      prefetch.NewScheduler(cfg.Prefetch),
+		layers:     make(map[digest.Digest]*layerSlot),
+		mounts:     make(map[string]*layerMount),
+		warmCtx:    warmCtx,
+		warmCancel: warmCancel,
 	}
 }
 
@@ -166,16 +170,8 @@ func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
 	slog.Debug("warming layers", "image", imageRef, "layers", len(todo))
 	go func() {
 		defer m.warmWG.Done()
-		ctx, cancel := context.WithCancel(context.Background())
-		defer cancel()
-		go func() {
-			select {
-			case <-m.warmStop:
-				cancel()
-			case <-ctx.Done():
-			}
-		}()
-		sem := make(chan struct{}, maxWarming)
+		ctx := m.warmCtx
+		sem := make(chan struct{}, maxWarming) // taken while a layer opens
 		var wg sync.WaitGroup
 		for _, d := range todo {
 			// In turn: the first layer without a record resolves the
@@ -195,18 +191,18 @@ func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
 			if ctx.Err() != nil {
 				break
 			}
-			wg.Go(func() {
-				defer func() { <-sem }()
-				m.warmLayer(ctx, imageRef, d)
-			})
+			wg.Go(func() { m.warmLayer(ctx, imageRef, d, sem) })
 		}
 		wg.Wait()
 	}()
 }
 
-// warmLayer holds layer d open for Config.WarmHold, or until ctx ends.
-func (m *Manager) warmLayer(ctx context.Context, imageRef string, d digest.Digest) {
-	if _, err := m.acquire(ctx, imageRef, d); err != nil {
+// warmLayer opens layer d, gives back its place in sem, and holds the
+// layer open for Config.WarmHold, or until ctx ends.
+func (m *Manager) warmLayer(ctx context.Context, imageRef string, d digest.Digest, sem <-chan struct{}) {
+	_, err := m.acquire(ctx, imageRef, d)
+	<-sem
+	if err != nil {
 		slog.Debug("warming layer", "layer", d, "image", imageRef, "err", err)
 		return
 	}
@@ -683,7 +679,7 @@ func (m *Manager) Close() error {
 	m.mu.Lock()
 	if !m.closed {
 		m.closed = true
-		close(m.warmStop)
+		m.warmCancel()
 	}
 	m.mu.Unlock()
 	m.warmWG.Wait()

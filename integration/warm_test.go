@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 
@@ -82,6 +83,16 @@ func TestLazyWarm(t *testing.T) {
 		}
 	})
 
+	t.Run("more layers than open at once", func(t *testing.T) {
+		// Holding a layer must not keep the next ones from opening.
+		pushShardedModel(t, root, reg.Addr+"/warm/sharded:v1", 7)
+		ref := reg.Addr + "/warm/sharded:v1"
+		layers := warmLayers(t, ref)
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache3"), cache.Options{}, wsfs.Config{WarmHold: time.Hour, NoBackgroundFill: true})
+		n.m.Warm(ref, layers)
+		lazyWaitFor(t, "every layer opened", func() bool { return openIs(n.m, layers) })
+	})
+
 	t.Run("held layers close after the hold", func(t *testing.T) {
 		// Each layer is open for the whole hold, so the poll sees every
 		// one of them open at some point; nothing opens them again.
@@ -98,6 +109,32 @@ func TestLazyWarm(t *testing.T) {
 	})
 }
 
+// pushShardedModel pushes to ref a model of a config file and shards
+// files of 8 MiB, each in a layer of its own.
+func pushShardedModel(t testing.TB, root, ref string, shards int) {
+	t.Helper()
+	src := filepath.Join(root, "model-"+strconv.Itoa(shards))
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	files := map[string][]byte{"config.json": []byte(`{"hidden_size": 64}`)}
+	for i := range shards {
+		files[fmt.Sprintf("model-%05d-of-%05d.safetensors", i+1, shards)] = lazyRandom(8<<20, uint64(40+i))
+	}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(src, name), body, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	img, err := pack.Build(t.Context(), src, pack.Options{LargeFileThreshold: 1 << 20, Prefix: "models/m"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pack.Push(t.Context(), img, ref, true, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // BenchmarkLayerMounts mounts the five layers of a model one after
 // another, as containerd's Prepares come, through a proxy that adds 20 ms
 // to every registry request (a registry across a network): without the
@@ -109,26 +146,7 @@ func BenchmarkLayerMounts(b *testing.B) {
 	root := b.TempDir()
 	reg := testutil.StartRegistry(b)
 	proxy := testutil.StartProxy(b, reg.URL(), testutil.Faults{Latency: 20 * time.Millisecond})
-	src := filepath.Join(root, "model")
-	files := map[string][]byte{"config.json": []byte(`{"hidden_size": 64}`)}
-	for i := range 4 {
-		files[fmt.Sprintf("model-%05d-of-00004.safetensors", i+1)] = lazyRandom(8<<20, uint64(40+i))
-	}
-	for name, body := range files {
-		if err := os.MkdirAll(src, 0o755); err != nil {
-			b.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(src, name), body, 0o644); err != nil {
-			b.Fatal(err)
-		}
-	}
-	img, err := pack.Build(b.Context(), src, pack.Options{LargeFileThreshold: 1 << 20, Prefix: "models/m"})
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := pack.Push(b.Context(), img, reg.Addr+"/bench/layers:v1", true, nil); err != nil {
-		b.Fatal(err)
-	}
+	pushShardedModel(b, root, reg.Addr+"/bench/layers:v1", 4)
 	ref := proxy.Addr + "/bench/layers:v1"
 	layers := warmLayers(b, ref)
 	b.Logf("%d layers, %v added to every registry request", len(layers), 20*time.Millisecond)
