@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/weightsnap/weightsnap/fs/layer"
+	"github.com/weightsnap/weightsnap/layer"
 )
 
 // fakeLayer is an in-memory layer.Layer. It is built with its add methods

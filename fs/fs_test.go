@@ -23,7 +23,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
 
-	"github.com/weightsnap/weightsnap/fs/layer"
+	"github.com/weightsnap/weightsnap/layer"
 	"github.com/weightsnap/weightsnap/metrics"
 )
 

@@ -18,10 +18,10 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/weightsnap/weightsnap/cache"
-	"github.com/weightsnap/weightsnap/fs/layer"
-	"github.com/weightsnap/weightsnap/fs/prefetch"
-	"github.com/weightsnap/weightsnap/fs/remote"
+	"github.com/weightsnap/weightsnap/layer"
 	"github.com/weightsnap/weightsnap/metrics"
+	"github.com/weightsnap/weightsnap/prefetch"
+	"github.com/weightsnap/weightsnap/remote"
 )
 
 // errManagerClosed is returned by MountLayer after Close.

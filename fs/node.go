@@ -17,7 +17,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 
-	"github.com/weightsnap/weightsnap/fs/layer"
+	"github.com/weightsnap/weightsnap/layer"
 	"github.com/weightsnap/weightsnap/metrics"
 )
 

@@ -9,7 +9,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/weightsnap/weightsnap/fs/layer"
+	"github.com/weightsnap/weightsnap/layer"
 )
 
 // overlayLayers returns three layers, top-most first, that exercise what

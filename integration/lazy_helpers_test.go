@@ -24,8 +24,8 @@ import (
 
 	"github.com/weightsnap/weightsnap/cache"
 	wsfs "github.com/weightsnap/weightsnap/fs"
-	"github.com/weightsnap/weightsnap/fs/remote"
 	"github.com/weightsnap/weightsnap/internal/testutil"
+	"github.com/weightsnap/weightsnap/remote"
 )
 
 // lazyGuard bounds any single blocking step of these tests (a mount, a

@@ -28,9 +28,9 @@ import (
 
 	"github.com/weightsnap/weightsnap/cache"
 	wsfs "github.com/weightsnap/weightsnap/fs"
-	"github.com/weightsnap/weightsnap/fs/remote"
 	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/pack"
+	"github.com/weightsnap/weightsnap/remote"
 )
 
 // lazyCompareOpts relaxes mtimes to seconds for eStargz, whose TOC keeps

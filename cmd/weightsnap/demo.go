@@ -20,9 +20,9 @@ import (
 
 	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/fs"
-	"github.com/weightsnap/weightsnap/fs/remote"
 	"github.com/weightsnap/weightsnap/internal/registryserver"
 	"github.com/weightsnap/weightsnap/pack"
+	"github.com/weightsnap/weightsnap/remote"
 )
 
 // runDemo is the main job on an embedded default: an in-process registry,

@@ -22,9 +22,9 @@ import (
 
 	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/fs"
-	"github.com/weightsnap/weightsnap/fs/remote"
 	"github.com/weightsnap/weightsnap/metrics"
 	"github.com/weightsnap/weightsnap/pack"
+	"github.com/weightsnap/weightsnap/remote"
 )
 
 const usage = `usage: weightsnap <command> [flags]

@@ -7,7 +7,7 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
-	"github.com/weightsnap/weightsnap/fs/prefetch"
+	"github.com/weightsnap/weightsnap/prefetch"
 )
 
 // Config is weightsnapd's configuration file. deploy/weightsnapd.toml

@@ -7,7 +7,7 @@ import (
 	"reflect"
 	"testing"
 
-	"github.com/weightsnap/weightsnap/fs/remote"
+	"github.com/weightsnap/weightsnap/remote"
 )
 
 // TestDeployConfigIsDefaults keeps deploy/weightsnapd.toml, which documents

@@ -34,8 +34,8 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
-	"github.com/weightsnap/weightsnap/fs/remote"
 	"github.com/weightsnap/weightsnap/metrics"
+	"github.com/weightsnap/weightsnap/remote"
 	"github.com/weightsnap/weightsnap/snapshot"
 )
 

@@ -7,7 +7,7 @@ import (
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/containerd/v2/core/remotes/docker/config"
 
-	"github.com/weightsnap/weightsnap/fs/remote"
+	"github.com/weightsnap/weightsnap/remote"
 )
 
 // hostsMirrors returns the endpoints of a registry as containerd's hosts

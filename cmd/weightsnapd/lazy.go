@@ -6,8 +6,8 @@ import (
 
 	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/fs"
-	"github.com/weightsnap/weightsnap/fs/prefetch"
-	"github.com/weightsnap/weightsnap/fs/remote"
+	"github.com/weightsnap/weightsnap/prefetch"
+	"github.com/weightsnap/weightsnap/remote"
 	"github.com/weightsnap/weightsnap/snapshot"
 )
 

@@ -2,7 +2,7 @@ package prefetch_test
 
 import (
 	"github.com/weightsnap/weightsnap/cache"
-	"github.com/weightsnap/weightsnap/fs/prefetch"
+	"github.com/weightsnap/weightsnap/prefetch"
 )
 
 // The node cache's blobs are what the scheduler drives in production.
