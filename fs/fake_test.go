@@ -176,16 +176,14 @@ func requireFUSE(t *testing.T) {
 }
 
 // mountFake mounts l on a fresh directory, unmounted when the test ends.
-func mountFake(t *testing.T, l layer.Layer, opt Options) *Mount {
+func mountFake(t *testing.T, l layer.Layer, opts ...Option) *Mount {
 	t.Helper()
 	requireFUSE(t)
-	if opt.Name == "" {
-		opt.Name = "test:" + t.Name()
-	}
 	mp := t.TempDir()
-	m, err := MountLayer(t.Context(), l, mp, opt)
+	opts = append([]Option{WithName("test:" + t.Name())}, opts...)
+	m, err := Serve(t.Context(), &layer.Opened{Layer: l}, mp, opts...)
 	if err != nil {
-		t.Fatalf("MountLayer: %v", err)
+		t.Fatalf("Serve: %v", err)
 	}
 	t.Cleanup(func() {
 		if err := m.Unmount(); err != nil {

@@ -75,7 +75,7 @@ func catMmap(p string) error {
 func runHelperDaemon(mp string) {
 	l := newFakeLayer()
 	l.file("hello", []byte("hello"))
-	if _, err := MountLayer(context.Background(), l, mp, Options{Name: "test:helper"}); err != nil {
+	if _, err := Serve(context.Background(), &layer.Opened{Layer: l}, mp, WithName("test:helper")); err != nil {
 		fmt.Println("error:", err)
 		os.Exit(1)
 	}
@@ -126,7 +126,7 @@ func richLayer() *fakeLayer {
 
 func TestAttributes(t *testing.T) {
 	l := richLayer()
-	m := mountFake(t, l, Options{})
+	m := mountFake(t, l)
 	mp := m.Mountpoint()
 
 	// Fields passed through unchanged, for every entry.
@@ -204,7 +204,7 @@ func TestAttributes(t *testing.T) {
 
 func TestReadlink(t *testing.T) {
 	l := richLayer()
-	mp := mountFake(t, l, Options{}).Mountpoint()
+	mp := mountFake(t, l).Mountpoint()
 	for _, name := range []string{"rel", "abs", "dangling"} {
 		got, err := os.Readlink(filepath.Join(mp, name))
 		if err != nil || got != l.entries[name].Linkname {
@@ -223,7 +223,7 @@ func TestReadlink(t *testing.T) {
 
 func TestReadDir(t *testing.T) {
 	l := richLayer()
-	mp := mountFake(t, l, Options{}).Mountpoint()
+	mp := mountFake(t, l).Mountpoint()
 	for _, dir := range []string{"", "dir", "opaque", "sticky"} {
 		want, _ := l.ReadDir(t.Context(), dir)
 		got, err := os.ReadDir(filepath.Join(mp, dir))
@@ -271,7 +271,7 @@ func fileModeType(t layer.Type) os.FileMode {
 
 func TestXattrs(t *testing.T) {
 	l := richLayer()
-	mp := mountFake(t, l, Options{})
+	mp := mountFake(t, l)
 	p := filepath.Join(mp.Mountpoint(), "xattrs")
 	for k, v := range l.entries["xattrs"].Xattrs {
 		// Size probe first, as getfattr does.
@@ -343,7 +343,7 @@ func listxattr(t *testing.T, p string) []string {
 
 func TestHardLink(t *testing.T) {
 	l := richLayer()
-	mp := mountFake(t, l, Options{}).Mountpoint()
+	mp := mountFake(t, l).Mountpoint()
 	var a, b unix.Stat_t
 	if err := unix.Stat(filepath.Join(mp, "linked"), &a); err != nil {
 		t.Fatal(err)
@@ -369,11 +369,11 @@ func TestReadContent(t *testing.T) {
 	l.add(&layer.Entry{Name: "noperm", Type: layer.TypeReg, Mode: 0}, []byte("root reads anyway"))
 	var onRead atomic.Int64
 	name := "test:read-content"
-	m := mountFake(t, l, Options{Name: name, OnRead: func(e *layer.Entry, off, n int64) {
+	m := mountFake(t, l, WithName(name), WithOnRead(func(e *layer.Entry, off, n int64) {
 		if e.Name == "big" && off >= 0 && off+n <= int64(len(data)) {
 			onRead.Add(1)
 		}
-	}})
+	}))
 	mp := m.Mountpoint()
 
 	if b, err := os.ReadFile(filepath.Join(mp, "empty")); err != nil || len(b) != 0 {
@@ -411,11 +411,17 @@ func TestReadContent(t *testing.T) {
 		t.Error("OnRead was never called with the file's entry")
 	}
 	var ttfr dto.Metric
-	if err := metrics.TimeToFirstRead.WithLabelValues(name).Write(&ttfr); err != nil {
+	if err := metrics.TimeToFirstRead.WithLabelValues(mp).Write(&ttfr); err != nil {
 		t.Fatal(err)
 	}
 	if v := ttfr.GetGauge().GetValue(); v <= 0 {
-		t.Errorf("time to first read for %s = %v, want > 0", name, v)
+		t.Errorf("time to first read for %s = %v, want > 0", mp, v)
+	}
+	if err := m.Unmount(); err != nil {
+		t.Fatal(err)
+	}
+	if ttfrSeries(t, mp) {
+		t.Errorf("the time to first read of %s outlived its mount", mp)
 	}
 }
 
@@ -423,7 +429,7 @@ func TestMmap(t *testing.T) {
 	l := newFakeLayer()
 	data := randBytes(2, 1<<20+777)
 	l.file("weights.bin", data)
-	mp := mountFake(t, l, Options{}).Mountpoint()
+	mp := mountFake(t, l).Mountpoint()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), mmapEnv+"="+filepath.Join(mp, "weights.bin"))
 	var stderr bytes.Buffer
@@ -445,7 +451,7 @@ func TestConcurrentReaders(t *testing.T) {
 		data[i] = randBytes(uint64(10+i), 2<<20+i*4099)
 		l.file(fmt.Sprintf("f%d", i), data[i])
 	}
-	mp := mountFake(t, l, Options{}).Mountpoint()
+	mp := mountFake(t, l).Mountpoint()
 
 	var wg sync.WaitGroup
 	errs := make(chan error, 16)
@@ -487,7 +493,7 @@ func TestReadErrorIsEIO(t *testing.T) {
 	l.readErr["bad"] = errors.New("registry said 500")
 	// "short" claims 20 bytes but the content has 10.
 	l.entries["short"].Size = 20
-	mp := mountFake(t, l, Options{}).Mountpoint()
+	mp := mountFake(t, l).Mountpoint()
 	errorsBefore := readLatencyCount(t, "error")
 
 	for _, name := range []string{"bad", "short"} {
@@ -507,7 +513,7 @@ func TestReadErrorIsEIO(t *testing.T) {
 
 func TestReadOnly(t *testing.T) {
 	l := richLayer()
-	mp := mountFake(t, l, Options{}).Mountpoint()
+	mp := mountFake(t, l).Mountpoint()
 	for _, op := range []struct {
 		name string
 		do   func() error
@@ -557,7 +563,7 @@ func TestUnmount(t *testing.T) {
 	if err := os.Mkdir(mp, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	m, err := MountLayer(t.Context(), l, mp, Options{Name: "test:unmount"})
+	m, err := Serve(t.Context(), &layer.Opened{Layer: l}, mp, WithName("test:unmount"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -576,6 +582,44 @@ func TestUnmount(t *testing.T) {
 	}
 }
 
+// TestUnmountRetriedAfterFailure makes an unmount fail (its mountpoint's
+// path is gone for a moment) and checks that a later Unmount tries again
+// instead of repeating the first failure.
+func TestUnmountRetriedAfterFailure(t *testing.T) {
+	requireFUSE(t)
+	l := newFakeLayer()
+	l.file("f", []byte("data"))
+	root := t.TempDir()
+	parent, moved := filepath.Join(root, "p"), filepath.Join(root, "moved")
+	mp := filepath.Join(parent, "mnt")
+	if err := os.MkdirAll(mp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	m, err := Serve(t.Context(), &layer.Opened{Layer: l}, mp, WithName("test:retry"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		os.Rename(moved, parent)
+		m.Unmount()
+	})
+	if err := os.Rename(parent, moved); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Unmount(); err == nil {
+		t.Fatal("Unmount of a mountpoint whose path is gone succeeded")
+	}
+	if err := os.Rename(moved, parent); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Unmount(); err != nil {
+		t.Fatalf("second Unmount: %v", err)
+	}
+	if isMountpoint(t, mp) {
+		t.Error("still mounted after the second Unmount")
+	}
+}
+
 // TestUnmountBusy holds a file open across Unmount: the mount is detached
 // at once, the open file keeps working, and Unmount returns once it is
 // closed.
@@ -587,7 +631,7 @@ func TestUnmountBusy(t *testing.T) {
 	if err := os.Mkdir(mp, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	m, err := MountLayer(t.Context(), l, mp, Options{Name: "test:busy"})
+	m, err := Serve(t.Context(), &layer.Opened{Layer: l}, mp, WithName("test:busy"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -727,4 +771,26 @@ func isMountpoint(t *testing.T, p string) bool {
 		t.Fatal(err)
 	}
 	return st.Dev != pst.Dev
+}
+
+// ttfrSeries reports whether a time-to-first-read series of mp exists.
+func ttfrSeries(t *testing.T, mp string) bool {
+	t.Helper()
+	fams, err := metrics.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fams {
+		if f.GetName() != "weightsnap_time_to_first_read_seconds" {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "mount" && l.GetValue() == mp {
+					return true
+				}
+			}
+		}
+	}
+	return false
 }

@@ -47,9 +47,10 @@ var (
 // before the mount and read concurrently after, so it needs no locks; the
 // only mutable field is the first-read flag, an atomic.
 type fsys struct {
-	layer  layer.Layer
-	name   string
-	onRead func(e *layer.Entry, off, n int64)
+	layer      layer.Layer
+	name       string
+	mountpoint string // labels the time to first read
+	onRead     func(e *layer.Entry, off, n int64)
 	// files is set when the layer can hand out the local file holding a
 	// read's bytes: reads are then spliced from the node cache into FUSE
 	// without passing through this process's memory.
@@ -180,22 +181,14 @@ func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errn
 	return uint32(len(b)), 0
 }
 
-// sizer is implemented by layers that know their content size; Statfs
-// reports it as the file system's size.
-type sizer interface {
-	Size() int64
-}
-
 // Statfs describes a full, read-only file system: nothing is free.
 func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
 	*out = fuse.StatfsOut{}
 	out.Bsize = blockSize
 	out.Frsize = blockSize
 	out.NameLen = 255
-	if s, ok := n.fs.layer.(sizer); ok {
-		if sz := s.Size(); sz > 0 {
-			out.Blocks = uint64((sz + blockSize - 1) / blockSize)
-		}
+	if sz := n.fs.layer.Size(); sz > 0 {
+		out.Blocks = uint64((sz + blockSize - 1) / blockSize)
 	}
 	return 0
 }
@@ -287,8 +280,7 @@ func (n *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off int
 	var err error
 	if n.fs.files != nil {
 		res, err = n.readFile(ctx, off, want)
-	}
-	if n.fs.files == nil || errors.Is(err, layer.ErrUnsupported) {
+	} else {
 		err = readFull(ctx, n.fs.layer, e, dest[:want], off)
 		res = newReadResult(dest[:want])
 	}
@@ -299,7 +291,7 @@ func (n *node) Read(ctx context.Context, f gofs.FileHandle, dest []byte, off int
 	}
 	readLatencyOK.Observe(elapsed)
 	if !n.fs.firstRead.Load() && n.fs.firstRead.CompareAndSwap(false, true) {
-		metrics.TimeToFirstRead.WithLabelValues(n.fs.name).Set(time.Since(n.fs.mounted).Seconds())
+		metrics.TimeToFirstRead.WithLabelValues(n.fs.mountpoint).Set(time.Since(n.fs.mounted).Seconds())
 	}
 	return res, 0
 }

@@ -53,7 +53,7 @@ func mountOverlayOf(t *testing.T, layers []*fakeLayer, lowerName func(i int) str
 		if err := os.Mkdir(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		m, err := MountLayer(t.Context(), l, dir, Options{Name: "test:" + lowerName(i)})
+		m, err := Serve(t.Context(), &layer.Opened{Layer: l}, dir, WithName("test:"+lowerName(i)))
 		if err != nil {
 			t.Fatal(err)
 		}

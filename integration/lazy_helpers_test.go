@@ -23,8 +23,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/weightsnap/weightsnap/cache"
-	wsfs "github.com/weightsnap/weightsnap/fs"
 	"github.com/weightsnap/weightsnap/internal/testutil"
+	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/remote"
 )
 
@@ -71,7 +71,7 @@ type lazyNode struct {
 	t        *testing.T
 	cacheDir string
 	store    *cache.Store
-	m        *wsfs.Manager
+	m        *lazy.Manager
 	once     sync.Once
 }
 
@@ -80,19 +80,20 @@ type lazyNode struct {
 // (a "restart").
 func lazyStartNode(t *testing.T, cacheDir string, copt cache.Options, extra ...remote.Option) *lazyNode {
 	t.Helper()
-	return lazyStartNodeWith(t, cacheDir, copt, wsfs.Config{Remote: extra})
+	reg := lazy.RemoteOptions(append(lazyRemoteOptions(), extra...)...)
+	return lazyStartNodeWith(t, cacheDir, copt, lazy.WithRegistry(reg))
 }
 
-// lazyStartNodeWith is lazyStartNode with a Manager configuration; the
-// registry options of lazyRemoteOptions come before cfg.Remote.
-func lazyStartNodeWith(t *testing.T, cacheDir string, copt cache.Options, cfg wsfs.Config) *lazyNode {
+// lazyStartNodeWith is lazyStartNode with Manager options, which come
+// after the registry of lazyRemoteOptions.
+func lazyStartNodeWith(t *testing.T, cacheDir string, copt cache.Options, opts ...lazy.Option) *lazyNode {
 	t.Helper()
 	store, err := cache.Open(cacheDir, copt)
 	if err != nil {
 		t.Fatalf("open cache %s: %v", cacheDir, err)
 	}
-	cfg.Remote = append(lazyRemoteOptions(), cfg.Remote...)
-	n := &lazyNode{t: t, cacheDir: cacheDir, store: store, m: wsfs.New(store, cfg)}
+	opts = append([]lazy.Option{lazy.WithRegistry(lazy.RemoteOptions(lazyRemoteOptions()...))}, opts...)
+	n := &lazyNode{t: t, cacheDir: cacheDir, store: store, m: lazy.New(store, opts...)}
 	t.Cleanup(n.close)
 	return n
 }
@@ -112,7 +113,7 @@ func (n *lazyNode) close() {
 // lazyImage is a mounted image.
 type lazyImage struct {
 	target string
-	im     *wsfs.ImageMount
+	im     *lazy.ImageMount
 	once   sync.Once
 	err    error
 }

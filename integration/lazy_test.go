@@ -27,8 +27,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/weightsnap/weightsnap/cache"
-	wsfs "github.com/weightsnap/weightsnap/fs"
 	"github.com/weightsnap/weightsnap/internal/testutil"
+	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/pack"
 	"github.com/weightsnap/weightsnap/remote"
 )
@@ -73,13 +73,13 @@ func TestLazyFidelity(t *testing.T) {
 	}
 }
 
-// mountLayer mounts one layer with Manager.MountLayer, unmounted in
+// mountLayer mounts one layer with Manager.Mount, unmounted in
 // t.Cleanup.
 func (n *lazyNode) mountLayer(t *testing.T, mp, ref, dgst string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), lazyGuard)
 	defer cancel()
-	if err := n.m.MountLayer(ctx, mp, ref, digest.Digest(dgst)); err != nil {
+	if err := n.m.Mount(ctx, mp, ref, digest.Digest(dgst)); err != nil {
 		t.Fatalf("mount layer %s of %s: %v", dgst, ref, err)
 	}
 	t.Cleanup(func() {
@@ -632,8 +632,7 @@ func TestLazyCorruptEStargzChunk(t *testing.T) {
 		dir := filepath.Join(root, "after")
 		// No background fill: the chunks must still be missing when the
 		// registry turns bad.
-		n := lazyStartNodeWith(t, filepath.Join(dir, "cache"), cache.Options{ChunkSize: 64 << 10, MaxFetch: 64 << 10},
-			wsfs.Config{NoBackgroundFill: true})
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache"), cache.Options{ChunkSize: 64 << 10, MaxFetch: 64 << 10}, lazy.WithBackgroundFill(false))
 		img := n.mountImage(t, ref, filepath.Join(dir, "image"))
 		if err := proxy.SetFaults(testutil.Faults{CorruptDigest: blob.Digest()}); err != nil {
 			t.Fatal(err)
@@ -695,7 +694,7 @@ func TestLazyCorruptTarBlob(t *testing.T) {
 
 	// No background fill: the file's bytes must still be missing when the
 	// registry turns bad.
-	n := lazyStartNodeWith(t, cacheDir, cache.Options{}, wsfs.Config{NoBackgroundFill: true})
+	n := lazyStartNodeWith(t, cacheDir, cache.Options{}, lazy.WithBackgroundFill(false))
 	img := n.mountImage(t, ref, filepath.Join(root, "image"))
 	if err := proxy.SetFaults(testutil.Faults{CorruptDigest: blob.Digest()}); err != nil {
 		t.Fatal(err)
@@ -991,11 +990,11 @@ func TestLazyConcurrentMountsOfAStreamedLayer(t *testing.T) {
 	mps := []string{filepath.Join(root, "a"), filepath.Join(root, "b")}
 	errs := make(chan error, len(mps))
 	for _, mp := range mps {
-		go func() { errs <- n.m.MountLayer(t.Context(), mp, ref, digest.Digest(blob.Digest())) }()
+		go func() { errs <- n.m.Mount(t.Context(), mp, ref, digest.Digest(blob.Digest())) }()
 	}
 	for range mps {
 		if err := <-errs; err != nil {
-			t.Fatalf("MountLayer: %v", err)
+			t.Fatalf("Mount: %v", err)
 		}
 	}
 	t.Cleanup(func() { n.m.Unmount(context.Background(), mps[1]) })

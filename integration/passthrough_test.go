@@ -11,8 +11,8 @@ import (
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/weightsnap/weightsnap/cache"
-	wsfs "github.com/weightsnap/weightsnap/fs"
 	"github.com/weightsnap/weightsnap/internal/testutil"
+	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/metrics"
 )
 
@@ -138,7 +138,7 @@ func TestLazyPassthrough(t *testing.T) {
 	img.unmount()
 	n.close()
 	// (Without background fill, which would check them at its own pace.)
-	n = lazyStartNodeWith(t, cacheDir, cache.Options{}, wsfs.Config{NoBackgroundFill: true})
+	n = lazyStartNodeWith(t, cacheDir, cache.Options{}, lazy.WithBackgroundFill(false))
 	img = n.mountImage(t, model.ref, filepath.Join(dir, "image2"))
 	p = img.path(model.bigPath)
 	opens = passthroughOpens()

@@ -13,8 +13,8 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/weightsnap/weightsnap/cache"
-	wsfs "github.com/weightsnap/weightsnap/fs"
 	"github.com/weightsnap/weightsnap/internal/testutil"
+	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/pack"
 )
 
@@ -29,7 +29,7 @@ func warmLayers(t testing.TB, ref string) []digest.Digest {
 }
 
 // openIs reports whether the Manager has exactly the layers ds open.
-func openIs(m *wsfs.Manager, ds []digest.Digest) bool {
+func openIs(m *lazy.Manager, ds []digest.Digest) bool {
 	open := m.OpenLayers()
 	slices.Sort(open)
 	want := slices.Clone(ds)
@@ -58,7 +58,7 @@ func TestLazyWarm(t *testing.T) {
 	}
 
 	t.Run("mounts use warmed layers; Close lets go", func(t *testing.T) {
-		n := lazyStartNodeWith(t, filepath.Join(dir, "cache1"), cache.Options{}, wsfs.Config{WarmHold: time.Hour, NoBackgroundFill: true})
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache1"), cache.Options{}, lazy.WithWarmHold(time.Hour), lazy.WithBackgroundFill(false))
 		proxy.Reset()
 		n.m.Warm(ref, layers)
 		lazyWaitFor(t, "every layer opened", func() bool { return openIs(n.m, layers) })
@@ -88,7 +88,7 @@ func TestLazyWarm(t *testing.T) {
 		pushShardedModel(t, root, reg.Addr+"/warm/sharded:v1", 7)
 		ref := reg.Addr + "/warm/sharded:v1"
 		layers := warmLayers(t, ref)
-		n := lazyStartNodeWith(t, filepath.Join(dir, "cache3"), cache.Options{}, wsfs.Config{WarmHold: time.Hour, NoBackgroundFill: true})
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache3"), cache.Options{}, lazy.WithWarmHold(time.Hour), lazy.WithBackgroundFill(false))
 		n.m.Warm(ref, layers)
 		lazyWaitFor(t, "every layer opened", func() bool { return openIs(n.m, layers) })
 	})
@@ -96,7 +96,7 @@ func TestLazyWarm(t *testing.T) {
 	t.Run("held layers close after the hold", func(t *testing.T) {
 		// Each layer is open for the whole hold, so the poll sees every
 		// one of them open at some point; nothing opens them again.
-		n := lazyStartNodeWith(t, filepath.Join(dir, "cache2"), cache.Options{}, wsfs.Config{WarmHold: 2 * time.Second, NoBackgroundFill: true})
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache2"), cache.Options{}, lazy.WithWarmHold(2*time.Second), lazy.WithBackgroundFill(false))
 		n.m.Warm(ref, layers)
 		seen := map[digest.Digest]bool{}
 		lazyWaitFor(t, "every layer opened", func() bool {
@@ -160,13 +160,13 @@ func BenchmarkLayerMounts(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				m := wsfs.New(store, wsfs.Config{Remote: lazyRemoteOptions(), NoBackgroundFill: true})
+				m := lazy.New(store, lazy.WithRegistry(lazy.RemoteOptions(lazyRemoteOptions()...)), lazy.WithBackgroundFill(false))
 				b.StartTimer()
 				if warm {
 					m.Warm(ref, layers[1:])
 				}
 				for j, d := range layers {
-					if err := m.MountLayer(b.Context(), filepath.Join(dir, fmt.Sprintf("layer-%d", j)), ref, d); err != nil {
+					if err := m.Mount(b.Context(), filepath.Join(dir, fmt.Sprintf("layer-%d", j)), ref, d); err != nil {
 						b.Fatal(err)
 					}
 				}

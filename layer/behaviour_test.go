@@ -29,7 +29,7 @@ func TestTarIndexReadsOnlyHeaders(t *testing.T) {
 	src := &memSource{b: tarb}
 	meta := newMemMeta()
 	d := Descriptor{Digest: sha(tarb), Size: int64(len(tarb)), MediaType: mtTar}
-	l, err := OpenTar(ctx, d, src, meta)
+	l, err := openTar(ctx, d, src, meta)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,7 +50,7 @@ func TestTarIndexReadsOnlyHeaders(t *testing.T) {
 
 	// Reopen: the index comes from meta, no header is read.
 	src2 := &memSource{b: tarb}
-	l2, err := OpenTar(ctx, d, src2, meta)
+	l2, err := openTar(ctx, d, src2, meta)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,7 +103,7 @@ func TestStreamReadBeforeComplete(t *testing.T) {
 	open := func(context.Context) (io.ReadCloser, error) { opens++; return pr, nil }
 	streams, meta := newMemStreams(), newMemMeta()
 	d := Descriptor{Digest: sha(blob), MediaType: mtGzip, DiffID: sha(tarb)}
-	l, err := OpenStream(ctx, d, open, streams, meta)
+	l, err := openStream(ctx, d, open, streams, meta)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +146,7 @@ func TestStreamReadBeforeComplete(t *testing.T) {
 		if i == 1 {
 			delete(meta.m, tarIndexName(d.DiffID.String())) // index rebuilt from the stream
 		}
-		l2, err := OpenStream(ctx, d, noOpen, streams, meta)
+		l2, err := openStream(ctx, d, noOpen, streams, meta)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -175,12 +175,12 @@ func TestStreamFollowerWhileWriting(t *testing.T) {
 	t.Cleanup(func() { pw.CloseWithError(errors.New("test over")) })
 	streams := newMemStreams()
 	d := Descriptor{Digest: sha(blob), MediaType: mtZstd, DiffID: sha(tarb)}
-	writer, err := OpenStream(ctx, d, func(context.Context) (io.ReadCloser, error) { return pr, nil }, streams, newMemMeta())
+	writer, err := openStream(ctx, d, func(context.Context) (io.ReadCloser, error) { return pr, nil }, streams, newMemMeta())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { writer.Close() })
-	follower, err := OpenStream(ctx, d, nil, streams, newMemMeta())
+	follower, err := openStream(ctx, d, nil, streams, newMemMeta())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +221,7 @@ func TestStreamFailures(t *testing.T) {
 			ctx := testCtx(t)
 			streams := newMemStreams()
 			d := Descriptor{Digest: sha(c.blob), MediaType: mtGzip, DiffID: sha(c.diffID)}
-			l, err := OpenStream(ctx, d, opener(c.blob), streams, newMemMeta())
+			l, err := openStream(ctx, d, opener(c.blob), streams, newMemMeta())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -233,7 +233,7 @@ func TestStreamFailures(t *testing.T) {
 				t.Fatalf("lookup of a missing name after failure: %v", err)
 			}
 			// A follower sees the failure too.
-			f, err := OpenStream(ctx, d, nil, streams, newMemMeta())
+			f, err := openStream(ctx, d, nil, streams, newMemMeta())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -257,7 +257,7 @@ func TestStargzChunkVerification(t *testing.T) {
 		ctx := testCtx(t)
 		src := &corruptSource{memSource: memSource{b: b}, healing: healing}
 		d := Descriptor{Digest: sha(b), MediaType: mtGzip}
-		l, err := OpenStargz(ctx, d, src, nil)
+		l, err := openStargz(ctx, d, src, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -296,7 +296,7 @@ func TestStargzChunkVerification(t *testing.T) {
 	// A TOC that does not match the annotation is refused.
 	ctx := testCtx(t)
 	d := Descriptor{Digest: sha(b), MediaType: mtGzip, Annotations: map[string]string{estargz.TOCJSONDigestAnnotation: sha([]byte("other")).String()}}
-	if _, err := OpenStargz(ctx, d, &memSource{b: b}, nil); !errors.Is(err, ErrVerify) {
+	if _, err := openStargz(ctx, d, &memSource{b: b}, nil); !errors.Is(err, ErrVerify) {
 		t.Fatalf("TOC digest mismatch: %v", err)
 	}
 }
@@ -308,11 +308,11 @@ func TestStargzReopenFromMeta(t *testing.T) {
 	b, _ := io.ReadAll(blob)
 	meta := newMemMeta()
 	d := Descriptor{Digest: sha(b), MediaType: mtGzip}
-	if _, err := OpenStargz(ctx, d, &memSource{b: b}, meta); err != nil {
+	if _, err := openStargz(ctx, d, &memSource{b: b}, meta); err != nil {
 		t.Fatal(err)
 	}
 	src := &memSource{b: b}
-	l, err := OpenStargz(ctx, d, src, meta)
+	l, err := openStargz(ctx, d, src, meta)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -336,7 +336,7 @@ func TestStargzSharedStreams(t *testing.T) {
 	tarb := buildTar(t, richFiles())
 	blob := buildStargz(t, tarb, estargz.WithMinChunkSize(1<<10))
 	b, _ := io.ReadAll(blob)
-	l, err := OpenStargz(ctx, Descriptor{Digest: sha(b), Size: int64(len(b))}, &memSource{b: b}, nil)
+	l, err := openStargz(ctx, Descriptor{Digest: sha(b), Size: int64(len(b))}, &memSource{b: b}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -364,12 +364,12 @@ func TestStargzSharedStreams(t *testing.T) {
 func TestOpenRejectsUnknownBlobs(t *testing.T) {
 	ctx := testCtx(t)
 	b := bytes.Repeat([]byte("not a layer "), 100)
-	_, err := Open(ctx, Descriptor{Digest: sha(b), MediaType: mtGeneric}, &memSource{b: b}, opener(b), newMemStreams(), nil)
+	_, err := Open(ctx, Descriptor{Digest: sha(b), MediaType: mtGeneric}, &memSource{b: b}, WithStreams(opener(b), newMemStreams()))
 	if !errors.Is(err, ErrUnsupported) {
 		t.Fatalf("Open: %v", err)
 	}
 	tarb := buildTar(t, richFiles()[:3])
-	if _, err := OpenTar(ctx, Descriptor{Digest: sha(tarb), Size: 5}, &memSource{b: tarb}, nil); !errors.Is(err, ErrCorrupt) {
+	if _, err := openTar(ctx, Descriptor{Digest: sha(tarb), Size: 5}, &memSource{b: tarb}, nil); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("size mismatch: %v", err)
 	}
 }

@@ -26,6 +26,9 @@ type memSource struct {
 
 func (s *memSource) Size() int64 { return int64(len(s.b)) }
 
+// Invalidate keeps nothing to drop.
+func (s *memSource) Invalidate(off, n int64) {}
+
 func (s *memSource) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
@@ -57,8 +60,6 @@ func (s *corruptSource) ReadAt(ctx context.Context, p []byte, off int64) (int, e
 	}
 	return n, err
 }
-
-func (s *corruptSource) Fetch(ctx context.Context, off, n int64) error { return nil }
 
 func (s *corruptSource) Invalidate(off, n int64) {
 	s.mu.Lock()

@@ -118,7 +118,7 @@ func TestHostileStructureErrors(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			ctx := testCtx(t)
 			d := Descriptor{Digest: sha(b), MediaType: mtTar}
-			_, err := OpenTar(ctx, d, &memSource{b: b}, newMemMeta())
+			_, err := openTar(ctx, d, &memSource{b: b}, newMemMeta())
 			want := ErrCorrupt
 			if name == "sparse" {
 				want = ErrUnsupported
@@ -128,7 +128,7 @@ func TestHostileStructureErrors(t *testing.T) {
 			}
 			// Streamed, the same bytes fail the index too (they may even
 			// match their diff ID: the check is the tar's, not the digest's).
-			l, err := OpenStream(ctx, Descriptor{Digest: sha(b), DiffID: sha(b)}, opener(b), newMemStreams(), nil)
+			l, err := openStream(ctx, Descriptor{Digest: sha(b), DiffID: sha(b)}, opener(b), newMemStreams(), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -139,7 +139,7 @@ func TestHostileStructureErrors(t *testing.T) {
 		})
 	}
 	ctx := testCtx(t)
-	if _, err := OpenTar(ctx, Descriptor{Digest: sha(good)}, &memSource{b: good}, nil); err != nil {
+	if _, err := openTar(ctx, Descriptor{Digest: sha(good)}, &memSource{b: good}, nil); err != nil {
 		t.Fatalf("the untruncated tar: %v", err)
 	}
 }
@@ -164,7 +164,7 @@ func FuzzIndex(f *testing.F) {
 	slog.SetDefault(slog.New(slog.DiscardHandler))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		ctx := context.Background()
-		l, err := OpenTar(ctx, Descriptor{}, &memSource{b: b}, nil)
+		l, err := openTar(ctx, Descriptor{}, &memSource{b: b}, nil)
 		if err != nil {
 			return
 		}

@@ -643,3 +643,17 @@ func saveIndex(ctx context.Context, meta MetaStore, name string, x *index) {
 		slog.WarnContext(ctx, "layer: saving index record", "layer", x.layer, "record", name, "error", err)
 	}
 }
+
+// contentSize is the size of the regular files' content seen so far,
+// each hard-link group once.
+func (x *index) contentSize() int64 {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	var n int64
+	for _, names := range x.names {
+		if e := x.byName[names[0]]; e.Type == TypeReg {
+			n += e.Size
+		}
+	}
+	return n
+}

@@ -79,6 +79,9 @@ type Layer interface {
 	// io.ReaderAt semantics (io.EOF at the end). A byte that cannot be
 	// fetched or verified is an error, never a wrong byte.
 	ReadAt(ctx context.Context, e *Entry, p []byte, off int64) (int, error)
+	// Size is the size of the regular files' content, each hard-link
+	// group once (of the entries seen so far, for a streamed layer).
+	Size() int64
 	// Close releases the layer's resources (cache references, background
 	// work).
 	Close() error

@@ -149,12 +149,17 @@ func buildStargz(t testing.TB, tarb []byte, opts ...estargz.Option) *estargz.Blo
 
 func openVia(t *testing.T, ctx context.Context, mediaType string, blob []byte, diffID digest.Digest, ann map[string]string) Layer {
 	d := Descriptor{Digest: sha(blob), Size: int64(len(blob)), MediaType: mediaType, DiffID: diffID, Annotations: ann}
-	l, err := Open(ctx, d, &memSource{b: blob}, opener(blob), newMemStreams(), newMemMeta())
+	op, err := Open(ctx, d, &memSource{b: blob}, WithStreams(opener(blob), newMemStreams()), WithMeta(newMemMeta()))
 	if err != nil {
 		t.Fatalf("open %s: %v", mediaType, err)
 	}
-	t.Cleanup(func() { l.Close() })
-	return l
+	t.Cleanup(func() { op.Close() })
+	_, streamed := op.Layer.(*streamLayer)
+	_, tar := op.Layer.(*tarLayer)
+	if op.Streamed != streamed || (op.Ranges != nil) != tar {
+		t.Fatalf("open %s: %T says Streamed=%v, Ranges=%v", mediaType, op.Layer, op.Streamed, op.Ranges != nil)
+	}
+	return op.Layer
 }
 
 var formats = []format{
@@ -452,13 +457,32 @@ func TestTarFilesAreContiguousRanges(t *testing.T) {
 		}
 		tw.Write([]byte(contents[name]))
 	}
+	// Hard links to b, named before and after it: a file is listed once,
+	// under the same name every time (the fill order depends on it).
+	for _, name := range []string{"0-link", "z-link"} {
+		if err := tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeLink, Linkname: "b"}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	tw.Close()
 	blob := buf.Bytes()
-	l, err := OpenTar(context.Background(), Descriptor{Digest: digest.FromBytes(blob), Size: int64(len(blob))}, &memSource{b: blob}, nil)
+	l, err := openTar(context.Background(), Descriptor{Digest: digest.FromBytes(blob), Size: int64(len(blob))}, &memSource{b: blob}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	files := l.(Contiguous).Files()
+	if got, want := l.Size(), int64(2+3000+3); got != want {
+		t.Errorf("Size() = %d, want %d (each hard-link group once)", got, want)
+	}
+	files := l.Files()
+	for range 20 {
+		if again := l.Files(); !slices.Equal(again, files) {
+			t.Fatalf("Files() changed between calls: %v, then %v", files, again)
+		}
+	}
+	contents["0-link"] = contents["b"]
+	if files[2].Name != "0-link" {
+		t.Errorf("hard-link group listed as %q, want its least name 0-link", files[2].Name)
+	}
 	if len(files) != 3 {
 		t.Fatalf("Files() = %v, want 3 files", files)
 	}
@@ -473,7 +497,7 @@ func TestTarFilesAreContiguousRanges(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if r, ok := l.(Contiguous).DataRange(e); !ok || r != f {
+		if r, ok := l.DataRange(e); !ok || r != f {
 			t.Errorf("DataRange(%s) = %v, %v; want %v", f.Name, r, ok, f)
 		}
 	}

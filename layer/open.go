@@ -12,18 +12,61 @@ import (
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
 )
 
+// Opened is an open layer and what it can do beyond the Layer methods;
+// callers look here rather than probe the Layer's type.
+type Opened struct {
+	Layer
+	// Ranges is set when every regular file is a contiguous range of the
+	// blob (uncompressed tar): read-ahead, background fill and passthrough
+	// then work in blob offsets.
+	Ranges Contiguous
+	// Files is set when a read can be answered with the local file
+	// holding its bytes (the Source is a FileSource), for FUSE to splice.
+	Files FileReader
+	// Streamed is set when the layer reads its whole blob once, from the
+	// start, by itself (plain gzip or zstd): filling the Source ahead of
+	// readers would only fetch the blob twice.
+	Streamed bool
+}
+
+// Option configures Open.
+type Option func(*options)
+
+type options struct {
+	open    func(ctx context.Context) (io.ReadCloser, error)
+	streams StreamStore
+	meta    MetaStore
+}
+
+// WithStreams lets Open stream a compressed layer it cannot read by range:
+// open reads the blob from its start, and streams keeps the decompressed
+// tar. Without it such a layer is ErrUnsupported.
+func WithStreams(open func(ctx context.Context) (io.ReadCloser, error), streams StreamStore) Option {
+	return func(o *options) { o.open, o.streams = open, streams }
+}
+
+// WithMeta keeps built indexes in meta, so that the next open of the same
+// blob does not build them again.
+func WithMeta(meta MetaStore) Option {
+	return func(o *options) { o.meta = meta }
+}
+
 // Open opens a layer in the format its media type names, looking at the
 // blob's first bytes when the media type is generic:
-//   - uncompressed tar → OpenTar;
+//   - uncompressed tar → indexed by its headers (tar.go);
 //   - gzip or zstd with an eStargz/zstd:chunked TOC (announced by the TOC
 //     digest or zstd:chunked manifest annotation; for a blob of generic
-//     media type, found by its footer) → OpenStargz;
+//     media type, found by its footer) → indexed by its TOC (stargz.go);
 //     a TOC without chunk digests (legacy stargz) falls back to a stream;
-//   - other gzip or zstd → OpenStream.
+//   - other gzip or zstd → streamed whole (stream.go, WithStreams).
 //
-// src may be nil when only a sequential read of the blob (open) is
-// possible; every format is then streamed.
-func Open(ctx context.Context, d Descriptor, src Source, open func(ctx context.Context) (io.ReadCloser, error), streams StreamStore, meta MetaStore) (Layer, error) {
+// src may be nil when only a sequential read of the blob is possible;
+// every format is then streamed.
+func Open(ctx context.Context, d Descriptor, src Source, opts ...Option) (*Opened, error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	kind, err := detect(ctx, d, src)
 	if err != nil {
 		return nil, err
@@ -31,20 +74,35 @@ func Open(ctx context.Context, d Descriptor, src Source, open func(ctx context.C
 	if src != nil {
 		switch kind {
 		case "tar":
-			return OpenTar(ctx, d, src, meta)
+			l, err := openTar(ctx, d, src, o.meta)
+			if err != nil {
+				return nil, err
+			}
+			op := &Opened{Layer: l, Ranges: l}
+			if fsrc, ok := src.(FileSource); ok {
+				op.Files = tarFiles{l, fsrc}
+			}
+			return op, nil
 		case "compressed":
 			if mayHaveTOC(d) && hasTOCFooter(ctx, src) {
-				l, err := OpenStargz(ctx, d, src, meta)
+				l, err := openStargz(ctx, d, src, o.meta)
+				if err == nil {
+					return &Opened{Layer: l}, nil
+				}
 				if !errors.Is(err, errNoTOC) && !errors.Is(err, errUnverifiable) {
-					return l, err
+					return nil, err
 				}
 			}
 		}
 	}
-	if streams == nil {
+	if o.streams == nil {
 		return nil, fmt.Errorf("layer %s (%s): %w: needs a stream store", d.Digest, d.MediaType, ErrUnsupported)
 	}
-	return OpenStream(ctx, d, open, streams, meta)
+	l, err := openStream(ctx, d, o.open, o.streams, o.meta)
+	if err != nil {
+		return nil, err
+	}
+	return &Opened{Layer: l, Streamed: true}, nil
 }
 
 // detect says "tar" or "compressed".
@@ -113,12 +171,4 @@ func hasTOCFooter(ctx context.Context, src Source) bool {
 		}
 	}
 	return false
-}
-
-// RandomAccess reports whether l reads its content from its Source by
-// range (tar, eStargz), so that filling the Source ahead of readers helps;
-// a streamed layer instead reads the whole blob once, by itself.
-func RandomAccess(l Layer) bool {
-	_, streamed := l.(*streamLayer)
-	return !streamed
 }

@@ -3,6 +3,7 @@ package layer
 import (
 	"context"
 	"errors"
+	"os"
 
 	digest "github.com/opencontainers/go-digest"
 )
@@ -14,14 +15,19 @@ type Source interface {
 	ReadAt(ctx context.Context, p []byte, off int64) (int, error)
 	// Size is the size of the blob in bytes.
 	Size() int64
+	// Invalidate drops [off, off+n), found wrong by a digest that covers
+	// it, so that the next read fetches it again. A Source that keeps
+	// nothing does nothing.
+	Invalidate(off, n int64)
 }
 
-// Fetcher is optionally implemented by a Source that can make a range
-// present ahead of a read (read-ahead, prefetch) and drop a range found
-// wrong, so that the next read fetches it again.
-type Fetcher interface {
-	Fetch(ctx context.Context, off, n int64) error
-	Invalidate(off, n int64)
+// FileSource is a Source that can hand out the local file holding a
+// range, and the range's offset in that file, instead of copying the
+// bytes out (the node cache does). The bytes stay in place until release
+// is called. Open finds out whether its Source is one.
+type FileSource interface {
+	Source
+	ReadFile(ctx context.Context, off, n int64) (f *os.File, fileOff int64, release func(), err error)
 }
 
 // Stream is sequentially written, concurrently readable storage of one
@@ -71,7 +77,7 @@ type Descriptor struct {
 	// MediaType is the blob's media type from the manifest.
 	MediaType string
 	// DiffID is the digest of the uncompressed tar (from the image
-	// config); required by OpenStream, which keys its Stream by it.
+	// config); required to stream a layer, whose Stream is keys its Stream by it.
 	DiffID digest.Digest
 	// Annotations are the layer descriptor's annotations.
 	Annotations map[string]string

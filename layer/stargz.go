@@ -69,7 +69,7 @@ func stargzIndexName(dgst string) string {
 	return fmt.Sprintf("layer-index.estargz.v%d.%s", indexVersion, sanitize(dgst))
 }
 
-// OpenStargz opens an eStargz or zstd:chunked blob: the TOC is read from
+// openStargz opens an eStargz or zstd:chunked blob: the TOC is read from
 // the blob's end (and checked against the layer's TOC digest annotation
 // when there is one); file chunks are fetched on demand and verified
 // against their chunk digests. The index is saved in meta.
@@ -78,7 +78,7 @@ func stargzIndexName(dgst string) string {
 // because the index needs the raw names and the TOC order: estargz.Open
 // silently confines names like "../x" (this package refuses them) and
 // exposes children only as maps, which would make inode numbers unstable.
-func OpenStargz(ctx context.Context, d Descriptor, src Source, meta MetaStore) (Layer, error) {
+func openStargz(ctx context.Context, d Descriptor, src Source, meta MetaStore) (Layer, error) {
 	name := stargzIndexName(d.Digest.String())
 	if x := loadIndex(ctx, meta, name, d.Digest.String()); x != nil {
 		return &stargzLayer{idx: x, src: src}, nil
@@ -336,7 +336,7 @@ func (l *stargzLayer) ReadAt(ctx context.Context, e *Entry, p []byte, off int64)
 }
 
 // chunk returns the verified content of c. Content that does not verify
-// is dropped from the source (Fetcher.Invalidate) and fetched once more;
+// is dropped from the source (Source.Invalidate) and fetched once more;
 // if it is still wrong the read fails.
 func (l *stargzLayer) chunk(ctx context.Context, c chunkRef) ([]byte, error) {
 	l.mu.Lock()
@@ -360,12 +360,11 @@ func (l *stargzLayer) chunk(ctx context.Context, c chunkRef) ([]byte, error) {
 			l.mu.Unlock()
 			return data, nil
 		}
-		f, ok := l.src.(Fetcher)
-		if !errors.Is(err, ErrVerify) || !ok || attempt > 0 {
+		if !errors.Is(err, ErrVerify) || attempt > 0 {
 			return nil, err
 		}
 		slog.WarnContext(ctx, "layer: chunk failed verification, fetching again", "layer", l.idx.layer, "offset", c.Off, "length", c.End-c.Off, "error", err)
-		f.Invalidate(c.Off, c.End-c.Off)
+		l.src.Invalidate(c.Off, c.End-c.Off)
 	}
 }
 
@@ -415,5 +414,7 @@ func (l *stargzLayer) fetchChunk(ctx context.Context, c chunkRef) ([]byte, error
 	}
 	return data, nil
 }
+
+func (l *stargzLayer) Size() int64 { return l.idx.contentSize() }
 
 func (l *stargzLayer) Close() error { return nil }

@@ -36,7 +36,7 @@ type streamLayer struct {
 	closeOnce sync.Once
 }
 
-// OpenStream serves a gzip or zstd (or uncompressed) tar that has no
+// openStream serves a gzip or zstd (or uncompressed) tar that has no
 // index. The writer of the Stream keyed by d.DiffID streams the blob from
 // open in one background goroutine, decompressing into the Stream while
 // indexing the tar headers as they pass: Lookup returns as soon as the
@@ -49,7 +49,7 @@ type streamLayer struct {
 //
 // Bytes read before the stream completes are not yet covered by the diff
 // ID check, which happens at Seal.
-func OpenStream(ctx context.Context, d Descriptor, open func(ctx context.Context) (io.ReadCloser, error), streams StreamStore, meta MetaStore) (Layer, error) {
+func openStream(ctx context.Context, d Descriptor, open func(ctx context.Context) (io.ReadCloser, error), streams StreamStore, meta MetaStore) (Layer, error) {
 	if err := d.DiffID.Validate(); err != nil {
 		return nil, fmt.Errorf("stream layer %s: diff ID: %w", d.Digest, err)
 	}
@@ -252,6 +252,8 @@ func (l *streamLayer) ReadAt(ctx context.Context, e *Entry, p []byte, off int64)
 // Close stops the background streaming (aborting the Stream if this
 // layer was still writing it: other readers of the Stream then see the
 // error) and releases the Stream.
+func (l *streamLayer) Size() int64 { return l.idx.contentSize() }
+
 func (l *streamLayer) Close() error {
 	var err error
 	l.closeOnce.Do(func() {

@@ -180,7 +180,7 @@ type tarLayer struct {
 }
 
 // tarIndexName is the meta record of the index of the uncompressed tar
-// whose digest is dgst; OpenTar and OpenStream share it.
+// whose digest is dgst; openTar and openStream share it.
 func tarIndexName(dgst string) string {
 	if dgst == "" {
 		return ""
@@ -199,11 +199,11 @@ func sanitize(s string) string {
 	return string(b)
 }
 
-// OpenTar indexes an uncompressed tar blob by walking its headers with
+// openTar indexes an uncompressed tar blob by walking its headers with
 // small range reads (headers and PAX/GNU long-name records only; file data
 // is seeked over, never read). The index is saved in meta under a
 // versioned name and reused by the next open.
-func OpenTar(ctx context.Context, d Descriptor, src Source, meta MetaStore) (Layer, error) {
+func openTar(ctx context.Context, d Descriptor, src Source, meta MetaStore) (*tarLayer, error) {
 	name := tarIndexName(d.Digest.String())
 	if x := loadIndex(ctx, meta, name, d.Digest.String()); x != nil {
 		return &tarLayer{idx: x, src: src}, nil
@@ -232,6 +232,8 @@ func (l *tarLayer) ReadDir(ctx context.Context, dir string) ([]*Entry, error) {
 func (l *tarLayer) ReadAt(ctx context.Context, e *Entry, p []byte, off int64) (int, error) {
 	return readContiguous(ctx, l.idx, l.src.ReadAt, l.src.Size(), e, p, off)
 }
+
+func (l *tarLayer) Size() int64 { return l.idx.contentSize() }
 
 func (l *tarLayer) Close() error { return nil }
 

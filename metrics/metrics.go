@@ -80,7 +80,8 @@ var (
 		Help: "1 once a layer is cached whole and verified against its digest.",
 	}, []string{"layer"})
 
-	// TimeToFirstRead is the time from mount to the first file read, per mount.
+	// TimeToFirstRead is the time from mount to the first file read, per
+	// mountpoint; the series goes with the mount.
 	TimeToFirstRead = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: ns, Name: "time_to_first_read_seconds",
 		Help: "Seconds from mount to the first file content read.",

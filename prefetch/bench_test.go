@@ -52,7 +52,7 @@ func BenchmarkReadAhead(b *testing.B) {
 		{"repeat", func(i int) Range { return Range{Off: int64(i/64) * span, Len: 8 * span} }},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
-			s := NewScheduler(Options{SpanSize: span})
+			s := New(WithSpanSize(span))
 			defer s.Close()
 			t := &latencyTarget{size: 1 << 50, latency: 2 * time.Millisecond, present: make(map[int64]bool)}
 			b.ReportAllocs()
@@ -71,7 +71,7 @@ func BenchmarkFill(b *testing.B) {
 	const size = 256 << 20
 	b.SetBytes(size)
 	for b.Loop() {
-		s := NewScheduler(Options{BackgroundWorkers: 8})
+		s := New(WithBackgroundWorkers(8))
 		t := &latencyTarget{size: size, latency: 20 * time.Millisecond, present: make(map[int64]bool)}
 		if err := s.Fill(context.Background(), t, []Range{{0, size}}, nil); err != nil {
 			b.Fatal(err)

@@ -121,9 +121,9 @@ func (g *gate) next(t *testing.T) fetchEvent {
 // newTestScheduler returns a Scheduler closed at the end of the test, with
 // queue events (true: read-ahead) delivered on the returned channel.
 // The channel holds the first 1024 events; later ones are dropped.
-func newTestScheduler(t testing.TB, opt Options) (*Scheduler, <-chan bool) {
+func newTestScheduler(t testing.TB, opts ...Option) (*Scheduler, <-chan bool) {
 	t.Helper()
-	s := NewScheduler(opt)
+	s := New(opts...)
 	queued := make(chan bool, 1024)
 	s.onQueue = func(high bool) {
 		select {

@@ -16,39 +16,57 @@ import (
 // ErrClosed is returned by Fill once the Scheduler is closed.
 var ErrClosed = errors.New("prefetch: scheduler closed")
 
-// Options configures a Scheduler. Zero fields take the defaults.
-type Options struct {
-	// Workers is how many fetches run at once node-wide, read-ahead and
-	// background together (default DefaultWorkers).
-	Workers int
-	// BackgroundWorkers is how many of the Workers background fill may use
-	// at once (default DefaultBackgroundWorkers, at most Workers), so
-	// read-ahead always finds a free worker.
-	BackgroundWorkers int
-	// SpanSize is the size of one fetch (default DefaultSpanSize). Spans
-	// are aligned to multiples of SpanSize in the blob, so read-ahead and
-	// fill of the same bytes meet on the same span.
-	SpanSize int64
-	// BackgroundRate caps background fill node-wide, in bytes per second;
-	// 0 means unlimited. Read-ahead is never capped: a reader waits for it.
-	BackgroundRate int64
-	// Logger receives read-ahead failures; nil means slog.Default().
-	Logger *slog.Logger
+// Option configures a Scheduler made by New.
+type Option func(*options)
+
+type options struct {
+	workers, backgroundWorkers int
+	span                       int64
+	backgroundRate             int64
+	log                        *slog.Logger
 }
 
-func (o Options) withDefaults() Options {
-	if o.Workers <= 0 {
-		o.Workers = DefaultWorkers
+// WithWorkers sets how many fetches run at once node-wide, read-ahead and
+// background together (default DefaultWorkers).
+func WithWorkers(n int) Option { return func(o *options) { o.workers = n } }
+
+// WithBackgroundWorkers sets how many of the workers background fill may
+// use at once (default DefaultBackgroundWorkers, at most the workers), so
+// read-ahead always finds a free worker.
+func WithBackgroundWorkers(n int) Option { return func(o *options) { o.backgroundWorkers = n } }
+
+// WithSpanSize sets the size of one fetch (default DefaultSpanSize). Spans
+// are aligned to multiples of it in the blob, so read-ahead and fill of the
+// same bytes meet on the same span.
+func WithSpanSize(n int64) Option { return func(o *options) { o.span = n } }
+
+// WithBackgroundRate caps background fill node-wide, in bytes per second
+// (default 0: unlimited). Read-ahead is never capped: a reader waits for it.
+func WithBackgroundRate(bytesPerSecond int64) Option {
+	return func(o *options) { o.backgroundRate = bytesPerSecond }
+}
+
+// WithLogger sets where read-ahead failures are logged (default
+// slog.Default()).
+func WithLogger(l *slog.Logger) Option { return func(o *options) { o.log = l } }
+
+func makeOptions(opts []Option) options {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
 	}
-	if o.BackgroundWorkers <= 0 {
-		o.BackgroundWorkers = DefaultBackgroundWorkers
+	if o.workers <= 0 {
+		o.workers = DefaultWorkers
 	}
-	o.BackgroundWorkers = min(o.BackgroundWorkers, o.Workers)
-	if o.SpanSize <= 0 {
-		o.SpanSize = DefaultSpanSize
+	if o.backgroundWorkers <= 0 {
+		o.backgroundWorkers = DefaultBackgroundWorkers
 	}
-	if o.Logger == nil {
-		o.Logger = slog.Default()
+	o.backgroundWorkers = min(o.backgroundWorkers, o.workers)
+	if o.span <= 0 {
+		o.span = DefaultSpanSize
+	}
+	if o.log == nil {
+		o.log = slog.Default()
 	}
 	return o
 }
@@ -63,7 +81,7 @@ func (o Options) withDefaults() Options {
 // Targets are used as map keys, so they must be comparable (a pointer, as
 // *cache.Blob is).
 type Scheduler struct {
-	opt     Options
+	opt     options
 	limiter *rate.Limiter // nil when BackgroundRate is 0
 	ctx     context.Context
 	cancel  context.CancelFunc
@@ -116,17 +134,17 @@ type result struct {
 	err error
 }
 
-// NewScheduler starts the workers of a Scheduler; Close stops them.
-func NewScheduler(opt Options) *Scheduler {
-	opt = opt.withDefaults()
+// New starts the workers of a Scheduler; Close stops them.
+func New(opts ...Option) *Scheduler {
+	opt := makeOptions(opts)
 	s := &Scheduler{opt: opt, tasks: make(map[taskKey]*task)}
 	s.cond = sync.NewCond(&s.mu)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
-	if opt.BackgroundRate > 0 {
+	if opt.backgroundRate > 0 {
 		// The burst must hold one span, or WaitN would refuse it.
-		s.limiter = rate.NewLimiter(rate.Limit(opt.BackgroundRate), int(opt.SpanSize))
+		s.limiter = rate.NewLimiter(rate.Limit(opt.backgroundRate), int(opt.span))
 	}
-	for range opt.Workers {
+	for range opt.workers {
 		s.wg.Go(s.work)
 	}
 	return s
@@ -220,7 +238,7 @@ func (s *Scheduler) wakeAfterQuiet() {
 // sees the error then.
 func (s *Scheduler) ReadAhead(t Target, r Range) {
 	r = r.clip(t.Size())
-	for p := range spans(r, s.opt.SpanSize) {
+	for p := range spans(r, s.opt.span) {
 		if t.Present(p.Off, p.Len) {
 			continue
 		}
@@ -314,7 +332,7 @@ func (s *Scheduler) work() {
 	for {
 		s.mu.Lock()
 		for !s.closed && s.high.Len() == 0 &&
-			(s.low.Len() == 0 || s.bgRunning >= s.opt.BackgroundWorkers || s.demand > 0 || s.quietLocked()) {
+			(s.low.Len() == 0 || s.bgRunning >= s.opt.backgroundWorkers || s.demand > 0 || s.quietLocked()) {
 			s.cond.Wait()
 		}
 		if s.closed {
@@ -363,7 +381,7 @@ func (s *Scheduler) work() {
 			w.ch <- result{w, err}
 		}
 		if err != nil && readahead && !closed && !cancelled {
-			s.opt.Logger.Warn("prefetch: read-ahead failed",
+			s.opt.log.Warn("prefetch: read-ahead failed",
 				"target", targetName(tk.t), "off", r.Off, "len", r.Len, "err", err)
 		}
 	}
@@ -383,7 +401,7 @@ func (s *Scheduler) work() {
 // that only it wanted is still running.
 func (s *Scheduler) Fill(ctx context.Context, t Target, ranges []Range, progress func(done int64)) error {
 	f := &fill{s: s, t: t, size: t.Size(), ranges: ranges}
-	limit := 2 * s.opt.BackgroundWorkers // a worker freed finds the next span queued
+	limit := 2 * s.opt.backgroundWorkers // a worker freed finds the next span queued
 	ch := make(chan result, limit)
 	attached := make(map[*waiter]struct{}, limit)
 	var (
@@ -538,7 +556,7 @@ func (f *fill) next() (Range, int, bool) {
 		f.cur = f.ranges[0].clip(f.size)
 		f.ranges = f.ranges[1:]
 	}
-	p := firstSpan(f.cur, f.s.opt.SpanSize)
+	p := firstSpan(f.cur, f.s.opt.span)
 	f.cur = Range{Off: p.End(), Len: f.cur.End() - p.End()}
 	return p, 0, true
 }
@@ -588,3 +606,6 @@ func targetName(t Target) string {
 	}
 	return fmt.Sprintf("%T(%p)", t, t)
 }
+
+// SpanSize is the size of one fetch: read-ahead is handed out in spans.
+func (s *Scheduler) SpanSize() int64 { return s.opt.span }

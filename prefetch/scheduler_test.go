@@ -12,7 +12,7 @@ import (
 )
 
 func TestReadAheadDedupe(t *testing.T) {
-	s, _ := newTestScheduler(t, Options{Workers: 1, BackgroundWorkers: 1, SpanSize: 100})
+	s, _ := newTestScheduler(t, WithWorkers(1), WithBackgroundWorkers(1), WithSpanSize(100))
 	ft := newFake("a", 1000)
 	ft.markPresent(rng(300, 100))
 	g := newGate(ft)
@@ -50,7 +50,7 @@ func TestReadAheadDedupe(t *testing.T) {
 }
 
 func TestReadAheadWidensQueuedSpan(t *testing.T) {
-	s, _ := newTestScheduler(t, Options{Workers: 1, SpanSize: 100})
+	s, _ := newTestScheduler(t, WithWorkers(1), WithSpanSize(100))
 	ft := newFake("a", 1000)
 	g := newGate(ft)
 	s.ReadAhead(ft, rng(500, 10)) // occupies the only worker
@@ -71,7 +71,7 @@ func TestReadAheadWidensQueuedSpan(t *testing.T) {
 }
 
 func TestReadAheadOutranksBackground(t *testing.T) {
-	s, queued := newTestScheduler(t, Options{Workers: 1, BackgroundWorkers: 1, SpanSize: 100})
+	s, queued := newTestScheduler(t, WithWorkers(1), WithBackgroundWorkers(1), WithSpanSize(100))
 	bg, fg := newFake("bg", 300), newFake("fg", 1000)
 	g := newGate(bg, fg)
 
@@ -97,7 +97,7 @@ func TestReadAheadOutranksBackground(t *testing.T) {
 }
 
 func TestReadAheadPromotesQueuedBackground(t *testing.T) {
-	s, queued := newTestScheduler(t, Options{Workers: 1, BackgroundWorkers: 1, SpanSize: 100})
+	s, queued := newTestScheduler(t, WithWorkers(1), WithBackgroundWorkers(1), WithSpanSize(100))
 	ft, other := newFake("a", 300), newFake("other", 100)
 	g := newGate(ft, other)
 	errc := goFill(t.Context(), s, ft, []Range{rng(0, 300)}, nil)
@@ -125,7 +125,7 @@ func TestReadAheadPromotesQueuedBackground(t *testing.T) {
 
 func TestBackgroundWorkersLimit(t *testing.T) {
 	const bgLimit = 2
-	s, queued := newTestScheduler(t, Options{Workers: bgLimit + 1, BackgroundWorkers: bgLimit, SpanSize: 10})
+	s, queued := newTestScheduler(t, WithWorkers(bgLimit+1), WithBackgroundWorkers(bgLimit), WithSpanSize(10))
 	bg, fg := newFake("bg", 200), newFake("fg", 10)
 	g := newGate(bg, fg)
 
@@ -178,7 +178,7 @@ func TestBackgroundWorkersLimit(t *testing.T) {
 }
 
 func TestFillInModelOrder(t *testing.T) {
-	s, _ := newTestScheduler(t, Options{Workers: 1, BackgroundWorkers: 1, SpanSize: 4 << 10})
+	s, _ := newTestScheduler(t, WithWorkers(1), WithBackgroundWorkers(1), WithSpanSize(4<<10))
 	files, size := hfModel()
 	ranges := ModelOrder(files, size)
 	ft := newFake("model", size)
@@ -211,7 +211,7 @@ func TestFillInModelOrder(t *testing.T) {
 }
 
 func TestFillRetriesOnce(t *testing.T) {
-	s, _ := newTestScheduler(t, Options{Workers: 2, BackgroundWorkers: 2, SpanSize: 100})
+	s, _ := newTestScheduler(t, WithWorkers(2), WithBackgroundWorkers(2), WithSpanSize(100))
 	boom := errors.New("boom")
 	for _, tc := range []struct {
 		name     string
@@ -252,7 +252,7 @@ func TestFillRetriesOnce(t *testing.T) {
 }
 
 func TestFillCancel(t *testing.T) {
-	s, _ := newTestScheduler(t, Options{Workers: 2, BackgroundWorkers: 1, SpanSize: 100})
+	s, _ := newTestScheduler(t, WithWorkers(2), WithBackgroundWorkers(1), WithSpanSize(100))
 	ft := newFake("a", 1000)
 	g := newGate(ft)
 	ctx, cancel := context.WithCancel(t.Context())
@@ -273,7 +273,7 @@ func TestFillCancel(t *testing.T) {
 
 func TestReadAheadErrorLoggedAndDropped(t *testing.T) {
 	var logs syncBuffer
-	s, _ := newTestScheduler(t, Options{Workers: 1, SpanSize: 100, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	s, _ := newTestScheduler(t, WithWorkers(1), WithSpanSize(100), WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
 	ft := newFake("a", 200)
 	boom := errors.New("boom")
 	ft.hook = func(ctx context.Context, r Range) error {
@@ -302,7 +302,7 @@ func TestReadAheadErrorLoggedAndDropped(t *testing.T) {
 
 func TestCloseNoLeaks(t *testing.T) {
 	base := runtime.NumGoroutine()
-	s := NewScheduler(Options{Workers: 8, BackgroundWorkers: 2, SpanSize: 100, BackgroundRate: 1 << 30})
+	s := New(WithWorkers(8), WithBackgroundWorkers(2), WithSpanSize(100), WithBackgroundRate(1<<30))
 	ft := newFake("a", 10000)
 	g := newGate(ft)
 	errc := goFill(context.Background(), s, ft, []Range{rng(0, 5000)}, nil)
@@ -323,7 +323,7 @@ func TestCloseNoLeaks(t *testing.T) {
 }
 
 func TestForget(t *testing.T) {
-	s, queued := newTestScheduler(t, Options{Workers: 1, BackgroundWorkers: 1, SpanSize: 100})
+	s, queued := newTestScheduler(t, WithWorkers(1), WithBackgroundWorkers(1), WithSpanSize(100))
 	gone, kept := newFake("gone", 1000), newFake("kept", 1000)
 	g := newGate(gone, kept)
 	s.ReadAhead(gone, rng(0, 300))
@@ -355,7 +355,7 @@ func TestForget(t *testing.T) {
 // While a reader waits on the registry, background fill starts nothing;
 // read-ahead still runs. When the reader is done, background resumes.
 func TestDemandHoldsBackBackground(t *testing.T) {
-	s, queued := newTestScheduler(t, Options{Workers: 2, BackgroundWorkers: 2, SpanSize: 100})
+	s, queued := newTestScheduler(t, WithWorkers(2), WithBackgroundWorkers(2), WithSpanSize(100))
 	bg, fg := newFake("bg", 200), newFake("fg", 1000)
 	g := newGate(bg, fg)
 

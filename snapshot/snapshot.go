@@ -54,12 +54,12 @@ const (
 // remote Prepare lacks the image reference or layer digest label.
 var ErrNoLayerLabels = errors.New("prepare has no image-ref or layer-digest label")
 
-// LayerMounter mounts image layers lazily. *fs.Manager implements it; the
+// LayerMounter mounts image layers lazily. *lazy.Manager implements it; the
 // snapshotter depends only on this so it can be tested without FUSE.
 type LayerMounter interface {
-	// MountLayer mounts layer d of image imageRef read-only at
+	// Mount mounts layer d of image imageRef read-only at
 	// mountpoint. An error means the layer is downloaded instead.
-	MountLayer(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error
+	Mount(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error
 	// Check reports whether the mount at mountpoint still serves reads.
 	Check(ctx context.Context, mountpoint string) error
 	// Unmount unmounts mountpoint and releases what the mount held.
@@ -115,7 +115,7 @@ func (l *layerFS) Mount(ctx context.Context, mountpoint string, labels map[strin
 			w.Warm(ref, others)
 		}
 	}
-	if err := l.m.MountLayer(ctx, mountpoint, ref, d); err != nil {
+	if err := l.m.Mount(ctx, mountpoint, ref, d); err != nil {
 		return fmt.Errorf("lazy mount of layer %s of %s: %w", d, ref, err)
 	}
 	return nil

@@ -20,14 +20,14 @@ import (
 // into the mount point directory, an unmount removes them.
 type fakeMounter struct {
 	mu      sync.Mutex
-	fail    error             // returned by MountLayer when set
+	fail    error             // returned by Mount when set
 	mounted map[string]string // mount point → "ref@digest"
-	calls   []string          // "ref@digest" of every MountLayer
+	calls   []string          // "ref@digest" of every Mount
 }
 
 func newFakeMounter() *fakeMounter { return &fakeMounter{mounted: make(map[string]string)} }
 
-func (f *fakeMounter) MountLayer(ctx context.Context, mountpoint, ref string, d digest.Digest) error {
+func (f *fakeMounter) Mount(ctx context.Context, mountpoint, ref string, d digest.Digest) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls = append(f.calls, ref+"@"+d.String())
@@ -123,7 +123,7 @@ func TestRemotePrepareCommitsLazily(t *testing.T) {
 		t.Fatalf("Prepare of a remote layer = %v, want ErrAlreadyExists", err)
 	}
 	if got, want := m.calls, []string{testRef + "@" + testLayer.String()}; len(got) != 1 || got[0] != want[0] {
-		t.Fatalf("MountLayer calls = %v, want %v", got, want)
+		t.Fatalf("Mount calls = %v, want %v", got, want)
 	}
 	info, err := sn.Stat(ctx, chainID)
 	if err != nil {
@@ -263,7 +263,7 @@ func TestRestore(t *testing.T) {
 	sn2 := newTestSnapshotter(t, root, m2)
 	t.Cleanup(func() { sn2.Close() })
 	if got := m2.calls; len(got) != 1 || got[0] != testRef+"@"+testLayer.String() {
-		t.Fatalf("MountLayer calls at restore = %v", got)
+		t.Fatalf("Mount calls at restore = %v", got)
 	}
 	if _, err := sn2.Prepare(ctx, "volume", chainID); err != nil {
 		t.Fatalf("Prepare on a restored layer: %v", err)
@@ -326,7 +326,7 @@ func TestKeepMounts(t *testing.T) {
 	}
 	t.Cleanup(func() { sn2.Close() })
 	if len(m2.calls) != 0 {
-		t.Errorf("MountLayer calls with KeepMounts = %v, want none", m2.calls)
+		t.Errorf("Mount calls with KeepMounts = %v, want none", m2.calls)
 	}
 	mounts, err := sn2.Prepare(ctx, "volume", chainID)
 	if err != nil {
@@ -373,6 +373,6 @@ func TestRemotePrepareWarmsOtherLayers(t *testing.T) {
 		t.Fatalf("warm hints = %v, want one with %s", m.warmed, other)
 	}
 	if len(m.calls) != 1 {
-		t.Fatalf("MountLayer calls = %v, want the layer's one", m.calls)
+		t.Fatalf("Mount calls = %v, want the layer's one", m.calls)
 	}
 }

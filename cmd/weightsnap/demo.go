@@ -19,8 +19,8 @@ import (
 	"time"
 
 	"github.com/weightsnap/weightsnap/cache"
-	"github.com/weightsnap/weightsnap/fs"
 	"github.com/weightsnap/weightsnap/internal/registryserver"
+	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/pack"
 	"github.com/weightsnap/weightsnap/remote"
 )
@@ -248,7 +248,7 @@ func lazyRead(ctx context.Context, ref, tmp, file string, tensors []tensorInfo) 
 		return t, err
 	}
 	defer store.Close()
-	mgr := fs.NewManager(store)
+	mgr := lazy.New(store, lazy.WithRegistry(lazy.RemoteOptions()))
 	defer mgr.Close()
 	target := filepath.Join(tmp, "mnt")
 	start := time.Now()

@@ -21,7 +21,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/weightsnap/weightsnap/cache"
-	"github.com/weightsnap/weightsnap/fs"
+	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/metrics"
 	"github.com/weightsnap/weightsnap/pack"
 	"github.com/weightsnap/weightsnap/remote"
@@ -151,7 +151,7 @@ func runMount(ctx context.Context, args []string) error {
 		return err
 	}
 	defer store.Close()
-	mgr := fs.NewManager(store, remote.WithPlainHTTP(*plainHTTP))
+	mgr := lazy.New(store, lazy.WithRegistry(lazy.RemoteOptions(remote.WithPlainHTTP(*plainHTTP))))
 	defer mgr.Close()
 	work, err := os.MkdirTemp(filepath.Join(*cacheDir, ".."), "mount-")
 	if err != nil {

@@ -75,7 +75,7 @@ func (s *mountService) Mount(a MountArgs, _ *struct{}) error {
 	if err != nil {
 		return err
 	}
-	return s.m.MountLayer(context.Background(), a.Mountpoint, a.ImageRef, d)
+	return s.m.Mount(context.Background(), a.Mountpoint, a.ImageRef, d)
 }
 
 // WarmArgs are the arguments of Mounts.Warm.
@@ -252,9 +252,24 @@ func (c *managerClient) call(ctx context.Context, method string, args any) error
 	}
 }
 
-// MountLayer implements snapshot.LayerMounter.
-func (c *managerClient) MountLayer(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error {
-	return c.call(ctx, "Mount", MountArgs{Mountpoint: mountpoint, ImageRef: imageRef, Digest: d.String()})
+// Mount implements snapshot.LayerMounter. If ctx ends first, the manager
+// still finishes the mount, which nobody would ever unmount: it is undone
+// as soon as it is done.
+func (c *managerClient) Mount(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error {
+	call := c.c.Go(rpcService+".Mount", MountArgs{Mountpoint: mountpoint, ImageRef: imageRef, Digest: d.String()}, new(struct{}), nil)
+	select {
+	case <-call.Done:
+		return call.Error
+	case <-ctx.Done():
+	}
+	go func() {
+		<-call.Done
+		if call.Error == nil {
+			slog.Info("undoing a mount finished after its caller gave up", "mountpoint", mountpoint, "layer", d)
+			c.c.Go(rpcService+".Unmount", mountpoint, new(struct{}), nil)
+		}
+	}()
+	return ctx.Err()
 }
 
 // Warm implements snapshot.Warmer. It does not wait for the answer: the

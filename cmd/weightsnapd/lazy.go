@@ -5,14 +5,14 @@ import (
 	"fmt"
 
 	"github.com/weightsnap/weightsnap/cache"
-	"github.com/weightsnap/weightsnap/fs"
+	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/prefetch"
 	"github.com/weightsnap/weightsnap/remote"
 	"github.com/weightsnap/weightsnap/snapshot"
 )
 
 // The FUSE manager forwards warm-up hints to the lazy layer Manager.
-var _ snapshot.Warmer = (*fs.Manager)(nil)
+var _ snapshot.Warmer = (*lazy.Manager)(nil)
 
 // newMounter opens the node cache in cacheDir and returns the lazy layer
 // mounter over it, and what closes both.
@@ -21,18 +21,18 @@ func newMounter(ctx context.Context, cacheDir string, cc CacheConfig, fc FetchCo
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening cache %s: %w", cacheDir, err)
 	}
-	m := fs.New(store, fs.Config{
-		Remote: ropts,
-		Prefetch: prefetch.Options{
-			Workers:           fc.Workers,
-			BackgroundWorkers: fc.BackgroundWorkers,
-			SpanSize:          fc.SpanBytes,
-			BackgroundRate:    fc.BackgroundBytesPerSecond,
-		},
-		MaxReadAhead:     fc.MaxReadAheadBytes,
-		NoBackgroundFill: !fc.BackgroundFill,
-		NoPassthrough:    !cc.Passthrough,
-	})
+	m := lazy.New(store,
+		lazy.WithRegistry(lazy.RemoteOptions(ropts...)),
+		lazy.WithPrefetch(
+			prefetch.WithWorkers(fc.Workers),
+			prefetch.WithBackgroundWorkers(fc.BackgroundWorkers),
+			prefetch.WithSpanSize(fc.SpanBytes),
+			prefetch.WithBackgroundRate(fc.BackgroundBytesPerSecond),
+		),
+		lazy.WithMaxReadAhead(fc.MaxReadAheadBytes),
+		lazy.WithBackgroundFill(fc.BackgroundFill),
+		lazy.WithPassthrough(cc.Passthrough),
+	)
 	return m, func() error {
 		err := m.Close()
 		if cerr := store.Close(); cerr != nil && err == nil {

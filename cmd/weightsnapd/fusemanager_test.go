@@ -1,0 +1,72 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/rpc"
+	"path/filepath"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// blockingMounter is a LayerMounter whose mounts wait for a release.
+type blockingMounter struct {
+	started   chan string
+	release   chan struct{}
+	unmounted chan string
+}
+
+func (b *blockingMounter) Mount(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error {
+	b.started <- mountpoint
+	<-b.release
+	return nil
+}
+
+func (b *blockingMounter) Check(ctx context.Context, mountpoint string) error { return nil }
+
+func (b *blockingMounter) Unmount(ctx context.Context, mountpoint string) error {
+	b.unmounted <- mountpoint
+	return nil
+}
+
+// serveMounter serves m as the manager does and returns a client of it.
+func serveMounter(t *testing.T, m *blockingMounter) *managerClient {
+	srv := rpc.NewServer()
+	if err := srv.RegisterName(rpcService, &mountService{m: m, stopped: make(chan struct{})}); err != nil {
+		t.Fatal(err)
+	}
+	lis, err := net.Listen("unix", filepath.Join(t.TempDir(), "m.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lis.Close() })
+	go srv.Accept(lis)
+	conn, err := net.Dial("unix", lis.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &managerClient{c: rpc.NewClient(conn), dead: make(chan struct{})}
+	t.Cleanup(func() { c.c.Close() })
+	return c
+}
+
+// A mount the manager finishes after containerd gave up on it is undone:
+// nobody else would ever unmount it.
+func TestMountAfterCallerGaveUpIsUndone(t *testing.T) {
+	m := &blockingMounter{started: make(chan string, 1), release: make(chan struct{}), unmounted: make(chan string, 1)}
+	c := serveMounter(t, m)
+	ctx, cancel := context.WithCancel(t.Context())
+	errc := make(chan error, 1)
+	go func() { errc <- c.Mount(ctx, "/mnt/layer", "reg/img:v1", digest.FromString("layer")) }()
+	<-m.started
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Mount: %v, want context.Canceled", err)
+	}
+	close(m.release)
+	if mp := <-m.unmounted; mp != "/mnt/layer" {
+		t.Fatalf("unmounted %q", mp)
+	}
+}

@@ -1,0 +1,175 @@
+package lazy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/layer"
+	"github.com/weightsnap/weightsnap/metrics"
+	"github.com/weightsnap/weightsnap/prefetch"
+	"github.com/weightsnap/weightsnap/remote"
+)
+
+// sharedLayer is one opened layer, shared by every mount of its digest.
+type sharedLayer struct {
+	desc    layer.Descriptor
+	blob    *cache.Blob
+	l       *layer.Opened
+	readers *prefetch.Readers // nil unless file contents are blob ranges
+	cancel  context.CancelFunc
+
+	used        chan struct{} // closed at the first read of any file
+	usedOnce    sync.Once
+	mounted     chan struct{} // closed at the first mount
+	mountedOnce sync.Once
+	filled      chan struct{} // closed when background fill has returned
+}
+
+// open opens layer d of imageRef: its record, its blob in the cache, its
+// index, the segments of its large files, and its background fill.
+func (m *Manager) open(ctx context.Context, imageRef string, d digest.Digest) (*sharedLayer, error) {
+	rec, err := m.describe(ctx, imageRef, d)
+	if err != nil {
+		return nil, err
+	}
+	rb, err := m.opt.registry.OpenBlob(ctx, rec.Repo, d, rec.Size)
+	if err != nil {
+		return nil, err
+	}
+	blob, err := m.store.Blob(d, rec.Size, fetchFunc(rb))
+	if err != nil {
+		return nil, err
+	}
+	desc := rec.descriptor(d)
+	// Read-ahead around the tar headers read to build the index waits
+	// until segment has given the large files their own cache files, so
+	// that their first spans are not written to the data file only to be
+	// moved.
+	src := &readAround{Blob: blob, sched: m.sched, deferring: true}
+	opener := func(ctx context.Context) (io.ReadCloser, error) {
+		return rb.Open(remote.WithReason(ctx, "stream"), 0)
+	}
+	t0 := time.Now()
+	l, err := layer.Open(ctx, desc, src, layer.WithStreams(opener, streamStore{m.store}), layer.WithMeta(m.store))
+	if err != nil {
+		blob.Close()
+		if errors.Is(err, layer.ErrUnsupported) {
+			return nil, fmt.Errorf("%w: %v", ErrUnsupported, err)
+		}
+		return nil, err
+	}
+	bg, cancel := context.WithCancel(context.Background())
+	sl := &sharedLayer{desc: desc, blob: blob, l: l, cancel: cancel,
+		used: make(chan struct{}), mounted: make(chan struct{}), filled: make(chan struct{})}
+	if l.Ranges != nil {
+		sl.readers = prefetch.NewReaders(m.sched.SpanSize(), m.opt.maxReadAhead)
+	}
+	indexed := time.Now()
+	if m.opt.passthrough {
+		sl.segment()
+	}
+	src.startReadAhead()
+	slog.Debug("layer opened", "layer", d, "index", indexed.Sub(t0), "segments", time.Since(indexed))
+	if m.opt.backgroundFill && !l.Streamed {
+		go m.fillWhenUsed(bg, sl)
+	} else {
+		close(sl.filled)
+	}
+	return sl, nil
+}
+
+// fetchFunc is how the cache fetches the missing chunks of rb.
+func fetchFunc(rb *remote.Blob) cache.FetchFunc {
+	return func(ctx context.Context, p []byte, off int64) error {
+		t0 := time.Now()
+		_, err := rb.ReadAt(ctx, p, off)
+		slog.Debug("fetched", "layer", rb.Digest(), "off", off, "len", len(p), "took", time.Since(t0), "err", err)
+		if errors.Is(err, io.EOF) && off+int64(len(p)) >= rb.Size() {
+			err = nil
+		}
+		return err
+	}
+}
+
+// segment gives each large file of a contiguous layer a cache file of its
+// own, so that it can be passed through once the blob is verified. A file
+// that cannot get one (see cache.ErrSegment) is served through the daemon.
+func (sl *sharedLayer) segment() {
+	if sl.l.Ranges == nil {
+		return
+	}
+	for _, f := range sl.l.Ranges.Files() {
+		if f.Len < passthroughMin {
+			continue
+		}
+		if err := sl.blob.Segment(f.Off, f.Len); err != nil {
+			slog.Debug("no passthrough for file", "layer", sl.desc.Digest, "file", f.Name, "err", err)
+		}
+	}
+}
+
+// passthroughFile returns the cache file holding exactly e's content, once
+// the layer's blob is verified.
+func (sl *sharedLayer) passthroughFile(e *layer.Entry) (*os.File, bool) {
+	if sl.l.Ranges == nil || e.Size < passthroughMin {
+		return nil, false
+	}
+	r, ok := sl.l.Ranges.DataRange(e)
+	if !ok {
+		return nil, false
+	}
+	return sl.blob.FileOf(r.Off, r.Len)
+}
+
+// onRead marks the layer used (starting its background fill) and starts
+// read-ahead for a sequential reader of a file whose bytes are a
+// contiguous range of the blob.
+func (m *Manager) onRead(sl *sharedLayer, e *layer.Entry, off, n int64) {
+	sl.usedOnce.Do(func() { close(sl.used) })
+	if sl.readers == nil {
+		return
+	}
+	r, ok := sl.l.Ranges.DataRange(e)
+	if !ok {
+		return
+	}
+	if ahead, ok := sl.readers.Observe(e.Ino, prefetch.Range{Off: r.Off, Len: r.Len}, off, n); ok {
+		m.sched.ReadAhead(sl.blob, ahead)
+	}
+}
+
+// closeLayer stops sl's background work and releases what it holds; the
+// refmap calls it when the last reference goes.
+func (m *Manager) closeLayer(_ digest.Digest, sl *sharedLayer) {
+	sl.cancel()
+	<-sl.filled
+	label := sl.desc.Digest.String()
+	metrics.LayerSizeBytes.DeleteLabelValues(label)
+	metrics.LayerFetchedBytes.DeleteLabelValues(label)
+	metrics.LayerVerified.DeleteLabelValues(label)
+	m.sched.Forget(sl.blob)
+	if err := sl.l.Close(); err != nil {
+		slog.Warn("closing layer", "layer", sl.desc.Digest, "err", err)
+	}
+	sl.blob.Close()
+}
+
+// streamStore adapts the cache's concrete Stream to layer.StreamStore.
+type streamStore struct{ s *cache.Store }
+
+func (s streamStore) Stream(key digest.Digest) (layer.Stream, bool, error) {
+	st, w, err := s.s.Stream(key)
+	if err != nil {
+		return nil, false, err
+	}
+	return st, w, nil
+}

@@ -1,0 +1,274 @@
+// Package lazy serves the image layers of one node lazily. Its Manager
+// opens each layer once (its blob in the node cache, its index, its
+// background fill) and shares it between every mount of the same digest,
+// whichever image, tag or repository named it; it mounts layers with fs
+// and closes a layer when its last mount goes.
+//
+// The path of a read, top to bottom: fs (a FUSE request on a node) →
+// layer (entry → blob range) → readAround here (a miss fetches its span,
+// read-ahead is queued with prefetch) → cache (chunks present, or fetched
+// once) → remote (a range GET).
+package lazy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	iofs "io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/fs"
+	"github.com/weightsnap/weightsnap/internal/refmap"
+	"github.com/weightsnap/weightsnap/layer"
+	"github.com/weightsnap/weightsnap/prefetch"
+	"github.com/weightsnap/weightsnap/remote"
+)
+
+var (
+	// ErrUnsupported is returned by Mount for a layer that cannot be
+	// served lazily; the caller falls back to downloading it.
+	ErrUnsupported = errors.New("layer cannot be served lazily")
+	// ErrClosed is returned by Mount after Close.
+	ErrClosed = errors.New("layer manager closed")
+)
+
+// Registry is how the Manager reaches registries; *remote.Client is one.
+type Registry interface {
+	Resolve(ctx context.Context, ref string) (*remote.Image, error)
+	OpenBlob(ctx context.Context, repo string, d digest.Digest, size int64) (*remote.Blob, error)
+}
+
+// Manager mounts image layers lazily. It is node-wide: every mount of the
+// same layer digest shares one opened layer.
+type Manager struct {
+	store  *cache.Store
+	opt    options
+	sched  *prefetch.Scheduler
+	layers *refmap.Map[digest.Digest, *sharedLayer]
+	// serve mounts a layer; tests without FUSE replace it.
+	serve func(ctx context.Context, l *layer.Opened, mountpoint string, opts ...fs.Option) (mount, error)
+	// warmed, if set by a test, is told of each layer Warm has opened.
+	warmed func(digest.Digest)
+
+	// ctx ends at Close, and with it every open, warm-up and mount in
+	// flight; work counts those, so that Close can wait for them.
+	ctx    context.Context
+	cancel context.CancelFunc
+	work   sync.WaitGroup
+
+	mu     sync.Mutex
+	mounts map[string]*layerMount // by mountpoint
+	closed bool
+}
+
+// mount is a served layer; *fs.Mount is one.
+type mount interface {
+	Unmount() error
+	Done() <-chan struct{}
+	Mountpoint() string
+}
+
+type layerMount struct {
+	ref   *refmap.Ref[digest.Digest, *sharedLayer]
+	mount mount
+}
+
+// New returns a Manager fetching through store.
+func New(store *cache.Store, opts ...Option) *Manager {
+	m := &Manager{
+		store:  store,
+		opt:    makeOptions(opts),
+		mounts: make(map[string]*layerMount),
+		serve: func(ctx context.Context, l *layer.Opened, mp string, opts ...fs.Option) (mount, error) {
+			return fs.Serve(ctx, l, mp, opts...)
+		},
+	}
+	m.sched = prefetch.New(m.opt.prefetch...)
+	m.layers = refmap.New(m.closeLayer)
+	m.ctx, m.cancel = context.WithCancel(context.Background())
+	return m
+}
+
+// begin registers work that Close must wait for, and returns ctx bounded
+// by the Manager's life too.
+func (m *Manager) begin(ctx context.Context) (context.Context, func(), error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil, nil, ErrClosed
+	}
+	m.work.Add(1)
+	ctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(m.ctx, cancel)
+	return ctx, func() {
+		stop()
+		cancel()
+		m.work.Done()
+	}, nil
+}
+
+// acquire returns a reference to the shared opened layer d, opening it on
+// first use.
+func (m *Manager) acquire(ctx context.Context, imageRef string, d digest.Digest) (*refmap.Ref[digest.Digest, *sharedLayer], error) {
+	return m.layers.Acquire(ctx, d, func(ctx context.Context) (*sharedLayer, error) {
+		return m.open(ctx, imageRef, d)
+	})
+}
+
+// OpenLayers lists the layers open now, mounted or held by Warm; not
+// those still opening or already closing.
+func (m *Manager) OpenLayers() []digest.Digest { return m.layers.Open() }
+
+// Mount mounts layer d of image imageRef lazily at mountpoint. If ctx
+// ends or the Manager is closed before the mount is done, nothing stays
+// mounted.
+func (m *Manager) Mount(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error {
+	mountpoint = filepath.Clean(mountpoint)
+	ctx, done, err := m.begin(ctx)
+	if err != nil {
+		return fmt.Errorf("mount layer %s: %w", d, err)
+	}
+	defer done()
+	if m.mounted(mountpoint) {
+		return fmt.Errorf("a layer is already mounted at %s: %w", mountpoint, iofs.ErrExist)
+	}
+	ref, err := m.acquire(ctx, imageRef, d)
+	if err != nil {
+		return err
+	}
+	mnt, err := m.serveLayer(ctx, ref.Value(), mountpoint)
+	if err != nil {
+		ref.Release()
+		return err
+	}
+	if err := m.register(ctx, mountpoint, &layerMount{ref: ref, mount: mnt}); err != nil {
+		if uerr := mnt.Unmount(); uerr != nil {
+			slog.Warn("undoing a mount", "mountpoint", mountpoint, "err", uerr)
+		}
+		m.releaseWhenDone(ref, mnt)
+		return err
+	}
+	sl := ref.Value()
+	sl.mountedOnce.Do(func() { close(sl.mounted) })
+	return nil
+}
+
+func (m *Manager) serveLayer(ctx context.Context, sl *sharedLayer, mountpoint string) (mount, error) {
+	if err := os.MkdirAll(mountpoint, 0o755); err != nil {
+		return nil, err
+	}
+	opts := []fs.Option{
+		fs.WithName("weightsnap:" + sl.desc.Digest.String()),
+		fs.WithOnRead(func(e *layer.Entry, off, n int64) { m.onRead(sl, e, off, n) }),
+	}
+	if m.opt.passthrough {
+		opts = append(opts, fs.WithPassthrough(sl.passthroughFile))
+	}
+	t0 := time.Now()
+	mnt, err := m.serve(ctx, sl.l, mountpoint, opts...)
+	slog.Debug("layer mounted", "layer", sl.desc.Digest, "mountpoint", mountpoint, "took", time.Since(t0), "err", err)
+	return mnt, err
+}
+
+// register records a finished mount, unless the caller gave up, the
+// Manager is closing, or a concurrent Mount at the same place won.
+func (m *Manager) register(ctx context.Context, mountpoint string, lm *layerMount) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch {
+	case m.closed:
+		return fmt.Errorf("mount layer %s: %w", lm.ref.Key(), ErrClosed)
+	case ctx.Err() != nil:
+		return fmt.Errorf("mount layer %s: %w", lm.ref.Key(), ctx.Err())
+	case m.mounts[mountpoint] != nil:
+		return fmt.Errorf("a layer is already mounted at %s: %w", mountpoint, iofs.ErrExist)
+	}
+	m.mounts[mountpoint] = lm
+	return nil
+}
+
+func (m *Manager) mounted(mountpoint string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.mounts[mountpoint] != nil
+}
+
+// Check reports whether the layer mounted at mountpoint is still served.
+func (m *Manager) Check(ctx context.Context, mountpoint string) error {
+	m.mu.Lock()
+	lm := m.mounts[filepath.Clean(mountpoint)]
+	m.mu.Unlock()
+	if lm == nil {
+		return fmt.Errorf("no layer mounted at %s: %w", mountpoint, iofs.ErrNotExist)
+	}
+	_, err := os.Stat(lm.mount.Mountpoint())
+	return err
+}
+
+// Unmount unmounts the layer at mountpoint and releases it. If the
+// unmount fails, the layer stays mounted and a later Unmount tries again.
+func (m *Manager) Unmount(ctx context.Context, mountpoint string) error {
+	mountpoint = filepath.Clean(mountpoint)
+	m.mu.Lock()
+	lm := m.mounts[mountpoint]
+	delete(m.mounts, mountpoint)
+	m.mu.Unlock()
+	if lm == nil {
+		return fmt.Errorf("no layer mounted at %s: %w", mountpoint, iofs.ErrNotExist)
+	}
+	if err := lm.mount.Unmount(); err != nil {
+		m.mu.Lock() // still mounted: keep it, and the layer it serves
+		m.mounts[mountpoint] = lm
+		m.mu.Unlock()
+		return err
+	}
+	m.releaseWhenDone(lm.ref, lm.mount)
+	return nil
+}
+
+// releaseWhenDone releases ref once mnt's server has exited: at once after
+// a clean unmount; a mount detached while busy serves its last users
+// first.
+func (m *Manager) releaseWhenDone(ref *refmap.Ref[digest.Digest, *sharedLayer], mnt mount) {
+	select {
+	case <-mnt.Done():
+		ref.Release()
+	default:
+		go func() {
+			<-mnt.Done()
+			ref.Release()
+		}()
+	}
+}
+
+// Close stops every open, warm-up and mount in flight, then unmounts
+// every layer the Manager mounted.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	m.closed = true
+	m.mu.Unlock()
+	m.cancel()
+	m.work.Wait()
+	m.mu.Lock()
+	var points []string
+	for p := range m.mounts {
+		points = append(points, p)
+	}
+	m.mu.Unlock()
+	var errs []error
+	for _, p := range points {
+		if err := m.Unmount(context.Background(), p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	m.layers.Close() // lets go of the layers Warm holds
+	m.sched.Close()
+	return errors.Join(errs...)
+}

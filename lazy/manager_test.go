@@ -1,0 +1,391 @@
+package lazy
+
+// The Manager's lifetimes (shared open, linger, close while mounting, a
+// cancelled opener, unmount retry) against a real in-process registry and
+// a real cache, without root: FUSE is the one part replaced, by fakeServe.
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/fs"
+	"github.com/weightsnap/weightsnap/internal/refmap"
+	"github.com/weightsnap/weightsnap/internal/testutil"
+	"github.com/weightsnap/weightsnap/layer"
+	"github.com/weightsnap/weightsnap/remote"
+)
+
+// gatedRegistry is an in-process registry whose blob GETs wait while the
+// gate is closed.
+type gatedRegistry struct {
+	srv     *httptest.Server
+	mu      sync.Mutex
+	open    chan struct{} // closed: GETs pass
+	waiting chan struct{} // receives once per GET that waits
+	blobGET atomic.Int32
+}
+
+func newGatedRegistry(t *testing.T) *gatedRegistry {
+	g := &gatedRegistry{open: make(chan struct{}), waiting: make(chan struct{}, 64)}
+	close(g.open)
+	reg := registry.New()
+	g.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/") {
+			g.blobGET.Add(1)
+			g.mu.Lock()
+			open := g.open
+			g.mu.Unlock()
+			select {
+			case <-open:
+			default:
+				g.waiting <- struct{}{}
+				select {
+				case <-open:
+				case <-r.Context().Done():
+					return
+				}
+			}
+		}
+		reg.ServeHTTP(w, r)
+	}))
+	t.Cleanup(g.srv.Close)
+	return g
+}
+
+func (g *gatedRegistry) addr() string { return strings.TrimPrefix(g.srv.URL, "http://") }
+
+// hold makes blob GETs wait until the returned function is called.
+func (g *gatedRegistry) hold() (release func()) {
+	ch := make(chan struct{})
+	g.mu.Lock()
+	g.open = ch
+	g.mu.Unlock()
+	var once sync.Once
+	return func() { once.Do(func() { close(ch) }) }
+}
+
+// pushModel pushes an image of n uncompressed tar layers and returns its
+// reference and layer digests.
+func pushModel(t *testing.T, g *gatedRegistry, n int) (string, []digest.Digest) {
+	var tars [][]byte
+	for i := range n {
+		tars = append(tars, tarOf(t, fmt.Sprintf("models/f%d", i), strings.Repeat("w", 3000+i)))
+	}
+	layers := testutil.EncodeLayers(t, tars, testutil.FormatTar)
+	ref := testutil.PushImage(t, g.addr(), "model:v1", layers)
+	var ds []digest.Digest
+	for _, l := range layers {
+		ds = append(ds, digest.Digest(l.Digest()))
+	}
+	return ref, ds
+}
+
+// tarOf is an uncompressed tar of one file.
+func tarOf(t *testing.T, name, content string) []byte {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(content)), Typeflag: tar.TypeReg}); err != nil {
+		t.Fatal(err)
+	}
+	tw.Write([]byte(content))
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// fakeMount stands in for a FUSE mount.
+type fakeMount struct {
+	mp       string
+	l        *layer.Opened
+	fails    atomic.Int32 // Unmount fails this many times first
+	unmounts atomic.Int32
+	done     chan struct{}
+	once     sync.Once
+}
+
+func (f *fakeMount) Unmount() error {
+	if f.fails.Add(-1) >= 0 {
+		return errors.New("device busy")
+	}
+	f.unmounts.Add(1)
+	f.once.Do(func() { close(f.done) })
+	return nil
+}
+
+func (f *fakeMount) Done() <-chan struct{} { return f.done }
+func (f *fakeMount) Mountpoint() string    { return f.mp }
+
+// fakeServe records the mounts a Manager makes.
+type fakeServe struct {
+	mu     sync.Mutex
+	mounts []*fakeMount
+	// before, if set, runs at the start of every serve.
+	before func(ctx context.Context)
+	// failFirstUnmounts is how many times a new mount's Unmount fails.
+	failFirstUnmounts int32
+}
+
+func (s *fakeServe) serve(ctx context.Context, l *layer.Opened, mp string, _ ...fs.Option) (mount, error) {
+	if s.before != nil {
+		s.before(ctx)
+	}
+	m := &fakeMount{mp: mp, l: l, done: make(chan struct{})}
+	m.fails.Store(s.failFirstUnmounts)
+	s.mu.Lock()
+	s.mounts = append(s.mounts, m)
+	s.mu.Unlock()
+	return m, nil
+}
+
+// live lists the mounts not unmounted.
+func (s *fakeServe) live() []*fakeMount {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var live []*fakeMount
+	for _, m := range s.mounts {
+		if m.unmounts.Load() == 0 {
+			live = append(live, m)
+		}
+	}
+	return live
+}
+
+func newTestManager(t *testing.T, opts ...Option) (*Manager, *fakeServe) {
+	store, err := cache.Open(t.TempDir(), cache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts = append([]Option{WithRegistry(RemoteOptions(remote.WithRetry(1, time.Millisecond))), WithBackgroundFill(false)}, opts...)
+	m := New(store, opts...)
+	fake := &fakeServe{}
+	m.serve = fake.serve
+	t.Cleanup(func() {
+		if err := m.Close(); err != nil {
+			t.Errorf("close manager: %v", err)
+		}
+		store.Close()
+	})
+	return m, fake
+}
+
+func TestMountsOfOneLayerShareOneOpen(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 1)
+	m, fake := newTestManager(t)
+	dir := t.TempDir()
+	var wg sync.WaitGroup
+	for i := range 4 {
+		wg.Go(func() {
+			if err := m.Mount(t.Context(), filepath.Join(dir, fmt.Sprint(i)), ref, ds[0]); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	live := fake.live()
+	if len(live) != 4 {
+		t.Fatalf("%d mounts, want 4", len(live))
+	}
+	for _, f := range live[1:] {
+		if f.l != live[0].l {
+			t.Fatal("mounts of one layer got different opened layers")
+		}
+	}
+	for i := range 3 {
+		if err := m.Unmount(t.Context(), filepath.Join(dir, fmt.Sprint(i))); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(m.OpenLayers(), ds) {
+			t.Fatalf("after %d of 4 unmounts, open layers %v", i+1, m.OpenLayers())
+		}
+	}
+	if err := m.Unmount(t.Context(), filepath.Join(dir, "3")); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.OpenLayers(); len(got) != 0 {
+		t.Fatalf("open layers after the last unmount: %v", got)
+	}
+}
+
+func TestMountAtATakenPlaceFails(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 2)
+	m, _ := newTestManager(t)
+	mp := filepath.Join(t.TempDir(), "mp")
+	if err := m.Mount(t.Context(), mp, ref, ds[0]); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Mount(t.Context(), mp+"/", ref, ds[1]); err == nil {
+		t.Fatal("a second mount at the same place succeeded")
+	}
+	if got := m.OpenLayers(); !slices.Equal(got, ds[:1]) {
+		t.Fatalf("open layers %v, want only the mounted one", got)
+	}
+}
+
+// holdBlob has m record layer d of ref, so that the manifest is not
+// fetched again, then holds the registry's blob GETs.
+func holdBlob(t *testing.T, g *gatedRegistry, m *Manager, ref string, d digest.Digest) (release func()) {
+	t.Helper()
+	if _, err := m.describe(t.Context(), ref, d); err != nil {
+		t.Fatal(err)
+	}
+	return g.hold()
+}
+
+func TestCloseWhileMountingLeavesNothing(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 1)
+	m, fake := newTestManager(t)
+	release := holdBlob(t, g, m, ref, ds[0])
+	defer release()
+	errc := make(chan error, 1)
+	go func() { errc <- m.Mount(context.Background(), filepath.Join(t.TempDir(), "mp"), ref, ds[0]) }()
+	<-g.waiting
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; err == nil {
+		t.Fatal("a mount in flight at Close succeeded")
+	}
+	if live := fake.live(); len(live) != 0 {
+		t.Fatalf("%d mounts left after Close", len(live))
+	}
+	if got := m.OpenLayers(); len(got) != 0 {
+		t.Fatalf("open layers after Close: %v", got)
+	}
+	if err := m.Mount(t.Context(), filepath.Join(t.TempDir(), "late"), ref, ds[0]); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Mount after Close: %v, want ErrClosed", err)
+	}
+}
+
+// A mount whose caller gave up while it was being made is undone, and
+// its layer released: containerd has forgotten it.
+func TestMountFinishedAfterCallerGaveUpIsUndone(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 1)
+	m, fake := newTestManager(t)
+	ctx, cancel := context.WithCancel(t.Context())
+	fake.before = func(context.Context) { cancel() }
+	if err := m.Mount(ctx, filepath.Join(t.TempDir(), "mp"), ref, ds[0]); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Mount: %v, want context.Canceled", err)
+	}
+	if live := fake.live(); len(live) != 0 {
+		t.Fatalf("%d mounts left", len(live))
+	}
+	if got := m.OpenLayers(); len(got) != 0 {
+		t.Fatalf("open layers: %v", got)
+	}
+}
+
+// A Mount whose context ends while it opens the layer must not fail a
+// concurrent Mount of the same layer whose context is alive.
+func TestCancelledOpenerDoesNotFailOtherMount(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 1)
+	m, fake := newTestManager(t)
+	release := holdBlob(t, g, m, ref, ds[0])
+	ctxA, cancelA := context.WithCancel(t.Context())
+	dir := t.TempDir()
+	errA := make(chan error, 1)
+	go func() { errA <- m.Mount(ctxA, filepath.Join(dir, "a"), ref, ds[0]) }()
+	<-g.waiting
+	errB := make(chan error, 1)
+	go func() { errB <- m.Mount(t.Context(), filepath.Join(dir, "b"), ref, ds[0]) }()
+	cancelA()
+	if err := <-errA; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled mount: %v", err)
+	}
+	release()
+	if err := <-errB; err != nil {
+		t.Fatalf("the other mount failed with the cancelled one's error: %v", err)
+	}
+	if live := fake.live(); len(live) != 1 || live[0].mp != filepath.Join(dir, "b") {
+		t.Fatalf("live mounts %v, want b's", live)
+	}
+}
+
+func TestFailedUnmountCanBeRetried(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 1)
+	m, fake := newTestManager(t)
+	fake.failFirstUnmounts = 1
+	mp := filepath.Join(t.TempDir(), "mp")
+	if err := m.Mount(t.Context(), mp, ref, ds[0]); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Unmount(t.Context(), mp); err == nil {
+		t.Fatal("first unmount did not fail")
+	}
+	if err := m.Check(t.Context(), mp); err != nil {
+		t.Fatalf("after a failed unmount the layer is not kept mounted: %v", err)
+	}
+	if err := m.Unmount(t.Context(), mp); err != nil {
+		t.Fatalf("retried unmount: %v", err)
+	}
+	if got := m.OpenLayers(); len(got) != 0 {
+		t.Fatalf("open layers after the unmount: %v", got)
+	}
+}
+
+func TestWarmHoldsLayersUntilClose(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 3)
+	m, _ := newTestManager(t, WithWarmHold(time.Hour))
+	warmed := make(chan digest.Digest, len(ds))
+	m.warmed = func(d digest.Digest) { warmed <- d }
+	m.Warm(ref, ds)
+	for range ds {
+		<-warmed
+	}
+	// A mount and unmount of a warmed layer leaves it open: Warm holds it.
+	mp := filepath.Join(t.TempDir(), "mp")
+	if err := m.Mount(t.Context(), mp, ref, ds[0]); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Unmount(t.Context(), mp); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.OpenLayers(); len(got) != 3 {
+		t.Fatalf("open layers %v, want all 3 held by Warm", got)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.OpenLayers(); len(got) != 0 {
+		t.Fatalf("open layers after Close: %v", got)
+	}
+}
+
+func TestWarmLetsGoAfterItsHold(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 1)
+	closed := make(chan digest.Digest, 1)
+	m, _ := newTestManager(t, WithWarmHold(time.Millisecond))
+	closeLayer := m.closeLayer
+	m.layers = refmap.New(func(d digest.Digest, sl *sharedLayer) {
+		closeLayer(d, sl)
+		closed <- d
+	})
+	m.Warm(ref, ds)
+	if d := <-closed; d != ds[0] {
+		t.Fatalf("closed %s", d)
+	}
+}

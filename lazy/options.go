@@ -1,0 +1,79 @@
+package lazy
+
+import (
+	"time"
+
+	"github.com/weightsnap/weightsnap/prefetch"
+)
+
+// Tuning. Each is a trade-off measured on weight files; the reasons are
+// where they are used.
+const (
+	// passthroughMin is the smallest file that gets a cache file of its
+	// own, to be passed through once cached: weight files, not the many
+	// small ones, whose reads the page cache absorbs anyway.
+	passthroughMin = 4 << 20
+	// fillDelay is how long after its first mount a layer nobody reads
+	// waits before its background fill starts. A pull is followed by the
+	// creation of the containers that use the image, which needs the
+	// node's CPU; the first read of the layer starts the fill at once.
+	fillDelay = 2 * time.Second
+	// maxWarming bounds the layers Warm opens at once.
+	maxWarming = 4
+	// defaultWarmHold is how long a layer opened by Warm stays open for
+	// the mount it was opened for.
+	defaultWarmHold = time.Minute
+	// smallRead is the largest read a cache miss serves before the rest
+	// of its span (see source.go).
+	smallRead = 64 << 10
+)
+
+// Option configures a Manager made by New.
+type Option func(*options)
+
+type options struct {
+	registry       Registry
+	prefetch       []prefetch.Option
+	maxReadAhead   int64
+	backgroundFill bool
+	passthrough    bool
+	warmHold       time.Duration
+}
+
+// WithRegistry sets how the Manager reaches registries (required).
+func WithRegistry(r Registry) Option { return func(o *options) { o.registry = r } }
+
+// WithPrefetch configures the node-wide read-ahead and fill scheduler.
+func WithPrefetch(opts ...prefetch.Option) Option {
+	return func(o *options) { o.prefetch = append(o.prefetch, opts...) }
+}
+
+// WithMaxReadAhead bounds how far ahead of a sequential reader fetches go
+// (default prefetch.DefaultMaxWindow).
+func WithMaxReadAhead(n int64) Option { return func(o *options) { o.maxReadAhead = n } }
+
+// WithBackgroundFill turns on or off fetching whole layers into the cache
+// after they are mounted (default on).
+func WithBackgroundFill(on bool) Option { return func(o *options) { o.backgroundFill = on } }
+
+// WithPassthrough turns on or off FUSE passthrough of the large files of a
+// layer cached whole and verified (default on).
+func WithPassthrough(on bool) Option { return func(o *options) { o.passthrough = on } }
+
+// WithWarmHold sets how long a layer opened by Warm stays open, waiting
+// for its mount (default one minute).
+func WithWarmHold(d time.Duration) Option { return func(o *options) { o.warmHold = d } }
+
+func makeOptions(opts []Option) options {
+	o := options{backgroundFill: true, passthrough: true}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if o.maxReadAhead <= 0 {
+		o.maxReadAhead = prefetch.DefaultMaxWindow
+	}
+	if o.warmHold <= 0 {
+		o.warmHold = defaultWarmHold
+	}
+	return o
+}

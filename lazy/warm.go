@@ -1,0 +1,76 @@
+package lazy
+
+import (
+	"context"
+	"log/slog"
+	"slices"
+
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/weightsnap/weightsnap/layer"
+)
+
+// Warm opens the layers of imageRef that are not open yet, in the
+// background and several at once, so that the mounts containerd asks for
+// one after another find them indexed. Layers that would be streamed
+// whole (plain gzip or zstd) are left alone: opening one starts its
+// download. A layer nobody mounts within the warm hold (WithWarmHold) is
+// closed again; its background fill waits for a mount.
+func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
+	open := m.layers.Open()
+	var todo []digest.Digest
+	for _, d := range layers {
+		if !slices.Contains(open, d) && !slices.Contains(todo, d) {
+			todo = append(todo, d)
+		}
+	}
+	if len(todo) == 0 {
+		return
+	}
+	ctx, done, err := m.begin(context.Background())
+	if err != nil {
+		return
+	}
+	slog.Debug("warming layers", "image", imageRef, "layers", len(todo))
+	go func() {
+		defer done()
+		var g errgroup.Group
+		g.SetLimit(maxWarming)
+		for _, d := range todo {
+			// In turn: the first layer without a record resolves the
+			// image, which records every layer for the others.
+			rec, err := m.describe(ctx, imageRef, d)
+			if err != nil {
+				slog.Debug("warming layer", "layer", d, "image", imageRef, "err", err)
+				continue
+			}
+			if !layer.MayBeRandomAccess(rec.descriptor(d)) {
+				continue
+			}
+			g.Go(func() error {
+				m.warmLayer(ctx, imageRef, d)
+				return nil
+			})
+			if ctx.Err() != nil {
+				break
+			}
+		}
+		g.Wait()
+	}()
+}
+
+// warmLayer opens layer d and holds it open for the warm hold. It returns
+// once the layer is open, giving its place among the layers opening at
+// once to the next.
+func (m *Manager) warmLayer(ctx context.Context, imageRef string, d digest.Digest) {
+	ref, err := m.acquire(ctx, imageRef, d)
+	if err != nil {
+		slog.Debug("warming layer", "layer", d, "image", imageRef, "err", err)
+		return
+	}
+	ref.ReleaseAfter(m.opt.warmHold)
+	if m.warmed != nil {
+		m.warmed(d)
+	}
+}
