@@ -115,9 +115,9 @@ func (b *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 		return 0, io.EOF
 	}
 	want := int(min(int64(len(p)), b.size-off))
-	s := &stream{ctx: ctx, b: b, off: off, end: off + int64(want)}
-	defer s.Close()
-	n, err := io.ReadFull(s, p[:want])
+	r := &resumingReader{ctx: ctx, b: b, off: off, end: off + int64(want)}
+	defer r.Close()
+	n, err := io.ReadFull(r, p[:want])
 	if err != nil {
 		if err == io.ErrUnexpectedEOF {
 			err = fmt.Errorf("%w: read blob %s: short read", ErrBadResponse, b)
@@ -130,33 +130,34 @@ func (b *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// Open streams the blob from off to its end. A transient failure mid-stream
-// is retried by asking again from the last byte received, so the reader
-// sees one unbroken stream. ctx governs the whole stream; Close must not be
-// called concurrently with Read.
+// Open returns a reader of the blob from off to its end. A transient
+// failure mid-body is retried by asking again from the last byte received,
+// so the reader sees the bytes unbroken. ctx governs every request the
+// reader makes; Close must not be called concurrently with Read.
 func (b *Blob) Open(ctx context.Context, off int64) (io.ReadCloser, error) {
 	if off < 0 || off > b.size {
 		return nil, fmt.Errorf("open blob %s: offset %d outside [0, %d]", b, off, b.size)
 	}
-	s := &stream{ctx: ctx, b: b, off: off, end: b.size}
+	r := &resumingReader{ctx: ctx, b: b, off: off, end: b.size}
 	if off == b.size {
-		return s, nil
+		return r, nil
 	}
 	// Connect now so that a missing blob or refused access is reported by
 	// Open rather than by the first Read.
 	err := b.src.do(ctx, func(ctx context.Context, e *endpoint) (bool, error) {
-		rc, err := b.openRange(ctx, e, s.off, s.end)
-		s.rc = rc
+		rc, err := b.openRange(ctx, e, r.off, r.end)
+		r.rc = rc
 		return false, err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("blob open at %d: %w", off, err)
 	}
-	return s, nil
+	return r, nil
 }
 
-// stream reads [off, end) of a blob, reconnecting after transient failures.
-type stream struct {
+// resumingReader reads [off, end) of a blob, resuming after a transient
+// failure with a new request from the first byte not yet received.
+type resumingReader struct {
 	ctx    context.Context
 	b      *Blob
 	off    int64
@@ -165,40 +166,40 @@ type stream struct {
 	closed bool
 }
 
-var errClosed = errors.New("read of closed blob stream")
+var errClosed = errors.New("read of closed blob reader")
 
-func (s *stream) Read(p []byte) (int, error) {
-	if s.closed {
+func (r *resumingReader) Read(p []byte) (int, error) {
+	if r.closed {
 		return 0, errClosed
 	}
-	if s.off >= s.end {
+	if r.off >= r.end {
 		return 0, io.EOF
 	}
 	if len(p) == 0 {
 		return 0, nil
 	}
-	if rem := s.end - s.off; int64(len(p)) > rem {
+	if rem := r.end - r.off; int64(len(p)) > rem {
 		p = p[:rem]
 	}
 	n := 0
-	err := s.b.src.do(s.ctx, func(ctx context.Context, e *endpoint) (bool, error) {
-		if s.rc == nil {
-			rc, err := s.b.openRange(ctx, e, s.off, s.end)
+	err := r.b.src.do(r.ctx, func(ctx context.Context, e *endpoint) (bool, error) {
+		if r.rc == nil {
+			rc, err := r.b.openRange(ctx, e, r.off, r.end)
 			if err != nil {
 				return false, err
 			}
-			s.rc = rc
+			r.rc = rc
 		}
 		for n == 0 {
-			m, err := s.rc.Read(p)
+			m, err := r.rc.Read(p)
 			n = m
-			s.off += int64(m)
-			if err == io.EOF && s.off == s.end {
+			r.off += int64(m)
+			if err == io.EOF && r.off == r.end {
 				err = nil
 			}
 			if err != nil {
-				s.rc.Close()
-				s.rc = nil
+				r.rc.Close()
+				r.rc = nil
 				if n > 0 {
 					// Deliver what arrived; the next Read reconnects.
 					return true, nil
@@ -208,21 +209,21 @@ func (s *stream) Read(p []byte) (int, error) {
 		}
 		return true, nil
 	})
-	if s.off == s.end && s.rc != nil {
-		s.rc.Close()
-		s.rc = nil
+	if r.off == r.end && r.rc != nil {
+		r.rc.Close()
+		r.rc = nil
 	}
 	if err != nil {
-		return n, fmt.Errorf("blob read at %d: %w", s.off, err)
+		return n, fmt.Errorf("blob read at %d: %w", r.off, err)
 	}
 	return n, nil
 }
 
-func (s *stream) Close() error {
-	s.closed = true
-	if s.rc != nil {
-		s.rc.Close()
-		s.rc = nil
+func (r *resumingReader) Close() error {
+	r.closed = true
+	if r.rc != nil {
+		r.rc.Close()
+		r.rc = nil
 	}
 	return nil
 }

@@ -151,8 +151,8 @@ func checkRandomReads(t *testing.T, b *Blob, want []byte, n int, rng *rand.Rand)
 	}
 }
 
-// checkStream reads the blob from off with Open and compares with want.
-func checkStream(t *testing.T, b *Blob, want []byte, off int64) {
+// checkOpen reads the blob from off with Open and compares with want.
+func checkOpen(t *testing.T, b *Blob, want []byte, off int64) {
 	t.Helper()
 	rc, err := b.Open(t.Context(), off)
 	if err != nil {
@@ -161,10 +161,10 @@ func checkStream(t *testing.T, b *Blob, want []byte, off int64) {
 	defer rc.Close()
 	got, err := io.ReadAll(rc)
 	if err != nil {
-		t.Fatalf("stream from %d: %v", off, err)
+		t.Fatalf("Open(%d) read: %v", off, err)
 	}
 	if !bytes.Equal(got, want[off:]) {
-		t.Fatalf("stream from %d: %d bytes, want %d, or wrong bytes", off, len(got), len(want)-int(off))
+		t.Fatalf("Open(%d) read: %d bytes, want %d, or wrong bytes", off, len(got), len(want)-int(off))
 	}
 }
 

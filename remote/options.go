@@ -133,8 +133,8 @@ func WithMirrors(fn func(registry string) []Endpoint) Option {
 type reasonKey struct{}
 
 // WithReason labels the registry traffic done under ctx for metrics:
-// "ondemand", "readahead", "background" or "stream". Unlabelled traffic
-// counts as "ondemand".
+// "ondemand", "readahead", "background" or "stream" (feeding a layer's
+// decompressed stream). Unlabelled traffic counts as "ondemand".
 func WithReason(ctx context.Context, reason string) context.Context {
 	return context.WithValue(ctx, reasonKey{}, reason)
 }

@@ -85,7 +85,7 @@ func TestReadAtAndOpen(t *testing.T) {
 		t.Errorf("50 sequential reads opened %d connections; keep-alive is not working", n)
 	}
 	for _, off := range []int64{0, 1, int64(len(want)) / 3, int64(len(want)) - 1, int64(len(want))} {
-		checkStream(t, l.Blob, want, off)
+		checkOpen(t, l.Blob, want, off)
 	}
 	if l.Blob.RangeIgnored() {
 		t.Error("RangeIgnored() on a registry that honours Range")
@@ -199,14 +199,14 @@ func TestFaultsAreRetried(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Open(%d): %v", off, err)
 			}
-			// Small reads make many requests' bodies cross faults mid-stream.
+			// Small reads make many requests' bodies cross faults mid-body.
 			data, err := io.ReadAll(io.LimitReader(rc, l.Size))
 			rc.Close()
 			if err != nil {
-				t.Fatalf("stream from %d: %v", off, err)
+				t.Fatalf("Open(%d) read: %v", off, err)
 			}
 			if string(data) != string(blobs[l.Digest][off:]) {
-				t.Fatalf("stream of %s from %d: wrong bytes", l.Digest, off)
+				t.Fatalf("Open(%d) of %s: wrong bytes", off, l.Digest)
 			}
 		}
 	}
@@ -241,8 +241,8 @@ func TestRangeIgnored(t *testing.T) {
 	l := got.Layers[0]
 	want := layerBlobs(t, img)[l.Digest]
 	checkRandomReads(t, l.Blob, want, 20, rand.New(rand.NewPCG(5, 6)))
-	checkStream(t, l.Blob, want, int64(len(want))/2)
-	checkStream(t, l.Blob, want, 0)
+	checkOpen(t, l.Blob, want, int64(len(want))/2)
+	checkOpen(t, l.Blob, want, 0)
 	if !l.Blob.RangeIgnored() {
 		t.Error("RangeIgnored() = false on a registry that ignores Range")
 	}
@@ -351,7 +351,7 @@ func TestBearerAuthAndRedirect(t *testing.T) {
 	l := got.Layers[0]
 	want := blobs[l.Digest]
 	checkRandomReads(t, l.Blob, want, 10, rand.New(rand.NewPCG(7, 8)))
-	checkStream(t, l.Blob, want, 1000)
+	checkOpen(t, l.Blob, want, 1000)
 	if storageReqs.Load() == 0 {
 		t.Fatal("no request reached the blob storage: redirects were not followed")
 	}
