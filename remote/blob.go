@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/opencontainers/go-digest"
@@ -23,28 +22,19 @@ type Blob struct {
 	size   int64
 }
 
-// rangeIgnored holds the hosts (registries or the blob storage they
-// redirect to) seen answering a Range request with the whole blob.
-var rangeIgnored sync.Map // host → struct{}
-
 // OpenBlob returns the blob dgst of repo ("registry/path/name"), for callers
 // that know both, such as the snapshotter from its labels. With size < 0 the
 // size is asked of the registry (HEAD); otherwise no request is made until
 // the first read.
-func OpenBlob(ctx context.Context, repo string, dgst digest.Digest, size int64, opts ...Option) (*Blob, error) {
-	o := newOptions(opts)
+func (c *Client) OpenBlob(ctx context.Context, repo string, dgst digest.Digest, size int64) (*Blob, error) {
 	if err := dgst.Validate(); err != nil {
 		return nil, fmt.Errorf("blob digest %q: %w", dgst, err)
 	}
-	var nopts []name.Option
-	if o.plainHTTP {
-		nopts = append(nopts, name.Insecure)
-	}
-	r, err := name.NewRepository(repo, nopts...)
+	r, err := name.NewRepository(repo, c.nameOptions()...)
 	if err != nil {
 		return nil, fmt.Errorf("repository %q: %w", repo, err)
 	}
-	src, err := newSource(r, o)
+	src, err := c.source(r)
 	if err != nil {
 		return nil, err
 	}
@@ -68,7 +58,7 @@ func (b *Blob) Size() int64 { return b.size }
 // the blob from its start, so a caller should prefer one sequential Open.
 func (b *Blob) RangeIgnored() bool {
 	for _, e := range b.src.endpoints {
-		if _, ok := rangeIgnored.Load(e.reg.RegistryStr()); ok {
+		if e.state.rangeIgnored.Load() {
 			return true
 		}
 	}
@@ -242,32 +232,33 @@ func (b *Blob) openRange(ctx context.Context, e *endpoint, off, end int64) (io.R
 		body.Close()
 		return nil, err
 	}
-	host := resp.Request.URL.Host
-	switch resp.StatusCode {
-	case http.StatusPartialContent:
-		if err := checkContentRange(resp.Header.Get("Content-Range"), off, end-1, b.size); err != nil {
-			body.Close()
-			return nil, permanent(fmt.Errorf("%w: range of blob %s from %s: %v", ErrBadResponse, b, host, err))
-		}
-		return &rangeReader{body: body, remaining: end - off, drain: true}, nil
-	default: // 200: the whole blob
-		if resp.ContentLength >= 0 && resp.ContentLength != b.size {
-			body.Close()
-			return nil, permanent(fmt.Errorf("%w: blob %s from %s: %d bytes, want %d", ErrBadResponse, b, host, resp.ContentLength, b.size))
-		}
-		rangeIgnored.Store(host, struct{}{})
-		rangeIgnored.Store(e.reg.RegistryStr(), struct{}{})
-		if off > 0 {
-			if _, err := io.CopyN(io.Discard, body, off); err != nil {
-				body.Close()
-				if err == io.EOF {
-					err = io.ErrUnexpectedEOF
-				}
-				return nil, fmt.Errorf("skipping to %d of blob %s (range ignored by %s): %w", off, b, host, err)
-			}
-		}
-		return &rangeReader{body: body, remaining: end - off}, nil
+	if resp.StatusCode == http.StatusOK {
+		return b.skipTo(e, resp, body, off, end)
 	}
+	if err := checkContentRange(resp.Header.Get("Content-Range"), off, end-1, b.size); err != nil {
+		body.Close()
+		return nil, permanent(fmt.Errorf("%w: range of blob %s from %s: %v", ErrBadResponse, b, resp.Request.URL.Host, err))
+	}
+	return &rangeReader{body: body, remaining: end - off, drain: true}, nil
+}
+
+// skipTo serves [off, end) from a response with the whole blob by reading
+// up to off, and remembers that e ignores Range.
+func (b *Blob) skipTo(e *endpoint, resp *http.Response, body *body, off, end int64) (io.ReadCloser, error) {
+	host := resp.Request.URL.Host
+	if resp.ContentLength >= 0 && resp.ContentLength != b.size {
+		body.Close()
+		return nil, permanent(fmt.Errorf("%w: blob %s from %s: %d bytes, want %d", ErrBadResponse, b, host, resp.ContentLength, b.size))
+	}
+	e.state.rangeIgnored.Store(true)
+	if _, err := io.CopyN(io.Discard, body, off); err != nil {
+		body.Close()
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, fmt.Errorf("skipping to %d of blob %s (range ignored by %s): %w", off, b, host, err)
+	}
+	return &rangeReader{body: body, remaining: end - off}, nil
 }
 
 // checkContentRange checks "bytes first-last/size" against the request.
