@@ -1,7 +1,12 @@
 package remote
 
 import (
+	"bytes"
+	"context"
 	"errors"
+	"fmt"
+	"io"
+	"log"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -10,7 +15,216 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/opencontainers/go-digest"
 )
+
+// readBlob opens blob d of repo with c and checks its first bytes.
+func readBlob(ctx context.Context, c *Client, repo string, d digest.Digest, data []byte) error {
+	b, err := c.OpenBlob(ctx, repo, d, int64(len(data)))
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, min(100, len(data)))
+	if _, err := b.ReadAt(ctx, buf, 0); err != nil {
+		return fmt.Errorf("ReadAt of %s: %w", d, err)
+	}
+	if !bytes.Equal(buf, data[:len(buf)]) {
+		return fmt.Errorf("ReadAt of %s: wrong bytes", d)
+	}
+	return nil
+}
+
+// readEach reads every blob of blobs in repo with readBlob.
+func readEach(t *testing.T, c *Client, repo string, blobs map[digest.Digest][]byte) {
+	t.Helper()
+	for d, data := range blobs {
+		if err := readBlob(t.Context(), c, repo, d, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// anyBlob returns one layer blob of img.
+func anyBlob(t *testing.T, img v1.Image) (digest.Digest, []byte) {
+	t.Helper()
+	for d, b := range layerBlobs(t, img) {
+		return d, b
+	}
+	t.Fatal("image without layers")
+	return "", nil
+}
+
+func TestOneLoginPerRepository(t *testing.T) {
+	auth := &bearerAuth{user: "alice", pass: "secret", token: "tok-1"}
+	reg := newTestRegistry(t, auth.wrap)
+	img := randomImage(t, 4096, 4)
+	ref := reg.pushImage(t, "private/model:v1", img)
+	other := reg.pushImage(t, "private/other:v1", randomImage(t, 4096, 1))
+	c := New(fastRetry, WithKeychain(staticKeychain{reg.host(): {Username: "alice", Password: "secret"}}))
+
+	if _, err := c.Resolve(t.Context(), ref); err != nil {
+		t.Fatal(err)
+	}
+	readEach(t, c, reg.host()+"/private/model", layerBlobs(t, img))
+	if _, err := c.Resolve(t.Context(), ref); err != nil {
+		t.Fatal(err)
+	}
+	if n := auth.exchanges.Load(); n != 1 {
+		t.Errorf("resolving an image twice and opening its 4 blobs: %d token exchanges, want 1", n)
+	}
+	// A token's scope is one repository: another one logs in anew.
+	if _, err := c.Resolve(t.Context(), other); err != nil {
+		t.Fatal(err)
+	}
+	if n := auth.exchanges.Load(); n != 2 {
+		t.Errorf("after a second repository: %d token exchanges, want 2", n)
+	}
+}
+
+func TestConcurrentFirstUseLogsInOnce(t *testing.T) {
+	auth := &bearerAuth{user: "alice", pass: "secret", token: "tok-2", delay: 50 * time.Millisecond}
+	reg := newTestRegistry(t, auth.wrap)
+	img := randomImage(t, 4096, 4)
+	ref := reg.pushImage(t, "private/model:v1", img)
+	blobs := layerBlobs(t, img)
+	c := New(fastRetry, WithKeychain(staticKeychain{reg.host(): {Username: "alice", Password: "secret"}}))
+
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for d, data := range blobs {
+		for range 2 {
+			wg.Go(func() {
+				<-start
+				if err := readBlob(t.Context(), c, reg.host()+"/private/model", d, data); err != nil {
+					t.Error(err)
+				}
+			})
+		}
+	}
+	wg.Go(func() {
+		<-start
+		if _, err := c.Resolve(t.Context(), ref); err != nil {
+			t.Error(err)
+		}
+	})
+	close(start)
+	wg.Wait()
+	if n := auth.exchanges.Load(); n != 1 {
+		t.Errorf("%d concurrent first uses of one repository: %d token exchanges, want 1", 2*len(blobs)+1, n)
+	}
+}
+
+func TestLoginOfCancelledCallerIsNotInherited(t *testing.T) {
+	auth := &bearerAuth{user: "alice", pass: "secret", token: "tok-3", delay: 100 * time.Millisecond}
+	exchanging := make(chan struct{}, 2)
+	reg := newTestRegistry(t, func(h http.Handler) http.Handler {
+		h = auth.wrap(h)
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/token" {
+				exchanging <- struct{}{}
+			}
+			h.ServeHTTP(w, r)
+		})
+	})
+	img := randomImage(t, 4096, 1)
+	reg.pushImage(t, "private/model:v1", img)
+	repo := reg.host() + "/private/model"
+	c := New(fastRetry, WithKeychain(staticKeychain{reg.host(): {Username: "alice", Password: "secret"}}))
+	d, data := anyBlob(t, img)
+
+	// The first caller gives up during its login while a second waits
+	// for that login: the second must log in itself, not fail.
+	ctx, cancel := context.WithCancel(t.Context())
+	first := make(chan error, 1)
+	go func() { first <- readBlob(ctx, c, repo, d, data) }()
+	<-exchanging
+	second := make(chan error, 1)
+	go func() { second <- readBlob(t.Context(), c, repo, d, data) }()
+	time.Sleep(20 * time.Millisecond) // let the second caller start waiting
+	cancel()
+	if err := <-first; !errors.Is(err, context.Canceled) {
+		t.Errorf("cancelled caller: %v, want context.Canceled", err)
+	}
+	if err := <-second; err != nil {
+		t.Errorf("caller waiting for a cancelled login: %v", err)
+	}
+	if n := auth.exchanges.Load(); n != 2 {
+		t.Errorf("%d token exchanges, want 2 (the cancelled one and the waiter's own)", n)
+	}
+}
+
+// mirrorOf returns the option that puts mirror before the origin.
+func mirrorOf(mirror *httptest.Server) Option {
+	return WithMirrors(func(registry string) []Endpoint {
+		return []Endpoint{{Host: strings.TrimPrefix(mirror.URL, "http://"), PlainHTTP: true}, {Host: registry}}
+	})
+}
+
+func TestFailedMirrorIsSkippedByOtherBlobs(t *testing.T) {
+	reg := newTestRegistry(t, nil)
+	img := randomImage(t, 4096, 4)
+	reg.pushImage(t, "mirrored/model:v1", img)
+	blobs := layerBlobs(t, img)
+	repo := reg.host() + "/mirrored/model"
+	var hits atomic.Int64
+	// The mirror lets clients log in, then fails every request.
+	failing := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		if r.URL.Path == "/v2/" {
+			return
+		}
+		http.Error(w, "overloaded", http.StatusServiceUnavailable)
+	}))
+	t.Cleanup(failing.Close)
+
+	c := New(WithRetry(3, time.Millisecond), mirrorOf(failing))
+	first, data := anyBlob(t, img)
+	readEach(t, c, repo, map[digest.Digest][]byte{first: data})
+	tried := hits.Load()
+	if tried == 0 {
+		t.Fatal("the mirror was never asked")
+	}
+	readEach(t, c, repo, blobs)
+	if n := hits.Load(); n != tried {
+		t.Errorf("mirror asked %d times by the other blobs within its cooldown, want 0", n-tried)
+	}
+
+	// Once the cooldown is over, the mirror is tried again.
+	c = New(WithRetry(1, 0), mirrorOf(failing))
+	c.cooldown = 20 * time.Millisecond
+	readEach(t, c, repo, map[digest.Digest][]byte{first: data})
+	before := hits.Load()
+	time.Sleep(2 * c.cooldown)
+	readEach(t, c, repo, map[digest.Digest][]byte{first: data})
+	if hits.Load() == before {
+		t.Error("mirror not tried again after its cooldown")
+	}
+}
+
+func TestMirrorWithoutBlobIsNotSkipped(t *testing.T) {
+	reg := newTestRegistry(t, nil)
+	img := randomImage(t, 4096, 3)
+	reg.pushImage(t, "mirrored/model:v1", img)
+	blobs := layerBlobs(t, img)
+	var hits atomic.Int64
+	empty := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	partial := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.Contains(r.URL.Path, "/blobs/") {
+			hits.Add(1)
+		}
+		empty.ServeHTTP(w, r)
+	}))
+	t.Cleanup(partial.Close)
+
+	c := New(fastRetry, mirrorOf(partial))
+	readEach(t, c, reg.host()+"/mirrored/model", blobs)
+	if n := hits.Load(); n != int64(len(blobs)) {
+		t.Errorf("mirror lacking every blob asked for %d of %d blobs, want all", n, len(blobs))
+	}
+}
 
 func TestBearerAuthAndRedirect(t *testing.T) {
 	var storageReqs, storageAuth atomic.Int64
