@@ -347,7 +347,7 @@ func lazyResolve(t testing.TB, ref string) *remote.Image {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), lazyGuard)
 	defer cancel()
-	img, err := remote.Resolve(ctx, ref, lazyRemoteOptions()...)
+	img, err := remote.New(lazyRemoteOptions()...).Resolve(ctx, ref)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/opencontainers/go-digest"
@@ -23,28 +22,19 @@ type Blob struct {
 	size   int64
 }
 
-// rangeIgnored holds the hosts (registries or the blob storage they
-// redirect to) seen answering a Range request with the whole blob.
-var rangeIgnored sync.Map // host → struct{}
-
 // OpenBlob returns the blob dgst of repo ("registry/path/name"), for callers
 // that know both, such as the snapshotter from its labels. With size < 0 the
 // size is asked of the registry (HEAD); otherwise no request is made until
 // the first read.
-func OpenBlob(ctx context.Context, repo string, dgst digest.Digest, size int64, opts ...Option) (*Blob, error) {
-	o := newOptions(opts)
+func (c *Client) OpenBlob(ctx context.Context, repo string, dgst digest.Digest, size int64) (*Blob, error) {
 	if err := dgst.Validate(); err != nil {
 		return nil, fmt.Errorf("blob digest %q: %w", dgst, err)
 	}
-	var nopts []name.Option
-	if o.plainHTTP {
-		nopts = append(nopts, name.Insecure)
-	}
-	r, err := name.NewRepository(repo, nopts...)
+	r, err := name.NewRepository(repo, c.nameOptions()...)
 	if err != nil {
 		return nil, fmt.Errorf("repository %q: %w", repo, err)
 	}
-	src, err := newSource(r, o)
+	src, err := c.source(r)
 	if err != nil {
 		return nil, err
 	}
@@ -68,7 +58,7 @@ func (b *Blob) Size() int64 { return b.size }
 // the blob from its start, so a caller should prefer one sequential Open.
 func (b *Blob) RangeIgnored() bool {
 	for _, e := range b.src.endpoints {
-		if _, ok := rangeIgnored.Load(e.reg.RegistryStr()); ok {
+		if e.state.rangeIgnored.Load() {
 			return true
 		}
 	}
@@ -115,9 +105,9 @@ func (b *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 		return 0, io.EOF
 	}
 	want := int(min(int64(len(p)), b.size-off))
-	s := &stream{ctx: ctx, b: b, off: off, end: off + int64(want)}
-	defer s.Close()
-	n, err := io.ReadFull(s, p[:want])
+	r := &resumingReader{ctx: ctx, b: b, off: off, end: off + int64(want)}
+	defer r.Close()
+	n, err := io.ReadFull(r, p[:want])
 	if err != nil {
 		if err == io.ErrUnexpectedEOF {
 			err = fmt.Errorf("%w: read blob %s: short read", ErrBadResponse, b)
@@ -130,33 +120,34 @@ func (b *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// Open streams the blob from off to its end. A transient failure mid-stream
-// is retried by asking again from the last byte received, so the reader
-// sees one unbroken stream. ctx governs the whole stream; Close must not be
-// called concurrently with Read.
+// Open returns a reader of the blob from off to its end. A transient
+// failure mid-body is retried by asking again from the last byte received,
+// so the reader sees the bytes unbroken. ctx governs every request the
+// reader makes; Close must not be called concurrently with Read.
 func (b *Blob) Open(ctx context.Context, off int64) (io.ReadCloser, error) {
 	if off < 0 || off > b.size {
 		return nil, fmt.Errorf("open blob %s: offset %d outside [0, %d]", b, off, b.size)
 	}
-	s := &stream{ctx: ctx, b: b, off: off, end: b.size}
+	r := &resumingReader{ctx: ctx, b: b, off: off, end: b.size}
 	if off == b.size {
-		return s, nil
+		return r, nil
 	}
 	// Connect now so that a missing blob or refused access is reported by
 	// Open rather than by the first Read.
 	err := b.src.do(ctx, func(ctx context.Context, e *endpoint) (bool, error) {
-		rc, err := b.openRange(ctx, e, s.off, s.end)
-		s.rc = rc
+		rc, err := b.openRange(ctx, e, r.off, r.end)
+		r.rc = rc
 		return false, err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("blob open at %d: %w", off, err)
 	}
-	return s, nil
+	return r, nil
 }
 
-// stream reads [off, end) of a blob, reconnecting after transient failures.
-type stream struct {
+// resumingReader reads [off, end) of a blob, resuming after a transient
+// failure with a new request from the first byte not yet received.
+type resumingReader struct {
 	ctx    context.Context
 	b      *Blob
 	off    int64
@@ -165,40 +156,40 @@ type stream struct {
 	closed bool
 }
 
-var errClosed = errors.New("read of closed blob stream")
+var errClosed = errors.New("read of closed blob reader")
 
-func (s *stream) Read(p []byte) (int, error) {
-	if s.closed {
+func (r *resumingReader) Read(p []byte) (int, error) {
+	if r.closed {
 		return 0, errClosed
 	}
-	if s.off >= s.end {
+	if r.off >= r.end {
 		return 0, io.EOF
 	}
 	if len(p) == 0 {
 		return 0, nil
 	}
-	if rem := s.end - s.off; int64(len(p)) > rem {
+	if rem := r.end - r.off; int64(len(p)) > rem {
 		p = p[:rem]
 	}
 	n := 0
-	err := s.b.src.do(s.ctx, func(ctx context.Context, e *endpoint) (bool, error) {
-		if s.rc == nil {
-			rc, err := s.b.openRange(ctx, e, s.off, s.end)
+	err := r.b.src.do(r.ctx, func(ctx context.Context, e *endpoint) (bool, error) {
+		if r.rc == nil {
+			rc, err := r.b.openRange(ctx, e, r.off, r.end)
 			if err != nil {
 				return false, err
 			}
-			s.rc = rc
+			r.rc = rc
 		}
 		for n == 0 {
-			m, err := s.rc.Read(p)
+			m, err := r.rc.Read(p)
 			n = m
-			s.off += int64(m)
-			if err == io.EOF && s.off == s.end {
+			r.off += int64(m)
+			if err == io.EOF && r.off == r.end {
 				err = nil
 			}
 			if err != nil {
-				s.rc.Close()
-				s.rc = nil
+				r.rc.Close()
+				r.rc = nil
 				if n > 0 {
 					// Deliver what arrived; the next Read reconnects.
 					return true, nil
@@ -208,21 +199,21 @@ func (s *stream) Read(p []byte) (int, error) {
 		}
 		return true, nil
 	})
-	if s.off == s.end && s.rc != nil {
-		s.rc.Close()
-		s.rc = nil
+	if r.off == r.end && r.rc != nil {
+		r.rc.Close()
+		r.rc = nil
 	}
 	if err != nil {
-		return n, fmt.Errorf("blob read at %d: %w", s.off, err)
+		return n, fmt.Errorf("blob read at %d: %w", r.off, err)
 	}
 	return n, nil
 }
 
-func (s *stream) Close() error {
-	s.closed = true
-	if s.rc != nil {
-		s.rc.Close()
-		s.rc = nil
+func (r *resumingReader) Close() error {
+	r.closed = true
+	if r.rc != nil {
+		r.rc.Close()
+		r.rc = nil
 	}
 	return nil
 }
@@ -241,32 +232,33 @@ func (b *Blob) openRange(ctx context.Context, e *endpoint, off, end int64) (io.R
 		body.Close()
 		return nil, err
 	}
-	host := resp.Request.URL.Host
-	switch resp.StatusCode {
-	case http.StatusPartialContent:
-		if err := checkContentRange(resp.Header.Get("Content-Range"), off, end-1, b.size); err != nil {
-			body.Close()
-			return nil, permanent(fmt.Errorf("%w: range of blob %s from %s: %v", ErrBadResponse, b, host, err))
-		}
-		return &rangeReader{body: body, remaining: end - off, drain: true}, nil
-	default: // 200: the whole blob
-		if resp.ContentLength >= 0 && resp.ContentLength != b.size {
-			body.Close()
-			return nil, permanent(fmt.Errorf("%w: blob %s from %s: %d bytes, want %d", ErrBadResponse, b, host, resp.ContentLength, b.size))
-		}
-		rangeIgnored.Store(host, struct{}{})
-		rangeIgnored.Store(e.reg.RegistryStr(), struct{}{})
-		if off > 0 {
-			if _, err := io.CopyN(io.Discard, body, off); err != nil {
-				body.Close()
-				if err == io.EOF {
-					err = io.ErrUnexpectedEOF
-				}
-				return nil, fmt.Errorf("skipping to %d of blob %s (range ignored by %s): %w", off, b, host, err)
-			}
-		}
-		return &rangeReader{body: body, remaining: end - off}, nil
+	if resp.StatusCode == http.StatusOK {
+		return b.skipTo(e, resp, body, off, end)
 	}
+	if err := checkContentRange(resp.Header.Get("Content-Range"), off, end-1, b.size); err != nil {
+		body.Close()
+		return nil, permanent(fmt.Errorf("%w: range of blob %s from %s: %v", ErrBadResponse, b, resp.Request.URL.Host, err))
+	}
+	return &rangeReader{body: body, remaining: end - off, drain: true}, nil
+}
+
+// skipTo serves [off, end) from a response with the whole blob by reading
+// up to off, and remembers that e ignores Range.
+func (b *Blob) skipTo(e *endpoint, resp *http.Response, body *body, off, end int64) (io.ReadCloser, error) {
+	host := resp.Request.URL.Host
+	if resp.ContentLength >= 0 && resp.ContentLength != b.size {
+		body.Close()
+		return nil, permanent(fmt.Errorf("%w: blob %s from %s: %d bytes, want %d", ErrBadResponse, b, host, resp.ContentLength, b.size))
+	}
+	e.state.rangeIgnored.Store(true)
+	if _, err := io.CopyN(io.Discard, body, off); err != nil {
+		body.Close()
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, fmt.Errorf("skipping to %d of blob %s (range ignored by %s): %w", off, b, host, err)
+	}
+	return &rangeReader{body: body, remaining: end - off}, nil
 }
 
 // checkContentRange checks "bytes first-last/size" against the request.

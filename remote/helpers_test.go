@@ -3,6 +3,7 @@ package remote
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log"
@@ -16,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -151,8 +153,8 @@ func checkRandomReads(t *testing.T, b *Blob, want []byte, n int, rng *rand.Rand)
 	}
 }
 
-// checkStream reads the blob from off with Open and compares with want.
-func checkStream(t *testing.T, b *Blob, want []byte, off int64) {
+// checkOpen reads the blob from off with Open and compares with want.
+func checkOpen(t *testing.T, b *Blob, want []byte, off int64) {
 	t.Helper()
 	rc, err := b.Open(t.Context(), off)
 	if err != nil {
@@ -161,10 +163,10 @@ func checkStream(t *testing.T, b *Blob, want []byte, off int64) {
 	defer rc.Close()
 	got, err := io.ReadAll(rc)
 	if err != nil {
-		t.Fatalf("stream from %d: %v", off, err)
+		t.Fatalf("Open(%d) read: %v", off, err)
 	}
 	if !bytes.Equal(got, want[off:]) {
-		t.Fatalf("stream from %d: %d bytes, want %d, or wrong bytes", off, len(got), len(want)-int(off))
+		t.Fatalf("Open(%d) read: %d bytes, want %d, or wrong bytes", off, len(got), len(want)-int(off))
 	}
 }
 
@@ -245,6 +247,47 @@ func closedAddr(t *testing.T) string {
 	addr := l.Addr().String()
 	l.Close()
 	return addr
+}
+
+// bearerAuth makes a registry demand bearer tokens from its /token
+// endpoint, which wants basic credentials, and counts the tokens it hands
+// out.
+type bearerAuth struct {
+	user, pass, token string
+	delay             time.Duration // before each token, so that logins overlap
+	exchanges         atomic.Int64
+}
+
+func (a *bearerAuth) wrap(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/token" {
+			if u, p, ok := r.BasicAuth(); !ok || u != a.user || p != a.pass {
+				http.Error(w, "bad credentials", http.StatusUnauthorized)
+				return
+			}
+			a.exchanges.Add(1)
+			time.Sleep(a.delay)
+			json.NewEncoder(w).Encode(map[string]string{"token": a.token})
+			return
+		}
+		if r.Header.Get("Authorization") != "Bearer "+a.token {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="http://`+r.Host+`/token",service="test"`)
+			http.Error(w, `{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}`, http.StatusUnauthorized)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// staticKeychain gives the credentials of each registry host it has, and
+// anonymous access to the others.
+type staticKeychain map[string]authn.AuthConfig
+
+func (k staticKeychain) Resolve(r authn.Resource) (authn.Authenticator, error) {
+	if c, ok := k[r.RegistryStr()]; ok {
+		return authn.FromConfig(c), nil
+	}
+	return authn.Anonymous, nil
 }
 
 // fastRetry keeps tests quick: many attempts, millisecond backoff.

@@ -1,4 +1,4 @@
-// Package remote reads OCI images from registries for weightsnap: it
+// Package remote reads OCI images from registries for weightsnap: a Client
 // resolves a reference to an image manifest, config and layer list, and
 // reads layer blobs by HTTP Range GETs with retries, stall detection and
 // mirror fallback. It knows nothing of FUSE, caches or tar.
@@ -16,7 +16,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
 
-// Option configures Resolve and OpenBlob.
+// Option configures a Client.
 type Option func(*options)
 
 // Endpoint is one host that serves a registry's content: a mirror or the
@@ -124,8 +124,9 @@ func WithPlatform(p v1.Platform) Option {
 // first, the origin last (a containerd hosts.toml maps to this). The
 // function gets the registry host as written in references ("docker.io"
 // for Docker Hub) and returns the complete list; an empty list means the
-// origin alone. A failing endpoint falls back to the next one and is
-// skipped for a while afterwards.
+// origin alone. A failing endpoint falls back to the next one; a mirror
+// that failed is then skipped by every request of the Client for a while,
+// unless it only lacked what was asked for.
 func WithMirrors(fn func(registry string) []Endpoint) Option {
 	return func(o *options) { o.mirrors = fn }
 }
@@ -133,8 +134,8 @@ func WithMirrors(fn func(registry string) []Endpoint) Option {
 type reasonKey struct{}
 
 // WithReason labels the registry traffic done under ctx for metrics:
-// "ondemand", "readahead", "background" or "stream". Unlabelled traffic
-// counts as "ondemand".
+// "ondemand", "readahead", "background" or "stream" (feeding a layer's
+// decompressed stream). Unlabelled traffic counts as "ondemand".
 func WithReason(ctx context.Context, reason string) context.Context {
 	return context.WithValue(ctx, reasonKey{}, reason)
 }
@@ -146,8 +147,8 @@ func reasonOf(ctx context.Context) string {
 	return "ondemand"
 }
 
-// defaultTransport is shared by every Image and Blob so that connections to
-// a registry are reused across layers and mounts.
+// defaultTransport is shared by every Client so that connections to a
+// registry are reused across layers and mounts.
 var defaultTransport = sync.OnceValue(func() http.RoundTripper {
 	return &http.Transport{
 		Proxy: http.ProxyFromEnvironment,

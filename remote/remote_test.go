@@ -2,21 +2,17 @@ package remote
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net/http"
-	"net/http/httptest"
 	"runtime"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
@@ -37,8 +33,9 @@ func TestResolveByTagAndDigest(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	c := New(fastRetry)
 	for _, r := range []string{ref, strings.TrimSuffix(ref, ":v1") + "@" + want.String()} {
-		got, err := Resolve(t.Context(), r, fastRetry)
+		got, err := c.Resolve(t.Context(), r)
 		if err != nil {
 			t.Fatalf("Resolve(%s): %v", r, err)
 		}
@@ -70,7 +67,8 @@ func TestReadAtAndOpen(t *testing.T) {
 	reg := newTestRegistry(t, nil)
 	img := randomImage(t, 1<<20, 1)
 	ref := reg.pushImage(t, "models/weights:v1", img)
-	got, err := Resolve(t.Context(), ref, fastRetry)
+	c := New(fastRetry)
+	got, err := c.Resolve(t.Context(), ref)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,7 +83,7 @@ func TestReadAtAndOpen(t *testing.T) {
 		t.Errorf("50 sequential reads opened %d connections; keep-alive is not working", n)
 	}
 	for _, off := range []int64{0, 1, int64(len(want)) / 3, int64(len(want)) - 1, int64(len(want))} {
-		checkStream(t, l.Blob, want, off)
+		checkOpen(t, l.Blob, want, off)
 	}
 	if l.Blob.RangeIgnored() {
 		t.Error("RangeIgnored() on a registry that honours Range")
@@ -101,7 +99,7 @@ func TestReadAtAndOpen(t *testing.T) {
 	wg.Wait()
 
 	// OpenBlob finds the same bytes, asking for the size when not given.
-	b, err := OpenBlob(t.Context(), reg.host()+"/models/weights", l.Digest, -1, fastRetry)
+	b, err := c.OpenBlob(t.Context(), reg.host()+"/models/weights", l.Digest, -1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,21 +123,21 @@ func TestResolveIndexChoosesPlatform(t *testing.T) {
 	)
 	ref := reg.pushIndex(t, "multi/arch:latest", idx)
 
-	got, err := Resolve(t.Context(), ref, fastRetry)
+	got, err := New(fastRetry).Resolve(t.Context(), ref)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if want := imageDigest(t, hostImg); got.Digest != want {
 		t.Errorf("host platform: digest %s, want %s", got.Digest, want)
 	}
-	got, err = Resolve(t.Context(), ref, fastRetry, WithPlatform(other))
+	got, err = New(fastRetry, WithPlatform(other)).Resolve(t.Context(), ref)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if want := imageDigest(t, otherImg); got.Digest != want {
 		t.Errorf("platform %v: digest %s, want %s", other, got.Digest, want)
 	}
-	_, err = Resolve(t.Context(), ref, fastRetry, WithPlatform(v1.Platform{OS: "plan9", Architecture: "386"}))
+	_, err = New(fastRetry, WithPlatform(v1.Platform{OS: "plan9", Architecture: "386"})).Resolve(t.Context(), ref)
 	if !errors.Is(err, ErrImageNotFound) || !strings.Contains(err.Error(), "plan9/386") {
 		t.Errorf("missing platform: %v, want ErrImageNotFound naming plan9/386", err)
 	}
@@ -149,17 +147,18 @@ func TestNotFound(t *testing.T) {
 	reg := newTestRegistry(t, nil)
 	ref := reg.pushImage(t, "present/image:v1", randomImage(t, 1024, 1))
 
-	_, err := Resolve(t.Context(), strings.TrimSuffix(ref, ":v1")+":nope", fastRetry)
+	c := New(fastRetry)
+	_, err := c.Resolve(t.Context(), strings.TrimSuffix(ref, ":v1")+":nope")
 	if !errors.Is(err, ErrImageNotFound) || !strings.Contains(err.Error(), "image not found") {
 		t.Errorf("missing tag: %v, want ErrImageNotFound", err)
 	}
-	_, err = Resolve(t.Context(), reg.host()+"/absent/repo:v1", fastRetry)
+	_, err = c.Resolve(t.Context(), reg.host()+"/absent/repo:v1")
 	if !errors.Is(err, ErrImageNotFound) {
 		t.Errorf("missing repo: %v, want ErrImageNotFound", err)
 	}
 
 	missing := digest.FromString("not pushed")
-	b, err := OpenBlob(t.Context(), reg.host()+"/present/image", missing, 100, fastRetry)
+	b, err := c.OpenBlob(t.Context(), reg.host()+"/present/image", missing, 100)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,7 +168,7 @@ func TestNotFound(t *testing.T) {
 	if _, err := b.Open(t.Context(), 0); !errors.Is(err, ErrBlobNotFound) {
 		t.Errorf("Open of a missing blob: %v, want ErrBlobNotFound", err)
 	}
-	if _, err := OpenBlob(t.Context(), reg.host()+"/present/image", missing, -1, fastRetry); !errors.Is(err, ErrBlobNotFound) {
+	if _, err := c.OpenBlob(t.Context(), reg.host()+"/present/image", missing, -1); !errors.Is(err, ErrBlobNotFound) {
 		t.Errorf("OpenBlob(size -1) of a missing blob: %v, want ErrBlobNotFound", err)
 	}
 }
@@ -183,8 +182,7 @@ func TestFaultsAreRetried(t *testing.T) {
 	retriesBefore := testutil.ToFloat64(metrics.RegistryRequests.WithLabelValues("retry"))
 	bytesBefore := testutil.ToFloat64(metrics.RegistryBytes.WithLabelValues("background"))
 
-	opts := []Option{fastRetry, WithStallTimeout(150 * time.Millisecond)}
-	got, err := Resolve(t.Context(), ref, opts...)
+	got, err := New(fastRetry, WithStallTimeout(150*time.Millisecond)).Resolve(t.Context(), ref)
 	if err != nil {
 		t.Fatalf("Resolve through faults: %v", err)
 	}
@@ -199,14 +197,14 @@ func TestFaultsAreRetried(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Open(%d): %v", off, err)
 			}
-			// Small reads make many requests' bodies cross faults mid-stream.
+			// Small reads make many requests' bodies cross faults mid-body.
 			data, err := io.ReadAll(io.LimitReader(rc, l.Size))
 			rc.Close()
 			if err != nil {
-				t.Fatalf("stream from %d: %v", off, err)
+				t.Fatalf("Open(%d) read: %v", off, err)
 			}
 			if string(data) != string(blobs[l.Digest][off:]) {
-				t.Fatalf("stream of %s from %d: wrong bytes", l.Digest, off)
+				t.Fatalf("Open(%d) of %s: wrong bytes", off, l.Digest)
 			}
 		}
 	}
@@ -234,15 +232,15 @@ func TestRangeIgnored(t *testing.T) {
 	})
 	img := randomImage(t, 256<<10, 1)
 	ref := reg.pushImage(t, "norange/model:v1", img)
-	got, err := Resolve(t.Context(), ref, fastRetry)
+	got, err := New(fastRetry).Resolve(t.Context(), ref)
 	if err != nil {
 		t.Fatal(err)
 	}
 	l := got.Layers[0]
 	want := layerBlobs(t, img)[l.Digest]
 	checkRandomReads(t, l.Blob, want, 20, rand.New(rand.NewPCG(5, 6)))
-	checkStream(t, l.Blob, want, int64(len(want))/2)
-	checkStream(t, l.Blob, want, 0)
+	checkOpen(t, l.Blob, want, int64(len(want))/2)
+	checkOpen(t, l.Blob, want, 0)
 	if !l.Blob.RangeIgnored() {
 		t.Error("RangeIgnored() = false on a registry that ignores Range")
 	}
@@ -262,101 +260,13 @@ func TestBadContentRange(t *testing.T) {
 	})
 	img := randomImage(t, 4096, 1)
 	ref := reg.pushImage(t, "bad/range:v1", img)
-	got, err := Resolve(t.Context(), strings.TrimSuffix(ref, ":v1")+"@"+imageDigest(t, img).String(), fastRetry)
+	got, err := New(fastRetry).Resolve(t.Context(), strings.TrimSuffix(ref, ":v1")+"@"+imageDigest(t, img).String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	_, err = got.Layers[0].Blob.ReadAt(t.Context(), make([]byte, 100), 10)
 	if !errors.Is(err, ErrBadResponse) {
 		t.Errorf("ReadAt with a wrong Content-Range: %v, want ErrBadResponse", err)
-	}
-}
-
-// tokenAuth makes a registry demand bearer tokens from its /token endpoint,
-// which wants basic credentials.
-func tokenAuth(user, pass, token string) func(http.Handler) http.Handler {
-	return func(h http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if r.URL.Path == "/token" {
-				if u, p, ok := r.BasicAuth(); !ok || u != user || p != pass {
-					http.Error(w, "bad credentials", http.StatusUnauthorized)
-					return
-				}
-				json.NewEncoder(w).Encode(map[string]string{"token": token})
-				return
-			}
-			if r.Header.Get("Authorization") != "Bearer "+token {
-				w.Header().Set("WWW-Authenticate", `Bearer realm="http://`+r.Host+`/token",service="test"`)
-				http.Error(w, `{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}`, http.StatusUnauthorized)
-				return
-			}
-			h.ServeHTTP(w, r)
-		})
-	}
-}
-
-type staticKeychain map[string]authn.AuthConfig
-
-func (k staticKeychain) Resolve(r authn.Resource) (authn.Authenticator, error) {
-	if c, ok := k[r.RegistryStr()]; ok {
-		return authn.FromConfig(c), nil
-	}
-	return authn.Anonymous, nil
-}
-
-func TestBearerAuthAndRedirect(t *testing.T) {
-	var storageReqs, storageAuth atomic.Int64
-	var storageBlobs sync.Map // digest → []byte
-	storage := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		storageReqs.Add(1)
-		if r.Header.Get("Authorization") != "" {
-			storageAuth.Add(1)
-		}
-		data, ok := storageBlobs.Load(strings.TrimPrefix(r.URL.Path, "/"))
-		if !ok {
-			http.NotFound(w, r)
-			return
-		}
-		http.ServeContent(w, r, "", time.Time{}, strings.NewReader(string(data.([]byte))))
-	}))
-	t.Cleanup(storage.Close)
-
-	auth := tokenAuth("alice", "secret", "tok-123")
-	reg := newTestRegistry(t, func(h http.Handler) http.Handler {
-		return auth(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if i := strings.Index(r.URL.Path, "/blobs/"); i >= 0 && r.Method == http.MethodGet {
-				if _, ok := storageBlobs.Load(r.URL.Path[i+len("/blobs/"):]); ok {
-					http.Redirect(w, r, storage.URL+"/"+r.URL.Path[i+len("/blobs/"):], http.StatusTemporaryRedirect)
-					return
-				}
-			}
-			h.ServeHTTP(w, r)
-		}))
-	})
-	img := randomImage(t, 128<<10, 1)
-	ref := reg.pushImage(t, "private/model:v1", img)
-	blobs := layerBlobs(t, img)
-	for d, b := range blobs {
-		storageBlobs.Store(d.String(), b)
-	}
-
-	if _, err := Resolve(t.Context(), ref, fastRetry, WithKeychain(staticKeychain{})); !errors.Is(err, ErrUnauthorized) {
-		t.Fatalf("Resolve without credentials: %v, want ErrUnauthorized", err)
-	}
-	kc := staticKeychain{reg.host(): {Username: "alice", Password: "secret"}}
-	got, err := Resolve(t.Context(), ref, fastRetry, WithKeychain(kc))
-	if err != nil {
-		t.Fatalf("Resolve with credentials: %v", err)
-	}
-	l := got.Layers[0]
-	want := blobs[l.Digest]
-	checkRandomReads(t, l.Blob, want, 10, rand.New(rand.NewPCG(7, 8)))
-	checkStream(t, l.Blob, want, 1000)
-	if storageReqs.Load() == 0 {
-		t.Fatal("no request reached the blob storage: redirects were not followed")
-	}
-	if n := storageAuth.Load(); n != 0 {
-		t.Errorf("%d requests to the blob storage carried the registry's Authorization", n)
 	}
 }
 
@@ -385,7 +295,7 @@ func TestCancelReturnsPromptly(t *testing.T) {
 		})
 	})
 	ref := reg.pushImage(t, "slow/model:v1", img)
-	got, err := Resolve(t.Context(), ref, fastRetry)
+	got, err := New(fastRetry).Resolve(t.Context(), ref)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -409,72 +319,6 @@ func TestCancelReturnsPromptly(t *testing.T) {
 				t.Errorf("ReadAt after cancel: %v, want context.Canceled", err)
 			}
 		})
-	}
-}
-
-func TestMirrorFallback(t *testing.T) {
-	reg := newTestRegistry(t, nil)
-	img := randomImage(t, 64<<10, 1)
-	ref := reg.pushImage(t, "mirrored/model:v1", img)
-	want := layerBlobs(t, img)
-
-	// A working mirror under a path prefix, as a pull-through cache would be.
-	var mirrorHits atomic.Int64
-	var nsSeen sync.Map
-	mirror := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/v2/" {
-			p, ok := strings.CutPrefix(r.URL.Path, "/cache")
-			if !ok {
-				http.NotFound(w, r)
-				return
-			}
-			mirrorHits.Add(1)
-			nsSeen.Store(r.URL.Query().Get("ns"), true)
-			r.URL.Path = p
-		}
-		reg.handler.ServeHTTP(w, r)
-	}))
-	t.Cleanup(mirror.Close)
-	failing := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		http.Error(w, "down for maintenance", http.StatusServiceUnavailable)
-	}))
-	t.Cleanup(failing.Close)
-	dead := closedAddr(t)
-	origin := reg.host()
-	mirrorHost := strings.TrimPrefix(mirror.URL, "http://")
-
-	for _, tc := range []struct {
-		name       string
-		endpoints  []Endpoint
-		wantMirror bool
-	}{
-		{"dead mirror", []Endpoint{{Host: dead, PlainHTTP: true}, {Host: origin}}, false},
-		{"failing mirror", []Endpoint{{Host: strings.TrimPrefix(failing.URL, "http://"), PlainHTTP: true}, {Host: origin}}, false},
-		{"path mirror", []Endpoint{{Host: mirrorHost, PlainHTTP: true, Path: "/cache/v2"}, {Host: origin}}, true},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var asked []string
-			hitsBefore := mirrorHits.Load()
-			opt := WithMirrors(func(registry string) []Endpoint {
-				asked = append(asked, registry)
-				return tc.endpoints
-			})
-			got, err := Resolve(t.Context(), ref, fastRetry, opt)
-			if err != nil {
-				t.Fatalf("Resolve: %v", err)
-			}
-			if len(asked) != 1 || asked[0] != origin {
-				t.Errorf("mirrors asked for %v, want [%s]", asked, origin)
-			}
-			l := got.Layers[0]
-			checkRandomReads(t, l.Blob, want[l.Digest], 5, rand.New(rand.NewPCG(9, 10)))
-			if hit := mirrorHits.Load() > hitsBefore; hit != tc.wantMirror {
-				t.Errorf("mirror used = %v, want %v", hit, tc.wantMirror)
-			}
-		})
-	}
-	if _, ok := nsSeen.Load(origin); !ok {
-		t.Errorf("mirror requests lacked ns=%s", origin)
 	}
 }
 

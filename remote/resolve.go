@@ -66,72 +66,85 @@ var manifestAccept = strings.Join([]string{
 // Resolve resolves ref (a tag or a digest reference) to an image manifest,
 // choosing the platform's manifest when ref names an index, and fetches its
 // config. Manifests and config are verified against their digests.
-func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
-	o := newOptions(opts)
-	var nopts []name.Option
-	if o.plainHTTP {
-		nopts = append(nopts, name.Insecure)
-	}
-	r, err := name.ParseReference(ref, nopts...)
+func (c *Client) Resolve(ctx context.Context, ref string) (*Image, error) {
+	r, err := name.ParseReference(ref, c.nameOptions()...)
 	if err != nil {
 		return nil, fmt.Errorf("image reference %q: %w", ref, err)
 	}
-	src, err := newSource(r.Context(), o)
+	src, err := c.source(r.Context())
 	if err != nil {
 		return nil, err
 	}
-
-	raw, mt, dgst, err := src.manifest(ctx, r.Identifier(), r.String())
+	dgst, m, err := src.imageManifest(ctx, r, c.o.platform)
 	if err != nil {
 		return nil, err
 	}
-	if mt.IsIndex() {
-		idx, err := v1.ParseIndexManifest(bytes.NewReader(raw))
-		if err != nil {
-			return nil, fmt.Errorf("%w: index %s: %v", ErrBadResponse, r, err)
-		}
-		child, err := pickPlatform(idx, o.platform)
-		if err != nil {
-			return nil, fmt.Errorf("image %s: %w", r, err)
-		}
-		what := r.Context().Name() + "@" + child.Digest.String()
-		if raw, mt, dgst, err = src.manifest(ctx, child.Digest.String(), what); err != nil {
-			return nil, err
-		}
-		if mt.IsIndex() {
-			return nil, fmt.Errorf("%w: image %s: nested index %s for platform %s", ErrBadResponse, r, child.Digest, platformString(o.platform))
-		}
-	}
-	if !mt.IsImage() {
-		return nil, fmt.Errorf("%w: image %s: unsupported manifest media type %q", ErrBadResponse, r, mt)
-	}
-	m, err := v1.ParseManifest(bytes.NewReader(raw))
-	if err != nil {
-		return nil, fmt.Errorf("%w: manifest of %s: %v", ErrBadResponse, r, err)
-	}
-
 	img := &Image{Ref: r, Digest: dgst, Manifest: m}
 	if img.Config, err = src.config(ctx, m.Config); err != nil {
 		return nil, fmt.Errorf("image %s: %w", r, err)
 	}
+	if img.Layers, err = src.layers(m, img.Config); err != nil {
+		return nil, fmt.Errorf("image %s: %w", r, err)
+	}
+	return img, nil
+}
+
+// imageManifest fetches the image manifest r names, through an index to
+// the manifest for platform p if r names one.
+func (s *source) imageManifest(ctx context.Context, r name.Reference, p v1.Platform) (digest.Digest, *v1.Manifest, error) {
+	raw, mt, dgst, err := s.manifest(ctx, r.Identifier(), r.String())
+	if err != nil {
+		return "", nil, err
+	}
+	if mt.IsIndex() {
+		idx, err := v1.ParseIndexManifest(bytes.NewReader(raw))
+		if err != nil {
+			return "", nil, fmt.Errorf("%w: index %s: %v", ErrBadResponse, r, err)
+		}
+		child, err := pickPlatform(idx, p)
+		if err != nil {
+			return "", nil, fmt.Errorf("image %s: %w", r, err)
+		}
+		what := r.Context().Name() + "@" + child.Digest.String()
+		if raw, mt, dgst, err = s.manifest(ctx, child.Digest.String(), what); err != nil {
+			return "", nil, err
+		}
+		if mt.IsIndex() {
+			return "", nil, fmt.Errorf("%w: image %s: nested index %s for platform %s", ErrBadResponse, r, child.Digest, platformString(p))
+		}
+	}
+	if !mt.IsImage() {
+		return "", nil, fmt.Errorf("%w: image %s: unsupported manifest media type %q", ErrBadResponse, r, mt)
+	}
+	m, err := v1.ParseManifest(bytes.NewReader(raw))
+	if err != nil {
+		return "", nil, fmt.Errorf("%w: manifest of %s: %v", ErrBadResponse, r, err)
+	}
+	return dgst, m, nil
+}
+
+// layers lists the layers of m, each with a Blob of s and, when cfg gives
+// them, its DiffID.
+func (s *source) layers(m *v1.Manifest, cfg *v1.ConfigFile) ([]*Layer, error) {
+	var layers []*Layer
 	for i, l := range m.Layers {
 		ld, err := digest.Parse(l.Digest.String())
 		if err != nil {
-			return nil, fmt.Errorf("%w: image %s: layer %d digest: %v", ErrBadResponse, r, i, err)
+			return nil, fmt.Errorf("%w: layer %d digest: %v", ErrBadResponse, i, err)
 		}
 		layer := &Layer{
 			Digest:      ld,
 			Size:        l.Size,
 			MediaType:   string(l.MediaType),
 			Annotations: l.Annotations,
-			Blob:        &Blob{src: src, digest: ld, size: l.Size},
+			Blob:        &Blob{src: s, digest: ld, size: l.Size},
 		}
-		if img.Config != nil && len(img.Config.RootFS.DiffIDs) == len(m.Layers) {
-			layer.DiffID, _ = digest.Parse(img.Config.RootFS.DiffIDs[i].String())
+		if cfg != nil && len(cfg.RootFS.DiffIDs) == len(m.Layers) {
+			layer.DiffID, _ = digest.Parse(cfg.RootFS.DiffIDs[i].String())
 		}
-		img.Layers = append(img.Layers, layer)
+		layers = append(layers, layer)
 	}
-	return img, nil
+	return layers, nil
 }
 
 // manifest fetches the manifest named by id (a tag or digest) and returns

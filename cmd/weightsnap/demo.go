@@ -205,7 +205,7 @@ func writeModel(dir string, size int64) ([]tensorInfo, error) {
 func fullDownload(ctx context.Context, ref, dir, file string) (timings, error) {
 	var t timings
 	start := time.Now()
-	img, err := remote.Resolve(ctx, ref)
+	img, err := remote.New().Resolve(ctx, ref)
 	if err != nil {
 		return t, err
 	}

@@ -1,0 +1,143 @@
+package remote
+
+import (
+	"fmt"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+)
+
+// endpointCooldown is how long a mirror that failed is skipped.
+const endpointCooldown = 30 * time.Second
+
+// Client reads images and blobs from registries. It keeps what one call
+// learns for the next: the login to each repository on each host, so that
+// the layers of an image and every later mount of it share one token, and
+// the health of each host, so that a mirror that failed is skipped by every
+// blob for a while instead of costing each one its retries. A Client is
+// safe for concurrent use; a process needs one.
+type Client struct {
+	o        *options
+	cooldown time.Duration // endpointCooldown; tests shorten it
+
+	// mu guards the maps, not their entries, which guard themselves.
+	// Entries are never removed: there is one per repository and host the
+	// process pulls from, and a login is worth keeping as long as that.
+	mu     sync.Mutex
+	logins map[loginKey]*login
+	hosts  map[string]*hostState
+}
+
+// loginKey names a repository on one endpoint: a token's pull scope is one
+// repository, and one host's token means nothing to another.
+type loginKey struct {
+	scheme, host, repo string
+}
+
+// hostState is what the Client learned about one endpoint host, shared by
+// every repository on it.
+type hostState struct {
+	downUntil    atomic.Int64 // unix nanoseconds; a mirror is skipped until then
+	rangeIgnored atomic.Bool  // it answered a Range request with the whole blob
+}
+
+func (h *hostState) down(now time.Time) bool { return h.downUntil.Load() > now.UnixNano() }
+
+// New returns a Client configured by opts.
+func New(opts ...Option) *Client {
+	return &Client{
+		o:        newOptions(opts),
+		cooldown: endpointCooldown,
+		logins:   make(map[loginKey]*login),
+		hosts:    make(map[string]*hostState),
+	}
+}
+
+// nameOptions are how references and repositories are parsed.
+func (c *Client) nameOptions() []name.Option {
+	if c.o.plainHTTP {
+		return []name.Option{name.Insecure}
+	}
+	return nil
+}
+
+// login returns the login to repo on reg, made when first asked for.
+func (c *Client) login(reg name.Registry, repo name.Repository) *login {
+	k := loginKey{scheme: reg.Scheme(), host: reg.RegistryStr(), repo: repo.RepositoryStr()}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	l := c.logins[k]
+	if l == nil {
+		l = &login{reg: reg, repo: repo, o: c.o}
+		c.logins[k] = l
+	}
+	return l
+}
+
+// host returns the state of the endpoint host reg.
+func (c *Client) host(reg name.Registry) *hostState {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	h := c.hosts[reg.RegistryStr()]
+	if h == nil {
+		h = &hostState{}
+		c.hosts[reg.RegistryStr()] = h
+	}
+	return h
+}
+
+// registryHost is how a registry is named in references and hosts.toml.
+func registryHost(reg name.Registry) string {
+	if h := reg.RegistryStr(); h != name.DefaultRegistry {
+		return h
+	}
+	return "docker.io"
+}
+
+// source returns repo reached through the endpoints the mirrors give for
+// its registry now (hosts.toml may have changed since the last call), each
+// bound to the Client's login and host state.
+func (c *Client) source(repo name.Repository) (*source, error) {
+	origin := registryHost(repo.Registry)
+	var eps []Endpoint
+	if c.o.mirrors != nil {
+		eps = c.o.mirrors(origin)
+	}
+	if len(eps) == 0 {
+		eps = []Endpoint{{Host: repo.RegistryStr()}}
+	}
+	s := &source{o: c.o, cooldown: c.cooldown, repo: repo}
+	for _, ep := range eps {
+		e, err := c.endpoint(ep, repo, origin)
+		if err != nil {
+			return nil, err
+		}
+		s.endpoints = append(s.endpoints, e)
+	}
+	return s, nil
+}
+
+func (c *Client) endpoint(ep Endpoint, repo name.Repository, origin string) (*endpoint, error) {
+	var nopts []name.Option
+	if ep.PlainHTTP || c.o.plainHTTP {
+		nopts = append(nopts, name.Insecure)
+	}
+	reg, err := name.NewRegistry(ep.Host, nopts...)
+	if err != nil {
+		return nil, fmt.Errorf("registry endpoint %q: %w", ep.Host, err)
+	}
+	root := "/" + strings.Trim(ep.Path, "/")
+	if root == "/" {
+		root = "/v2"
+	}
+	r := reg.Repo(repo.RepositoryStr())
+	e := &endpoint{host: ep.Host, root: root, reg: reg, repo: r, o: c.o, auth: c.login(reg, r), state: c.host(reg)}
+	if registryHost(reg) != origin {
+		e.query = "?" + url.Values{"ns": {origin}}.Encode()
+	}
+	return e, nil
+}
