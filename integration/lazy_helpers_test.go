@@ -80,20 +80,22 @@ type lazyNode struct {
 // (a "restart").
 func lazyStartNode(t *testing.T, cacheDir string, copt cache.Options, extra ...remote.Option) *lazyNode {
 	t.Helper()
-	reg := lazy.RemoteOptions(append(lazyRemoteOptions(), extra...)...)
-	return lazyStartNodeWith(t, cacheDir, copt, lazy.WithRegistry(reg))
+	return lazyStartNodeWithRegistry(t, cacheDir, copt, remote.New(append(lazyRemoteOptions(), extra...)...))
 }
 
-// lazyStartNodeWith is lazyStartNode with Manager options, which come
-// after the registry of lazyRemoteOptions.
+// lazyStartNodeWith is lazyStartNode with Manager options.
 func lazyStartNodeWith(t *testing.T, cacheDir string, copt cache.Options, opts ...lazy.Option) *lazyNode {
+	t.Helper()
+	return lazyStartNodeWithRegistry(t, cacheDir, copt, remote.New(lazyRemoteOptions()...), opts...)
+}
+
+func lazyStartNodeWithRegistry(t *testing.T, cacheDir string, copt cache.Options, reg *remote.Client, opts ...lazy.Option) *lazyNode {
 	t.Helper()
 	store, err := cache.Open(cacheDir, copt)
 	if err != nil {
 		t.Fatalf("open cache %s: %v", cacheDir, err)
 	}
-	opts = append([]lazy.Option{lazy.WithRegistry(lazy.RemoteOptions(lazyRemoteOptions()...))}, opts...)
-	n := &lazyNode{t: t, cacheDir: cacheDir, store: store, m: lazy.New(store, opts...)}
+	n := &lazyNode{t: t, cacheDir: cacheDir, store: store, m: lazy.New(store, reg, opts...)}
 	t.Cleanup(n.close)
 	return n
 }

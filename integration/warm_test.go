@@ -16,6 +16,7 @@ import (
 	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/pack"
+	"github.com/weightsnap/weightsnap/remote"
 )
 
 // warmLayers returns the layer digests of ref.
@@ -160,7 +161,7 @@ func BenchmarkLayerMounts(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				m := lazy.New(store, lazy.WithRegistry(lazy.RemoteOptions(lazyRemoteOptions()...)), lazy.WithBackgroundFill(false))
+				m := lazy.New(store, remote.New(lazyRemoteOptions()...), lazy.WithBackgroundFill(false))
 				b.StartTimer()
 				if warm {
 					m.Warm(ref, layers[1:])

@@ -26,7 +26,7 @@ type ImageMount struct {
 // MountImage mounts the merged tree of image ref at target, with the layer
 // mounts under workdir.
 func (m *Manager) MountImage(ctx context.Context, ref, target, workdir string) (_ *ImageMount, err error) {
-	img, err := m.opt.registry.Resolve(ctx, ref)
+	img, err := m.reg.Resolve(ctx, ref)
 	if err != nil {
 		return nil, err
 	}

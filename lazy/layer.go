@@ -41,7 +41,7 @@ func (m *Manager) open(ctx context.Context, imageRef string, d digest.Digest) (*
 	if err != nil {
 		return nil, err
 	}
-	rb, err := m.opt.registry.OpenBlob(ctx, rec.Repo, d, rec.Size)
+	rb, err := m.reg.OpenBlob(ctx, rec.Repo, d, rec.Size)
 	if err != nil {
 		return nil, err
 	}

@@ -49,6 +49,7 @@ type Registry interface {
 // same layer digest shares one opened layer.
 type Manager struct {
 	store  *cache.Store
+	reg    Registry
 	opt    options
 	sched  *prefetch.Scheduler
 	layers *refmap.Map[digest.Digest, *sharedLayer]
@@ -80,10 +81,11 @@ type layerMount struct {
 	mount mount
 }
 
-// New returns a Manager fetching through store.
-func New(store *cache.Store, opts ...Option) *Manager {
+// New returns a Manager fetching from reg through store.
+func New(store *cache.Store, reg Registry, opts ...Option) *Manager {
 	m := &Manager{
 		store:  store,
+		reg:    reg,
 		opt:    makeOptions(opts),
 		mounts: make(map[string]*layerMount),
 		serve: func(ctx context.Context, l *layer.Opened, mp string, opts ...fs.Option) (mount, error) {

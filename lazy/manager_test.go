@@ -172,8 +172,8 @@ func newTestManager(t *testing.T, opts ...Option) (*Manager, *fakeServe) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts = append([]Option{WithRegistry(RemoteOptions(remote.WithRetry(1, time.Millisecond))), WithBackgroundFill(false)}, opts...)
-	m := New(store, opts...)
+	opts = append([]Option{WithBackgroundFill(false)}, opts...)
+	m := New(store, remote.New(remote.WithRetry(1, time.Millisecond)), opts...)
 	fake := &fakeServe{}
 	m.serve = fake.serve
 	t.Cleanup(func() {

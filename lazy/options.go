@@ -32,16 +32,12 @@ const (
 type Option func(*options)
 
 type options struct {
-	registry       Registry
 	prefetch       []prefetch.Option
 	maxReadAhead   int64
 	backgroundFill bool
 	passthrough    bool
 	warmHold       time.Duration
 }
-
-// WithRegistry sets how the Manager reaches registries (required).
-func WithRegistry(r Registry) Option { return func(o *options) { o.registry = r } }
 
 // WithPrefetch configures the node-wide read-ahead and fill scheduler.
 func WithPrefetch(opts ...prefetch.Option) Option {

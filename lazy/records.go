@@ -41,7 +41,7 @@ func (m *Manager) describe(ctx context.Context, imageRef string, d digest.Digest
 		}
 		return rec, nil
 	}
-	img, err := m.opt.registry.Resolve(ctx, imageRef)
+	img, err := m.reg.Resolve(ctx, imageRef)
 	if err != nil {
 		return rec, err
 	}

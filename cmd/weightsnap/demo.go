@@ -248,7 +248,7 @@ func lazyRead(ctx context.Context, ref, tmp, file string, tensors []tensorInfo) 
 		return t, err
 	}
 	defer store.Close()
-	mgr := lazy.New(store, lazy.WithRegistry(lazy.RemoteOptions()))
+	mgr := lazy.New(store, remote.New())
 	defer mgr.Close()
 	target := filepath.Join(tmp, "mnt")
 	start := time.Now()

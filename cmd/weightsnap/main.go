@@ -151,7 +151,7 @@ func runMount(ctx context.Context, args []string) error {
 		return err
 	}
 	defer store.Close()
-	mgr := lazy.New(store, lazy.WithRegistry(lazy.RemoteOptions(remote.WithPlainHTTP(*plainHTTP))))
+	mgr := lazy.New(store, remote.New(remote.WithPlainHTTP(*plainHTTP)))
 	defer mgr.Close()
 	work, err := os.MkdirTemp(filepath.Join(*cacheDir, ".."), "mount-")
 	if err != nil {

@@ -21,8 +21,7 @@ func newMounter(ctx context.Context, cacheDir string, cc CacheConfig, fc FetchCo
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening cache %s: %w", cacheDir, err)
 	}
-	m := lazy.New(store,
-		lazy.WithRegistry(lazy.RemoteOptions(ropts...)),
+	m := lazy.New(store, remote.New(ropts...),
 		lazy.WithPrefetch(
 			prefetch.WithWorkers(fc.Workers),
 			prefetch.WithBackgroundWorkers(fc.BackgroundWorkers),
