@@ -569,7 +569,7 @@ func TestUnmount(t *testing.T) {
 	}
 	t.Cleanup(func() { m.Unmount() })
 	if !isMountpoint(t, mp) {
-		t.Fatal("not mounted after MountLayer")
+		t.Fatal("not mounted after Serve")
 	}
 	if err := m.Unmount(); err != nil {
 		t.Fatalf("Unmount: %v", err)

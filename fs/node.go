@@ -56,7 +56,7 @@ type fsys struct {
 	// without passing through this process's memory.
 	files layer.FileReader
 	// passthrough finds a local file holding a regular file's content
-	// (Options.Passthrough); noPassthrough is set once the kernel is
+	// (WithPassthrough); noPassthrough is set once the kernel is
 	// known not to support it.
 	passthrough   func(e *layer.Entry) (*os.File, bool)
 	noPassthrough atomic.Bool

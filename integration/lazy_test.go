@@ -1,7 +1,7 @@
 package integration
 
 // End-to-end tests of the lazy layer file system (issue 2, "Tests that must
-// exist and pass"): fs.Manager mounts images from a real registry (Debian's
+// exist and pass"): lazy.Manager mounts images from a real registry (Debian's
 // docker-registry) through real FUSE and overlayfs mounts, with a counting,
 // fault-injecting proxy in front where the test needs one.
 

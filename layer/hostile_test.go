@@ -124,7 +124,7 @@ func TestHostileStructureErrors(t *testing.T) {
 				want = ErrUnsupported
 			}
 			if !errors.Is(err, want) {
-				t.Errorf("OpenTar: %v, want %v", err, want)
+				t.Errorf("openTar: %v, want %v", err, want)
 			}
 			// Streamed, the same bytes fail the index too (they may even
 			// match their diff ID: the check is the tar's, not the digest's).

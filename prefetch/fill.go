@@ -7,7 +7,8 @@ import (
 
 // Fill fetches ranges into t, in the given order, split into spans, at
 // background priority: it never starts a span while read-ahead is waiting,
-// shares BackgroundWorkers and BackgroundRate with every other Fill, and
+// shares the background workers and rate (WithBackgroundWorkers,
+// WithBackgroundRate) with every other Fill, and
 // keeps only a few spans queued so the order holds and a read-ahead is
 // never stuck behind a long background queue.
 //

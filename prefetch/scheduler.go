@@ -19,14 +19,14 @@ var ErrClosed = errors.New("prefetch: scheduler closed")
 // process: one per process, so the caps it enforces are node-wide. It keeps
 // two queues of span fetches. Read-ahead is served first by any worker;
 // background fill is started only when no read-ahead is waiting and fewer
-// than BackgroundWorkers background fetches run. A span queued or in flight
+// than the background workers (WithBackgroundWorkers) run. A span queued or in flight
 // for a (target, offset) is never queued twice.
 //
 // Targets are used as map keys, so they must be comparable (a pointer, as
 // *cache.Blob is).
 type Scheduler struct {
 	opt     options
-	limiter *rate.Limiter // nil when BackgroundRate is 0
+	limiter *rate.Limiter // nil when the background rate is unlimited
 	ctx     context.Context
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup

@@ -24,7 +24,7 @@ type Sequential struct {
 }
 
 // NewSequential returns a detector for the file occupying file in the
-// blob. span is the scheduler's SpanSize and maxWindow the most to read
+// blob. span is the scheduler's span size and maxWindow the most to read
 // ahead of the reader (at least span); 0 takes DefaultSpanSize and
 // DefaultMaxWindow.
 func NewSequential(file Range, span, maxWindow int64) *Sequential {

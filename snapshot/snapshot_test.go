@@ -16,7 +16,7 @@ import (
 	"github.com/opencontainers/go-digest"
 )
 
-// fakeMounter stands in for fs.Manager: a "mount" writes the layer's files
+// fakeMounter stands in for lazy.Manager: a "mount" writes the layer's files
 // into the mount point directory, an unmount removes them.
 type fakeMounter struct {
 	mu      sync.Mutex
