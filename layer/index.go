@@ -13,6 +13,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/weightsnap/weightsnap/internal/wake"
 )
 
 // Index rules, shared by every format (tar, stream and eStargz feed the
@@ -62,8 +64,7 @@ type index struct {
 	layer string // for logs
 
 	mu       sync.Mutex
-	changed  chan struct{} // closed and replaced when waiters need waking
-	waiting  bool
+	changed  wake.Signal // broadcast when an entry is added or the index ends
 	done     bool
 	err      error
 	byName   map[string]*Entry
@@ -93,7 +94,6 @@ type chunkRef struct {
 func newIndex(layer string) *index {
 	x := &index{
 		layer:    layer,
-		changed:  make(chan struct{}),
 		byName:   map[string]*Entry{},
 		children: map[string]map[string]struct{}{},
 		names:    map[uint64][]string{},
@@ -142,15 +142,6 @@ func (x *index) refuse(ctx context.Context, hdr *tar.Header, reason string) {
 	slog.WarnContext(ctx, "layer: refused tar entry", "layer", x.layer, "name", hdr.Name, "linkname", hdr.Linkname, "reason", reason)
 }
 
-// wake wakes the waiters; x.mu must be held.
-func (x *index) wake() {
-	if x.waiting {
-		close(x.changed)
-		x.changed = make(chan struct{})
-		x.waiting = false
-	}
-}
-
 func isSparse(hdr *tar.Header) bool {
 	if hdr.Typeflag == tar.TypeGNUSparse {
 		return true
@@ -178,7 +169,7 @@ func (x *index) add(ctx context.Context, hdr *tar.Header, dataOff int64) (*Entry
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	e, err := x.addLocked(ctx, hdr, dataOff)
-	x.wake()
+	x.changed.Broadcast()
 	return e, err
 }
 
@@ -430,8 +421,7 @@ func (x *index) finish(err error) {
 		}
 		x.children = nil
 	}
-	x.waiting = true
-	x.wake()
+	x.changed.Broadcast()
 }
 
 func (x *index) failed() error {
@@ -470,8 +460,7 @@ func (x *index) lookup(ctx context.Context, name string) (*Entry, error) {
 // awaitChangeLocked releases x.mu, which the caller holds, and waits until
 // the index changes or ctx ends.
 func (x *index) awaitChangeLocked(ctx context.Context) error {
-	x.waiting = true
-	ch := x.changed
+	ch := x.changed.C()
 	x.mu.Unlock()
 	select {
 	case <-ch:
