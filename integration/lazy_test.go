@@ -67,6 +67,11 @@ func TestLazyFidelity(t *testing.T) {
 					// ScanTree skips like an overlay hides them; opaque
 					// markers are trusted.* xattrs, which it ignores.
 					testutil.CompareTrees(t, testutil.ExtractTree(layers[i:i+1]), lazyScan(t, mp), lazyCompareOpts(f)...)
+					// df shows the layer's content size, as for a disk.
+					var st unix.Statfs_t
+					if err := unix.Statfs(mp, &st); err != nil || st.Blocks == 0 {
+						t.Errorf("statfs %s: %d blocks, %v; want the content's size", mp, st.Blocks, err)
+					}
 				})
 			}
 		})
