@@ -1,0 +1,151 @@
+package pack
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/weightsnap/weightsnap/chunks"
+	"github.com/weightsnap/weightsnap/internal/registryserver"
+)
+
+// uploadedBytes counts the bytes of blob uploads a registry receives.
+type uploadedBytes struct{ n atomic.Int64 }
+
+func (c *uploadedBytes) wrap(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.Contains(r.URL.Path, "/blobs/uploads") && (r.Method == http.MethodPatch || r.Method == http.MethodPut) {
+			b, _ := io.ReadAll(r.Body)
+			c.n.Add(int64(len(b)))
+			r.Body = io.NopCloser(bytes.NewReader(b))
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+func TestConvertAddsTablesWithoutUploadingBlobs(t *testing.T) {
+	h, err := registryserver.New(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var up uploadedBytes
+	srv := httptest.NewServer(up.wrap(h))
+	t.Cleanup(srv.Close)
+	host := strings.TrimPrefix(srv.URL, "http://")
+
+	// gzip layers, as docker build makes them, one larger than a chunk.
+	img, err := random.Image(9<<20, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := host + "/built/model:v1"
+	push(t, img, src)
+	before := up.n.Load()
+
+	got, err := Convert(context.Background(), src, host+"/lazy/model:v1", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := up.n.Load() - before; n != 0 {
+		t.Errorf("convert uploaded %d blob bytes, want 0", n)
+	}
+	out, err := remote.Image(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, _ := img.Manifest()
+	m, _ := out.Manifest()
+	if m.Config.Digest != in.Config.Digest || len(m.Layers) != len(in.Layers) {
+		t.Fatalf("config or layers changed: %+v", m)
+	}
+	for i, desc := range m.Layers {
+		if desc.Digest != in.Layers[i].Digest {
+			t.Fatalf("layer %d: blob %s, was %s", i, desc.Digest, in.Layers[i].Digest)
+		}
+		checkTable(t, out, desc)
+	}
+	// A second convert keeps the tables and so the manifest.
+	again, err := Convert(context.Background(), got.String(), host+"/lazy/model:v2", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.DigestStr() != got.DigestStr() {
+		t.Errorf("converting a converted image changed it: %s, was %s", again.DigestStr(), got.DigestStr())
+	}
+}
+
+// checkTable checks that desc's table describes its blob's bytes.
+func checkTable(t *testing.T, img v1.Image, desc v1.Descriptor) {
+	t.Helper()
+	tab, err := chunks.Parse(desc.Annotations[chunks.Annotation], desc.Size)
+	if err != nil {
+		t.Fatalf("layer %s: %v", desc.Digest, err)
+	}
+	l, err := img.LayerByDigest(desc.Digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, err := l.Compressed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	blob, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range tab.Len() {
+		off, n := tab.Range(i)
+		if err := tab.Check(i, blob[off:off+n]); err != nil {
+			t.Fatalf("layer %s: %v", desc.Digest, err)
+		}
+	}
+}
+
+func TestConvertRefusesABlobThatIsNotItsDigest(t *testing.T) {
+	h, err := registryserver.New(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := random.Image(1<<20, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, _ := img.Layers()
+	bad, _ := ls[0].Digest()
+	// The registry serves a different body for the layer's blob.
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/blobs/"+bad.String()) {
+			w.Write(bytes.Repeat([]byte{'x'}, 1<<20))
+			return
+		}
+		h.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	host := strings.TrimPrefix(srv.URL, "http://")
+	push(t, img, host+"/built/model:v1")
+	if _, err := Convert(context.Background(), host+"/built/model:v1", host+"/lazy/model:v1", true); err == nil {
+		t.Fatal("converted an image whose blob does not match its digest")
+	}
+	if _, err := remote.Head(mustRef(t, host+"/lazy/model:v1")); err == nil {
+		t.Fatal("a manifest was pushed for the lying image")
+	}
+}
+
+func mustRef(t *testing.T, s string) name.Reference {
+	r, err := name.ParseReference(s, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
