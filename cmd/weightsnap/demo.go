@@ -20,6 +20,7 @@ import (
 
 	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/fs"
+	"github.com/weightsnap/weightsnap/internal/bytesize"
 	"github.com/weightsnap/weightsnap/internal/registryserver"
 	"github.com/weightsnap/weightsnap/pack"
 	"github.com/weightsnap/weightsnap/remote"
@@ -35,7 +36,7 @@ func runDemo(ctx context.Context, args []string) error {
 	if err := fl.Parse(args); err != nil {
 		return err
 	}
-	n, err := parseSize(*size)
+	n, err := bytesize.Parse(*size)
 	if err != nil {
 		return fmt.Errorf("--size: %w", err)
 	}

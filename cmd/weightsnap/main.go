@@ -14,14 +14,13 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"syscall"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/fs"
+	"github.com/weightsnap/weightsnap/internal/bytesize"
 	"github.com/weightsnap/weightsnap/metrics"
 	"github.com/weightsnap/weightsnap/pack"
 	"github.com/weightsnap/weightsnap/remote"
@@ -78,7 +77,7 @@ func runPack(ctx context.Context, args []string) error {
 	if fl.NArg() != 2 {
 		return fmt.Errorf("want DIR REF, got %d arguments", fl.NArg())
 	}
-	th, err := parseSize(*threshold)
+	th, err := bytesize.Parse(*threshold)
 	if err != nil {
 		return fmt.Errorf("--threshold: %w", err)
 	}
@@ -137,7 +136,7 @@ func runMount(ctx context.Context, args []string) error {
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		return fmt.Errorf("no FUSE on this machine: %w", err)
 	}
-	max, err := parseSize(*cacheMax)
+	max, err := bytesize.Parse(*cacheMax)
 	if err != nil {
 		return fmt.Errorf("--cache-max: %w", err)
 	}
@@ -180,27 +179,6 @@ func serveMetrics(addr string) error {
 	mux.Handle("/metrics", metrics.Handler())
 	go http.Serve(ln, mux)
 	return nil
-}
-
-// parseSize parses sizes like "64MiB", "2GiB", "1G", "4096".
-func parseSize(s string) (int64, error) {
-	units := []struct {
-		suffix string
-		mult   int64
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
-		{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40}, {"B", 1}}
-	mult := int64(1)
-	for _, u := range units {
-		if strings.HasSuffix(s, u.suffix) {
-			s, mult = strings.TrimSuffix(s, u.suffix), u.mult
-			break
-		}
-	}
-	f, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
-	if err != nil || f < 0 {
-		return 0, fmt.Errorf("bad size %q", s)
-	}
-	return int64(f * float64(mult)), nil
 }
 
 func formatBytes(n int64) string {
