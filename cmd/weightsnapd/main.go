@@ -30,10 +30,14 @@ import (
 	"github.com/weightsnap/weightsnap/snapshot"
 )
 
-// shutdownGrace bounds how long SIGTERM waits for in-flight snapshot
-// calls, and for the fuse manager to stop if it does not answer (it gives
-// itself managerStopGrace).
-const shutdownGrace = 10 * time.Second
+const (
+	// callGrace bounds how long SIGTERM waits for in-flight snapshot
+	// calls; the rest are cancelled.
+	callGrace = 2 * time.Second
+	// shutdownGrace bounds waiting for the fuse manager to stop, in case
+	// it does not answer: it gives itself managerStopGrace.
+	shutdownGrace = 10 * time.Second
+)
 
 func main() {
 	var err error
@@ -200,7 +204,7 @@ func stopGRPC(rpc *grpc.Server) {
 	}()
 	select {
 	case <-done:
-	case <-time.After(shutdownGrace):
+	case <-time.After(callGrace):
 		rpc.Stop()
 	}
 }
