@@ -33,6 +33,7 @@ import (
 	"golang.org/x/sys/unix"
 	criapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/weightsnap/weightsnap/internal/bytesize"
 	"github.com/weightsnap/weightsnap/pack"
 )
 
@@ -58,7 +59,7 @@ type benchConfig struct {
 func benchConfigFromEnv(repoRoot string) (benchConfig, error) {
 	c := benchConfig{size: 2 << 30, shards: 1, out: filepath.Join(repoRoot, "out", "bench")}
 	if v := os.Getenv(benchEnvSize); v != "" {
-		n, err := parseSize(v)
+		n, err := bytesize.Parse(v)
 		if err != nil {
 			return c, fmt.Errorf("%s: %w", benchEnvSize, err)
 		}
@@ -79,21 +80,6 @@ func benchConfigFromEnv(repoRoot string) (benchConfig, error) {
 		return c, fmt.Errorf("%d bytes in %d shards: want at least 1 MiB per shard", c.size, c.shards)
 	}
 	return c, nil
-}
-
-// parseSize parses "2GiB", "512MiB", "16G", "1.5GiB" or a byte count;
-// K, M, G and T are binary multiples with or without "iB"/"B".
-func parseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	num := strings.TrimRight(t, "KMGTiBkmgtb")
-	unit := strings.ToUpper(strings.TrimPrefix(t, num))
-	unit = strings.TrimSuffix(strings.TrimSuffix(unit, "B"), "I")
-	mult := map[string]float64{"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
-	v, err := strconv.ParseFloat(strings.TrimSpace(num), 64)
-	if err != nil || mult == 0 || v <= 0 {
-		return 0, fmt.Errorf("size %q: want a number with an optional unit (KiB, MiB, GiB, TiB)", s)
-	}
-	return int64(v * mult), nil
 }
 
 // benchModel is a generated model directory, laid out for pack.Build with

@@ -660,16 +660,3 @@ func TestBenchModelIsValidSafetensors(t *testing.T) {
 		t.Errorf("model files %v", m.modelFiles("/v"))
 	}
 }
-
-func TestParseSize(t *testing.T) {
-	for in, want := range map[string]int64{"2GiB": 2 << 30, "512MiB": 512 << 20, "16G": 16 << 30, "1.5GiB": 3 << 29, "4096": 4096, "1 gib": 1 << 30} {
-		if got, err := parseSize(in); err != nil || got != want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, in := range []string{"", "GiB", "2XB", "-1G", "two"} {
-		if _, err := parseSize(in); err == nil {
-			t.Errorf("parseSize(%q) succeeded", in)
-		}
-	}
-}

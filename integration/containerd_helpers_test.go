@@ -733,7 +733,13 @@ type containerd struct {
 	ctrBin                      string
 }
 
-// containerdConfig is containerd's config (version 3), per FIELD-NOTES.
+// containerdConfig is containerd's config (version 3) with weightsnap as
+// the CRI snapshotter. For layers to reach weightsnap with the
+// remote-snapshot labels, the CRI images plugin keeps snapshot annotations
+// on (disable_snapshot_annotations = false, which also makes CRI pull with
+// its own client rather than the transfer service), and the proxy plugin
+// exports enable_remote_snapshot_annotations = "true", which the transfer
+// service (ctr transfer, unpack_config) checks before adding them.
 const containerdConfig = `version = 3
 root = %[1]q
 state = %[2]q

@@ -6,24 +6,26 @@ import (
 	"fmt"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/partial"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
-// image is a built image: its manifest and config are fixed bytes, its
-// layers stream from disk.
-type image struct {
+// imageCore is a built image reduced to what partial.CompressedToImage
+// derives every other v1.Image method from: the manifest and config are
+// fixed bytes, the layers stream from disk. A layer's blob is its tar, so
+// "compressed" is ggcr's name for the blob as stored, not a claim of
+// compression.
+type imageCore struct {
 	layers   []*layer
 	config   []byte
-	manifest []byte
-	digest   v1.Hash
 	configH  v1.Hash
+	manifest []byte
 }
 
-var _ v1.Image = (*image)(nil)
+var _ partial.CompressedImageCore = (*imageCore)(nil)
 
 // newImage writes the config and manifest of hashed layers.
-func newImage(layers []*layer, plat v1.Platform) (*image, error) {
+func newImage(layers []*layer, plat v1.Platform) (v1.Image, error) {
 	cfg := v1.ConfigFile{
 		Architecture: plat.Architecture,
 		OS:           plat.OS,
@@ -64,56 +66,24 @@ func newImage(layers []*layer, plat v1.Platform) (*image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encode manifest: %w", err)
 	}
-	manH, _, err := v1.SHA256(bytes.NewReader(rawMan))
-	if err != nil {
-		return nil, err
-	}
-	return &image{layers: layers, config: rawCfg, manifest: rawMan, digest: manH, configH: cfgH}, nil
-}
-
-// Layers returns the layers in order: small files first, then one per
-// large file.
-func (i *image) Layers() ([]v1.Layer, error) {
-	ls := make([]v1.Layer, len(i.layers))
-	for n, l := range i.layers {
-		ls[n] = l
-	}
-	return ls, nil
+	return partial.CompressedToImage(&imageCore{layers: layers, config: rawCfg, configH: cfgH, manifest: rawMan})
 }
 
 // MediaType is the OCI image manifest type.
-func (i *image) MediaType() (types.MediaType, error) { return types.OCIManifestSchema1, nil }
-
-// Size is the size of the manifest.
-func (i *image) Size() (int64, error) { return int64(len(i.manifest)), nil }
-
-// ConfigName is the digest of the config blob.
-func (i *image) ConfigName() (v1.Hash, error) { return i.configH, nil }
-
-// ConfigFile returns a fresh parsed copy of the config.
-func (i *image) ConfigFile() (*v1.ConfigFile, error) {
-	return v1.ParseConfigFile(bytes.NewReader(i.config))
-}
-
-// RawConfigFile returns the config blob.
-func (i *image) RawConfigFile() ([]byte, error) { return i.config, nil }
-
-// Digest is the digest of the manifest, the image's identity.
-func (i *image) Digest() (v1.Hash, error) { return i.digest, nil }
-
-// Manifest returns a fresh parsed copy of the manifest.
-func (i *image) Manifest() (*v1.Manifest, error) {
-	return v1.ParseManifest(bytes.NewReader(i.manifest))
-}
+func (i *imageCore) MediaType() (types.MediaType, error) { return types.OCIManifestSchema1, nil }
 
 // RawManifest returns the manifest blob.
-func (i *image) RawManifest() ([]byte, error) { return i.manifest, nil }
+func (i *imageCore) RawManifest() ([]byte, error) { return i.manifest, nil }
+
+// RawConfigFile returns the config blob.
+func (i *imageCore) RawConfigFile() ([]byte, error) { return i.config, nil }
 
 // LayerByDigest returns a layer, or the config blob as a layer, which is
-// how ggcr's writers ask for it.
-func (i *image) LayerByDigest(h v1.Hash) (v1.Layer, error) {
+// how ggcr's writers may ask for it. Layers and LayerByDiffID (diff IDs
+// equal digests here) come through it.
+func (i *imageCore) LayerByDigest(h v1.Hash) (partial.CompressedLayer, error) {
 	if h == i.configH {
-		return static.NewLayer(i.config, types.OCIConfigJSON), nil
+		return partial.ConfigLayer(i)
 	}
 	for _, l := range i.layers {
 		if l.digest == h {
@@ -122,6 +92,3 @@ func (i *image) LayerByDigest(h v1.Hash) (v1.Layer, error) {
 	}
 	return nil, fmt.Errorf("image has no layer %s", h)
 }
-
-// LayerByDiffID returns a layer; diff IDs equal digests here.
-func (i *image) LayerByDiffID(h v1.Hash) (v1.Layer, error) { return i.LayerByDigest(h) }

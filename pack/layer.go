@@ -11,10 +11,10 @@ import (
 	"io"
 	"os"
 	"runtime"
-	"sync"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"golang.org/x/sync/errgroup"
 )
 
 // layer is an uncompressed tar layer streamed from files on disk. Its blob
@@ -75,38 +75,18 @@ func (l *layer) hash(ctx context.Context) error {
 
 // hashLayers hashes the layers, a few at a time: reading and hashing each
 // large file is the bulk of Build's work and the files are independent.
+// The first error cancels the others and is returned.
 func hashLayers(ctx context.Context, layers []*layer) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	sem := make(chan struct{}, min(runtime.GOMAXPROCS(0), 4))
-	var (
-		wg       sync.WaitGroup
-		mu       sync.Mutex
-		firstErr error
-	)
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(min(runtime.GOMAXPROCS(0), 4))
 	for _, l := range layers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			select {
-			case sem <- struct{}{}:
-				defer func() { <-sem }()
-			case <-ctx.Done():
-				return
-			}
-			if err := l.hash(ctx); err != nil {
-				mu.Lock()
-				if firstErr == nil {
-					firstErr = err
-				}
-				mu.Unlock()
-				cancel()
-			}
-		}()
+		if gctx.Err() != nil {
+			break // a hash failed or ctx ended: start no more
+		}
+		g.Go(func() error { return l.hash(gctx) })
 	}
-	wg.Wait()
-	if firstErr != nil {
-		return firstErr
+	if err := g.Wait(); err != nil {
+		return err
 	}
 	return ctx.Err()
 }

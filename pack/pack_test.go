@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -573,5 +574,31 @@ func TestPushBadRef(t *testing.T) {
 	}
 	if _, open := <-updates; open {
 		t.Fatal("progress channel not closed after a failed Push")
+	}
+}
+
+func TestHashLayersFirstError(t *testing.T) {
+	dir := t.TempDir()
+	var layers []*layer
+	for i := range 8 {
+		p := filepath.Join(dir, strconv.Itoa(i))
+		if i != 5 { // layer 5's file is missing
+			if err := os.WriteFile(p, randomBytes(64<<10, byte(i)), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		layers = append(layers, &layer{entries: []entry{{name: strconv.Itoa(i), typ: tar.TypeReg, mode: 0o644, size: 64 << 10, src: p, mtime: epoch}}})
+	}
+	err := hashLayers(context.Background(), layers)
+	if !errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), filepath.Join(dir, "5")) {
+		t.Fatalf("hashLayers with a missing file: %v", err)
+	}
+	if err := hashLayers(context.Background(), append(layers[:5:5], layers[6:]...)); err != nil {
+		t.Fatal(err)
+	}
+	for i, l := range layers {
+		if i != 5 && l.size != 512+64<<10+1024 { // header, data, end of archive
+			t.Errorf("layer %d: size %d", i, l.size)
+		}
 	}
 }

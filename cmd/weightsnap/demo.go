@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/internal/bytesize"
 	"github.com/weightsnap/weightsnap/internal/registryserver"
 	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/pack"
@@ -35,7 +36,7 @@ func runDemo(ctx context.Context, args []string) error {
 	if err := fl.Parse(args); err != nil {
 		return err
 	}
-	n, err := parseSize(*size)
+	n, err := bytesize.Parse(*size)
 	if err != nil {
 		return fmt.Errorf("--size: %w", err)
 	}

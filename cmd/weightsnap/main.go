@@ -14,13 +14,14 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"syscall"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/fs"
+	"github.com/weightsnap/weightsnap/internal/bytesize"
 	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/metrics"
 	"github.com/weightsnap/weightsnap/pack"
@@ -78,7 +79,7 @@ func runPack(ctx context.Context, args []string) error {
 	if fl.NArg() != 2 {
 		return fmt.Errorf("want DIR REF, got %d arguments", fl.NArg())
 	}
-	th, err := parseSize(*threshold)
+	th, err := bytesize.Parse(*threshold)
 	if err != nil {
 		return fmt.Errorf("--threshold: %w", err)
 	}
@@ -137,7 +138,7 @@ func runMount(ctx context.Context, args []string) error {
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		return fmt.Errorf("no FUSE on this machine: %w", err)
 	}
-	max, err := parseSize(*cacheMax)
+	max, err := bytesize.Parse(*cacheMax)
 	if err != nil {
 		return fmt.Errorf("--cache-max: %w", err)
 	}
@@ -150,25 +151,85 @@ func runMount(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	defer store.Close()
 	mgr := lazy.New(store, remote.New(remote.WithPlainHTTP(*plainHTTP)))
-	defer mgr.Close()
-	work, err := os.MkdirTemp(filepath.Join(*cacheDir, ".."), "mount-")
-	if err != nil {
-		return err
+	var (
+		work string
+		im   *lazy.ImageMount
+	)
+	// stop undoes what was set up, newest first.
+	stop := func() error {
+		return stopWithin(stopGrace, work, func() error {
+			var errs []error
+			if im != nil {
+				if err := im.Unmount(); err != nil {
+					errs = append(errs, fmt.Errorf("unmount: %w", err))
+				}
+			}
+			errs = append(errs, mgr.Close(), store.Close())
+			if work != "" {
+				errs = append(errs, os.RemoveAll(work))
+			}
+			return errors.Join(errs...)
+		})
 	}
-	defer os.RemoveAll(work)
-	im, err := mgr.MountImage(ctx, ref, target, work)
+	work, err = os.MkdirTemp(filepath.Join(*cacheDir, ".."), "mount-")
 	if err != nil {
-		return err
+		return errors.Join(err, stop())
+	}
+	im, err = mgr.MountImage(ctx, ref, target, work)
+	if err != nil {
+		return errors.Join(err, stop())
 	}
 	fmt.Fprintf(os.Stderr, "mounted %s at %s (SIGINT or SIGTERM unmounts)\n", ref, target)
 	<-ctx.Done()
-	if err := im.Unmount(); err != nil {
-		return fmt.Errorf("unmount: %w", err)
+	if err := stop(); err != nil {
+		return err
 	}
 	fmt.Fprintf(os.Stderr, "unmounted %s\n", target)
 	return nil
+}
+
+// stopGrace bounds the teardown of a mount after SIGINT or SIGTERM. It
+// takes milliseconds unless a process still uses the image: its busy
+// overlay is then only detached, and the unmount of each layer under it
+// waits until that process lets go, which can be never (a model server
+// keeps its weights open). After stopGrace the command forces the layer
+// mounts off and exits, which ends their FUSE connections: their remaining
+// users get ENOTCONN. Cache records not yet written are lost then, which
+// only means fetching those chunks again.
+const stopGrace = 2 * time.Second
+
+// stopWithin runs teardown for at most grace. Past it, every layer mount
+// left under work is forced off (fs.CleanupMount), work is removed once
+// emptied, and an error says so; teardown is left to the process exit.
+func stopWithin(grace time.Duration, work string, teardown func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- teardown() }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(grace):
+	}
+	errs := []error{fmt.Errorf("image still in use %s after the signal: forcing its layer mounts off; its users get ENOTCONN", grace)}
+	if work == "" {
+		return errs[0]
+	}
+	// Only the layer mounts under work: the overlay, first in teardown,
+	// is gone or detached already, and what target shows now is not ours.
+	entries, err := os.ReadDir(work)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	emptied := true
+	for _, e := range entries {
+		if err := fs.CleanupMount(filepath.Join(work, e.Name())); err != nil {
+			errs, emptied = append(errs, err), false
+		}
+	}
+	if emptied {
+		errs = append(errs, os.RemoveAll(work))
+	}
+	return errors.Join(errs...)
 }
 
 func serveMetrics(addr string) error {
@@ -180,27 +241,6 @@ func serveMetrics(addr string) error {
 	mux.Handle("/metrics", metrics.Handler())
 	go http.Serve(ln, mux)
 	return nil
-}
-
-// parseSize parses sizes like "64MiB", "2GiB", "1G", "4096".
-func parseSize(s string) (int64, error) {
-	units := []struct {
-		suffix string
-		mult   int64
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
-		{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40}, {"B", 1}}
-	mult := int64(1)
-	for _, u := range units {
-		if strings.HasSuffix(s, u.suffix) {
-			s, mult = strings.TrimSuffix(s, u.suffix), u.mult
-			break
-		}
-	}
-	f, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
-	if err != nil || f < 0 {
-		return 0, fmt.Errorf("bad size %q", s)
-	}
-	return int64(f * float64(mult)), nil
 }
 
 func formatBytes(n int64) string {

@@ -34,6 +34,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/weightsnap/weightsnap/fs"
 	"github.com/weightsnap/weightsnap/metrics"
 	"github.com/weightsnap/weightsnap/remote"
 	"github.com/weightsnap/weightsnap/snapshot"
@@ -50,6 +51,13 @@ const (
 	managerStartTimeout = time.Minute
 	// unmountTimeout bounds waiting for the manager to unmount a layer.
 	unmountTimeout = 5 * time.Second
+	// managerStopGrace bounds the manager's release of every layer at
+	// shutdown. Releasing a layer normally takes milliseconds, but the
+	// unmount of a FUSE layer that another mount still holds (the lower
+	// layer of a running container's overlay) can wait for as long as
+	// that mount lives. After the grace the manager exits anyway, which
+	// ends its FUSE connections: their remaining users get ENOTCONN.
+	managerStopGrace = 2 * time.Second
 )
 
 func managerSocket(root string) string  { return filepath.Join(root, "fusemanager.sock") }
@@ -168,8 +176,9 @@ func runFuseManager(args []string) error {
 
 	// Shutting down stops taking connections first (a new weightsnapd
 	// then starts a new manager rather than adopt this one), unmounts
-	// every layer, and only then answers Shutdown and Wait, so that the
-	// snapshotter knows the mounts are gone when they return.
+	// every layer (or gives up after managerStopGrace), and only then
+	// answers Shutdown and Wait, so that the snapshotter knows, when they
+	// return, that the mounts are gone or about to die with the process.
 	stopped := make(chan struct{})
 	var (
 		once    sync.Once
@@ -180,7 +189,15 @@ func runFuseManager(args []string) error {
 			slog.Info("fuse manager shutting down")
 			lis.Close()
 			os.Remove(sock)
-			stopErr = closeMounter()
+			closed := make(chan error, 1)
+			go func() { closed <- closeMounter() }()
+			select {
+			case stopErr = <-closed:
+			case <-time.After(managerStopGrace):
+				// Not a failure of the manager: a container kept
+				// using its image past the stop.
+				slog.Warn("layers still in use: exiting ends their FUSE connections", "grace", managerStopGrace)
+			}
 			if stopErr != nil {
 				slog.Error("closing layer mounts", "err", stopErr)
 			}
@@ -290,8 +307,14 @@ func (c *managerClient) Check(ctx context.Context, mountpoint string) error {
 // Unmount implements snapshot.LayerMounter. A mount still in use is
 // detached and released by the manager when its last user goes, which can
 // take any time: the snapshotter does not wait for more than
-// unmountTimeout.
+// unmountTimeout. Once the manager is gone, a mount it left is dead
+// (ENOTCONN): it is removed here, so that its directory can be.
 func (c *managerClient) Unmount(ctx context.Context, mountpoint string) error {
+	select {
+	case <-c.dead:
+		return fs.CleanupMount(mountpoint)
+	default:
+	}
 	ctx, cancel := context.WithTimeout(ctx, unmountTimeout)
 	defer cancel()
 	return c.call(ctx, "Unmount", mountpoint)

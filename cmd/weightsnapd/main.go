@@ -23,14 +23,21 @@ import (
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/log"
 	"google.golang.org/grpc"
 
 	"github.com/weightsnap/weightsnap/snapshot"
 )
 
-// shutdownGrace bounds how long SIGTERM waits for in-flight snapshot calls.
-const shutdownGrace = 10 * time.Second
+const (
+	// callGrace bounds how long SIGTERM waits for in-flight snapshot
+	// calls; the rest are cancelled.
+	callGrace = 2 * time.Second
+	// shutdownGrace bounds waiting for the fuse manager to stop, in case
+	// it does not answer: it gives itself managerStopGrace.
+	shutdownGrace = 10 * time.Second
+)
 
 func main() {
 	var err error
@@ -118,26 +125,34 @@ func serve(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
+	var sn snapshots.Snapshotter
 	defer func() {
+		// The manager first: its Shutdown releases every layer in one
+		// go, within managerStopGrace, and exits, ending any FUSE
+		// connection still in use. The snapshotter's Close unmounts one
+		// snapshot after another, each through an RPC that may wait
+		// unmountTimeout for a layer in use: after the manager it only
+		// clears mount points and removes directories.
 		sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 		defer cancel()
 		if serr := mc.shutdown(sctx); serr != nil {
 			err = errors.Join(err, fmt.Errorf("stopping the fuse manager: %w", serr))
+		}
+		if sn == nil {
+			return
+		}
+		if cerr := sn.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("closing snapshotter: %w", cerr))
 		}
 	}()
 
 	// The snapshotter's state sits beside the cache. When the manager
 	// outlived a previous weightsnapd, its mounts are still served and
 	// still in use by containers: keep them rather than remount.
-	sn, err := snapshot.New(ctx, filepath.Join(cfg.Root, "snapshotter"), mc, snapshot.Options{KeepMounts: adopted})
+	sn, err = snapshot.New(ctx, filepath.Join(cfg.Root, "snapshotter"), mc, snapshot.Options{KeepMounts: adopted})
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if cerr := sn.Close(); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("closing snapshotter: %w", cerr))
-		}
-	}()
 
 	lis, err := listenUnix(cfg.Address)
 	if err != nil {
@@ -189,7 +204,7 @@ func stopGRPC(rpc *grpc.Server) {
 	}()
 	select {
 	case <-done:
-	case <-time.After(shutdownGrace):
+	case <-time.After(callGrace):
 		rpc.Stop()
 	}
 }
