@@ -177,11 +177,10 @@ func (m *Mount) raiseReadAhead() {
 // Mountpoint is the directory the layer is mounted at.
 func (m *Mount) Mountpoint() string { return m.mountpoint }
 
-// Unmount unmounts the layer and waits for its server to exit. If the
-// mount stays busy, it is detached lazily (MNT_DETACH): it disappears
-// from the tree at once, and its server exits when the last user has let
-// go (see Done). Once a call has succeeded, later calls return nil; after
-// a failure, the next call tries again.
+// Unmount removes the layer from the tree; it does not wait for the
+// server to exit (see Done). If the mount is busy, it is detached lazily
+// (MNT_DETACH). Once a call has succeeded, later calls return nil; after a
+// failure, the next call tries again.
 func (m *Mount) Unmount() error {
 	m.unmountMu.Lock()
 	defer m.unmountMu.Unlock()
@@ -199,25 +198,24 @@ func (m *Mount) Unmount() error {
 }
 
 func (m *Mount) unmount() error {
-	// go-fuse retries a plain unmount a few times, then waits for the
-	// server loops on success.
-	err := m.server.Unmount()
-	if err == nil {
-		<-m.done // the loops have ended; the closer follows at once
-		return nil
+	// Not go-fuse's Server.Unmount: after a successful umount it waits for
+	// the connection to end, which a mount still holding this one (the
+	// overlay of a running container) puts off for as long as it lives.
+	// Done tells when the connection ended.
+	err := unix.Unmount(m.mountpoint, 0)
+	if errors.Is(err, unix.EBUSY) {
+		m.log.Info("mount busy, detaching lazily", "mountpoint", m.mountpoint)
+		err = unix.Unmount(m.mountpoint, unix.MNT_DETACH)
 	}
-	m.log.Warn("unmount failed, detaching lazily", "mountpoint", m.mountpoint, "err", err)
-	if derr := unix.Unmount(m.mountpoint, unix.MNT_DETACH); derr != nil && !errors.Is(derr, unix.EINVAL) {
-		return fmt.Errorf("unmount %s: %w (detach: %w)", m.mountpoint, err, derr)
+	if err != nil && !errors.Is(err, unix.EINVAL) { // EINVAL: unmounted already
+		return fmt.Errorf("unmount %s: %w", m.mountpoint, err)
 	}
-	// EINVAL: someone else has unmounted it already. Either way the
-	// connection ends when the kernel drops the superblock, once its last
-	// user is gone: Done tells when; waiting here could take forever.
 	return nil
 }
 
-// Done is closed when the mount's server has exited: at once after a clean
-// Unmount, and after a lazy detach once the last user has let go.
+// Done is closed when the mount's server has exited: moments after
+// Unmount, or, while something still holds the file system (an open file,
+// an overlay over it), once the last holder has let go.
 func (m *Mount) Done() <-chan struct{} { return m.done }
 
 // CleanupMount removes a stale FUSE mount at mountpoint, such as one left

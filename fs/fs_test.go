@@ -577,9 +577,51 @@ func TestUnmount(t *testing.T) {
 	if isMountpoint(t, mp) {
 		t.Error("still mounted after Unmount")
 	}
+	<-m.Done() // nothing holds it: the server exits
 	if err := m.Unmount(); err != nil {
 		t.Errorf("second Unmount: %v", err)
 	}
+}
+
+// TestUnmountHeldByAnotherMount unmounts a layer that another mount still
+// holds, as a running container's overlay holds its lower layers: Unmount
+// returns at once, the server serves the holder until it goes, and Done
+// tells when.
+func TestUnmountHeldByAnotherMount(t *testing.T) {
+	requireFUSE(t)
+	l := newFakeLayer()
+	l.file("f", []byte("held"))
+	mp := filepath.Join(t.TempDir(), "mnt")
+	holder := filepath.Join(t.TempDir(), "holder")
+	for _, d := range []string{mp, holder} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := Serve(t.Context(), &layer.Opened{Layer: l}, mp, WithName("test:held"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Unmount() })
+	if err := unix.Mount(mp, holder, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(holder, unix.MNT_DETACH) })
+	if err := m.Unmount(); err != nil { // waited forever for the holder before
+		t.Fatal(err)
+	}
+	select {
+	case <-m.Done():
+		t.Fatal("server exited while another mount holds it")
+	default:
+	}
+	if b, err := os.ReadFile(filepath.Join(holder, "f")); string(b) != "held" {
+		t.Fatalf("read through the holder = %q, %v", b, err)
+	}
+	if err := unix.Unmount(holder, 0); err != nil {
+		t.Fatal(err)
+	}
+	<-m.Done()
 }
 
 // TestUnmountRetriedAfterFailure makes an unmount fail (its mountpoint's

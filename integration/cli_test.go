@@ -25,7 +25,8 @@ func weightsnapBinary(t testing.TB) string {
 
 // TestCLIPackMountAndSignal drives the operator's commands as a user
 // would: pack a model directory, mount it in the foreground, read it,
-// SIGTERM, and expect exit 0 with nothing left mounted.
+// SIGTERM while a process still holds a weight file open, and expect exit
+// 0 with nothing left mounted.
 func TestCLIPackMountAndSignal(t *testing.T) {
 	dir := lazyRoot(t)
 	reg := testutil.StartRegistry(t)
@@ -90,6 +91,12 @@ func TestCLIPackMountAndSignal(t *testing.T) {
 		}
 	}
 
+	// A model server keeps its weights open: the stop must not wait for it.
+	held, err := os.Open(filepath.Join(inImage, "model.safetensors"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}

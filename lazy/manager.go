@@ -251,7 +251,9 @@ func (m *Manager) releaseWhenDone(ref *refmap.Ref[digest.Digest, *sharedLayer], 
 }
 
 // Close stops every open, warm-up and mount in flight, then unmounts
-// every layer the Manager mounted.
+// every layer the Manager mounted. It waits up to closeGrace for their
+// servers to exit; a layer that something still holds (a container's
+// overlay) is released when its holder lets go, which can be after Close.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	m.closed = true
@@ -265,12 +267,32 @@ func (m *Manager) Close() error {
 	}
 	m.mu.Unlock()
 	var errs []error
+	var served []<-chan struct{}
 	for _, p := range points {
+		m.mu.Lock()
+		lm := m.mounts[p]
+		m.mu.Unlock()
 		if err := m.Unmount(context.Background(), p); err != nil {
 			errs = append(errs, err)
+			continue
 		}
+		served = append(served, lm.mount.Done())
 	}
+	waitAll(served, closeGrace)
 	m.layers.Close() // lets go of the layers Warm holds
 	m.sched.Close()
 	return errors.Join(errs...)
+}
+
+// waitAll waits until every channel of chs is closed, or d has passed.
+func waitAll(chs []<-chan struct{}, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for _, ch := range chs {
+		select {
+		case <-ch:
+		case <-t.C:
+			return
+		}
+	}
 }

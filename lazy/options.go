@@ -23,6 +23,10 @@ const (
 	// defaultWarmHold is how long a layer opened by Warm stays open for
 	// the mount it was opened for.
 	defaultWarmHold = time.Minute
+	// closeGrace bounds how long Close waits for the FUSE servers of the
+	// layers it unmounted to exit: moments, unless something still holds
+	// a layer, which can be for ever.
+	closeGrace = time.Second
 	// smallRead is the largest read a cache miss serves before the rest
 	// of its span (see source.go).
 	smallRead = 64 << 10

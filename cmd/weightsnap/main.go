@@ -15,12 +15,10 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
-	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/weightsnap/weightsnap/cache"
-	"github.com/weightsnap/weightsnap/fs"
 	"github.com/weightsnap/weightsnap/internal/bytesize"
 	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/metrics"
@@ -151,85 +149,27 @@ func runMount(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	defer store.Close()
 	mgr := lazy.New(store, remote.New(remote.WithPlainHTTP(*plainHTTP)))
-	var (
-		work string
-		im   *lazy.ImageMount
-	)
-	// stop undoes what was set up, newest first.
-	stop := func() error {
-		return stopWithin(stopGrace, work, func() error {
-			var errs []error
-			if im != nil {
-				if err := im.Unmount(); err != nil {
-					errs = append(errs, fmt.Errorf("unmount: %w", err))
-				}
-			}
-			errs = append(errs, mgr.Close(), store.Close())
-			if work != "" {
-				errs = append(errs, os.RemoveAll(work))
-			}
-			return errors.Join(errs...)
-		})
-	}
-	work, err = os.MkdirTemp(filepath.Join(*cacheDir, ".."), "mount-")
+	defer mgr.Close()
+	work, err := os.MkdirTemp(filepath.Join(*cacheDir, ".."), "mount-")
 	if err != nil {
-		return errors.Join(err, stop())
+		return err
 	}
-	im, err = mgr.MountImage(ctx, ref, target, work)
+	defer os.RemoveAll(work)
+	im, err := mgr.MountImage(ctx, ref, target, work)
 	if err != nil {
-		return errors.Join(err, stop())
+		return err
 	}
 	fmt.Fprintf(os.Stderr, "mounted %s at %s (SIGINT or SIGTERM unmounts)\n", ref, target)
 	<-ctx.Done()
-	if err := stop(); err != nil {
-		return err
+	// A process still using the image keeps its layers until the Manager
+	// is closed, a moment later; then it gets ENOTCONN.
+	if err := im.Unmount(); err != nil {
+		return fmt.Errorf("unmount: %w", err)
 	}
 	fmt.Fprintf(os.Stderr, "unmounted %s\n", target)
 	return nil
-}
-
-// stopGrace bounds the teardown of a mount after SIGINT or SIGTERM. It
-// takes milliseconds unless a process still uses the image: its busy
-// overlay is then only detached, and the unmount of each layer under it
-// waits until that process lets go, which can be never (a model server
-// keeps its weights open). After stopGrace the command forces the layer
-// mounts off and exits, which ends their FUSE connections: their remaining
-// users get ENOTCONN. Cache records not yet written are lost then, which
-// only means fetching those chunks again.
-const stopGrace = 2 * time.Second
-
-// stopWithin runs teardown for at most grace. Past it, every layer mount
-// left under work is forced off (fs.CleanupMount), work is removed once
-// emptied, and an error says so; teardown is left to the process exit.
-func stopWithin(grace time.Duration, work string, teardown func() error) error {
-	done := make(chan error, 1)
-	go func() { done <- teardown() }()
-	select {
-	case err := <-done:
-		return err
-	case <-time.After(grace):
-	}
-	errs := []error{fmt.Errorf("image still in use %s after the signal: forcing its layer mounts off; its users get ENOTCONN", grace)}
-	if work == "" {
-		return errs[0]
-	}
-	// Only the layer mounts under work: the overlay, first in teardown,
-	// is gone or detached already, and what target shows now is not ours.
-	entries, err := os.ReadDir(work)
-	if err != nil {
-		return errors.Join(append(errs, err)...)
-	}
-	emptied := true
-	for _, e := range entries {
-		if err := fs.CleanupMount(filepath.Join(work, e.Name())); err != nil {
-			errs, emptied = append(errs, err), false
-		}
-	}
-	if emptied {
-		errs = append(errs, os.RemoveAll(work))
-	}
-	return errors.Join(errs...)
 }
 
 func serveMetrics(addr string) error {
