@@ -5,13 +5,13 @@ import (
 	"errors"
 	"io"
 	iofs "io/fs"
-	"os"
 	"path"
 	"sort"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/layer"
 )
 
@@ -154,31 +154,10 @@ func (f *fakeLayer) Size() int64 {
 	return n
 }
 
-// requireFUSE skips a test that needs root and /dev/fuse when they are
-// missing, unless CI=true, where a missing prerequisite is a failure.
-func requireFUSE(t *testing.T) {
-	t.Helper()
-	reason := ""
-	if os.Geteuid() != 0 {
-		reason = "needs root to mount FUSE and overlayfs directly"
-	} else if fd, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0); err != nil {
-		reason = "needs /dev/fuse: " + err.Error()
-	} else {
-		fd.Close()
-	}
-	if reason == "" {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal(reason)
-	}
-	t.Skip(reason)
-}
-
 // mountFake mounts l on a fresh directory, unmounted when the test ends.
 func mountFake(t *testing.T, l layer.Layer, opts ...Option) *Mount {
 	t.Helper()
-	requireFUSE(t)
+	testutil.RequireFUSE(t)
 	mp := t.TempDir()
 	opts = append([]Option{WithName("test:" + t.Name())}, opts...)
 	m, err := Serve(t.Context(), &layer.Opened{Layer: l}, mp, opts...)

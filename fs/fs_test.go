@@ -23,6 +23,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
 
+	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/layer"
 	"github.com/weightsnap/weightsnap/metrics"
 )
@@ -555,7 +556,7 @@ func TestReadOnly(t *testing.T) {
 }
 
 func TestUnmount(t *testing.T) {
-	requireFUSE(t)
+	testutil.RequireFUSE(t)
 	l := newFakeLayer()
 	l.file("f", []byte("data"))
 	parent := t.TempDir()
@@ -588,7 +589,7 @@ func TestUnmount(t *testing.T) {
 // returns at once, the server serves the holder until it goes, and Done
 // tells when.
 func TestUnmountHeldByAnotherMount(t *testing.T) {
-	requireFUSE(t)
+	testutil.RequireFUSE(t)
 	l := newFakeLayer()
 	l.file("f", []byte("held"))
 	mp := filepath.Join(t.TempDir(), "mnt")
@@ -628,7 +629,7 @@ func TestUnmountHeldByAnotherMount(t *testing.T) {
 // path is gone for a moment) and checks that a later Unmount tries again
 // instead of repeating the first failure.
 func TestUnmountRetriedAfterFailure(t *testing.T) {
-	requireFUSE(t)
+	testutil.RequireFUSE(t)
 	l := newFakeLayer()
 	l.file("f", []byte("data"))
 	root := t.TempDir()
@@ -666,7 +667,7 @@ func TestUnmountRetriedAfterFailure(t *testing.T) {
 // at once, the open file keeps working, and Unmount returns once it is
 // closed.
 func TestUnmountBusy(t *testing.T) {
-	requireFUSE(t)
+	testutil.RequireFUSE(t)
 	l := newFakeLayer()
 	l.file("f", []byte("still readable"))
 	mp := filepath.Join(t.TempDir(), "mnt")
@@ -713,7 +714,7 @@ func TestUnmountBusy(t *testing.T) {
 // serving a fake layer at a fresh mountpoint, so a test can kill it.
 func startHelperDaemon(t *testing.T) (string, *exec.Cmd) {
 	t.Helper()
-	requireFUSE(t)
+	testutil.RequireFUSE(t)
 	mp := filepath.Join(t.TempDir(), "mnt")
 	if err := os.Mkdir(mp, 0o755); err != nil {
 		t.Fatal(err)

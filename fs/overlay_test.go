@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/layer"
 )
 
@@ -137,7 +138,7 @@ func checkMerged(t *testing.T, merged string) {
 }
 
 func TestOverlay(t *testing.T) {
-	requireFUSE(t)
+	testutil.RequireFUSE(t)
 	// Lower directory names with the characters the classic option
 	// string must escape.
 	merged := mountOverlayOf(t, overlayLayers(), func(i int) string {
@@ -149,7 +150,7 @@ func TestOverlay(t *testing.T) {
 // TestOverlayLowerdirPlus takes the path for lower lists too long for
 // mount(2)'s option page.
 func TestOverlayLowerdirPlus(t *testing.T) {
-	requireFUSE(t)
+	testutil.RequireFUSE(t)
 	long := func(i int) string { return strings.Repeat("l", 200) + string(rune('a'+i)) }
 	var mounted bool
 	merged := mountOverlayOf(t, overlayLayers(), long, func(lowers []string, target string) error {
@@ -172,7 +173,7 @@ func TestLowerdirOption(t *testing.T) {
 }
 
 func TestMountOverlayLongList(t *testing.T) {
-	requireFUSE(t)
+	testutil.RequireFUSE(t)
 	// Enough lowers with long names that lowerdir= exceeds a page, so
 	// MountOverlay itself must switch to lowerdir+.
 	var layers []*fakeLayer
@@ -197,7 +198,7 @@ func TestMountOverlayLongList(t *testing.T) {
 // TestMountOverlaySingleLower checks the read-only bind used for a
 // single lower, which overlayfs itself refuses without an upper.
 func TestMountOverlaySingleLower(t *testing.T) {
-	requireFUSE(t)
+	testutil.RequireFUSE(t)
 	l := newFakeLayer()
 	l.file("model.bin", []byte("weights"))
 	merged := mountOverlayOf(t, []*fakeLayer{l}, func(int) string { return "only" }, MountOverlay)
