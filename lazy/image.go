@@ -39,17 +39,18 @@ func (m *Manager) MountImage(ctx context.Context, ref, target, workdir string) (
 			im.Unmount()
 		}
 	}()
-	// The records spare every mount a resolve of the image; the layers
-	// above the first are opened while it is mounted.
+	// The record, and the image pinned by its digest, spare every mount a
+	// resolve; the layers above the first are opened while it is mounted.
 	m.record(img)
+	pinned := pinnedRef(img)
 	var above []digest.Digest
 	for _, l := range img.Layers[1:] {
 		above = append(above, l.Digest)
 	}
-	m.Warm(img.Ref.String(), above)
+	m.Warm(pinned, above)
 	for i, l := range img.Layers {
 		mp := filepath.Join(workdir, fmt.Sprintf("layer-%03d", i))
-		if err := m.Mount(ctx, mp, img.Ref.String(), l.Digest); err != nil {
+		if err := m.Mount(ctx, mp, pinned, l.Digest); err != nil {
 			return nil, fmt.Errorf("mounting layer %d (%s): %w", i, l.Digest, err)
 		}
 		im.layers = append(im.layers, mp)

@@ -34,22 +34,18 @@ type sharedLayer struct {
 	filled      chan struct{} // closed when background fill has returned
 }
 
-// open opens layer d of imageRef: its record, its blob in the cache, its
-// index, the segments of its large files, and its background fill.
-func (m *Manager) open(ctx context.Context, imageRef string, d digest.Digest) (*sharedLayer, error) {
-	rec, err := m.describe(ctx, imageRef, d)
+// open opens the layer dl describes: its blob in the cache, its index,
+// the segments of its large files, and its background fill.
+func (m *Manager) open(ctx context.Context, dl described) (*sharedLayer, error) {
+	desc := dl.desc
+	rb, err := m.reg.OpenBlob(ctx, dl.repo, desc.Digest, desc.Size)
 	if err != nil {
 		return nil, err
 	}
-	rb, err := m.reg.OpenBlob(ctx, rec.Repo, d, rec.Size)
+	blob, err := m.store.Blob(desc.Digest, desc.Size, fetchFunc(rb))
 	if err != nil {
 		return nil, err
 	}
-	blob, err := m.store.Blob(d, rec.Size, fetchFunc(rb))
-	if err != nil {
-		return nil, err
-	}
-	desc := rec.descriptor(d)
 	// Read-ahead around the tar headers read to build the index waits
 	// until segment has given the large files their own cache files, so
 	// that their first spans are not written to the data file only to be
@@ -78,7 +74,7 @@ func (m *Manager) open(ctx context.Context, imageRef string, d digest.Digest) (*
 		sl.segment()
 	}
 	src.startReadAhead()
-	slog.Debug("layer opened", "layer", d, "index", indexed.Sub(t0), "segments", time.Since(indexed))
+	slog.Debug("layer opened", "layer", desc.Digest, "image", dl.image, "index", indexed.Sub(t0), "segments", time.Since(indexed))
 	if m.opt.backgroundFill && !l.Streamed {
 		go m.fillWhenUsed(bg, sl)
 	} else {
@@ -149,7 +145,7 @@ func (m *Manager) onRead(sl *sharedLayer, e *layer.Entry, off, n int64) {
 
 // closeLayer stops sl's background work and releases what it holds; the
 // refmap calls it when the last reference goes.
-func (m *Manager) closeLayer(_ digest.Digest, sl *sharedLayer) {
+func (m *Manager) closeLayer(_ layerKey, sl *sharedLayer) {
 	sl.cancel()
 	<-sl.filled
 	label := sl.desc.Digest.String()

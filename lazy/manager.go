@@ -52,7 +52,7 @@ type Manager struct {
 	reg    Registry
 	opt    options
 	sched  *prefetch.Scheduler
-	layers *refmap.Map[digest.Digest, *sharedLayer]
+	layers *refmap.Map[layerKey, *sharedLayer]
 	// serve mounts a layer; tests without FUSE replace it.
 	serve func(ctx context.Context, l *layer.Opened, mountpoint string, opts ...fs.Option) (mount, error)
 	// warmed, if set by a test, is told of each layer Warm has opened.
@@ -77,7 +77,7 @@ type mount interface {
 }
 
 type layerMount struct {
-	ref   *refmap.Ref[digest.Digest, *sharedLayer]
+	ref   *refmap.Ref[layerKey, *sharedLayer]
 	mount mount
 }
 
@@ -116,17 +116,23 @@ func (m *Manager) begin(ctx context.Context) (context.Context, func(), error) {
 	}, nil
 }
 
-// acquire returns a reference to the shared opened layer d, opening it on
-// first use.
-func (m *Manager) acquire(ctx context.Context, imageRef string, d digest.Digest) (*refmap.Ref[digest.Digest, *sharedLayer], error) {
-	return m.layers.Acquire(ctx, d, func(ctx context.Context) (*sharedLayer, error) {
-		return m.open(ctx, imageRef, d)
+// acquire returns a reference to the shared opened layer dl, opening it
+// on first use.
+func (m *Manager) acquire(ctx context.Context, dl described) (*refmap.Ref[layerKey, *sharedLayer], error) {
+	return m.layers.Acquire(ctx, dl.key(), func(ctx context.Context) (*sharedLayer, error) {
+		return m.open(ctx, dl)
 	})
 }
 
-// OpenLayers lists the layers open now, mounted or held by Warm; not
-// those still opening or already closing.
-func (m *Manager) OpenLayers() []digest.Digest { return m.layers.Open() }
+// OpenLayers lists the blobs of the layers open now, mounted or held by
+// Warm; not those still opening or already closing.
+func (m *Manager) OpenLayers() []digest.Digest {
+	var ds []digest.Digest
+	for _, k := range m.layers.Open() {
+		ds = append(ds, k.digest)
+	}
+	return ds
+}
 
 // Mount mounts layer d of image imageRef lazily at mountpoint. If ctx
 // ends or the Manager is closed before the mount is done, nothing stays
@@ -141,7 +147,11 @@ func (m *Manager) Mount(ctx context.Context, mountpoint, imageRef string, d dige
 	if m.mounted(mountpoint) {
 		return fmt.Errorf("a layer is already mounted at %s: %w", mountpoint, iofs.ErrExist)
 	}
-	ref, err := m.acquire(ctx, imageRef, d)
+	dl, err := m.describe(ctx, imageRef, d)
+	if err != nil {
+		return err
+	}
+	ref, err := m.acquire(ctx, dl)
 	if err != nil {
 		return err
 	}
@@ -186,9 +196,9 @@ func (m *Manager) register(ctx context.Context, mountpoint string, lm *layerMoun
 	defer m.mu.Unlock()
 	switch {
 	case m.closed:
-		return fmt.Errorf("mount layer %s: %w", lm.ref.Key(), ErrClosed)
+		return fmt.Errorf("mount layer %s: %w", lm.ref.Key().digest, ErrClosed)
 	case ctx.Err() != nil:
-		return fmt.Errorf("mount layer %s: %w", lm.ref.Key(), ctx.Err())
+		return fmt.Errorf("mount layer %s: %w", lm.ref.Key().digest, ctx.Err())
 	case m.mounts[mountpoint] != nil:
 		return fmt.Errorf("a layer is already mounted at %s: %w", mountpoint, iofs.ErrExist)
 	}
@@ -238,7 +248,7 @@ func (m *Manager) Unmount(ctx context.Context, mountpoint string) error {
 // releaseWhenDone releases ref once mnt's server has exited: at once after
 // a clean unmount; a mount detached while busy serves its last users
 // first.
-func (m *Manager) releaseWhenDone(ref *refmap.Ref[digest.Digest, *sharedLayer], mnt mount) {
+func (m *Manager) releaseWhenDone(ref *refmap.Ref[layerKey, *sharedLayer], mnt mount) {
 	select {
 	case <-mnt.Done():
 		ref.Release()

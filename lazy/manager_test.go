@@ -380,12 +380,47 @@ func TestWarmLetsGoAfterItsHold(t *testing.T) {
 	closed := make(chan digest.Digest, 1)
 	m, _ := newTestManager(t, WithWarmHold(time.Millisecond))
 	closeLayer := m.closeLayer
-	m.layers = refmap.New(func(d digest.Digest, sl *sharedLayer) {
-		closeLayer(d, sl)
-		closed <- d
+	m.layers = refmap.New(func(k layerKey, sl *sharedLayer) {
+		closeLayer(k, sl)
+		closed <- k.digest
 	})
 	m.Warm(ref, ds)
 	if d := <-closed; d != ds[0] {
 		t.Fatalf("closed %s", d)
+	}
+}
+
+// Two images that name one blob but say different things of it (media
+// type, DiffID, annotations) get the facts of their own manifest, and do
+// not share an opened layer: no image changes what another's pods read.
+func TestImagesDoNotShareWhatTheySayOfABlob(t *testing.T) {
+	g := newGatedRegistry(t)
+	tarb := tarOf(t, "models/f", "weights")
+	honest := testutil.EncodeLayers(t, [][]byte{tarb}, testutil.FormatTar)
+	liar := []testutil.LayerBlob{{Blob: tarb, MediaType: honest[0].MediaType,
+		DiffID:      digest.FromString("another layer").String(),
+		Annotations: map[string]string{"org.opencontainers.image.title": "lie"}}}
+	refLiar := testutil.PushImage(t, g.addr(), "liar:v1", liar)
+	refHonest := testutil.PushImage(t, g.addr(), "honest:v1", honest)
+	d := digest.Digest(honest[0].Digest())
+
+	m, fake := newTestManager(t)
+	dir := t.TempDir()
+	if err := m.Mount(t.Context(), filepath.Join(dir, "liar"), refLiar, d); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Mount(t.Context(), filepath.Join(dir, "honest"), refHonest, d); err != nil {
+		t.Fatal(err)
+	}
+	live := fake.live()
+	if len(live) != 2 || live[0].l == live[1].l {
+		t.Fatal("the two images share one opened layer")
+	}
+	dl, err := m.describe(t.Context(), refHonest, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dl.desc.DiffID.String() != honest[0].DiffID || len(dl.desc.Annotations) != 0 {
+		t.Fatalf("the honest image's layer is described as %+v", dl.desc)
 	}
 }

@@ -2,9 +2,13 @@ package lazy
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	iofs "io/fs"
+	"maps"
+	"slices"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/opencontainers/go-digest"
@@ -13,61 +17,114 @@ import (
 	"github.com/weightsnap/weightsnap/remote"
 )
 
-// layerRecord is what the Manager remembers of a layer so that a remount
-// after a restart needs no manifest from the registry.
+// A layer's facts (media type, size, DiffID, annotations) come from the
+// manifest and config of the image being mounted, never from another
+// image that named the same blob: an image is resolved by digest (the CRI
+// passes the manifest digest), and what the Manager keeps of it is kept
+// under the digest its manifest bytes hashed to. A remount after a restart
+// then needs no registry.
+
+// imageRecord is what the Manager keeps of one image manifest.
+type imageRecord struct {
+	Layers []layerRecord `json:"layers"`
+}
+
+// layerRecord is one layer of an imageRecord.
 type layerRecord struct {
-	Repo        string            `json:"repo"`
+	Digest      digest.Digest     `json:"digest"`
 	MediaType   string            `json:"mediaType"`
 	Size        int64             `json:"size"`
 	DiffID      digest.Digest     `json:"diffID"`
 	Annotations map[string]string `json:"annotations,omitempty"`
 }
 
-func recordName(d digest.Digest) string { return "layer/" + d.Encoded() + ".json" }
-
-// descriptor is the layer descriptor of layer d with this record.
-func (r layerRecord) descriptor(d digest.Digest) layer.Descriptor {
-	return layer.Descriptor{Digest: d, Size: r.Size, MediaType: r.MediaType, DiffID: r.DiffID, Annotations: r.Annotations}
+func imageRecordName(manifest digest.Digest) string {
+	return "image/" + manifest.Algorithm().String() + "-" + manifest.Encoded() + ".json"
 }
 
-// describe returns the record of layer d of imageRef, resolving the image
-// only when the record is not yet kept. The blob is fetched from imageRef's
-// repository, whichever repository first recorded the layer.
-func (m *Manager) describe(ctx context.Context, imageRef string, d digest.Digest) (layerRecord, error) {
-	var rec layerRecord
-	if b, err := m.store.GetMeta(recordName(d)); err == nil && json.Unmarshal(b, &rec) == nil && rec.Size > 0 {
-		if ref, err := name.ParseReference(imageRef); err == nil {
-			rec.Repo = ref.Context().Name()
+// described is a layer of a resolved image: where to fetch it and what
+// its manifest says of it.
+type described struct {
+	image string // the image, pinned by its manifest digest
+	repo  string // where the blob is fetched: the image's repository
+	desc  layer.Descriptor
+}
+
+// key is what layers are shared by: the blob, and every fact of the
+// manifest that changes how the blob is read. Two images that say the
+// same of a blob share its opened layer; one that says otherwise gets one
+// of its own, and cannot change what the other's pods read.
+func (d described) key() layerKey {
+	b, _ := json.Marshal([]any{d.desc.MediaType, d.desc.Size, d.desc.DiffID, sortedAnnotations(d.desc.Annotations)})
+	sum := sha256.Sum256(b)
+	return layerKey{digest: d.desc.Digest, facts: hex.EncodeToString(sum[:8])}
+}
+
+// layerKey names a shared opened layer.
+type layerKey struct {
+	digest digest.Digest
+	facts  string
+}
+
+func sortedAnnotations(a map[string]string) [][2]string {
+	var kv [][2]string
+	for _, k := range slices.Sorted(maps.Keys(a)) {
+		kv = append(kv, [2]string{k, a[k]})
+	}
+	return kv
+}
+
+// describe returns layer d of imageRef as that image's manifest describes
+// it. An image named by digest is looked up in the records first; any
+// other is resolved (tags move).
+func (m *Manager) describe(ctx context.Context, imageRef string, d digest.Digest) (described, error) {
+	rec, pinned, err := m.imageRecord(ctx, imageRef)
+	if err != nil {
+		return described{}, err
+	}
+	ref, err := name.NewDigest(pinned)
+	if err != nil {
+		return described{}, err
+	}
+	for _, l := range rec.Layers {
+		if l.Digest == d {
+			desc := layer.Descriptor{Digest: d, Size: l.Size, MediaType: l.MediaType, DiffID: l.DiffID, Annotations: l.Annotations}
+			return described{image: pinned, repo: ref.Context().Name(), desc: desc}, nil
 		}
-		return rec, nil
+	}
+	return described{}, fmt.Errorf("layer %s is not in image %s: %w", d, imageRef, iofs.ErrNotExist)
+}
+
+// imageRecord returns the record of imageRef and the reference pinned by
+// its manifest digest.
+func (m *Manager) imageRecord(ctx context.Context, imageRef string) (imageRecord, string, error) {
+	var rec imageRecord
+	if r, err := name.NewDigest(imageRef); err == nil {
+		if b, err := m.store.GetMeta(imageRecordName(digest.Digest(r.DigestStr()))); err == nil && json.Unmarshal(b, &rec) == nil {
+			return rec, imageRef, nil
+		}
 	}
 	img, err := m.reg.Resolve(ctx, imageRef)
 	if err != nil {
-		return rec, err
+		return rec, "", err
 	}
-	for _, l := range m.record(img) {
-		if l.digest == d {
-			return l.layerRecord, nil
-		}
-	}
-	return rec, fmt.Errorf("layer %s is not in image %s: %w", d, imageRef, iofs.ErrNotExist)
+	return m.record(img), pinnedRef(img), nil
 }
 
-// recorded is a layer's record with its digest.
-type recorded struct {
-	digest digest.Digest
-	layerRecord
+// pinnedRef is img's reference by the digest of its manifest.
+func pinnedRef(img *remote.Image) string {
+	return img.Ref.Context().Name() + "@" + img.Digest.String()
 }
 
-// record keeps the records of img's layers and returns them.
-func (m *Manager) record(img *remote.Image) []recorded {
-	var recs []recorded
+// record keeps what img's manifest and config say of its layers, under
+// the manifest's digest, and returns it.
+func (m *Manager) record(img *remote.Image) imageRecord {
+	var rec imageRecord
 	for _, l := range img.Layers {
-		r := layerRecord{Repo: img.Ref.Context().Name(), MediaType: l.MediaType, Size: l.Size, DiffID: l.DiffID, Annotations: l.Annotations}
-		if b, err := json.Marshal(r); err == nil {
-			_ = m.store.PutMeta(recordName(l.Digest), b)
-		}
-		recs = append(recs, recorded{l.Digest, r})
+		rec.Layers = append(rec.Layers, layerRecord{Digest: l.Digest, MediaType: l.MediaType, Size: l.Size, DiffID: l.DiffID, Annotations: l.Annotations})
 	}
-	return recs
+	if b, err := json.Marshal(rec); err == nil {
+		_ = m.store.PutMeta(imageRecordName(img.Digest), b)
+	}
+	return rec
 }

@@ -18,7 +18,7 @@ import (
 // download. A layer nobody mounts within the warm hold (WithWarmHold) is
 // closed again; its background fill waits for a mount.
 func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
-	open := m.layers.Open()
+	open := m.OpenLayers()
 	var todo []digest.Digest
 	for _, d := range layers {
 		if !slices.Contains(open, d) && !slices.Contains(todo, d) {
@@ -35,21 +35,25 @@ func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
 	slog.Debug("warming layers", "image", imageRef, "layers", len(todo))
 	go func() {
 		defer done()
+		// One resolve of a tag for all the layers.
+		_, pinned, err := m.imageRecord(ctx, imageRef)
+		if err != nil {
+			slog.Debug("warming layers", "image", imageRef, "err", err)
+			return
+		}
 		var g errgroup.Group
 		g.SetLimit(maxWarming)
 		for _, d := range todo {
-			// In turn: the first layer without a record resolves the
-			// image, which records every layer for the others.
-			rec, err := m.describe(ctx, imageRef, d)
+			dl, err := m.describe(ctx, pinned, d)
 			if err != nil {
 				slog.Debug("warming layer", "layer", d, "image", imageRef, "err", err)
 				continue
 			}
-			if !layer.MayBeRandomAccess(rec.descriptor(d)) {
+			if !layer.MayBeRandomAccess(dl.desc) {
 				continue
 			}
 			g.Go(func() error {
-				m.warmLayer(ctx, imageRef, d)
+				m.warmLayer(ctx, dl)
 				return nil
 			})
 			if ctx.Err() != nil {
@@ -63,14 +67,14 @@ func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
 // warmLayer opens layer d and holds it open for the warm hold. It returns
 // once the layer is open, giving its place among the layers opening at
 // once to the next.
-func (m *Manager) warmLayer(ctx context.Context, imageRef string, d digest.Digest) {
-	ref, err := m.acquire(ctx, imageRef, d)
+func (m *Manager) warmLayer(ctx context.Context, dl described) {
+	ref, err := m.acquire(ctx, dl)
 	if err != nil {
-		slog.Debug("warming layer", "layer", d, "image", imageRef, "err", err)
+		slog.Debug("warming layer", "layer", dl.desc.Digest, "image", dl.image, "err", err)
 		return
 	}
 	ref.ReleaseAfter(m.opt.warmHold)
 	if m.warmed != nil {
-		m.warmed(d)
+		m.warmed(dl.desc.Digest)
 	}
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/log"
 	stargz "github.com/containerd/stargz-snapshotter/snapshot"
+	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -44,6 +45,9 @@ const (
 	// LabelImageLayers lists (comma-separated) layer digests of the image,
 	// for snapshotters that prepare layers in parallel.
 	LabelImageLayers = snapshotters.TargetImageLayersLabel
+	// LabelManifestDigest is the digest of the image manifest the layer
+	// belongs to.
+	LabelManifestDigest = snapshotters.TargetManifestDigestLabel
 
 	// labelRemote is set by stargz-snapshotter's snapshot package on the
 	// snapshots it committed remotely.
@@ -142,7 +146,10 @@ func otherLayers(label string, self digest.Digest) []digest.Digest {
 	return ds
 }
 
-// layerOf returns the image reference and layer digest of a Prepare's labels.
+// layerOf returns the image reference and layer digest of a Prepare's
+// labels. The reference is pinned by the manifest digest when containerd
+// gives it: the layer is then described by exactly the manifest containerd
+// pulled, whatever its tag names by now.
 func layerOf(labels map[string]string) (string, digest.Digest, error) {
 	ref, d := labels[LabelImageRef], labels[LabelLayerDigest]
 	if ref == "" || d == "" {
@@ -152,7 +159,18 @@ func layerOf(labels map[string]string) (string, digest.Digest, error) {
 	if err != nil {
 		return "", "", fmt.Errorf("label %s: %w", LabelLayerDigest, err)
 	}
-	return ref, dg, nil
+	md := labels[LabelManifestDigest]
+	if md == "" {
+		return ref, dg, nil
+	}
+	if _, err := digest.Parse(md); err != nil {
+		return "", "", fmt.Errorf("label %s: %w", LabelManifestDigest, err)
+	}
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		return "", "", fmt.Errorf("label %s: %w", LabelImageRef, err)
+	}
+	return r.Context().Name() + "@" + md, dg, nil
 }
 
 // snapshotter is stargz-snapshotter's snapshotter with a Usage that counts

@@ -82,8 +82,11 @@ func (f *fakeMounter) mountCount() int {
 }
 
 const (
-	testRef   = "registry.example/models/llm:v1"
-	testLayer = digest.Digest("sha256:1111111111111111111111111111111111111111111111111111111111111111")
+	testRef      = "registry.example/models/llm:v1"
+	testManifest = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
+	// testPinned is testRef pinned by the manifest digest containerd gave.
+	testPinned = "registry.example/models/llm@" + testManifest
+	testLayer  = digest.Digest("sha256:1111111111111111111111111111111111111111111111111111111111111111")
 )
 
 // remoteLabels are the labels containerd's unpacker sends for a layer
@@ -94,7 +97,7 @@ func remoteLabels(target string) map[string]string {
 		LabelImageRef:       testRef,
 		LabelLayerDigest:    testLayer.String(),
 		"containerd.io/snapshot/cri.image-layers":    testLayer.String(),
-		"containerd.io/snapshot/cri.manifest-digest": "sha256:2222222222222222222222222222222222222222222222222222222222222222",
+		"containerd.io/snapshot/cri.manifest-digest": testManifest,
 	}
 }
 
@@ -122,7 +125,7 @@ func TestRemotePrepareCommitsLazily(t *testing.T) {
 	if !errdefs.IsAlreadyExists(err) {
 		t.Fatalf("Prepare of a remote layer = %v, want ErrAlreadyExists", err)
 	}
-	if got, want := m.calls, []string{testRef + "@" + testLayer.String()}; len(got) != 1 || got[0] != want[0] {
+	if got, want := m.calls, []string{testPinned + "@" + testLayer.String()}; len(got) != 1 || got[0] != want[0] {
 		t.Fatalf("Mount calls = %v, want %v", got, want)
 	}
 	info, err := sn.Stat(ctx, chainID)
@@ -262,7 +265,7 @@ func TestRestore(t *testing.T) {
 	m2 := newFakeMounter()
 	sn2 := newTestSnapshotter(t, root, m2)
 	t.Cleanup(func() { sn2.Close() })
-	if got := m2.calls; len(got) != 1 || got[0] != testRef+"@"+testLayer.String() {
+	if got := m2.calls; len(got) != 1 || got[0] != testPinned+"@"+testLayer.String() {
 		t.Fatalf("Mount calls at restore = %v", got)
 	}
 	if _, err := sn2.Prepare(ctx, "volume", chainID); err != nil {
@@ -374,5 +377,22 @@ func TestRemotePrepareWarmsOtherLayers(t *testing.T) {
 	}
 	if len(m.calls) != 1 {
 		t.Fatalf("Mount calls = %v, want the layer's one", m.calls)
+	}
+}
+
+// A layer is mounted as part of the manifest containerd pulled, whatever
+// its tag names by now; without the manifest label, the reference as is.
+func TestLayerOfPinsTheManifest(t *testing.T) {
+	labels := remoteLabels("chain")
+	if ref, d, err := layerOf(labels); err != nil || ref != testPinned || d != testLayer {
+		t.Fatalf("layerOf = %q, %s, %v; want %q", ref, d, err, testPinned)
+	}
+	delete(labels, LabelManifestDigest)
+	if ref, _, err := layerOf(labels); err != nil || ref != testRef {
+		t.Fatalf("without the manifest label: %q, %v; want %q", ref, err, testRef)
+	}
+	labels[LabelManifestDigest] = "sha256:nothex"
+	if _, _, err := layerOf(labels); err == nil {
+		t.Fatal("a malformed manifest digest label was accepted")
 	}
 }
