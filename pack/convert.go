@@ -62,10 +62,12 @@ func withChunkTables(img v1.Image) (v1.Image, error) {
 		return nil, err
 	}
 	m = m.DeepCopy()
+	changed := false
 	for i, desc := range m.Layers {
 		if _, err := chunks.Parse(desc.Annotations[chunks.Annotation], desc.Size); err == nil {
 			continue
 		}
+		changed = true
 		t, err := layerTable(img, desc)
 		if err != nil {
 			return nil, fmt.Errorf("layer %d (%s): %w", i, desc.Digest, err)
@@ -76,6 +78,9 @@ func withChunkTables(img v1.Image) (v1.Image, error) {
 		}
 		ann[chunks.Annotation] = t.Encode()
 		m.Layers[i].Annotations = ann
+	}
+	if !changed {
+		return img, nil // the same manifest bytes, so the same digest
 	}
 	raw, err := json.Marshal(m)
 	if err != nil {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -148,4 +149,29 @@ func mustRef(t *testing.T, s string) name.Reference {
 		t.Fatal(err)
 	}
 	return r
+}
+
+// Every layer pack makes carries its chunk table.
+func TestPackWritesChunkTables(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "tiny-llama")
+	writeModel(t, dir, modelSpec(), 0o644)
+	img := build(t, dir, Options{LargeFileThreshold: 1 << 10})
+	m, err := img.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.Layers) < 2 {
+		t.Fatalf("%d layers, want a layer of small files and one per large file", len(m.Layers))
+	}
+	for _, desc := range m.Layers {
+		checkTable(t, img, desc)
+	}
+	// Convert leaves a packed image as it is.
+	out, err := withChunkTables(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if digestOf(t, out) != digestOf(t, img) {
+		t.Error("converting a packed image changed its manifest")
+	}
 }

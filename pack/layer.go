@@ -15,6 +15,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/weightsnap/weightsnap/chunks"
 )
 
 // layer is an uncompressed tar layer streamed from files on disk. Its blob
@@ -61,15 +63,22 @@ func (l *layer) Uncompressed() (io.ReadCloser, error) {
 	return &verifyingReader{r: pr, hash: sha256.New(), want: l.digest, size: l.size}, nil
 }
 
-// hash computes the layer's digest and size by writing its tar once.
+// hash computes the layer's digest, size and chunk table by writing its
+// tar once. The table goes into the layer's annotations, so that a node
+// can check every range it fetches.
 func (l *layer) hash(ctx context.Context) error {
 	h := sha256.New()
-	cw := &countingWriter{w: h}
+	table := chunks.NewWriter(chunks.DefaultChunkSize)
+	cw := &countingWriter{w: io.MultiWriter(h, table)}
 	if err := writeTar(ctx, cw, l.entries); err != nil {
 		return err
 	}
 	l.digest = v1.Hash{Algorithm: "sha256", Hex: hex.EncodeToString(h.Sum(nil))}
 	l.size = cw.n
+	if l.annotations == nil {
+		l.annotations = map[string]string{}
+	}
+	l.annotations[chunks.Annotation] = table.Table().Encode()
 	return nil
 }
 

@@ -1,6 +1,7 @@
 // Command weightsnap is the operator's CLI: pack a model directory into an
-// image made for lazy loading, mount an image lazily without containerd,
-// and run the demo and the benchmark.
+// image made for lazy loading, convert an existing image into one whose
+// every range can be checked, mount an image lazily without containerd,
+// and run the demo.
 package main
 
 import (
@@ -30,6 +31,7 @@ const usage = `usage: weightsnap <command> [flags]
 
 commands:
   pack  [--threshold SIZE] [--plain-http] DIR REF   turn a model directory into an image made for lazy loading
+  convert [--plain-http] SRC DST                  push SRC as DST with a chunk table on every layer (no blob is uploaded)
   mount [--plain-http] [--cache-dir DIR] REF MOUNTPOINT
                                                   mount an image lazily; unmounts and exits on SIGINT/SIGTERM
   demo  [--size SIZE]                             the main job on an embedded registry and a generated model
@@ -47,6 +49,8 @@ func main() {
 	switch cmd, args := os.Args[1], os.Args[2:]; cmd {
 	case "pack":
 		err = runPack(ctx, args)
+	case "convert":
+		err = runConvert(ctx, args)
 	case "mount":
 		err = runMount(ctx, args)
 	case "demo":
@@ -87,6 +91,23 @@ func runPack(ctx context.Context, args []string) error {
 		return err
 	}
 	return pushWithProgress(ctx, img, ref, *plainHTTP)
+}
+
+func runConvert(ctx context.Context, args []string) error {
+	fl := flag.NewFlagSet("convert", flag.ContinueOnError)
+	plainHTTP := fl.Bool("plain-http", false, "use plain HTTP for the registry (automatic for localhost)")
+	if err := fl.Parse(args); err != nil {
+		return err
+	}
+	if fl.NArg() != 2 {
+		return fmt.Errorf("want SRC DST, got %d arguments", fl.NArg())
+	}
+	d, err := pack.Convert(ctx, fl.Arg(0), fl.Arg(1), *plainHTTP)
+	if err != nil {
+		return err
+	}
+	fmt.Println(d.String())
+	return nil
 }
 
 // pushWithProgress pushes img to ref, printing progress on stderr every
