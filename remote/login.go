@@ -21,6 +21,7 @@ type login struct {
 	reg  name.Registry
 	repo name.Repository
 	o    *options
+	rt   http.RoundTripper // carries the login's requests
 
 	mu      sync.Mutex
 	client  *http.Client
@@ -86,7 +87,7 @@ func (l *login) authenticate(ctx context.Context) (*http.Client, error) {
 	if err != nil {
 		return nil, permanent(fmt.Errorf("credentials for %s: %w", host, err))
 	}
-	rt, err := transport.NewWithContext(ctx, l.reg, auth, l.o.transport, []string{l.repo.Scope(transport.PullScope)})
+	rt, err := transport.NewWithContext(ctx, l.reg, auth, l.rt, []string{l.repo.Scope(transport.PullScope)})
 	if err != nil {
 		var terr *transport.Error
 		if errors.As(err, &terr) && (terr.StatusCode == http.StatusUnauthorized || terr.StatusCode == http.StatusForbidden) {

@@ -24,8 +24,11 @@ type Option func(*options)
 type Endpoint struct {
 	// Host is host[:port] of the endpoint.
 	Host string
-	// PlainHTTP makes the endpoint be spoken to over plain HTTP.
-	PlainHTTP bool
+	// Scheme is "https" (HTTPS only) or "http" (plain HTTP allowed; HTTPS
+	// is tried first). Empty means "http" for a loopback host (127.0.0.0/8,
+	// ::1, localhost), where registries for tests and `weightsnap mount`
+	// run, and "https" for any other host, private addresses included.
+	Scheme string
 	// Path is the API root that replaces "/v2" in request paths, as in the
 	// path of a containerd hosts.toml host URL (for example "/cache/v2").
 	// Empty means "/v2".
@@ -68,9 +71,9 @@ func newOptions(opts []Option) *options {
 	return o
 }
 
-// WithPlainHTTP makes every registry be spoken to over plain HTTP (with
-// go-containerregistry's HTTPS-first fallback). Registries on localhost,
-// 127.0.0.1, ::1 and private addresses use plain HTTP without it.
+// WithPlainHTTP lets every registry endpoint be spoken to over plain HTTP,
+// as if its Scheme were "http" (HTTPS is still tried first). Without it,
+// only loopback hosts and endpoints whose Scheme is "http" are.
 func WithPlainHTTP(plain bool) Option {
 	return func(o *options) { o.plainHTTP = plain }
 }

@@ -70,9 +70,9 @@ func TestHostsMirrors(t *testing.T) {
 	mirrors := hostsMirrors(context.Background(), dir)
 	got := mirrors("registry.example:5000")
 	want := []remote.Endpoint{
-		{Host: "127.0.0.1:5001", PlainHTTP: true},
-		{Host: "mirror.example", Path: "/cache/v2"},
-		{Host: "registry.example:5000", PlainHTTP: true},
+		{Host: "127.0.0.1:5001", Scheme: "http"},
+		{Host: "mirror.example", Scheme: "https", Path: "/cache/v2"},
+		{Host: "registry.example:5000", Scheme: "http"},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("endpoints = %+v\nwant %+v", got, want)

@@ -36,7 +36,7 @@ func hostsMirrors(ctx context.Context, configPath string) func(registry string) 
 			if h.Capabilities&docker.HostCapabilityPull == 0 {
 				continue
 			}
-			ep := remote.Endpoint{Host: h.Host, PlainHTTP: h.Scheme == "http"}
+			ep := remote.Endpoint{Host: h.Host, Scheme: h.Scheme}
 			if h.Path != "" && h.Path != "/v2" {
 				ep.Path = h.Path
 			}
