@@ -1,7 +1,9 @@
 package remote
 
 import (
+	"crypto/tls"
 	"fmt"
+	"net/http"
 	"net/url"
 	"strings"
 	"sync"
@@ -39,10 +41,15 @@ type loginKey struct {
 }
 
 // hostState is what the Client learned about one endpoint host, shared by
-// every repository on it.
+// every repository on it, and the host's transport.
 type hostState struct {
 	downUntil    atomic.Int64 // unix nanoseconds; a mirror is skipped until then
 	rangeIgnored atomic.Bool  // it answered a Range request with the whole blob
+
+	tr atomic.Pointer[http.Transport]
+	// mu serializes configure; tlsConfig is the configuration tr was made for.
+	mu        sync.Mutex
+	tlsConfig *tls.Config
 }
 
 func (h *hostState) down(now time.Time) bool { return h.downUntil.Load() > now.UnixNano() }
@@ -58,16 +65,16 @@ func New(opts ...Option) *Client {
 }
 
 // login returns the login to repo on reg over scheme, made when first
-// asked for.
-func (c *Client) login(scheme string, reg name.Registry, repo name.Repository) *login {
+// asked for, whose requests go through h.
+func (c *Client) login(scheme string, reg name.Registry, repo name.Repository, h *hostState) *login {
 	k := loginKey{scheme: scheme, host: reg.RegistryStr(), repo: repo.RepositoryStr()}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	l := c.logins[k]
 	if l == nil {
-		rt := c.o.transport
+		var rt http.RoundTripper = h
 		if scheme == "https" {
-			rt = httpsOnly{registry: reg.RegistryStr(), next: rt}
+			rt = httpsOnly{registry: reg.RegistryStr(), next: h}
 		}
 		l = &login{reg: reg, repo: repo, o: c.o, rt: rt}
 		c.logins[k] = l
@@ -75,15 +82,17 @@ func (c *Client) login(scheme string, reg name.Registry, repo name.Repository) *
 	return l
 }
 
-// host returns the state of the endpoint host reg.
-func (c *Client) host(reg name.Registry) *hostState {
+// host returns the state of the endpoint host reg, its transport
+// configured for tlsConfig.
+func (c *Client) host(reg name.Registry, tlsConfig *tls.Config) *hostState {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	h := c.hosts[reg.RegistryStr()]
 	if h == nil {
 		h = &hostState{}
 		c.hosts[reg.RegistryStr()] = h
 	}
+	c.mu.Unlock()
+	h.configure(c.o.transport, tlsConfig)
 	return h
 }
 
@@ -136,7 +145,8 @@ func (c *Client) endpoint(ep Endpoint, repo name.Repository, origin string) (*en
 		root = "/v2"
 	}
 	r := reg.Repo(repo.RepositoryStr())
-	e := &endpoint{host: ep.Host, scheme: scheme, root: root, reg: reg, repo: r, o: c.o, auth: c.login(scheme, reg, r), state: c.host(reg)}
+	h := c.host(reg, ep.TLS)
+	e := &endpoint{host: ep.Host, scheme: scheme, root: root, reg: reg, repo: r, o: c.o, auth: c.login(scheme, reg, r, h), state: h}
 	if registryHost(reg) != origin {
 		e.query = "?" + url.Values{"ns": {origin}}.Encode()
 	}

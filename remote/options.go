@@ -6,10 +6,9 @@ package remote
 
 import (
 	"context"
-	"net"
+	"crypto/tls"
 	"net/http"
 	"runtime"
-	"sync"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -33,12 +32,16 @@ type Endpoint struct {
 	// path of a containerd hosts.toml host URL (for example "/cache/v2").
 	// Empty means "/v2".
 	Path string
+	// TLS is the TLS configuration of HTTPS to this endpoint (its roots,
+	// client certificates, verification), as hosts.toml "ca", "client" and
+	// "skip_verify" make it. Nil means the transport's own (WithTransport).
+	TLS *tls.Config
 }
 
 type options struct {
 	plainHTTP bool
 	keychain  authn.Keychain
-	transport http.RoundTripper
+	transport *http.Transport
 	attempts  int
 	base      time.Duration
 	stall     time.Duration
@@ -59,7 +62,7 @@ const (
 func newOptions(opts []Option) *options {
 	o := &options{
 		keychain:  authn.DefaultKeychain,
-		transport: defaultTransport(),
+		transport: newTransport(),
 		attempts:  defaultAttempts,
 		base:      defaultBase,
 		stall:     defaultStall,
@@ -88,13 +91,15 @@ func WithKeychain(k authn.Keychain) Option {
 	}
 }
 
-// WithTransport sets the HTTP transport under authentication. The default is
-// a shared, keep-alive transport tuned for many parallel range requests.
-// It should not transparently decompress responses.
-func WithTransport(rt http.RoundTripper) Option {
+// WithTransport sets the template of the HTTP transports under
+// authentication; the default keeps connections alive for many parallel
+// range requests. Each endpoint host gets a clone of it with the host's TLS
+// configuration (Endpoint.TLS). It should not transparently decompress
+// responses.
+func WithTransport(t *http.Transport) Option {
 	return func(o *options) {
-		if rt != nil {
-			o.transport = rt
+		if t != nil {
+			o.transport = t
 		}
 	}
 }
@@ -149,24 +154,3 @@ func reasonOf(ctx context.Context) string {
 	}
 	return "ondemand"
 }
-
-// defaultTransport is shared by every Client so that connections to a
-// registry are reused across layers and mounts.
-var defaultTransport = sync.OnceValue(func() http.RoundTripper {
-	return &http.Transport{
-		Proxy: http.ProxyFromEnvironment,
-		DialContext: (&net.Dialer{
-			Timeout:   10 * time.Second,
-			KeepAlive: 30 * time.Second,
-		}).DialContext,
-		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          256,
-		MaxIdleConnsPerHost:   64,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   10 * time.Second,
-		ExpectContinueTimeout: time.Second,
-		// Range responses must arrive byte for byte as stored; Go would
-		// otherwise ask for gzip and decompress transparently.
-		DisableCompression: true,
-	}
-})

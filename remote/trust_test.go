@@ -2,6 +2,7 @@ package remote
 
 import (
 	"crypto/tls"
+	"errors"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -134,5 +135,36 @@ func TestScopeOf(t *testing.T) {
 		if got := scopeOf(netip.MustParseAddr(addr)); got != want {
 			t.Errorf("scopeOf(%s) = %q, want %q", addr, got, want)
 		}
+	}
+}
+
+// TestEndpointTLS: an endpoint's own TLS configuration is used for it, and
+// an equal configuration given again (hosts.toml is read for each blob)
+// keeps the host's connections.
+func TestEndpointTLS(t *testing.T) {
+	reg := newTestRegistry(t, nil)
+	img := randomImage(t, 4096, 3)
+	reg.pushImage(t, "models/llm:v1", img)
+	blobs := layerBlobs(t, img)
+	ca := testutil.NewCA(t)
+	mirror := ca.StartTLS(t, reg.handler, nil, "127.0.0.1")
+	mirrorHost := strings.TrimPrefix(mirror.URL, "https://")
+	var tlsConfig func() *tls.Config
+	opt := WithMirrors(func(string) []Endpoint {
+		return []Endpoint{{Host: mirrorHost, Scheme: "https", TLS: tlsConfig()}}
+	})
+	var dials testutil.FakeNet // nothing routed: it only counts
+	c := New(fastRetry, opt, WithTransport(&http.Transport{DialContext: dials.DialContext}))
+
+	tlsConfig = func() *tls.Config { return &tls.Config{RootCAs: ca.Pool()} }
+	readEach(t, c, reg.host()+"/models/llm", blobs)
+	if n := dials.Dials(mirrorHost); n != 1 {
+		t.Errorf("%d blobs read one at a time: %d connections, want 1", len(blobs), n)
+	}
+
+	tlsConfig = func() *tls.Config { return &tls.Config{RootCAs: testutil.NewCA(t).Pool()} }
+	d, data := anyBlob(t, img)
+	if err := readBlob(t.Context(), c, reg.host()+"/models/llm", d, data); !errors.As(err, new(*tls.CertificateVerificationError)) {
+		t.Errorf("read with another CA: %v, want a certificate verification error", err)
 	}
 }

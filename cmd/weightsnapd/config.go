@@ -62,8 +62,9 @@ type CacheConfig struct {
 // RegistryConfig configures registry access.
 type RegistryConfig struct {
 	// ConfigPath is a containerd hosts directory (certs.d layout:
-	// <config_path>/<host[:port]>/hosts.toml) giving mirrors and plain-HTTP
-	// hosts. Point it at containerd's own config_path so both agree.
+	// <config_path>/<host[:port]>/hosts.toml) giving mirrors, plain-HTTP
+	// hosts and TLS settings (ca, client, skip_verify). Point it at
+	// containerd's own config_path so both agree.
 	ConfigPath string `toml:"config_path"`
 	// PlainHTTP allows plain HTTP (after trying HTTPS) to every registry.
 	// Without it, only loopback registries and http:// hosts in ConfigPath
