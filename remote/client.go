@@ -46,7 +46,8 @@ type hostState struct {
 	downUntil    atomic.Int64 // unix nanoseconds; a mirror is skipped until then
 	rangeIgnored atomic.Bool  // it answered a Range request with the whole blob
 
-	tr atomic.Pointer[http.Transport]
+	guard *guard
+	tr    atomic.Pointer[http.Transport]
 	// mu serializes configure; tlsConfig is the configuration tr was made for.
 	mu        sync.Mutex
 	tlsConfig *tls.Config
@@ -76,7 +77,7 @@ func (c *Client) login(scheme string, reg name.Registry, repo name.Repository, h
 		if scheme == "https" {
 			rt = httpsOnly{registry: reg.RegistryStr(), next: h}
 		}
-		l = &login{reg: reg, repo: repo, o: c.o, rt: rt}
+		l = &login{reg: reg, repo: repo, o: c.o, rt: rt, checkRedirect: h.guard.checkRedirect}
 		c.logins[k] = l
 	}
 	return l
@@ -88,7 +89,7 @@ func (c *Client) host(reg name.Registry, tlsConfig *tls.Config) *hostState {
 	c.mu.Lock()
 	h := c.hosts[reg.RegistryStr()]
 	if h == nil {
-		h = &hostState{}
+		h = &hostState{guard: newGuard(reg.RegistryStr())}
 		c.hosts[reg.RegistryStr()] = h
 	}
 	c.mu.Unlock()

@@ -112,8 +112,19 @@ func (e *endpoint) roundTrip(ctx context.Context, method, rawURL string, hdr htt
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return nil, nil, fail(err)
+		return nil, nil, fail(refusal(err))
 	}
 	wd.progress()
 	return resp, &body{resp: resp, ctx: actx, cancel: cancel, wd: wd, bytes: metrics.RegistryBytes.WithLabelValues(reasonOf(ctx))}, nil
+}
+
+// refusal is err without the url.Error around a refused redirect: the
+// refusal names the registry and the target, and the URL it would add may
+// carry a signed query.
+func refusal(err error) error {
+	var perm *permanentError
+	if errors.Is(err, ErrRedirectRefused) && errors.As(err, &perm) {
+		return perm
+	}
+	return err
 }

@@ -21,7 +21,9 @@ type login struct {
 	reg  name.Registry
 	repo name.Repository
 	o    *options
-	rt   http.RoundTripper // carries the login's requests
+	// rt carries the login's requests, checkRedirect judges their redirects.
+	rt            http.RoundTripper
+	checkRedirect func(*http.Request, []*http.Request) error
 
 	mu      sync.Mutex
 	client  *http.Client
@@ -98,7 +100,7 @@ func (l *login) authenticate(ctx context.Context) (*http.Client, error) {
 	// The transport adds credentials only for the registry's own host, and
 	// http.Client follows redirects above it, so redirected requests (blob
 	// storage) never carry the registry's Authorization.
-	return &http.Client{Transport: rt}, nil
+	return &http.Client{Transport: rt, CheckRedirect: l.checkRedirect}, nil
 }
 
 func isContextErr(err error) bool {

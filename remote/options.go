@@ -1,7 +1,10 @@
 // Package remote reads OCI images from registries for weightsnap: a Client
 // resolves a reference to an image manifest, config and layer list, and
 // reads layer blobs by HTTP Range GETs with retries, stall detection and
-// mirror fallback. It knows nothing of FUSE, caches or tar.
+// mirror fallback. It speaks HTTPS unless told otherwise, with each
+// endpoint's own TLS configuration, and follows no redirect to plain HTTP or
+// to this machine's services (trust.go). It knows nothing of FUSE, caches
+// or tar.
 package remote
 
 import (
@@ -94,8 +97,9 @@ func WithKeychain(k authn.Keychain) Option {
 // WithTransport sets the template of the HTTP transports under
 // authentication; the default keeps connections alive for many parallel
 // range requests. Each endpoint host gets a clone of it with the host's TLS
-// configuration (Endpoint.TLS). It should not transparently decompress
-// responses.
+// configuration (Endpoint.TLS) and a DialContext that checks where
+// redirects and token servers lead; DialTLSContext is not used. It should
+// not transparently decompress responses.
 func WithTransport(t *http.Transport) Option {
 	return func(o *options) {
 		if t != nil {

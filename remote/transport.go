@@ -11,10 +11,10 @@ import (
 
 // Each endpoint host has a transport of its own: a clone of the template
 // (WithTransport) with the host's TLS configuration (hosts.toml "ca",
-// "client", "skip_verify"). The mirrors are asked again for each image and
-// blob, so that hosts.toml edits apply without a restart; a host keeps its
-// transport, and its connections, until its TLS configuration really
-// changes.
+// "client", "skip_verify") and its guard on every dial. The mirrors are
+// asked again for each image and blob, so that hosts.toml edits apply
+// without a restart; a host keeps its transport, and its connections,
+// until its TLS configuration really changes.
 
 // RoundTrip sends req with the host's current transport.
 func (h *hostState) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -35,6 +35,15 @@ func (h *hostState) configure(template *http.Transport, cfg *tls.Config) {
 		cfg = cfg.Clone()
 		tr.TLSClientConfig = cfg.Clone() // the transport adds its ALPN protocols to its own
 	}
+	dial := tr.DialContext
+	if dial == nil {
+		dial = (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+	}
+	// Every connection goes through the guard, TLS ones included.
+	tr.DialContext = h.guard.dial(dial)
+	tr.DialTLSContext = nil
+	tr.DialTLS = nil
+	tr.Proxy = h.guard.proxy(tr.Proxy)
 	h.tlsConfig = cfg
 	if old := h.tr.Swap(tr); old != nil {
 		old.CloseIdleConnections()

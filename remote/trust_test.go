@@ -1,6 +1,8 @@
 package remote
 
 import (
+	"bytes"
+	"context"
 	"crypto/tls"
 	"errors"
 	"net"
@@ -54,6 +56,171 @@ func (f *fakeHosts) transport() *http.Transport {
 		DialContext:        f.net.DialContext,
 		TLSClientConfig:    &tls.Config{RootCAs: f.ca.Pool()},
 		DisableCompression: true,
+	}
+}
+
+// redirectBlobs answers every blob GET with a redirect to target followed
+// by the digest, and counts them.
+func redirectBlobs(h http.Handler, target string, gets *atomic.Int64) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if i := strings.Index(r.URL.Path, "/blobs/"); i >= 0 && r.Method == http.MethodGet {
+			gets.Add(1)
+			http.Redirect(w, r, target+r.URL.Path[i+len("/blobs/"):], http.StatusTemporaryRedirect)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// secretServer stands for a service that must never be read through a
+// registry: instance metadata, a node-local admin API. It answers anything
+// with a secret of size bytes, ranges included, and counts requests.
+func secretServer(size int) (http.Handler, *atomic.Int64, []byte) {
+	var hits atomic.Int64
+	secret := bytes.Repeat([]byte("SECRET-"), size/7+1)[:size]
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(secret))
+	}), &hits, secret
+}
+
+// TestRedirectToLocalServiceRefused: a registry that redirects a blob to a
+// loopback or metadata address must not make that service's answer the
+// blob's bytes.
+func TestRedirectToLocalServiceRefused(t *testing.T) {
+	f := newFakeHosts(t)
+	reg := newTestRegistry(t, nil)
+	img := randomImage(t, 4096, 1)
+	reg.pushImage(t, "models/llm:v1", img)
+	d, data := anyBlob(t, img)
+
+	secret, hits, secretBytes := secretServer(len(data))
+	plainSecret := httptest.NewServer(secret)
+	t.Cleanup(plainSecret.Close)
+	tlsSecret := f.ca.StartTLS(t, secret, nil, "localhost", "127.0.0.1")
+	_, tlsPort, _ := net.SplitHostPort(tlsSecret.Listener.Addr().String())
+
+	for _, tc := range []struct{ name, target, named string }{
+		{"plain HTTP to loopback", plainSecret.URL + "/", plainSecret.Listener.Addr().String()},
+		{"HTTPS to loopback", "https://127.0.0.1:" + tlsPort + "/", "127.0.0.1:" + tlsPort},
+		{"HTTPS to a name resolving to loopback", "https://localhost:" + tlsPort + "/", "localhost:" + tlsPort},
+		{"metadata", "https://169.254.169.254/latest/meta-data/", "169.254.169.254"},
+		{"link-local", "https://169.254.10.10/", "169.254.10.10"},
+		{"IPv6 metadata", "https://[fd00:ec2::254]/latest/", "fd00:ec2::254"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var gets atomic.Int64
+			host := "registry.test"
+			f.serveTLS(t, host+":443", redirectBlobs(reg.handler, tc.target, &gets))
+			hitsBefore := hits.Load()
+			c := New(fastRetry, WithTransport(f.transport()))
+			b, err := c.OpenBlob(t.Context(), host+"/models/llm", d, int64(len(data)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, len(data))
+			n, err := b.ReadAt(t.Context(), buf, 0)
+			if bytes.Contains(buf[:n], secretBytes[:7]) {
+				t.Fatalf("the local service's answer was returned as the blob's bytes")
+			}
+			if n := hits.Load() - hitsBefore; n != 0 {
+				t.Errorf("the local service was asked %d times", n)
+			}
+			if !errors.Is(err, ErrRedirectRefused) {
+				t.Fatalf("ReadAt: %v, want ErrRedirectRefused", err)
+			}
+			t.Log(err)
+			if msg := err.Error(); !strings.Contains(msg, host) || !strings.Contains(msg, tc.named) {
+				t.Errorf("error %q does not name the registry %s and the target %s", msg, host, tc.named)
+			}
+			if n := gets.Load(); n != 1 {
+				t.Errorf("refused redirect: %d blob GETs, want 1 (not retried)", n)
+			}
+		})
+	}
+}
+
+// TestRedirectDowngradeRefused: a redirect from HTTPS to plain HTTP is not
+// followed, to another host or to the registry's own, so neither the
+// blob's bytes nor the registry's token cross the network in clear.
+func TestRedirectDowngradeRefused(t *testing.T) {
+	f := newFakeHosts(t)
+	auth := &bearerAuth{user: "alice", pass: "secret", token: "tok-downgrade"}
+	reg := newTestRegistry(t, nil)
+	img := randomImage(t, 4096, 1)
+	reg.pushImage(t, "private/model:v1", img)
+	d, data := anyBlob(t, img)
+
+	// Plain-HTTP blob storage that would serve the right bytes.
+	var storageReqs, storageAuth atomic.Int64
+	storage := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		storageReqs.Add(1)
+		if r.Header.Get("Authorization") != "" {
+			storageAuth.Add(1)
+		}
+		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(data))
+	})
+	f.serve(t, "198.51.100.7:80", storage)
+	f.serve(t, "registry.test:80", storage)
+	kc := staticKeychain{"registry.test": {Username: "alice", Password: "secret"}}
+
+	for _, tc := range []struct{ name, target string }{
+		{"to another host", "http://198.51.100.7/"},
+		{"to the registry's own host", "http://registry.test/"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var gets atomic.Int64
+			f.serveTLS(t, "registry.test:443", auth.wrap(redirectBlobs(reg.handler, tc.target, &gets)))
+			before, authBefore := storageReqs.Load(), storageAuth.Load()
+			c := New(fastRetry, WithKeychain(kc), WithTransport(f.transport()))
+			err := readBlob(t.Context(), c, "registry.test/private/model", d, data)
+			if n := storageAuth.Load() - authBefore; n != 0 {
+				t.Errorf("the registry's token was sent over plain HTTP %d times", n)
+			}
+			if n := storageReqs.Load() - before; n != 0 {
+				t.Errorf("%d plain-HTTP requests followed the redirect", n)
+			}
+			if !errors.Is(err, ErrRedirectRefused) || !strings.Contains(err.Error(), tc.target) {
+				t.Fatalf("read: %v, want ErrRedirectRefused naming %s", err, tc.target)
+			}
+			t.Log(err)
+			if n := gets.Load(); n != 1 {
+				t.Errorf("refused redirect: %d blob GETs, want 1 (not retried)", n)
+			}
+		})
+	}
+}
+
+// TestRedirectToStorageIsFollowed: a redirect over HTTPS to blob storage on
+// another (here private) host is followed, without the registry's token.
+func TestRedirectToStorageIsFollowed(t *testing.T) {
+	f := newFakeHosts(t)
+	auth := &bearerAuth{user: "alice", pass: "secret", token: "tok-storage"}
+	reg := newTestRegistry(t, nil)
+	img := randomImage(t, 64<<10, 1)
+	reg.pushImage(t, "private/model:v1", img)
+	d, data := anyBlob(t, img)
+	var storageReqs, storageAuth atomic.Int64
+	f.serveTLS(t, "10.9.9.9:443", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		storageReqs.Add(1)
+		if r.Header.Get("Authorization") != "" {
+			storageAuth.Add(1)
+		}
+		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(data))
+	}))
+	var gets atomic.Int64
+	f.serveTLS(t, "registry.test:443", auth.wrap(redirectBlobs(reg.handler, "https://10.9.9.9/", &gets)))
+
+	kc := staticKeychain{"registry.test": {Username: "alice", Password: "secret"}}
+	c := New(fastRetry, WithKeychain(kc), WithTransport(f.transport()))
+	if err := readBlob(t.Context(), c, "registry.test/private/model", d, data); err != nil {
+		t.Fatal(err)
+	}
+	if storageReqs.Load() == 0 {
+		t.Fatal("the redirect to blob storage was not followed")
+	}
+	if n := storageAuth.Load(); n != 0 {
+		t.Errorf("%d requests to the blob storage carried the registry's token", n)
 	}
 }
 
@@ -134,6 +301,57 @@ func TestScopeOf(t *testing.T) {
 	} {
 		if got := scopeOf(netip.MustParseAddr(addr)); got != want {
 			t.Errorf("scopeOf(%s) = %q, want %q", addr, got, want)
+		}
+	}
+}
+
+// TestGuardDial: a host other than the endpoint's is dialled only by the
+// addresses it resolves to, and only if none is one the endpoint may not
+// send the Client to.
+func TestGuardDial(t *testing.T) {
+	names := map[string][]string{
+		"storage.test":   {"10.9.9.9"},
+		"rebind.test":    {"203.0.113.5", "127.0.0.1"},
+		"meta.test":      {"169.254.169.254"},
+		"mapped.test":    {"::ffff:127.0.0.1"},
+		"linklocal.test": {"fe80::1"},
+	}
+	lookup := func(_ context.Context, _, host string) ([]netip.Addr, error) {
+		var ips []netip.Addr
+		for _, a := range names[host] {
+			ips = append(ips, netip.MustParseAddr(a))
+		}
+		return ips, nil
+	}
+	for _, tc := range []struct {
+		registry, addr string
+		want           string // the address dialled; empty: refused
+	}{
+		{"registry.test", "registry.test:443", "registry.test:443"},
+		{"registry.test", "storage.test:443", "10.9.9.9:443"},
+		{"registry.test", "rebind.test:443", ""},
+		{"registry.test", "meta.test:80", ""},
+		{"registry.test", "mapped.test:80", ""},
+		{"registry.test", "linklocal.test:80", ""},
+		{"registry.test", "127.0.0.1:80", ""},
+		{"127.0.0.1:5000", "127.0.0.1:6000", "127.0.0.1:6000"},
+		{"127.0.0.1:5000", "mapped.test:80", "127.0.0.1:80"},
+		{"127.0.0.1:5000", "meta.test:80", ""},
+		{"localhost:5000", "127.0.0.2:80", "127.0.0.2:80"},
+	} {
+		g := newGuard(tc.registry)
+		g.lookup = lookup
+		var dialled string
+		dial := g.dial(func(_ context.Context, _, addr string) (net.Conn, error) {
+			dialled = addr
+			return nil, nil
+		})
+		_, err := dial(t.Context(), "tcp", tc.addr)
+		switch {
+		case tc.want == "" && !errors.Is(err, ErrRedirectRefused):
+			t.Errorf("registry %s, dial %s: dialled %q, err %v; want refused", tc.registry, tc.addr, dialled, err)
+		case tc.want != "" && (err != nil || dialled != tc.want):
+			t.Errorf("registry %s, dial %s: dialled %q, err %v; want %s", tc.registry, tc.addr, dialled, err, tc.want)
 		}
 	}
 }
