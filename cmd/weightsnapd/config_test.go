@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -37,6 +38,34 @@ func TestDeployConfigIsDefaults(t *testing.T) {
 	}
 	if want := defaultConfig(); !reflect.DeepEqual(cfg, want) {
 		t.Errorf("deploy/weightsnapd.toml = %+v\ndefaults = %+v", cfg, want)
+	}
+}
+
+// TestDaemonSetConfig keeps the DaemonSet's weightsnapd.toml loadable and
+// its metrics on loopback: the pod shares the node's network.
+func TestDaemonSetConfig(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "..", "deploy", "daemonset.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(b), "weightsnapd.toml: |\n")
+	if !ok {
+		t.Fatal("no weightsnapd.toml in deploy/daemonset.yaml")
+	}
+	var file strings.Builder
+	for _, line := range strings.SplitAfter(rest, "\n") {
+		if strings.TrimSpace(line) != "" && !strings.HasPrefix(line, "    ") {
+			break
+		}
+		file.WriteString(strings.TrimPrefix(line, "    "))
+	}
+	cfg, err := loadConfig(testutil.WriteFile(t, t.TempDir(), "weightsnapd.toml", []byte(file.String())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, _, err := net.SplitHostPort(cfg.MetricsAddress)
+	if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
+		t.Errorf("DaemonSet metrics_address %q: want a loopback address", cfg.MetricsAddress)
 	}
 }
 
