@@ -30,7 +30,7 @@ func (c *Client) OpenBlob(ctx context.Context, repo string, dgst digest.Digest, 
 	if err := dgst.Validate(); err != nil {
 		return nil, fmt.Errorf("blob digest %q: %w", dgst, err)
 	}
-	r, err := name.NewRepository(repo, c.nameOptions()...)
+	r, err := name.NewRepository(repo)
 	if err != nil {
 		return nil, fmt.Errorf("repository %q: %w", repo, err)
 	}

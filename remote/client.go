@@ -1,7 +1,9 @@
 package remote
 
 import (
+	"crypto/tls"
 	"fmt"
+	"net/http"
 	"net/url"
 	"strings"
 	"sync"
@@ -39,10 +41,16 @@ type loginKey struct {
 }
 
 // hostState is what the Client learned about one endpoint host, shared by
-// every repository on it.
+// every repository on it, and the host's transport.
 type hostState struct {
 	downUntil    atomic.Int64 // unix nanoseconds; a mirror is skipped until then
 	rangeIgnored atomic.Bool  // it answered a Range request with the whole blob
+
+	guard *guard
+	tr    atomic.Pointer[http.Transport]
+	// mu serializes configure; tlsConfig is the configuration tr was made for.
+	mu        sync.Mutex
+	tlsConfig *tls.Config
 }
 
 func (h *hostState) down(now time.Time) bool { return h.downUntil.Load() > now.UnixNano() }
@@ -57,36 +65,35 @@ func New(opts ...Option) *Client {
 	}
 }
 
-// nameOptions are how references and repositories are parsed.
-func (c *Client) nameOptions() []name.Option {
-	if c.o.plainHTTP {
-		return []name.Option{name.Insecure}
-	}
-	return nil
-}
-
-// login returns the login to repo on reg, made when first asked for.
-func (c *Client) login(reg name.Registry, repo name.Repository) *login {
-	k := loginKey{scheme: reg.Scheme(), host: reg.RegistryStr(), repo: repo.RepositoryStr()}
+// login returns the login to repo on reg over scheme, made when first
+// asked for, whose requests go through h.
+func (c *Client) login(scheme string, reg name.Registry, repo name.Repository, h *hostState) *login {
+	k := loginKey{scheme: scheme, host: reg.RegistryStr(), repo: repo.RepositoryStr()}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	l := c.logins[k]
 	if l == nil {
-		l = &login{reg: reg, repo: repo, o: c.o}
+		var rt http.RoundTripper = h
+		if scheme == "https" {
+			rt = httpsOnly{registry: reg.RegistryStr(), next: h}
+		}
+		l = &login{reg: reg, repo: repo, o: c.o, rt: rt, checkRedirect: h.guard.checkRedirect}
 		c.logins[k] = l
 	}
 	return l
 }
 
-// host returns the state of the endpoint host reg.
-func (c *Client) host(reg name.Registry) *hostState {
+// host returns the state of the endpoint host reg, its transport
+// configured for tlsConfig.
+func (c *Client) host(reg name.Registry, tlsConfig *tls.Config) *hostState {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	h := c.hosts[reg.RegistryStr()]
 	if h == nil {
-		h = &hostState{}
+		h = &hostState{guard: newGuard(reg.RegistryStr())}
 		c.hosts[reg.RegistryStr()] = h
 	}
+	c.mu.Unlock()
+	h.configure(c.o.transport, tlsConfig)
 	return h
 }
 
@@ -122,8 +129,12 @@ func (c *Client) source(repo name.Repository) (*source, error) {
 }
 
 func (c *Client) endpoint(ep Endpoint, repo name.Repository, origin string) (*endpoint, error) {
+	scheme, err := c.scheme(ep)
+	if err != nil {
+		return nil, err
+	}
 	var nopts []name.Option
-	if ep.PlainHTTP || c.o.plainHTTP {
+	if scheme == "http" {
 		nopts = append(nopts, name.Insecure)
 	}
 	reg, err := name.NewRegistry(ep.Host, nopts...)
@@ -135,9 +146,28 @@ func (c *Client) endpoint(ep Endpoint, repo name.Repository, origin string) (*en
 		root = "/v2"
 	}
 	r := reg.Repo(repo.RepositoryStr())
-	e := &endpoint{host: ep.Host, root: root, reg: reg, repo: r, o: c.o, auth: c.login(reg, r), state: c.host(reg)}
+	h := c.host(reg, ep.TLS)
+	e := &endpoint{host: ep.Host, scheme: scheme, root: root, reg: reg, repo: r, o: c.o, auth: c.login(scheme, reg, r, h), state: h}
 	if registryHost(reg) != origin {
 		e.query = "?" + url.Values{"ns": {origin}}.Encode()
 	}
 	return e, nil
+}
+
+// scheme is how ep is spoken to: as it says, or by default plain HTTP on
+// loopback only. go-containerregistry's own default would speak plain HTTP
+// to private addresses and *.localhost names too, where anyone on the path
+// could answer for the registry.
+func (c *Client) scheme(ep Endpoint) (string, error) {
+	switch {
+	case c.o.plainHTTP:
+		return "http", nil
+	case ep.Scheme == "http", ep.Scheme == "https":
+		return ep.Scheme, nil
+	case ep.Scheme != "":
+		return "", fmt.Errorf("registry endpoint %q: scheme %q is neither http nor https", ep.Host, ep.Scheme)
+	case hostScope(hostname(ep.Host)) == loopback:
+		return "http", nil
+	}
+	return "https", nil
 }

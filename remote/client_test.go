@@ -159,7 +159,7 @@ func TestLoginOfCancelledCallerIsNotInherited(t *testing.T) {
 // mirrorOf returns the option that puts mirror before the origin.
 func mirrorOf(mirror *httptest.Server) Option {
 	return WithMirrors(func(registry string) []Endpoint {
-		return []Endpoint{{Host: strings.TrimPrefix(mirror.URL, "http://"), PlainHTTP: true}, {Host: registry}}
+		return []Endpoint{{Host: strings.TrimPrefix(mirror.URL, "http://"), Scheme: "http"}, {Host: registry}}
 	})
 }
 
@@ -318,9 +318,9 @@ func TestMirrorFallback(t *testing.T) {
 		endpoints  []Endpoint
 		wantMirror bool
 	}{
-		{"dead mirror", []Endpoint{{Host: dead, PlainHTTP: true}, {Host: origin}}, false},
-		{"failing mirror", []Endpoint{{Host: strings.TrimPrefix(failing.URL, "http://"), PlainHTTP: true}, {Host: origin}}, false},
-		{"path mirror", []Endpoint{{Host: mirrorHost, PlainHTTP: true, Path: "/cache/v2"}, {Host: origin}}, true},
+		{"dead mirror", []Endpoint{{Host: dead, Scheme: "http"}, {Host: origin}}, false},
+		{"failing mirror", []Endpoint{{Host: strings.TrimPrefix(failing.URL, "http://"), Scheme: "http"}, {Host: origin}}, false},
+		{"path mirror", []Endpoint{{Host: mirrorHost, Scheme: "http", Path: "/cache/v2"}, {Host: origin}}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var asked []string

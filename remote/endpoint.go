@@ -25,14 +25,15 @@ type source struct {
 // endpoint is one repository on one host, with the Client's login to it
 // and its host's state.
 type endpoint struct {
-	host  string
-	root  string // API root, "/v2" by default
-	query string // "?ns=<origin>" on mirrors, as containerd sends it
-	reg   name.Registry
-	repo  name.Repository
-	o     *options
-	auth  *login
-	state *hostState
+	host   string
+	scheme string // "https", or "http" if plain HTTP is allowed
+	root   string // API root, "/v2" by default
+	query  string // "?ns=<origin>" on mirrors, as containerd sends it
+	reg    name.Registry
+	repo   name.Repository
+	o      *options
+	auth   *login
+	state  *hostState
 }
 
 // do runs fn against the endpoints in order, each under retry, until one
@@ -80,7 +81,7 @@ func (s *source) markFailed(ctx context.Context, e *endpoint, err error) {
 // url is the address of an API object of the repository on this endpoint,
 // kind being "manifests" or "blobs".
 func (e *endpoint) url(kind, ref string) string {
-	return fmt.Sprintf("%s://%s%s/%s/%s/%s%s", e.reg.Scheme(), e.reg.RegistryStr(), e.root, e.repo.RepositoryStr(), kind, ref, e.query)
+	return fmt.Sprintf("%s://%s%s/%s/%s/%s%s", e.scheme, e.reg.RegistryStr(), e.root, e.repo.RepositoryStr(), kind, ref, e.query)
 }
 
 // roundTrip sends one request under a stall watchdog that aborts it when no
@@ -111,8 +112,19 @@ func (e *endpoint) roundTrip(ctx context.Context, method, rawURL string, hdr htt
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return nil, nil, fail(err)
+		return nil, nil, fail(refusal(err))
 	}
 	wd.progress()
 	return resp, &body{resp: resp, ctx: actx, cancel: cancel, wd: wd, bytes: metrics.RegistryBytes.WithLabelValues(reasonOf(ctx))}, nil
+}
+
+// refusal is err without the url.Error around a refused redirect: the
+// refusal names the registry and the target, and the URL it would add may
+// carry a signed query.
+func refusal(err error) error {
+	var perm *permanentError
+	if errors.Is(err, ErrRedirectRefused) && errors.As(err, &perm) {
+		return perm
+	}
+	return err
 }

@@ -30,6 +30,11 @@ var (
 	// that cannot be right (a Content-Range other than the one asked for, a
 	// digest mismatch, an unparsable manifest). It is not retried.
 	ErrBadResponse = errors.New("bad registry response")
+	// ErrRedirectRefused is returned when a registry sends a request (a
+	// redirect, or to its token server) from HTTPS to plain HTTP, or to a
+	// loopback, link-local or instance-metadata address that the registry
+	// is not on itself. It is not retried.
+	ErrRedirectRefused = errors.New("redirect refused")
 
 	// errStalled is the cause of an attempt aborted by the stall watchdog.
 	errStalled = errors.New("registry response stalled")

@@ -271,7 +271,11 @@ func (a *bearerAuth) wrap(h http.Handler) http.Handler {
 			return
 		}
 		if r.Header.Get("Authorization") != "Bearer "+a.token {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="http://`+r.Host+`/token",service="test"`)
+			scheme := "http"
+			if r.TLS != nil {
+				scheme = "https"
+			}
+			w.Header().Set("WWW-Authenticate", `Bearer realm="`+scheme+`://`+r.Host+`/token",service="test"`)
 			http.Error(w, `{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}`, http.StatusUnauthorized)
 			return
 		}

@@ -21,6 +21,9 @@ type login struct {
 	reg  name.Registry
 	repo name.Repository
 	o    *options
+	// rt carries the login's requests, checkRedirect judges their redirects.
+	rt            http.RoundTripper
+	checkRedirect func(*http.Request, []*http.Request) error
 
 	mu      sync.Mutex
 	client  *http.Client
@@ -86,7 +89,7 @@ func (l *login) authenticate(ctx context.Context) (*http.Client, error) {
 	if err != nil {
 		return nil, permanent(fmt.Errorf("credentials for %s: %w", host, err))
 	}
-	rt, err := transport.NewWithContext(ctx, l.reg, auth, l.o.transport, []string{l.repo.Scope(transport.PullScope)})
+	rt, err := transport.NewWithContext(ctx, l.reg, auth, l.rt, []string{l.repo.Scope(transport.PullScope)})
 	if err != nil {
 		var terr *transport.Error
 		if errors.As(err, &terr) && (terr.StatusCode == http.StatusUnauthorized || terr.StatusCode == http.StatusForbidden) {
@@ -97,7 +100,7 @@ func (l *login) authenticate(ctx context.Context) (*http.Client, error) {
 	// The transport adds credentials only for the registry's own host, and
 	// http.Client follows redirects above it, so redirected requests (blob
 	// storage) never carry the registry's Authorization.
-	return &http.Client{Transport: rt}, nil
+	return &http.Client{Transport: rt, CheckRedirect: l.checkRedirect}, nil
 }
 
 func isContextErr(err error) bool {

@@ -1,15 +1,17 @@
 // Package remote reads OCI images from registries for weightsnap: a Client
 // resolves a reference to an image manifest, config and layer list, and
 // reads layer blobs by HTTP Range GETs with retries, stall detection and
-// mirror fallback. It knows nothing of FUSE, caches or tar.
+// mirror fallback. It speaks HTTPS unless told otherwise, with each
+// endpoint's own TLS configuration, and follows no redirect to plain HTTP or
+// to this machine's services (trust.go). It knows nothing of FUSE, caches
+// or tar.
 package remote
 
 import (
 	"context"
-	"net"
+	"crypto/tls"
 	"net/http"
 	"runtime"
-	"sync"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -24,18 +26,25 @@ type Option func(*options)
 type Endpoint struct {
 	// Host is host[:port] of the endpoint.
 	Host string
-	// PlainHTTP makes the endpoint be spoken to over plain HTTP.
-	PlainHTTP bool
+	// Scheme is "https" (HTTPS only) or "http" (plain HTTP allowed; HTTPS
+	// is tried first). Empty means "http" for a loopback host (127.0.0.0/8,
+	// ::1, localhost), where registries for tests and `weightsnap mount`
+	// run, and "https" for any other host, private addresses included.
+	Scheme string
 	// Path is the API root that replaces "/v2" in request paths, as in the
 	// path of a containerd hosts.toml host URL (for example "/cache/v2").
 	// Empty means "/v2".
 	Path string
+	// TLS is the TLS configuration of HTTPS to this endpoint (its roots,
+	// client certificates, verification), as hosts.toml "ca", "client" and
+	// "skip_verify" make it. Nil means the transport's own (WithTransport).
+	TLS *tls.Config
 }
 
 type options struct {
 	plainHTTP bool
 	keychain  authn.Keychain
-	transport http.RoundTripper
+	transport *http.Transport
 	attempts  int
 	base      time.Duration
 	stall     time.Duration
@@ -56,7 +65,7 @@ const (
 func newOptions(opts []Option) *options {
 	o := &options{
 		keychain:  authn.DefaultKeychain,
-		transport: defaultTransport(),
+		transport: newTransport(),
 		attempts:  defaultAttempts,
 		base:      defaultBase,
 		stall:     defaultStall,
@@ -68,9 +77,9 @@ func newOptions(opts []Option) *options {
 	return o
 }
 
-// WithPlainHTTP makes every registry be spoken to over plain HTTP (with
-// go-containerregistry's HTTPS-first fallback). Registries on localhost,
-// 127.0.0.1, ::1 and private addresses use plain HTTP without it.
+// WithPlainHTTP lets every registry endpoint be spoken to over plain HTTP,
+// as if its Scheme were "http" (HTTPS is still tried first). Without it,
+// only loopback hosts and endpoints whose Scheme is "http" are.
 func WithPlainHTTP(plain bool) Option {
 	return func(o *options) { o.plainHTTP = plain }
 }
@@ -85,13 +94,16 @@ func WithKeychain(k authn.Keychain) Option {
 	}
 }
 
-// WithTransport sets the HTTP transport under authentication. The default is
-// a shared, keep-alive transport tuned for many parallel range requests.
-// It should not transparently decompress responses.
-func WithTransport(rt http.RoundTripper) Option {
+// WithTransport sets the template of the HTTP transports under
+// authentication; the default keeps connections alive for many parallel
+// range requests. Each endpoint host gets a clone of it with the host's TLS
+// configuration (Endpoint.TLS) and a DialContext that checks where
+// redirects and token servers lead; DialTLSContext is not used. It should
+// not transparently decompress responses.
+func WithTransport(t *http.Transport) Option {
 	return func(o *options) {
-		if rt != nil {
-			o.transport = rt
+		if t != nil {
+			o.transport = t
 		}
 	}
 }
@@ -146,24 +158,3 @@ func reasonOf(ctx context.Context) string {
 	}
 	return "ondemand"
 }
-
-// defaultTransport is shared by every Client so that connections to a
-// registry are reused across layers and mounts.
-var defaultTransport = sync.OnceValue(func() http.RoundTripper {
-	return &http.Transport{
-		Proxy: http.ProxyFromEnvironment,
-		DialContext: (&net.Dialer{
-			Timeout:   10 * time.Second,
-			KeepAlive: 30 * time.Second,
-		}).DialContext,
-		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          256,
-		MaxIdleConnsPerHost:   64,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   10 * time.Second,
-		ExpectContinueTimeout: time.Second,
-		// Range responses must arrive byte for byte as stored; Go would
-		// otherwise ask for gzip and decompress transparently.
-		DisableCompression: true,
-	}
-})

@@ -67,7 +67,7 @@ var manifestAccept = strings.Join([]string{
 // choosing the platform's manifest when ref names an index, and fetches its
 // config. Manifests and config are verified against their digests.
 func (c *Client) Resolve(ctx context.Context, ref string) (*Image, error) {
-	r, err := name.ParseReference(ref, c.nameOptions()...)
+	r, err := name.ParseReference(ref)
 	if err != nil {
 		return nil, fmt.Errorf("image reference %q: %w", ref, err)
 	}

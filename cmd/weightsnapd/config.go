@@ -62,11 +62,13 @@ type CacheConfig struct {
 // RegistryConfig configures registry access.
 type RegistryConfig struct {
 	// ConfigPath is a containerd hosts directory (certs.d layout:
-	// <config_path>/<host[:port]>/hosts.toml) giving mirrors and plain-HTTP
-	// hosts. Point it at containerd's own config_path so both agree.
+	// <config_path>/<host[:port]>/hosts.toml) giving mirrors, plain-HTTP
+	// hosts and TLS settings (ca, client, skip_verify). Point it at
+	// containerd's own config_path so both agree.
 	ConfigPath string `toml:"config_path"`
-	// PlainHTTP speaks plain HTTP to every registry not described in
-	// ConfigPath (loopback and private addresses already are).
+	// PlainHTTP allows plain HTTP (after trying HTTPS) to every registry.
+	// Without it, only loopback registries and http:// hosts in ConfigPath
+	// are spoken to over plain HTTP; private addresses get HTTPS.
 	PlainHTTP bool `toml:"plain_http"`
 }
 
