@@ -357,7 +357,7 @@ func (h *Blob) ReadFile(ctx context.Context, off, n int64) (f *os.File, fileOff 
 
 // Fetch makes [off, off+n) present without reading it out: read-ahead and
 // background fill. Contiguous missing chunks are fetched together, up to
-// Options.MaxFetch per FetchFunc call; chunks another caller is fetching
+// WithMaxFetch per FetchFunc call; chunks another caller is fetching
 // are waited for.
 func (h *Blob) Fetch(ctx context.Context, off, n int64) error {
 	return h.ensureRange(ctx, off, n, false)

@@ -26,7 +26,7 @@ import (
 )
 
 func TestReadMissThenHit(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(1, 10*testChunk+123)
 	src := newSource(data)
 	b := openBlob(t, s, key, int64(len(data)), src.fetch)
@@ -70,7 +70,7 @@ func TestReadMissThenHit(t *testing.T) {
 }
 
 func TestFetchCoalescesMissingRuns(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(2, 11*testChunk)
 	src := newSource(data)
 	b := openBlob(t, s, key, int64(len(data)), src.fetch)
@@ -96,7 +96,7 @@ func TestFetchCoalescesMissingRuns(t *testing.T) {
 }
 
 func TestSingleFlight(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(3, 8*testChunk)
 	src := newSource(data)
 	src.block = make(chan struct{})
@@ -137,7 +137,7 @@ func TestSingleFlight(t *testing.T) {
 }
 
 func TestFetchErrorPropagatesAndStoresNothing(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(4, 4*testChunk)
 	src := newSource(data)
 	boom := errors.New("registry says 503")
@@ -155,7 +155,7 @@ func TestFetchErrorPropagatesAndStoresNothing(t *testing.T) {
 }
 
 func TestDedupAcrossHandles(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(5, 6*testChunk)
 	src := newSource(data)
 	b1 := openBlob(t, s, key, int64(len(data)), src.fetch)
@@ -178,7 +178,7 @@ func TestDedupAcrossHandles(t *testing.T) {
 func TestRestartFetchesNothing(t *testing.T) {
 	dir := t.TempDir()
 	data, key := content(6, 9*testChunk+7)
-	s, err := Open(dir, testOptions())
+	s, err := Open(dir, testOptions()...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,7 +191,7 @@ func TestRestartFetchesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	s = openStore(t, dir, testOptions())
+	s = openStore(t, dir, testOptions()...)
 	if s.Usage() != int64(len(data)) {
 		t.Fatalf("Usage after restart = %d, want %d", s.Usage(), len(data))
 	}
@@ -207,7 +207,7 @@ func TestRestartFetchesNothing(t *testing.T) {
 func TestRestartPartial(t *testing.T) {
 	dir := t.TempDir()
 	data, key := content(7, 8*testChunk)
-	s, _ := Open(dir, testOptions())
+	s, _ := Open(dir, testOptions()...)
 	b, _ := s.Blob(key, int64(len(data)), newSource(data).fetch)
 	if err := b.Fetch(context.Background(), 0, 3*testChunk); err != nil {
 		t.Fatal(err)
@@ -215,7 +215,7 @@ func TestRestartPartial(t *testing.T) {
 	b.Close()
 	s.Close()
 
-	s = openStore(t, dir, testOptions())
+	s = openStore(t, dir, testOptions()...)
 	src := newSource(data)
 	b = openBlob(t, s, key, int64(len(data)), src.fetch)
 	if b.CachedBytes() != 3*testChunk {
@@ -234,7 +234,7 @@ func TestCorruptDataFileDetected(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
 			data, key := content(8, 6*testChunk)
-			s, _ := Open(dir, testOptions())
+			s, _ := Open(dir, testOptions()...)
 			b, _ := s.Blob(key, int64(len(data)), newSource(data).fetch)
 			if complete {
 				if err := b.Verify(context.Background()); err != nil {
@@ -248,7 +248,7 @@ func TestCorruptDataFileDetected(t *testing.T) {
 
 			flip(t, filepath.Join(dir, "blobs", "sha256", key.Encoded()+".data"), 2*testChunk+77)
 
-			s = openStore(t, dir, testOptions())
+			s = openStore(t, dir, testOptions()...)
 			src := newSource(data)
 			b = openBlob(t, s, key, int64(len(data)), src.fetch)
 			readAll(t, b, data, 3000)
@@ -330,7 +330,7 @@ func TestCrashRecoveryServesOnlyCorrectBytes(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			s, _ := Open(dir, testOptions())
+			s, _ := Open(dir, testOptions()...)
 			// One chunk per fetch, so there is one record per chunk in order.
 			b, _ := s.Blob(key, int64(len(data)), newSource(data).fetch)
 			for i := int64(0); i < 6; i++ {
@@ -343,7 +343,7 @@ func TestCrashRecoveryServesOnlyCorrectBytes(t *testing.T) {
 			base := filepath.Join(dir, "blobs", "sha256", key.Encoded())
 			refetch := tc.damage(t, base+".data", base+".rec")
 
-			s = openStore(t, dir, testOptions())
+			s = openStore(t, dir, testOptions()...)
 			src := newSource(data)
 			b = openBlob(t, s, key, int64(len(data)), src.fetch)
 			readAll(t, b, data, 1000)
@@ -369,7 +369,7 @@ func zeroRange(t *testing.T, path string, off, n int64) {
 }
 
 func TestDigestMismatchNeverServedAfterDetection(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(10, 5*testChunk)
 	src := newSource(data)
 	src.wrong.Store(true)
@@ -399,7 +399,7 @@ func TestDigestMismatchNeverServedAfterDetection(t *testing.T) {
 func TestInvalidateRefetchesAndPersists(t *testing.T) {
 	dir := t.TempDir()
 	data, key := content(11, 4*testChunk)
-	s, _ := Open(dir, testOptions())
+	s, _ := Open(dir, testOptions()...)
 	src := newSource(data)
 	b, _ := s.Blob(key, int64(len(data)), src.fetch)
 	if err := b.Verify(context.Background()); err != nil {
@@ -412,7 +412,7 @@ func TestInvalidateRefetchesAndPersists(t *testing.T) {
 	b.Close()
 	s.Close()
 
-	s = openStore(t, dir, testOptions())
+	s = openStore(t, dir, testOptions()...)
 	src = newSource(data)
 	b = openBlob(t, s, key, int64(len(data)), src.fetch)
 	if b.Present(testChunk, 1) || b.Complete() {
@@ -425,10 +425,8 @@ func TestInvalidateRefetchesAndPersists(t *testing.T) {
 }
 
 func TestEvictionLRU(t *testing.T) {
-	opt := testOptions()
-	opt.MaxBytes = 5 * testChunk
 	dir := t.TempDir()
-	s := openStore(t, dir, opt)
+	s := openStore(t, dir, testOptions(WithMaxBytes(5*testChunk))...)
 	blobs := make([]*source, 3)
 	for i := range blobs {
 		data, _ := content(uint64(20+i), 2*testChunk)
@@ -470,9 +468,8 @@ func TestEvictionLRU(t *testing.T) {
 }
 
 func TestEvictionSparesOpenBlobs(t *testing.T) {
-	opt := testOptions()
-	opt.MaxBytes = 3 * testChunk
-	s := openStore(t, t.TempDir(), opt)
+	const bound = 3 * testChunk
+	s := openStore(t, t.TempDir(), testOptions(WithMaxBytes(bound))...)
 	var open []*Blob
 	for i := range 3 {
 		data, key := content(uint64(30+i), 2*testChunk)
@@ -495,8 +492,8 @@ func TestEvictionSparesOpenBlobs(t *testing.T) {
 	}
 	open[0].Close()
 	open[1].Close()
-	if s.Usage() > opt.MaxBytes {
-		t.Fatalf("Usage = %d after releasing, bound %d", s.Usage(), opt.MaxBytes)
+	if s.Usage() > bound {
+		t.Fatalf("Usage = %d after releasing, bound %d", s.Usage(), bound)
 	}
 	if open[2].CachedBytes() != 2*testChunk {
 		t.Fatal("the open blob was evicted")
@@ -505,7 +502,7 @@ func TestEvictionSparesOpenBlobs(t *testing.T) {
 
 func TestEvictionAtOpenWithSmallerBound(t *testing.T) {
 	dir := t.TempDir()
-	s, _ := Open(dir, testOptions())
+	s, _ := Open(dir, testOptions()...)
 	for i := range 3 {
 		data, key := content(uint64(40+i), 2*testChunk)
 		b, _ := s.Blob(key, int64(len(data)), newSource(data).fetch)
@@ -515,9 +512,7 @@ func TestEvictionAtOpenWithSmallerBound(t *testing.T) {
 		b.Close()
 	}
 	s.Close()
-	opt := testOptions()
-	opt.MaxBytes = 4 * testChunk
-	s = openStore(t, dir, opt)
+	s = openStore(t, dir, testOptions(WithMaxBytes(4*testChunk))...)
 	if s.Usage() != 4*testChunk {
 		t.Fatalf("Usage = %d, want %d", s.Usage(), 4*testChunk)
 	}
@@ -532,8 +527,8 @@ func TestEvictionAtOpenWithSmallerBound(t *testing.T) {
 
 func TestOpenLockedDir(t *testing.T) {
 	dir := t.TempDir()
-	openStore(t, dir, testOptions())
-	if s, err := Open(dir, testOptions()); err == nil {
+	openStore(t, dir, testOptions()...)
+	if s, err := Open(dir, testOptions()...); err == nil {
 		s.Close()
 		t.Fatal("second Open of the same dir succeeded")
 	}
@@ -545,7 +540,7 @@ func TestOpenLockedDir(t *testing.T) {
 
 func TestMeta(t *testing.T) {
 	dir := t.TempDir()
-	s, _ := Open(dir, testOptions())
+	s, _ := Open(dir, testOptions()...)
 	if _, err := s.GetMeta("layer/x.json"); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("GetMeta of absent = %v", err)
 	}
@@ -561,14 +556,14 @@ func TestMeta(t *testing.T) {
 		}
 	}
 	s.Close()
-	s = openStore(t, dir, testOptions())
+	s = openStore(t, dir, testOptions()...)
 	if b, err := s.GetMeta("layer/x.json"); err != nil || string(b) != "two" {
 		t.Fatalf("GetMeta after restart = %q, %v", b, err)
 	}
 }
 
 func TestEmptyBlob(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	_, key := content(0, 0)
 	b := openBlob(t, s, key, 0, noFetch(t))
 	verify(t, b)
@@ -578,7 +573,7 @@ func TestEmptyBlob(t *testing.T) {
 }
 
 func TestReadCancelled(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(12, 2*testChunk)
 	src := newSource(data)
 	src.block = make(chan struct{}) // never released
@@ -596,7 +591,7 @@ func TestReadCancelled(t *testing.T) {
 func BenchmarkReadAtHit(b *testing.B) {
 	for _, size := range []int{128 << 10, 1 << 20} {
 		b.Run(byteSize(size), func(b *testing.B) {
-			s := openStore(b, b.TempDir(), Options{})
+			s := openStore(b, b.TempDir())
 			data, key := content(13, 16<<20)
 			blob := openBlob(b, s, key, int64(len(data)), newSource(data).fetch)
 			ctx := context.Background()
@@ -665,7 +660,7 @@ func TestKill9(t *testing.T) {
 	}
 	cmd.Wait()
 
-	s := openStore(t, dir, testOptions())
+	s := openStore(t, dir, testOptions()...)
 	src := newSource(data)
 	b := openBlob(t, s, key, int64(len(data)), src.fetch)
 	readAll(t, b, data, 3*testChunk/2)
@@ -674,7 +669,7 @@ func TestKill9(t *testing.T) {
 }
 
 func crashChild(dir string, data []byte, key digest.Digest) {
-	s, err := Open(dir, testOptions())
+	s, err := Open(dir, testOptions()...)
 	if err != nil {
 		panic(err)
 	}
@@ -695,7 +690,7 @@ func crashChild(dir string, data []byte, key digest.Digest) {
 // TestConcurrentReadsInvalidations races readers against invalidations and
 // refetches: every read must return the right bytes.
 func TestConcurrentReadsInvalidations(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(80, 32*testChunk)
 	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
 	var readers, invalidator sync.WaitGroup
@@ -766,7 +761,7 @@ func TestBitmapAll(t *testing.T) {
 func TestReadFileServesCheckedBytes(t *testing.T) {
 	dir := t.TempDir()
 	data, key := content(9, 6*testChunk+11)
-	s, _ := Open(dir, testOptions())
+	s, _ := Open(dir, testOptions()...)
 	src := newSource(data)
 	b, _ := s.Blob(key, int64(len(data)), src.fetch)
 	off, n := int64(testChunk+5), int64(2*testChunk)
@@ -789,7 +784,7 @@ func TestReadFileServesCheckedBytes(t *testing.T) {
 	s.Close()
 
 	flip(t, filepath.Join(dir, "blobs", "sha256", key.Encoded()+".data"), 2*testChunk+3)
-	s = openStore(t, dir, testOptions())
+	s = openStore(t, dir, testOptions()...)
 	src = newSource(data)
 	b = openBlob(t, s, key, int64(len(data)), src.fetch)
 	if f, fileOff, release, err = b.ReadFile(context.Background(), off, n); err != nil {

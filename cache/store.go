@@ -52,27 +52,6 @@ var (
 	ErrAborted = errors.New("cache: stream aborted")
 )
 
-const (
-	defaultChunkSize = 1 << 20
-	defaultMaxFetch  = 8 << 20
-)
-
-// Options tunes a Store.
-type Options struct {
-	// MaxBytes bounds the data kept on disk; 0 means unbounded. Data that
-	// no open Blob or Stream holds is evicted least-recently-used first;
-	// data that is held is never evicted, so the bound can be exceeded
-	// while it is.
-	MaxBytes int64
-	// ChunkSize is the unit of presence tracking and fetching; default
-	// 1 MiB. Blobs cached with another chunk size are discarded on open.
-	ChunkSize int64
-	// MaxFetch is the largest range one FetchFunc call is asked for when
-	// contiguous missing chunks are coalesced; default 8 MiB, at least
-	// ChunkSize.
-	MaxFetch int64
-}
-
 // Store is a cache directory opened by one process.
 type Store struct {
 	dir       string
@@ -126,15 +105,10 @@ type entry struct {
 
 // Open opens (creating it 0700 if needed) the cache directory dir. Only one
 // Store may have a directory open at a time, across processes.
-func Open(dir string, opt Options) (*Store, error) {
-	if opt.ChunkSize == 0 {
-		opt.ChunkSize = defaultChunkSize
-	}
-	if opt.MaxFetch == 0 {
-		opt.MaxFetch = max(defaultMaxFetch, opt.ChunkSize)
-	}
-	if opt.ChunkSize < 0 || opt.MaxBytes < 0 || opt.MaxFetch < opt.ChunkSize {
-		return nil, fmt.Errorf("cache: invalid options %+v", opt)
+func Open(dir string, opts ...Option) (*Store, error) {
+	opt, err := newOptions(opts)
+	if err != nil {
+		return nil, err
 	}
 	for _, d := range []string{dir, filepath.Join(dir, "blobs"), filepath.Join(dir, "streams", "tmp"), filepath.Join(dir, "meta")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -154,9 +128,9 @@ func Open(dir string, opt Options) (*Store, error) {
 	}
 	s := &Store{
 		dir:       dir,
-		max:       opt.MaxBytes,
-		chunkSize: opt.ChunkSize,
-		maxRun:    int(opt.MaxFetch / opt.ChunkSize),
+		max:       opt.maxBytes,
+		chunkSize: opt.chunkSize,
+		maxRun:    int(opt.maxFetch / opt.chunkSize),
 		lock:      lock,
 		entries:   make(map[entryKey]*entry),
 		dirty:     make(map[*blob]struct{}),
@@ -308,7 +282,7 @@ func (s *Store) Close() error {
 }
 
 // Usage returns the bytes of cached data on disk (Blob chunks present and
-// Stream bytes written), the quantity Options.MaxBytes bounds.
+// Stream bytes written), the quantity WithMaxBytes bounds.
 func (s *Store) Usage() int64 { return s.usage.Load() }
 
 // touchLocked marks e as just used.

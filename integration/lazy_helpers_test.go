@@ -78,16 +78,16 @@ type lazyNode struct {
 // lazyStartNode opens the cache at cacheDir and a Manager over it with the
 // default configuration; both are closed in t.Cleanup unless closed before
 // (a "restart").
-func lazyStartNode(t *testing.T, cacheDir string, copt cache.Options, extra ...remote.Option) *lazyNode {
+func lazyStartNode(t *testing.T, cacheDir string, copt []cache.Option, extra ...remote.Option) *lazyNode {
 	t.Helper()
 	return lazyStartNodeWith(t, cacheDir, copt, wsfs.Config{Remote: extra})
 }
 
 // lazyStartNodeWith is lazyStartNode with a Manager configuration; the
 // registry options of lazyRemoteOptions come before cfg.Remote.
-func lazyStartNodeWith(t *testing.T, cacheDir string, copt cache.Options, cfg wsfs.Config) *lazyNode {
+func lazyStartNodeWith(t *testing.T, cacheDir string, copt []cache.Option, cfg wsfs.Config) *lazyNode {
 	t.Helper()
-	store, err := cache.Open(cacheDir, copt)
+	store, err := cache.Open(cacheDir, copt...)
 	if err != nil {
 		t.Fatalf("open cache %s: %v", cacheDir, err)
 	}

@@ -58,7 +58,7 @@ func TestLazyWarm(t *testing.T) {
 	}
 
 	t.Run("mounts use warmed layers; Close lets go", func(t *testing.T) {
-		n := lazyStartNodeWith(t, filepath.Join(dir, "cache1"), cache.Options{}, wsfs.Config{WarmHold: time.Hour, NoBackgroundFill: true})
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache1"), nil, wsfs.Config{WarmHold: time.Hour, NoBackgroundFill: true})
 		proxy.Reset()
 		n.m.Warm(ref, layers)
 		lazyWaitFor(t, "every layer opened", func() bool { return openIs(n.m, layers) })
@@ -88,7 +88,7 @@ func TestLazyWarm(t *testing.T) {
 		pushShardedModel(t, root, reg.Addr+"/warm/sharded:v1", 7)
 		ref := reg.Addr + "/warm/sharded:v1"
 		layers := warmLayers(t, ref)
-		n := lazyStartNodeWith(t, filepath.Join(dir, "cache3"), cache.Options{}, wsfs.Config{WarmHold: time.Hour, NoBackgroundFill: true})
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache3"), nil, wsfs.Config{WarmHold: time.Hour, NoBackgroundFill: true})
 		n.m.Warm(ref, layers)
 		lazyWaitFor(t, "every layer opened", func() bool { return openIs(n.m, layers) })
 	})
@@ -96,7 +96,7 @@ func TestLazyWarm(t *testing.T) {
 	t.Run("held layers close after the hold", func(t *testing.T) {
 		// Each layer is open for the whole hold, so the poll sees every
 		// one of them open at some point; nothing opens them again.
-		n := lazyStartNodeWith(t, filepath.Join(dir, "cache2"), cache.Options{}, wsfs.Config{WarmHold: 2 * time.Second, NoBackgroundFill: true})
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache2"), nil, wsfs.Config{WarmHold: 2 * time.Second, NoBackgroundFill: true})
 		n.m.Warm(ref, layers)
 		seen := map[digest.Digest]bool{}
 		lazyWaitFor(t, "every layer opened", func() bool {
@@ -156,7 +156,7 @@ func BenchmarkLayerMounts(b *testing.B) {
 			for i := range b.N {
 				b.StopTimer()
 				dir := filepath.Join(root, fmt.Sprintf("run-%v-%d", warm, i))
-				store, err := cache.Open(filepath.Join(dir, "cache"), cache.Options{})
+				store, err := cache.Open(filepath.Join(dir, "cache"))
 				if err != nil {
 					b.Fatal(err)
 				}
