@@ -2,6 +2,7 @@ package cache
 
 import (
 	"encoding/binary"
+	"fmt"
 	"hash/crc32"
 	"sync/atomic"
 )
@@ -156,4 +157,34 @@ func (m bitmap) all(lo, hi int) bool {
 		i = last + 1
 	}
 	return true
+}
+
+// queue schedules records for the flusher. Callers hold b.mu, so records
+// are queued in the order of the state changes they describe.
+func (b *blob) queue(recs []byte) {
+	b.pendMu.Lock()
+	b.pending = append(b.pending, recs...)
+	b.pendMu.Unlock()
+	b.s.markDirty(b)
+}
+
+// flush makes the data written so far durable and then appends the
+// records describing it.
+func (b *blob) flush() error {
+	b.recMu.Lock()
+	defer b.recMu.Unlock()
+	b.pendMu.Lock()
+	p := b.pending
+	b.pending = nil
+	b.pendMu.Unlock()
+	if len(p) == 0 || b.recClosed {
+		return nil
+	}
+	if err := b.st.sync(); err != nil {
+		return fmt.Errorf("cache: sync %s: %w", b.key, err)
+	}
+	if _, err := b.rec.Write(p); err != nil {
+		return fmt.Errorf("cache: records of %s: %w", b.key, err)
+	}
+	return nil
 }

@@ -1,0 +1,220 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+)
+
+// testHookWait, when set by a test, is called when a reader starts waiting
+// for a fetch another caller runs.
+var testHookWait func()
+
+// flight is one FetchFunc call covering chunks [first, last].
+type flight struct {
+	first, last int
+	done        chan struct{}
+	err         error // set before done is closed
+}
+
+// Fetch makes [off, off+n) present without reading it out: read-ahead and
+// background fill. Contiguous missing chunks are fetched together, up to
+// WithMaxFetch per FetchFunc call; chunks another caller is fetching
+// are waited for.
+func (h *Blob) Fetch(ctx context.Context, off, n int64) error {
+	return h.ensureRange(ctx, off, n, false)
+}
+
+// Check makes [off, off+n) present and checks every chunk of it against
+// its checksum, as a read would, without reading it out: after a restart,
+// chunks are trusted only once checked in this process.
+func (h *Blob) Check(ctx context.Context, off, n int64) error {
+	return h.ensureRange(ctx, off, n, true)
+}
+
+func (h *Blob) ensureRange(ctx context.Context, off, n int64, verify bool) error {
+	if h.closed.Load() {
+		return ErrClosed
+	}
+	b := h.b
+	lo, hi, ok := b.chunkRange(off, n)
+	if !ok {
+		return nil
+	}
+	_, err := b.ensure(ctx, h.fetch, lo, hi, verify)
+	return err
+}
+
+// Invalidate drops the chunks overlapping [off, off+n), for a caller whose
+// own verifier (an eStargz chunk digest) found them wrong; the next read
+// fetches them again. A chunk being fetched is not affected. Only layers
+// whose files are compressed chunks (eStargz) call it, never for a range
+// handed out by FileOf.
+func (h *Blob) Invalidate(off, n int64) {
+	b := h.b
+	lo, hi, ok := b.chunkRange(off, n)
+	if !ok {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i := lo; i <= hi; i++ {
+		b.dropLocked(i)
+	}
+}
+
+// ensure makes chunks [lo, hi] present (and, with verify, checked) using
+// fetch for what nobody is fetching yet. It starts at most one fetch at a
+// time, so chunks it will get to later stay available to other callers
+// (an on-demand reader is not stuck behind a long background Fetch).
+// waited reports whether any fetch was run or waited for.
+func (b *blob) ensure(ctx context.Context, fetch FetchFunc, lo, hi int, verify bool) (waited bool, err error) {
+	for {
+		progress := false
+		var waits []*flight
+		for c := lo; c <= hi; {
+			var run *flight
+			check := -1
+			b.mu.Lock()
+			if b.closed {
+				b.mu.Unlock()
+				return waited, ErrClosed
+			}
+			for ; c <= hi; c++ {
+				if b.present.get(c) {
+					if verify && !b.verified.get(c) {
+						check = c
+						c++
+						break
+					}
+					continue
+				}
+				if fl := b.inflight[c]; fl != nil {
+					if len(waits) == 0 || waits[len(waits)-1] != fl {
+						waits = append(waits, fl)
+					}
+					continue
+				}
+				run = &flight{first: c, done: make(chan struct{})}
+				for c <= hi && c-run.first < b.s.maxRun && !b.present.get(c) && b.inflight[c] == nil {
+					b.inflight[c] = run
+					c++
+				}
+				run.last = c - 1
+				break
+			}
+			b.mu.Unlock()
+			if check >= 0 {
+				progress = true
+				if err := b.verifyChunk(check); err != nil {
+					return waited, err
+				}
+			}
+			if run != nil {
+				progress, waited = true, true
+				if err := b.run(ctx, fetch, run); err != nil {
+					return waited, err
+				}
+			}
+		}
+		for _, fl := range waits {
+			progress, waited = true, true
+			if testHookWait != nil {
+				testHookWait()
+			}
+			select {
+			case <-fl.done:
+			case <-ctx.Done():
+				return waited, ctx.Err()
+			}
+			if fl.err != nil {
+				if isContextErr(fl.err) && ctx.Err() == nil {
+					continue // the fetcher's context ended, not ours: next pass retries
+				}
+				return waited, fl.err
+			}
+		}
+		if !progress {
+			return waited, nil
+		}
+	}
+}
+
+func isContextErr(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// run performs one fetch and publishes its chunks.
+func (b *blob) run(ctx context.Context, fetch FetchFunc, fl *flight) error {
+	off := int64(fl.first) * b.chunk
+	end := min(b.size, int64(fl.last+1)*b.chunk)
+	bufp := b.s.getBuf()
+	defer b.s.putBuf(bufp)
+	buf := (*bufp)[:end-off]
+	err := fetch(ctx, buf, off)
+	if err != nil {
+		err = fmt.Errorf("cache: fetch %s [%d, %d): %w", b.key, off, end, err)
+	} else if _, werr := b.st.WriteAt(buf, off); werr != nil {
+		err = fmt.Errorf("cache: store %s [%d, %d): %w", b.key, off, end, werr)
+	}
+	var recs []byte
+	if err == nil {
+		recs = make([]byte, 0, recordSize*(fl.last-fl.first+1))
+		for i := fl.first; i <= fl.last; i++ {
+			s := int64(i)*b.chunk - off
+			sum := checksum(buf[s : s+b.chunkLen(i)])
+			b.sums[i] = sum // not yet visible: the chunk is neither present nor read by others
+			recs = appendRecord(recs, uint64(i), sum)
+		}
+	}
+	b.mu.Lock()
+	for i := fl.first; i <= fl.last; i++ {
+		delete(b.inflight, i)
+	}
+	if err == nil && b.closed {
+		err = ErrClosed
+	}
+	if err == nil {
+		for i := fl.first; i <= fl.last; i++ {
+			b.present.set(i)
+			b.verified.set(i)
+		}
+		n := end - off
+		b.cached.Add(n)
+		b.e.bytes.Add(n)
+		b.s.usage.Add(n)
+		b.queue(recs)
+	}
+	fl.err = err
+	close(fl.done)
+	full := b.cached.Load() == b.size
+	b.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if full {
+		b.kickVerify()
+	}
+	b.s.evict()
+	return nil
+}
+
+// dropLocked forgets chunk i, on disk too. Callers hold b.mu.
+func (b *blob) dropLocked(i int) {
+	if b.closed || !b.present.get(i) {
+		return
+	}
+	b.splice.Lock()
+	b.gen.Add(1)
+	b.present.clear(i)
+	b.verified.clear(i)
+	b.punch(i)
+	b.gen.Add(1)
+	b.splice.Unlock()
+	n := b.chunkLen(i)
+	b.cached.Add(-n)
+	b.e.bytes.Add(-n)
+	b.s.usage.Add(-n)
+	b.complete.Store(false)
+	b.queue(appendRecord(nil, recDrop|uint64(i), 0))
+}
