@@ -39,10 +39,7 @@ type blob struct {
 	rec   *os.File
 	refs  int // guarded by s.mu
 
-	// gen is odd while chunks are being dropped and changes with every
-	// drop, so a lock-free reader that raced with one can tell (seqlock).
-	gen      atomic.Uint64
-	verified bitmap // present and checked in this process: safe to serve
+	verified bitmap // may be served (see pin)
 	present  bitmap // recorded on disk (or fetched in this process)
 	cached   atomic.Int64
 	complete atomic.Bool
@@ -50,10 +47,15 @@ type blob struct {
 	// on nothing is served until all of it is fetched and verified.
 	strict atomic.Bool
 
-	// splice is held for reading while a range handed out by ReadFile is
-	// being moved out of the data file; dropping a chunk takes it for
-	// writing, so that a hole is never punched under bytes being served.
-	splice sync.RWMutex
+	// pin is held for reading while bytes of verified chunks are read or
+	// handed out by ReadFile, and for writing to drop a chunk or move a
+	// range into a segment, so that a reader never sees bytes change or
+	// move under it.
+	pin   sync.RWMutex
+	unpin func() // pin.RUnlock, made once: ReadFile's release
+	// drops counts dropped chunks, so that a check that read bytes outside
+	// mu can tell whether one was dropped (and perhaps refetched) meanwhile.
+	drops uint64 // guarded by mu
 
 	mu       sync.Mutex // guards sums, inflight, vrun, closed and bitmap writes
 	sums     []uint32
@@ -147,6 +149,7 @@ func (s *Store) loadBlob(e *entry, size int64) (*blob, error) {
 		n: chunkCount(size, s.chunkSize), rec: rec,
 		inflight: make(map[int]*flight),
 	}
+	b.unpin = b.pin.RUnlock
 	b.st.data, b.st.segDir = data, segmentDir(base)
 	b.st.segs.Store(&segs)
 	b.present, b.verified, b.sums = newBitmap(b.n), newBitmap(b.n), make([]uint32, b.n)

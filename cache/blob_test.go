@@ -367,3 +367,44 @@ func TestReadFileServesCheckedBytes(t *testing.T) {
 		t.Fatalf("fetch calls = %v, want %v", src.Calls(), want)
 	}
 }
+
+// Every FUSE read of a splicing layer goes through ReadFile: a hit must
+// not allocate.
+func TestReadFileHitDoesNotAllocate(t *testing.T) {
+	data, key := content(93, 4*testChunk)
+	s := openStore(t, t.TempDir(), testOptions()...)
+	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
+	verify(t, b)
+	ctx := context.Background()
+	allocs := testing.AllocsPerRun(100, func() {
+		_, _, release, err := b.ReadFile(ctx, testChunk, testChunk)
+		if err != nil {
+			t.Fatal(err)
+		}
+		release()
+	})
+	if allocs != 0 {
+		t.Fatalf("%v allocations per ReadFile hit", allocs)
+	}
+}
+
+func BenchmarkReadFileHit(b *testing.B) {
+	s := openStore(b, b.TempDir())
+	data, key := content(14, 16<<20)
+	blob := openBlob(b, s, key, int64(len(data)), newSource(data).fetch)
+	ctx := context.Background()
+	if err := blob.Verify(ctx); err != nil {
+		b.Fatal(err)
+	}
+	const size = 128 << 10
+	b.ReportAllocs()
+	off := int64(0)
+	for b.Loop() {
+		_, _, release, err := blob.ReadFile(ctx, off, size)
+		if err != nil {
+			b.Fatal(err)
+		}
+		release()
+		off = (off + size) % int64(len(data))
+	}
+}

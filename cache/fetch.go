@@ -80,28 +80,20 @@ func (b *blob) ensure(ctx context.Context, fetch FetchFunc, lo, hi int, verify b
 				b.mu.Unlock()
 				return waited, ErrClosed
 			}
-			for ; c <= hi; c++ {
-				if b.present.get(c) {
-					if verify && !b.verified.get(c) {
-						check = c
-						c++
-						break
-					}
-					continue
-				}
-				if fl := b.inflight[c]; fl != nil {
-					if len(waits) == 0 || waits[len(waits)-1] != fl {
+			// In strict mode only whole verification makes chunks servable.
+			checking := verify && !b.strict.Load()
+			for ; c <= hi && check < 0 && run == nil; c++ {
+				switch {
+				case !b.present.get(c):
+					if fl := b.inflight[c]; fl == nil {
+						run = b.startFlightLocked(c, hi)
+						c = run.last
+					} else if len(waits) == 0 || waits[len(waits)-1] != fl {
 						waits = append(waits, fl)
 					}
-					continue
+				case checking && !b.verified.get(c):
+					check = c
 				}
-				run = &flight{first: c, done: make(chan struct{})}
-				for c <= hi && c-run.first < b.s.maxRun && !b.present.get(c) && b.inflight[c] == nil {
-					b.inflight[c] = run
-					c++
-				}
-				run.last = c - 1
-				break
 			}
 			b.mu.Unlock()
 			if check >= 0 {
@@ -117,27 +109,50 @@ func (b *blob) ensure(ctx context.Context, fetch FetchFunc, lo, hi int, verify b
 				}
 			}
 		}
-		for _, fl := range waits {
+		if len(waits) > 0 {
 			progress, waited = true, true
-			if testHookWait != nil {
-				testHookWait()
-			}
-			select {
-			case <-fl.done:
-			case <-ctx.Done():
-				return waited, ctx.Err()
-			}
-			if fl.err != nil {
-				if isContextErr(fl.err) && ctx.Err() == nil {
-					continue // the fetcher's context ended, not ours: next pass retries
-				}
-				return waited, fl.err
+			if err := waitFlights(ctx, waits); err != nil {
+				return waited, err
 			}
 		}
 		if !progress {
 			return waited, nil
 		}
 	}
+}
+
+// startFlightLocked claims the run of missing chunks from first on that
+// nobody fetches, up to hi and the most one fetch may cover. Callers hold
+// b.mu.
+func (b *blob) startFlightLocked(first, hi int) *flight {
+	fl := &flight{first: first, done: make(chan struct{})}
+	c := first
+	for c <= hi && c-first < b.s.maxRun && !b.present.get(c) && b.inflight[c] == nil {
+		b.inflight[c] = fl
+		c++
+	}
+	fl.last = c - 1
+	return fl
+}
+
+// waitFlights waits for fetches other callers run. A fetch that ended
+// with its caller's context is no error of this caller's: the chunks are
+// missing still, and the next pass of ensure fetches them.
+func waitFlights(ctx context.Context, waits []*flight) error {
+	for _, fl := range waits {
+		if testHookWait != nil {
+			testHookWait()
+		}
+		select {
+		case <-fl.done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if fl.err != nil && !(isContextErr(fl.err) && ctx.Err() == nil) {
+			return fl.err
+		}
+	}
+	return nil
 }
 
 func isContextErr(err error) bool {
@@ -175,9 +190,12 @@ func (b *blob) run(ctx context.Context, fetch FetchFunc, fl *flight) error {
 		err = ErrClosed
 	}
 	if err == nil {
+		strict := b.strict.Load()
 		for i := fl.first; i <= fl.last; i++ {
 			b.present.set(i)
-			b.verified.set(i)
+			if !strict {
+				b.verified.set(i)
+			}
 		}
 		n := end - off
 		b.cached.Add(n)
@@ -204,13 +222,16 @@ func (b *blob) dropLocked(i int) {
 	if b.closed || !b.present.get(i) {
 		return
 	}
-	b.splice.Lock()
-	b.gen.Add(1)
+	b.pin.Lock()
 	b.present.clear(i)
 	b.verified.clear(i)
+	if b.strict.Load() {
+		// Nothing is served until the whole content is verified again.
+		b.verified.clearAll()
+	}
 	b.punch(i)
-	b.gen.Add(1)
-	b.splice.Unlock()
+	b.pin.Unlock()
+	b.drops++
 	n := b.chunkLen(i)
 	b.cached.Add(-n)
 	b.e.bytes.Add(-n)

@@ -30,46 +30,27 @@ func (h *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	lo, hi := int(off/b.chunk), int((off+int64(len(p))-1)/b.chunk)
-	missed := false
-	for {
-		if b.strict.Load() && !b.complete.Load() {
-			if err := h.Verify(ctx); err != nil {
-				return 0, err
-			}
-			missed = true
-		}
-		g := b.gen.Load()
-		if g&1 == 0 && b.verified.all(lo, hi) {
-			n, err := b.st.ReadAt(p, off)
-			if b.gen.Load() == g {
-				if err != nil {
-					return n, fmt.Errorf("cache: read blob %s at %d: %w", b.key, off, err)
-				}
-				if missed {
-					missBytes.Add(float64(n))
-				} else {
-					hitBytes.Add(float64(n))
-				}
-				return n, eof
-			}
-			// A drop raced with the read: the bytes may be wrong.
-		}
-		waited, err := b.ensure(ctx, h.fetch, lo, hi, true)
-		if err != nil {
-			return 0, err
-		}
-		missed = missed || waited
+	missed, err := b.pinRange(ctx, h.fetch, off, int64(len(p)))
+	if err != nil {
+		return 0, err
 	}
+	n, err := b.st.ReadAt(p, off)
+	b.pin.RUnlock()
+	if err != nil {
+		return n, fmt.Errorf("cache: read blob %s at %d: %w", b.key, off, err)
+	}
+	countRead(n, missed)
+	return n, eof
 }
 
 // ReadFile makes [off, off+n) present and checked, exactly as ReadAt
 // would, and returns the file that holds those bytes and their offset in
 // it, so that a caller can move them without copying (splice into FUSE).
 // The bytes stay in place until release is called, which the caller must
-// do once it has read them; the file belongs to the Blob. A range past the
-// end is clamped; off at or past the end is io.EOF. A range that crosses
-// a segment's boundary is not in one file and is an error.
+// do once it has read them, before any other call on the Blob; the file
+// belongs to the Blob. A range past the end is clamped; off at or past
+// the end is io.EOF. A range that crosses a segment's boundary is not in
+// one file and is an error.
 func (h *Blob) ReadFile(ctx context.Context, off, n int64) (f *os.File, fileOff int64, release func(), err error) {
 	if h.closed.Load() {
 		return nil, 0, nil, ErrClosed
@@ -82,35 +63,54 @@ func (h *Blob) ReadFile(ctx context.Context, off, n int64) (f *os.File, fileOff 
 		return nil, 0, nil, io.EOF
 	}
 	n = min(n, b.size-off)
+	missed, err := b.pinRange(ctx, h.fetch, off, n)
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	f, fileOff, ok := b.st.fileOf(off, n)
+	if !ok {
+		b.pin.RUnlock()
+		return nil, 0, nil, fmt.Errorf("cache: blob %s: range %d+%d crosses a segment boundary", b.key, off, n)
+	}
+	countRead(int(n), missed)
+	return f, fileOff, b.unpin, nil
+}
+
+// pinRange makes the chunks of [off, off+n) servable, fetching or
+// checking those that are not, and returns with them pinned: until
+// b.pin.RUnlock, they stay servable and their bytes stay where b.st maps
+// them. missed reports whether a fetch was run or waited for.
+func (b *blob) pinRange(ctx context.Context, fetch FetchFunc, off, n int64) (missed bool, err error) {
 	lo, hi := int(off/b.chunk), int((off+n-1)/b.chunk)
-	missed := false
 	for {
-		if b.strict.Load() && !b.complete.Load() {
-			if err := h.Verify(ctx); err != nil {
-				return nil, 0, nil, err
-			}
-			missed = true
+		b.pin.RLock()
+		if b.verified.all(lo, hi) {
+			return missed, nil
 		}
-		b.splice.RLock()
-		if b.verified.all(lo, hi) { // and stays so until RUnlock
-			f, fileOff, ok := b.st.fileOf(off, n)
-			if !ok {
-				b.splice.RUnlock()
-				return nil, 0, nil, fmt.Errorf("cache: blob %s: range %d+%d crosses a segment boundary", b.key, off, n)
-			}
-			if missed {
-				missBytes.Add(float64(n))
-			} else {
-				hitBytes.Add(float64(n))
-			}
-			return f, fileOff, b.splice.RUnlock, nil
-		}
-		b.splice.RUnlock()
-		waited, err := b.ensure(ctx, h.fetch, lo, hi, true)
+		b.pin.RUnlock()
+		waited, err := b.makeServable(ctx, fetch, lo, hi)
 		if err != nil {
-			return nil, 0, nil, err
+			return missed, err
 		}
 		missed = missed || waited
+	}
+}
+
+// makeServable makes chunks [lo, hi] servable, unless one is dropped
+// meanwhile: in strict mode by verifying the whole content, otherwise by
+// fetching what is missing and checking what an earlier process stored.
+func (b *blob) makeServable(ctx context.Context, fetch FetchFunc, lo, hi int) (waited bool, err error) {
+	if b.strict.Load() && !b.complete.Load() {
+		return true, b.verify(ctx, fetch)
+	}
+	return b.ensure(ctx, fetch, lo, hi, true)
+}
+
+func countRead(n int, missed bool) {
+	if missed {
+		missBytes.Add(float64(n))
+	} else {
+		hitBytes.Add(float64(n))
 	}
 }
 

@@ -138,6 +138,12 @@ func (m bitmap) get(i int) bool { return m[i>>6].Load()&(1<<(uint(i)&63)) != 0 }
 func (m bitmap) set(i int)      { m[i>>6].Or(1 << (uint(i) & 63)) }
 func (m bitmap) clear(i int)    { m[i>>6].And(^(uint64(1) << (uint(i) & 63))) }
 
+func (m bitmap) clearAll() {
+	for i := range m {
+		m[i].Store(0)
+	}
+}
+
 // all reports whether every index in [lo, hi] is set.
 func (m bitmap) all(lo, hi int) bool {
 	for i := lo; i <= hi; {

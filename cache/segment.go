@@ -56,8 +56,10 @@ const maxSegmentCopy = 8
 var ErrSegment = errors.New("cache: range cannot get a segment")
 
 // storage maps ranges of a blob's content to the data file or segments.
-// The segment list is replaced, never modified, so readers load it
-// without a lock; it changes under blob.mu with the blob's seqlock odd.
+// The segment list is replaced, never modified, under blob.mu and
+// blob.pin held for writing; it is loaded without a lock, by pinned
+// readers and by writers of chunks being fetched (whose range a new
+// segment never covers, see Segment).
 type storage struct {
 	data      *os.File
 	dataDirty atomic.Bool
@@ -326,15 +328,11 @@ func (b *blob) addSegmentLocked(off, n int64) error {
 	}
 	segs := make([]*segment, 0, len(old)+1)
 	segs = append(append(append(segs, old[:i]...), g), old[i:]...)
-	// Readers that loaded the old list may be reading the range from the
-	// data file; an odd gen makes them look again, and the splice lock
-	// waits for ranges handed out by ReadFile.
-	b.splice.Lock()
-	b.gen.Add(1)
+	// Pinned readers may be reading the range from the data file.
+	b.pin.Lock()
 	b.st.segs.Store(&segs)
 	punchFile(b.st.data, off, n)
-	b.gen.Add(1)
-	b.splice.Unlock()
+	b.pin.Unlock()
 	return nil
 }
 

@@ -20,13 +20,18 @@ type verifyRun struct {
 // been verified against the key. An error wrapping ErrDigestMismatch means
 // the fetched content was wrong; it was discarded.
 func (h *Blob) Verify(ctx context.Context) error {
-	b := h.b
+	if h.closed.Load() {
+		return ErrClosed
+	}
+	return h.b.verify(ctx, h.fetch)
+}
+
+func (b *blob) verify(ctx context.Context, fetch FetchFunc) error {
 	for !b.complete.Load() {
-		if h.closed.Load() {
-			return ErrClosed
-		}
-		if err := h.Fetch(ctx, 0, b.size); err != nil {
-			return err
+		if b.n > 0 {
+			if _, err := b.ensure(ctx, fetch, 0, b.n-1, false); err != nil {
+				return err
+			}
 		}
 		r, err := b.kickVerify()
 		if err != nil {
@@ -35,10 +40,8 @@ func (h *Blob) Verify(ctx context.Context) error {
 		if r == nil {
 			continue // complete, or a chunk was dropped meanwhile
 		}
-		select {
-		case <-r.done:
-		case <-ctx.Done():
-			return ctx.Err()
+		if err := r.wait(ctx); err != nil {
+			return err
 		}
 		if r.err != nil {
 			return r.err
@@ -49,13 +52,18 @@ func (h *Blob) Verify(ctx context.Context) error {
 	r := b.vrun
 	b.mu.Unlock()
 	if r != nil {
-		select {
-		case <-r.done:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+		return r.wait(ctx)
 	}
 	return nil
+}
+
+func (r *verifyRun) wait(ctx context.Context) error {
+	select {
+	case <-r.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // verifyChunk checks a chunk recorded by an earlier process against its
@@ -66,27 +74,37 @@ func (b *blob) verifyChunk(i int) error {
 		b.mu.Unlock()
 		return nil
 	}
-	want, g := b.sums[i], b.gen.Load()
+	drops := b.drops
 	b.mu.Unlock()
 	bufp := b.s.getBuf()
 	defer b.s.putBuf(bufp)
 	buf := (*bufp)[:b.chunkLen(i)]
-	if _, err := b.st.ReadAt(buf, int64(i)*b.chunk); err != nil {
+	b.pin.RLock()
+	_, err := b.st.ReadAt(buf, int64(i)*b.chunk)
+	b.pin.RUnlock()
+	if err != nil {
 		return fmt.Errorf("cache: read blob %s chunk %d: %w", b.key, i, err)
 	}
-	got := checksum(buf)
+	b.checkChunk(i, checksum(buf), drops)
+	return nil
+}
+
+// checkChunk marks chunk i servable if got, the checksum of bytes read
+// while b.drops was drops, is the one recorded for it, and drops the chunk
+// if not. If a chunk was dropped since, the bytes may not have been the
+// chunk's, and the check counts for nothing: the caller looks again.
+func (b *blob) checkChunk(i int, got uint32, drops uint64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.gen.Load() != g {
-		return nil // dropped meanwhile; the caller looks again
+	if b.closed || b.drops != drops || !b.present.get(i) || b.verified.get(i) {
+		return
 	}
-	if got == want {
+	if got != b.sums[i] {
+		slog.Warn("cache: corrupt chunk dropped", "key", b.key, "chunk", i, "off", int64(i)*b.chunk)
+		b.dropLocked(i)
+	} else if !b.strict.Load() {
 		b.verified.set(i)
-		return nil
 	}
-	slog.Warn("cache: corrupt chunk dropped", "key", b.key, "chunk", i, "off", int64(i)*b.chunk)
-	b.dropLocked(i)
-	return nil
 }
 
 // kickVerify starts hashing the whole content in the background if it is
@@ -117,54 +135,8 @@ func (b *blob) kickVerify() (*verifyRun, error) {
 
 func (b *blob) verifyLoop(r *verifyRun) {
 	defer b.s.wg.Done()
-	markComplete := false
-	b.mu.Lock()
-	for {
-		g := b.gen.Load()
-		if b.cached.Load() != b.size {
-			// Dropped since the run was started: inconclusive, and the
-			// hash below would read chunks being refetched. Whatever
-			// makes the blob whole again starts another run.
-			break
-		}
-		b.mu.Unlock()
-		sum, err := b.hash(b.s.ctx)
-		b.mu.Lock()
-		if err != nil {
-			r.err = err
-			break
-		}
-		if b.gen.Load() != g {
-			if b.cached.Load() == b.size {
-				continue // a chunk was refetched meanwhile: hash again
-			}
-			break // inconclusive; the refetch will start another run
-		}
-		if sum == b.key {
-			b.complete.Store(true)
-			for i := 0; i < b.n; i++ {
-				b.verified.set(i)
-			}
-			b.queue(appendRecord(nil, recComplete, 0))
-			markComplete = true
-			break
-		}
-		// Every chunk matched its checksum, so the fetched content itself
-		// is wrong, and nothing tells which chunk: discard them all and,
-		// from now on, serve only verified content.
-		b.strict.Store(true)
-		for i := 0; i < b.n; i++ {
-			b.dropLocked(i)
-		}
-		r.err = fmt.Errorf("%w: blob %s hashes to %s", ErrDigestMismatch, b.key, sum)
-		slog.Error("cache: blob content does not match its digest; discarded", "key", b.key, "got", sum)
-		break
-	}
-	// vrun stays set until the run has let go of the blob: a Verify that
-	// finds the blob complete meanwhile still waits for this run, so that
-	// once Verify returns the blob's references are the callers' own.
-	b.mu.Unlock()
-	if markComplete {
+	complete := b.verifyWhole(r)
+	if complete {
 		// Durably, so that a restart does not hash it again.
 		if err := b.flush(); err == nil {
 			b.recMu.Lock()
@@ -174,22 +146,68 @@ func (b *blob) verifyLoop(r *verifyRun) {
 			b.recMu.Unlock()
 		}
 	}
+	// vrun stays set until the run has let go of the blob: a Verify that
+	// finds the blob complete meanwhile still waits for this run, so that
+	// once Verify returns the blob's references are the callers' own.
 	b.s.releaseBlob(b)
 	b.mu.Lock()
 	b.vrun = nil
 	b.mu.Unlock()
 	close(r.done)
-	if r.err == nil && !markComplete && b.cached.Load() == b.size {
+	if r.err == nil && !complete && b.cached.Load() == b.size {
 		// Inconclusive, and the refetch that made the blob whole again
 		// may have found this run still going instead of starting one.
 		b.kickVerify()
 	}
 }
 
-// hash computes the digest of the data file, with the key's algorithm.
+// verifyWhole hashes the content until the hash is conclusive: no chunk
+// was dropped while it ran. A match completes the blob; a mismatch sets
+// r.err and discards the content.
+func (b *blob) verifyWhole(r *verifyRun) (complete bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for b.cached.Load() == b.size {
+		drops := b.drops
+		b.mu.Unlock()
+		sum, err := b.hash(b.s.ctx)
+		b.mu.Lock()
+		if err != nil {
+			r.err = err
+			return false
+		}
+		if b.drops != drops {
+			continue // hash again if a refetch made the blob whole again
+		}
+		if sum == b.key {
+			b.complete.Store(true)
+			for i := range b.n {
+				b.verified.set(i)
+			}
+			b.queue(appendRecord(nil, recComplete, 0))
+			return true
+		}
+		// Every chunk matched its checksum, so the fetched content itself
+		// is wrong, and nothing tells which chunk: discard them all and,
+		// from now on, serve only verified content.
+		b.strict.Store(true)
+		for i := range b.n {
+			b.dropLocked(i)
+		}
+		r.err = fmt.Errorf("%w: blob %s hashes to %s", ErrDigestMismatch, b.key, sum)
+		slog.Error("cache: blob content does not match its digest; discarded", "key", b.key, "got", sum)
+		return false
+	}
+	// Dropped since the run was started: inconclusive, and a hash would
+	// read chunks being refetched. Whatever makes the blob whole again
+	// starts another run.
+	return false
+}
+
+// hash computes the digest of the content, with the key's algorithm.
 // Chunks not yet checked in this process are checked against their
-// checksums on the way: a corrupt one is dropped (which ends the run as
-// inconclusive, since gen changes) rather than failing the whole content.
+// checksums on the way: a corrupt one is dropped (which makes the run
+// inconclusive) rather than failing the whole content.
 func (b *blob) hash(ctx context.Context) (digest.Digest, error) {
 	alg := b.key.Algorithm()
 	if !alg.Available() {
@@ -198,37 +216,28 @@ func (b *blob) hash(ctx context.Context) (digest.Digest, error) {
 	h := alg.Hash()
 	bufp := b.s.getBuf()
 	defer b.s.putBuf(bufp)
-	buf := *bufp
 	for off := int64(0); off < b.size; {
 		if err := ctx.Err(); err != nil {
 			return "", err
 		}
-		n := min(int64(len(buf)), b.size-off)
-		g := b.gen.Load()
-		if _, err := b.st.ReadAt(buf[:n], off); err != nil {
+		buf := (*bufp)[:min(int64(len(*bufp)), b.size-off)]
+		b.mu.Lock()
+		drops := b.drops
+		b.mu.Unlock()
+		b.pin.RLock()
+		_, err := b.st.ReadAt(buf, off)
+		b.pin.RUnlock()
+		if err != nil {
 			return "", fmt.Errorf("cache: hash blob %s: %w", b.key, err)
 		}
-		for i := int(off / b.chunk); i <= int((off+n-1)/b.chunk); i++ {
-			if b.verified.get(i) {
-				continue
+		for i := int(off / b.chunk); i <= int((off+int64(len(buf))-1)/b.chunk); i++ {
+			if !b.verified.get(i) {
+				s := int64(i)*b.chunk - off
+				b.checkChunk(i, checksum(buf[s:s+b.chunkLen(i)]), drops)
 			}
-			s := int64(i)*b.chunk - off
-			got := checksum(buf[s : s+b.chunkLen(i)])
-			b.mu.Lock()
-			// A drop or a new segment raced with the read: the bytes
-			// may not be the chunk's, and the caller hashes again.
-			if g&1 == 0 && b.gen.Load() == g && b.present.get(i) && !b.verified.get(i) {
-				if got == b.sums[i] {
-					b.verified.set(i)
-				} else {
-					slog.Warn("cache: corrupt chunk dropped", "key", b.key, "chunk", i, "off", int64(i)*b.chunk)
-					b.dropLocked(i)
-				}
-			}
-			b.mu.Unlock()
 		}
-		h.Write(buf[:n])
-		off += n
+		h.Write(buf)
+		off += int64(len(buf))
 	}
 	return digest.NewDigest(alg, h), nil
 }
