@@ -41,11 +41,6 @@ type blob struct {
 
 	verified bitmap // may be served (see pin)
 	present  bitmap // recorded on disk (or fetched in this process)
-	cached   atomic.Int64
-	complete atomic.Bool
-	// strict is set once the content failed whole verification: from then
-	// on nothing is served until all of it is fetched and verified.
-	strict atomic.Bool
 
 	// pin is held for reading while bytes of verified chunks are read or
 	// handed out by ReadFile, and for writing to drop a chunk or move a
@@ -53,22 +48,26 @@ type blob struct {
 	// move under it.
 	pin   sync.RWMutex
 	unpin func() // pin.RUnlock, made once: ReadFile's release
-	// drops counts dropped chunks, so that a check that read bytes outside
-	// mu can tell whether one was dropped (and perhaps refetched) meanwhile.
-	drops uint64 // guarded by mu
 
-	mu       sync.Mutex // guards sums, inflight, vrun, closed and bitmap writes
+	mu       sync.Mutex // guards the fields below and bitmap writes
 	sums     []uint32
 	inflight map[int]*flight
 	vrun     *verifyRun
-	closed   bool
-
-	pendMu  sync.Mutex
+	cached   int64
+	complete bool
+	// strict is set once the content failed whole verification: from then
+	// on nothing is served until all of it is fetched and verified.
+	strict bool
+	// drops counts dropped chunks, so that a check that read bytes outside
+	// mu can tell whether one was dropped (and perhaps refetched) meanwhile.
+	drops   uint64
+	closed  bool
 	pending []byte // records awaiting flush, in the order of the state changes
-	// recMu serialises flushes (so records reach the file in order) with
-	// closing the files.
-	recMu     sync.Mutex
-	recClosed bool
+	syncRec bool   // pending holds a complete record: sync the records file too
+
+	// recMu serialises appends to rec, so that records reach it in order,
+	// with closing the files.
+	recMu sync.Mutex
 }
 
 // Blob opens the cached content named key, a digest of the whole content,
@@ -115,10 +114,8 @@ func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc) (*Blob, err
 	b.refs = 1
 	s.touchLocked(e)
 	s.mu.Unlock()
-	if b.cached.Load() == size && !b.complete.Load() {
-		// Everything was fetched before a restart but never verified.
-		b.kickVerify()
-	}
+	// Everything may have been fetched before a restart but never verified.
+	b.kickVerify()
 	s.evict()
 	return &Blob{b: b, fetch: fetch}, nil
 }
@@ -206,8 +203,7 @@ func (s *Store) loadBlob(e *entry, size int64) (*blob, error) {
 	if hole >= 0 {
 		b.punchRun(hole, b.n)
 	}
-	b.cached.Store(r.cached)
-	b.complete.Store(r.complete)
+	b.cached, b.complete = r.cached, r.complete
 	s.usage.Add(r.cached - e.bytes.Load())
 	e.bytes.Store(r.cached)
 	return b, nil
@@ -229,7 +225,7 @@ func (h *Blob) Size() int64 { return h.b.size }
 
 // Complete reports whether the whole content is cached and was verified
 // against the key.
-func (h *Blob) Complete() bool { return h.b.complete.Load() }
+func (h *Blob) Complete() bool { return h.b.isComplete() }
 
 // Close releases the handle.
 func (h *Blob) Close() error {
@@ -271,17 +267,18 @@ func (s *Store) releaseBlob(b *blob) {
 
 // shutdown persists pending records and closes the files.
 func (b *blob) shutdown() error {
+	b.recMu.Lock()
+	defer b.recMu.Unlock()
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
 		return nil
 	}
+	// Nothing is queued once closed, so a later flush finds nothing to
+	// write and leaves the closed files alone.
 	b.closed = true
+	p, syncRec := b.takePendingLocked()
 	b.mu.Unlock()
-	err := b.flush()
-	b.recMu.Lock()
-	b.recClosed = true
-	err = errors.Join(err, b.rec.Close(), b.st.close())
-	b.recMu.Unlock()
-	return err
+	err := b.writeRecords(p, syncRec)
+	return errors.Join(err, b.rec.Close(), b.st.close())
 }

@@ -81,7 +81,7 @@ func (b *blob) ensure(ctx context.Context, fetch FetchFunc, lo, hi int, verify b
 				return waited, ErrClosed
 			}
 			// In strict mode only whole verification makes chunks servable.
-			checking := verify && !b.strict.Load()
+			checking := verify && !b.strict
 			for ; c <= hi && check < 0 && run == nil; c++ {
 				switch {
 				case !b.present.get(c):
@@ -166,46 +166,22 @@ func (b *blob) run(ctx context.Context, fetch FetchFunc, fl *flight) error {
 	bufp := b.s.getBuf()
 	defer b.s.putBuf(bufp)
 	buf := (*bufp)[:end-off]
+	var sums []uint32
 	err := fetch(ctx, buf, off)
 	if err != nil {
 		err = fmt.Errorf("cache: fetch %s [%d, %d): %w", b.key, off, end, err)
 	} else if _, werr := b.st.WriteAt(buf, off); werr != nil {
 		err = fmt.Errorf("cache: store %s [%d, %d): %w", b.key, off, end, werr)
-	}
-	var recs []byte
-	if err == nil {
-		recs = make([]byte, 0, recordSize*(fl.last-fl.first+1))
+	} else {
+		sums = make([]uint32, 0, fl.last-fl.first+1)
 		for i := fl.first; i <= fl.last; i++ {
 			s := int64(i)*b.chunk - off
-			sum := checksum(buf[s : s+b.chunkLen(i)])
-			b.sums[i] = sum // not yet visible: the chunk is neither present nor read by others
-			recs = appendRecord(recs, uint64(i), sum)
+			sums = append(sums, checksum(buf[s:s+b.chunkLen(i)]))
 		}
 	}
 	b.mu.Lock()
-	for i := fl.first; i <= fl.last; i++ {
-		delete(b.inflight, i)
-	}
-	if err == nil && b.closed {
-		err = ErrClosed
-	}
-	if err == nil {
-		strict := b.strict.Load()
-		for i := fl.first; i <= fl.last; i++ {
-			b.present.set(i)
-			if !strict {
-				b.verified.set(i)
-			}
-		}
-		n := end - off
-		b.cached.Add(n)
-		b.e.bytes.Add(n)
-		b.s.usage.Add(n)
-		b.queue(recs)
-	}
-	fl.err = err
-	close(fl.done)
-	full := b.cached.Load() == b.size
+	err = b.landLocked(fl, sums, err)
+	full := b.cached == b.size
 	b.mu.Unlock()
 	if err != nil {
 		return err
@@ -217,6 +193,39 @@ func (b *blob) run(ctx context.Context, fetch FetchFunc, fl *flight) error {
 	return nil
 }
 
+// landLocked ends flight fl: with err nil, its chunks, whose checksums are
+// sums, are stored and become present (and servable, unless in strict
+// mode). Callers hold b.mu.
+func (b *blob) landLocked(fl *flight, sums []uint32, err error) error {
+	for i := fl.first; i <= fl.last; i++ {
+		delete(b.inflight, i)
+	}
+	if err == nil && b.closed {
+		err = ErrClosed
+	}
+	if err == nil {
+		recs := make([]byte, 0, recordSize*len(sums))
+		var n int64
+		for k, sum := range sums {
+			i := fl.first + k
+			b.sums[i] = sum
+			b.present.set(i)
+			if !b.strict {
+				b.verified.set(i)
+			}
+			recs = appendRecord(recs, uint64(i), sum)
+			n += b.chunkLen(i)
+		}
+		b.cached += n
+		b.e.bytes.Add(n)
+		b.s.usage.Add(n)
+		b.queue(recs)
+	}
+	fl.err = err
+	close(fl.done)
+	return err
+}
+
 // dropLocked forgets chunk i, on disk too. Callers hold b.mu.
 func (b *blob) dropLocked(i int) {
 	if b.closed || !b.present.get(i) {
@@ -225,7 +234,7 @@ func (b *blob) dropLocked(i int) {
 	b.pin.Lock()
 	b.present.clear(i)
 	b.verified.clear(i)
-	if b.strict.Load() {
+	if b.strict {
 		// Nothing is served until the whole content is verified again.
 		b.verified.clearAll()
 	}
@@ -233,9 +242,9 @@ func (b *blob) dropLocked(i int) {
 	b.pin.Unlock()
 	b.drops++
 	n := b.chunkLen(i)
-	b.cached.Add(-n)
+	b.cached -= n
 	b.e.bytes.Add(-n)
 	b.s.usage.Add(-n)
-	b.complete.Store(false)
+	b.complete = false
 	b.queue(appendRecord(nil, recDrop|uint64(i), 0))
 }

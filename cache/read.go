@@ -100,7 +100,10 @@ func (b *blob) pinRange(ctx context.Context, fetch FetchFunc, off, n int64) (mis
 // meanwhile: in strict mode by verifying the whole content, otherwise by
 // fetching what is missing and checking what an earlier process stored.
 func (b *blob) makeServable(ctx context.Context, fetch FetchFunc, lo, hi int) (waited bool, err error) {
-	if b.strict.Load() && !b.complete.Load() {
+	b.mu.Lock()
+	strict := b.strict && !b.complete
+	b.mu.Unlock()
+	if strict {
 		return true, b.verify(ctx, fetch)
 	}
 	return b.ensure(ctx, fetch, lo, hi, true)
@@ -127,7 +130,12 @@ func (h *Blob) Present(off, n int64) bool {
 }
 
 // CachedBytes returns how many bytes of the content are cached.
-func (h *Blob) CachedBytes() int64 { return h.b.cached.Load() }
+func (h *Blob) CachedBytes() int64 {
+	b := h.b
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.cached
+}
 
 // chunkRange returns the chunks overlapping [off, off+n) ∩ [0, size).
 func (b *blob) chunkRange(off, n int64) (lo, hi int, ok bool) {

@@ -168,10 +168,19 @@ func (m bitmap) all(lo, hi int) bool {
 // queue schedules records for the flusher. Callers hold b.mu, so records
 // are queued in the order of the state changes they describe.
 func (b *blob) queue(recs []byte) {
-	b.pendMu.Lock()
+	if b.closed {
+		return
+	}
 	b.pending = append(b.pending, recs...)
-	b.pendMu.Unlock()
 	b.s.markDirty(b)
+}
+
+// takePendingLocked returns the records queued so far and whether the
+// records file must be synced after them. Callers hold b.mu.
+func (b *blob) takePendingLocked() ([]byte, bool) {
+	p, syncRec := b.pending, b.syncRec
+	b.pending, b.syncRec = nil, false
+	return p, syncRec
 }
 
 // flush makes the data written so far durable and then appends the
@@ -179,11 +188,16 @@ func (b *blob) queue(recs []byte) {
 func (b *blob) flush() error {
 	b.recMu.Lock()
 	defer b.recMu.Unlock()
-	b.pendMu.Lock()
-	p := b.pending
-	b.pending = nil
-	b.pendMu.Unlock()
-	if len(p) == 0 || b.recClosed {
+	b.mu.Lock()
+	p, syncRec := b.takePendingLocked()
+	b.mu.Unlock()
+	return b.writeRecords(p, syncRec)
+}
+
+// writeRecords appends records once the data they describe is durable.
+// Callers hold b.recMu.
+func (b *blob) writeRecords(p []byte, syncRec bool) error {
+	if len(p) == 0 {
 		return nil
 	}
 	if err := b.st.sync(); err != nil {
@@ -191,6 +205,11 @@ func (b *blob) flush() error {
 	}
 	if _, err := b.rec.Write(p); err != nil {
 		return fmt.Errorf("cache: records of %s: %w", b.key, err)
+	}
+	if syncRec {
+		if err := b.rec.Sync(); err != nil {
+			return fmt.Errorf("cache: sync records of %s: %w", b.key, err)
+		}
 	}
 	return nil
 }

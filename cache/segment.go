@@ -10,7 +10,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
@@ -37,10 +36,7 @@ type segment struct {
 	path     string
 	f        *os.File
 	dirty    atomic.Bool // written since the last flush
-
-	roMu   sync.Mutex
-	ro     *os.File // read-only handle for FileOf, opened on first use
-	closed bool     // guarded by roMu: the blob's files are closed
+	ro       *os.File    // read-only handle for FileOf, opened on first use under blob.mu
 }
 
 // maxSegmentCopy bounds how many present chunks a new segment may move
@@ -175,13 +171,9 @@ func (s *storage) close() error {
 	err := s.data.Close()
 	for _, g := range *s.segs.Load() {
 		err = errors.Join(err, g.f.Close())
-		g.roMu.Lock()
 		if g.ro != nil {
 			err = errors.Join(err, g.ro.Close())
-			g.ro = nil
 		}
-		g.closed = true
-		g.roMu.Unlock()
 	}
 	return err
 }
@@ -394,22 +386,22 @@ func (b *blob) createSegment(off, n int64, lo, hi int) (*segment, error) {
 // dropped while the blob is open (only Invalidate would, which tar layers
 // do not call), so the bytes stay in place for whoever reads the file.
 func (h *Blob) FileOf(off, n int64) (f *os.File, ok bool) {
-	b := h.b
-	if h.closed.Load() || !b.complete.Load() {
+	if h.closed.Load() {
 		return nil, false
 	}
+	b := h.b
 	segs := *b.st.segs.Load()
 	i := sort.Search(len(segs), func(i int) bool { return segs[i].end > off })
 	if i == len(segs) || segs[i].off != off || segs[i].end != off+n {
 		return nil, false
 	}
-	if lo, hi, _ := b.chunkRange(off, n); !b.verified.all(lo, hi) {
-		return nil, false
-	}
 	g := segs[i]
-	g.roMu.Lock()
-	defer g.roMu.Unlock()
-	if g.closed {
+	lo, hi, _ := b.chunkRange(off, n)
+	// Under b.mu, since shutdown closes g.ro once b.closed is set. The
+	// open is of a local file, once per segment.
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed || !b.complete || !b.verified.all(lo, hi) {
 		return nil, false
 	}
 	if g.ro == nil {

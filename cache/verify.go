@@ -27,7 +27,7 @@ func (h *Blob) Verify(ctx context.Context) error {
 }
 
 func (b *blob) verify(ctx context.Context, fetch FetchFunc) error {
-	for !b.complete.Load() {
+	for !b.isComplete() {
 		if b.n > 0 {
 			if _, err := b.ensure(ctx, fetch, 0, b.n-1, false); err != nil {
 				return err
@@ -55,6 +55,12 @@ func (b *blob) verify(ctx context.Context, fetch FetchFunc) error {
 		return r.wait(ctx)
 	}
 	return nil
+}
+
+func (b *blob) isComplete() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.complete
 }
 
 func (r *verifyRun) wait(ctx context.Context) error {
@@ -102,7 +108,7 @@ func (b *blob) checkChunk(i int, got uint32, drops uint64) {
 	if got != b.sums[i] {
 		slog.Warn("cache: corrupt chunk dropped", "key", b.key, "chunk", i, "off", int64(i)*b.chunk)
 		b.dropLocked(i)
-	} else if !b.strict.Load() {
+	} else if !b.strict {
 		b.verified.set(i)
 	}
 }
@@ -122,7 +128,7 @@ func (b *blob) kickVerify() (*verifyRun, error) {
 	if b.closed || s.closed {
 		return nil, ErrClosed
 	}
-	if b.complete.Load() || b.cached.Load() != b.size {
+	if b.complete || b.cached != b.size {
 		return nil, nil
 	}
 	r := &verifyRun{done: make(chan struct{})}
@@ -137,13 +143,10 @@ func (b *blob) verifyLoop(r *verifyRun) {
 	defer b.s.wg.Done()
 	complete := b.verifyWhole(r)
 	if complete {
-		// Durably, so that a restart does not hash it again.
-		if err := b.flush(); err == nil {
-			b.recMu.Lock()
-			if !b.recClosed {
-				b.rec.Sync()
-			}
-			b.recMu.Unlock()
+		// Now rather than at the flusher's next round, so that a restart
+		// soon after does not hash it again.
+		if err := b.flush(); err != nil {
+			slog.Warn("cache: persisting presence records", "key", b.key, "err", err)
 		}
 	}
 	// vrun stays set until the run has let go of the blob: a Verify that
@@ -152,9 +155,10 @@ func (b *blob) verifyLoop(r *verifyRun) {
 	b.s.releaseBlob(b)
 	b.mu.Lock()
 	b.vrun = nil
+	whole := b.cached == b.size
 	b.mu.Unlock()
 	close(r.done)
-	if r.err == nil && !complete && b.cached.Load() == b.size {
+	if r.err == nil && !complete && whole {
 		// Inconclusive, and the refetch that made the blob whole again
 		// may have found this run still going instead of starting one.
 		b.kickVerify()
@@ -167,7 +171,7 @@ func (b *blob) verifyLoop(r *verifyRun) {
 func (b *blob) verifyWhole(r *verifyRun) (complete bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	for b.cached.Load() == b.size {
+	for b.cached == b.size {
 		drops := b.drops
 		b.mu.Unlock()
 		sum, err := b.hash(b.s.ctx)
@@ -180,17 +184,18 @@ func (b *blob) verifyWhole(r *verifyRun) (complete bool) {
 			continue // hash again if a refetch made the blob whole again
 		}
 		if sum == b.key {
-			b.complete.Store(true)
+			b.complete = true
 			for i := range b.n {
 				b.verified.set(i)
 			}
 			b.queue(appendRecord(nil, recComplete, 0))
+			b.syncRec = true
 			return true
 		}
 		// Every chunk matched its checksum, so the fetched content itself
 		// is wrong, and nothing tells which chunk: discard them all and,
 		// from now on, serve only verified content.
-		b.strict.Store(true)
+		b.strict = true
 		for i := range b.n {
 			b.dropLocked(i)
 		}
