@@ -4,10 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 
@@ -37,7 +35,6 @@ type blob struct {
 	n     int
 	st    storage // the data file and the segments
 	rec   *os.File
-	refs  int // guarded by s.mu
 
 	verified bitmap // may be served (see pin)
 	present  bitmap // recorded on disk (or fetched in this process)
@@ -46,8 +43,9 @@ type blob struct {
 	// handed out by ReadFile, and for writing to drop a chunk or move a
 	// range into a segment, so that a reader never sees bytes change or
 	// move under it.
-	pin   sync.RWMutex
-	unpin func() // pin.RUnlock, made once: ReadFile's release
+	pin         sync.RWMutex
+	unpin       func() // pin.RUnlock, made once: ReadFile's release
+	filesClosed bool   // guarded by pin: set, under it held for writing, by shutdown
 
 	mu       sync.Mutex // guards the fields below and bitmap writes
 	sums     []uint32
@@ -80,20 +78,23 @@ func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc) (*Blob, err
 	if size < 0 || fetch == nil {
 		return nil, fmt.Errorf("cache: blob %s: invalid size %d or nil fetch", key, size)
 	}
+	k := entryKey{kindBlob, key}
 	s.mu.Lock()
+	e := s.entries[k]
+	for s.waitBusyLocked(e) {
+		e = s.entries[k]
+	}
 	if s.closed {
 		s.mu.Unlock()
 		return nil, ErrClosed
 	}
-	k := entryKey{kindBlob, key}
-	e := s.entries[k]
 	if e != nil && e.b != nil {
 		b := e.b
 		if b.size != size {
 			s.mu.Unlock()
 			return nil, fmt.Errorf("%w: %s is open with size %d, asked %d", ErrSizeMismatch, key, b.size, size)
 		}
-		b.refs++
+		e.refs++
 		s.touchLocked(e)
 		s.mu.Unlock()
 		return &Blob{b: b, fetch: fetch}, nil
@@ -102,111 +103,39 @@ func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc) (*Blob, err
 		e = &entry{entryKey: k}
 		s.entries[k] = e
 	}
-	b, err := s.loadBlob(e, size)
+	s.beginBusyLocked(e)
+	s.mu.Unlock()
+	b, err := s.openBlob(e, size)
 	if err != nil {
-		if e.bytes.Load() == 0 {
-			delete(s.entries, k)
-		}
-		s.mu.Unlock()
 		return nil, err
 	}
-	e.b = b
-	b.refs = 1
-	s.touchLocked(e)
-	s.mu.Unlock()
 	// Everything may have been fetched before a restart but never verified.
 	b.kickVerify()
 	s.evict()
 	return &Blob{b: b, fetch: fetch}, nil
 }
 
-// loadBlob opens the files of e, trusting only what the records say.
-func (s *Store) loadBlob(e *entry, size int64) (*blob, error) {
-	base := s.blobPath(e.key)
-	if err := os.MkdirAll(filepath.Dir(base), 0o700); err != nil {
-		return nil, fmt.Errorf("cache: open blob %s: %w", e.key, err)
+// openBlob loads the blob of e, which the caller made busy, and makes it
+// e's open blob.
+func (s *Store) openBlob(e *entry, size int64) (*blob, error) {
+	defer s.wg.Done()
+	b, err := s.loadBlob(e, size)
+	s.mu.Lock()
+	lost := err == nil && s.closed // and Close has not seen b: shut it here
+	if err == nil && !lost {
+		s.usage.Add(b.cached - e.bytes)
+		e.b, e.refs = b, 1
+		s.touchLocked(e)
+	} else if e.bytes == 0 {
+		delete(s.entries, e.entryKey)
 	}
-	data, err := os.OpenFile(base+".data", os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("cache: open blob %s: %w", e.key, err)
+	s.endBusyLocked(e)
+	s.mu.Unlock()
+	if lost {
+		b.shutdown()
+		return nil, ErrClosed
 	}
-	rec, err := os.OpenFile(base+".rec", os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		data.Close()
-		return nil, fmt.Errorf("cache: open blob %s: %w", e.key, err)
-	}
-	segs, err := loadSegments(base, size)
-	if err != nil {
-		data.Close()
-		rec.Close()
-		return nil, fmt.Errorf("cache: open blob %s: %w", e.key, err)
-	}
-	b := &blob{
-		s: s, e: e, key: e.key, size: size, chunk: s.chunkSize,
-		n: chunkCount(size, s.chunkSize), rec: rec,
-		inflight: make(map[int]*flight),
-	}
-	b.unpin = b.pin.RUnlock
-	b.st.data, b.st.segDir = data, segmentDir(base)
-	b.st.segs.Store(&segs)
-	b.present, b.verified, b.sums = newBitmap(b.n), newBitmap(b.n), make([]uint32, b.n)
-	fail := func(err error) (*blob, error) {
-		b.st.close()
-		rec.Close()
-		return nil, fmt.Errorf("cache: open blob %s: %w", e.key, err)
-	}
-	raw, err := io.ReadAll(rec)
-	if err != nil {
-		return fail(err)
-	}
-	r, ok := replay(raw)
-	if !ok || r.chunkSize != b.chunk || r.size != size {
-		// New, foreign or damaged: start over.
-		if err := rec.Truncate(0); err != nil {
-			return fail(err)
-		}
-		if _, err := rec.Write(encodeHeader(b.chunk, size)); err != nil {
-			return fail(err)
-		}
-		if err := data.Truncate(0); err != nil {
-			return fail(err)
-		}
-		r = replayed{present: make([]bool, b.n), sums: make([]uint32, b.n)}
-	} else if r.valid < int64(len(raw)) {
-		if err := rec.Truncate(r.valid); err != nil {
-			return fail(err)
-		}
-	}
-	if err := data.Truncate(size); err != nil {
-		return fail(err)
-	}
-	// A crash between making a segment and punching its range out of
-	// the data file leaves stale bytes there.
-	for _, g := range segs {
-		punchFile(data, g.off, g.end-g.off)
-	}
-	// Bytes of chunks without a record are garbage from a crash or a
-	// drop: give the space back, one hole per run of such chunks.
-	hole := -1
-	for i, p := range r.present {
-		if p {
-			b.present.set(i)
-			b.sums[i] = r.sums[i]
-			if hole >= 0 {
-				b.punchRun(hole, i)
-				hole = -1
-			}
-		} else if hole < 0 {
-			hole = i
-		}
-	}
-	if hole >= 0 {
-		b.punchRun(hole, b.n)
-	}
-	b.cached, b.complete = r.cached, r.complete
-	s.usage.Add(r.cached - e.bytes.Load())
-	e.bytes.Store(r.cached)
-	return b, nil
+	return b, err
 }
 
 func (b *blob) chunkLen(i int) int64 { return chunkLen(int64(i), b.chunk, b.size) }
@@ -239,30 +168,36 @@ func (h *Blob) Close() error {
 // releaseBlob drops a reference; the last one closes the files, so the
 // key becomes evictable.
 func (s *Store) releaseBlob(b *blob) {
+	e := b.e
 	s.mu.Lock()
-	b.refs--
-	if b.refs > 0 {
+	e.refs--
+	if e.refs > 0 || s.closed {
+		// Once closed, the store's Close shuts the blob down, and its
+		// directory may already be another process's.
 		s.mu.Unlock()
 		return
 	}
-	e := b.e
-	if e.b == b {
-		e.b = nil
-		s.touchLocked(e)
-	}
-	// Under s.mu so that a new Blob(key) cannot open the files before
-	// this state is flushed.
+	e.b = nil
+	s.beginBusyLocked(e)
+	s.mu.Unlock()
 	if err := b.shutdown(); err != nil {
 		slog.Warn("cache: closing blob", "key", b.key, "err", err)
 	}
-	if e.b == nil && e.bytes.Load() == 0 {
-		// Nothing cached: do not leave empty files and an entry behind.
-		s.removeLocked(e)
-	} else {
-		s.stampLocked(s.blobPath(b.key) + ".rec")
+	s.settle(e, b.cachedBytes(), s.blobPath(b.key)+".rec")
+}
+
+// hold takes a reference for background work on b, which keeps its files
+// open and which Close waits for; false if b is closing or the store is
+// closed.
+func (s *Store) hold(b *blob) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || b.e.b != b {
+		return false
 	}
-	s.mu.Unlock()
-	s.evict()
+	b.e.refs++
+	s.wg.Add(1)
+	return true
 }
 
 // shutdown persists pending records and closes the files.
@@ -280,5 +215,11 @@ func (b *blob) shutdown() error {
 	p, syncRec := b.takePendingLocked()
 	b.mu.Unlock()
 	err := b.writeRecords(p, syncRec)
-	return errors.Join(err, b.rec.Close(), b.st.close())
+	// Pinned readers, those of ranges handed out by ReadFile included,
+	// finish before the files are closed under them.
+	b.pin.Lock()
+	b.filesClosed = true
+	err = errors.Join(err, b.rec.Close(), b.st.close())
+	b.pin.Unlock()
+	return err
 }

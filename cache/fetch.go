@@ -200,7 +200,7 @@ func (b *blob) landLocked(fl *flight, sums []uint32, err error) error {
 	for i := fl.first; i <= fl.last; i++ {
 		delete(b.inflight, i)
 	}
-	if err == nil && b.closed {
+	if b.closed {
 		err = ErrClosed
 	}
 	if err == nil {
@@ -217,7 +217,6 @@ func (b *blob) landLocked(fl *flight, sums []uint32, err error) error {
 			n += b.chunkLen(i)
 		}
 		b.cached += n
-		b.e.bytes.Add(n)
 		b.s.usage.Add(n)
 		b.queue(recs)
 	}
@@ -243,7 +242,6 @@ func (b *blob) dropLocked(i int) {
 	b.drops++
 	n := b.chunkLen(i)
 	b.cached -= n
-	b.e.bytes.Add(-n)
 	b.s.usage.Add(-n)
 	b.complete = false
 	b.queue(appendRecord(nil, recDrop|uint64(i), 0))

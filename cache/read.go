@@ -84,7 +84,7 @@ func (b *blob) pinRange(ctx context.Context, fetch FetchFunc, off, n int64) (mis
 	lo, hi := int(off/b.chunk), int((off+n-1)/b.chunk)
 	for {
 		b.pin.RLock()
-		if b.verified.all(lo, hi) {
+		if !b.filesClosed && b.verified.all(lo, hi) {
 			return missed, nil
 		}
 		b.pin.RUnlock()
@@ -109,6 +109,18 @@ func (b *blob) makeServable(ctx context.Context, fetch FetchFunc, lo, hi int) (w
 	return b.ensure(ctx, fetch, lo, hi, true)
 }
 
+// readPinned reads p at off, whichever chunks it covers, with the pin
+// held: for checks, whose bytes need not be servable yet.
+func (b *blob) readPinned(p []byte, off int64) error {
+	b.pin.RLock()
+	defer b.pin.RUnlock()
+	if b.filesClosed {
+		return ErrClosed
+	}
+	_, err := b.st.ReadAt(p, off)
+	return err
+}
+
 func countRead(n int, missed bool) {
 	if missed {
 		missBytes.Add(float64(n))
@@ -130,8 +142,9 @@ func (h *Blob) Present(off, n int64) bool {
 }
 
 // CachedBytes returns how many bytes of the content are cached.
-func (h *Blob) CachedBytes() int64 {
-	b := h.b
+func (h *Blob) CachedBytes() int64 { return h.b.cachedBytes() }
+
+func (b *blob) cachedBytes() int64 {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.cached

@@ -32,8 +32,6 @@ import (
 
 	digest "github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
-
-	"github.com/weightsnap/weightsnap/metrics"
 )
 
 var (
@@ -67,40 +65,15 @@ type Store struct {
 
 	usage atomic.Int64
 
-	mu      sync.Mutex // guards entries, clock, closed, and refs of blobs and streams
+	mu      sync.Mutex // guards entries and their fields, clock, stamp and closed
 	entries map[entryKey]*entry
 	clock   uint64    // logical time for LRU
-	stamp   time.Time // last mtime set by stampLocked
+	stamp   time.Time // last mtime given by nextStampLocked
 	closed  bool
 
 	dirtyMu sync.Mutex
 	dirty   map[*blob]struct{}
 	flushCh chan struct{}
-}
-
-type kind uint8
-
-const (
-	kindBlob kind = iota
-	kindStream
-)
-
-type entryKey struct {
-	kind kind
-	key  digest.Digest
-}
-
-// entry is what the store knows of one key on disk; b or st is set while
-// the key is open (referenced) and such an entry is never evicted.
-type entry struct {
-	entryKey
-	bytes   atomic.Int64 // data bytes on disk, counted in Store.usage
-	lastUse uint64
-	b       *blob
-	st      *stream
-	// sealedOK: a sealed stream's file was hashed (or sealed) by this
-	// process and matched its key.
-	sealedOK atomic.Bool
 }
 
 // Open opens (creating it 0700 if needed) the cache directory dir. Only one
@@ -194,7 +167,7 @@ func (s *Store) scan() error {
 				continue
 			}
 			e := &entry{entryKey: entryKey{kindBlob, key}}
-			e.bytes.Store(r.cached)
+			e.bytes = r.cached
 			info, _ := f.Info()
 			var mt time.Time
 			if info != nil {
@@ -219,7 +192,7 @@ func (s *Store) scan() error {
 				continue
 			}
 			e := &entry{entryKey: entryKey{kindStream, key}}
-			e.bytes.Store(info.Size())
+			e.bytes = info.Size()
 			all = append(all, found{e, info.ModTime()})
 		}
 	}
@@ -231,7 +204,7 @@ func (s *Store) scan() error {
 		s.clock++
 		f.e.lastUse = s.clock
 		s.entries[f.e.entryKey] = f.e
-		s.usage.Add(f.e.bytes.Load())
+		s.usage.Add(f.e.bytes)
 	}
 	removeTemps(filepath.Join(s.dir, "meta"))
 	return nil
@@ -284,71 +257,6 @@ func (s *Store) Close() error {
 // Usage returns the bytes of cached data on disk (Blob chunks present and
 // Stream bytes written), the quantity WithMaxBytes bounds.
 func (s *Store) Usage() int64 { return s.usage.Load() }
-
-// touchLocked marks e as just used.
-func (s *Store) touchLocked(e *entry) {
-	s.clock++
-	e.lastUse = s.clock
-}
-
-// stampLocked sets the mtime of a released key's file, which orders the
-// keys for LRU after a restart. Stamps strictly increase: file system
-// timestamps can be coarser than the interval between two releases.
-func (s *Store) stampLocked(path string) {
-	t := time.Now()
-	if !t.After(s.stamp) {
-		t = s.stamp.Add(time.Microsecond)
-	}
-	s.stamp = t
-	os.Chtimes(path, t, t)
-}
-
-// evict removes least-recently-used unreferenced keys until usage is
-// within the bound, or nothing more can be evicted.
-func (s *Store) evict() {
-	if s.max <= 0 || s.usage.Load() <= s.max {
-		return
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return
-	}
-	for s.usage.Load() > s.max {
-		var victim *entry
-		for _, e := range s.entries {
-			if e.b != nil || e.st != nil || e.bytes.Load() == 0 {
-				continue
-			}
-			if victim == nil || e.lastUse < victim.lastUse {
-				victim = e
-			}
-		}
-		if victim == nil {
-			return // everything is in use: exceed rather than fail reads
-		}
-		n := victim.bytes.Load()
-		s.removeLocked(victim)
-		metrics.CacheEvictedBytes.Add(float64(n))
-		slog.Debug("cache: evicted", "key", victim.key, "bytes", n)
-	}
-}
-
-// removeLocked deletes an unreferenced entry and its files.
-func (s *Store) removeLocked(e *entry) {
-	switch e.kind {
-	case kindBlob:
-		base := s.blobPath(e.key)
-		// The records go first: data without records is never trusted.
-		os.Remove(base + ".rec")
-		os.Remove(base + ".data")
-		os.RemoveAll(segmentDir(base))
-	case kindStream:
-		os.Remove(s.streamPath(e.key))
-	}
-	s.usage.Add(-e.bytes.Load())
-	delete(s.entries, e.entryKey)
-}
 
 // cutDataSuffix returns the key of a blob's data file or segment
 // directory.

@@ -1,11 +1,14 @@
 package cache
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
+	"sync"
 	"testing"
 
+	digest "github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/weightsnap/weightsnap/metrics"
@@ -146,5 +149,66 @@ func TestMeta(t *testing.T) {
 	s = openStore(t, dir, testOptions()...)
 	if b, err := s.GetMeta("layer/x.json"); err != nil || string(b) != "two" {
 		t.Fatalf("GetMeta after restart = %q, %v", b, err)
+	}
+}
+
+// Concurrent opens of one key share one blob: its files are opened once.
+func TestConcurrentOpensShareOneBlob(t *testing.T) {
+	s := openStore(t, t.TempDir(), testOptions()...)
+	data, key := content(94, 4*testChunk)
+	const n = 16
+	handles := make([]*Blob, n)
+	var wg sync.WaitGroup
+	for i := range handles {
+		wg.Go(func() { handles[i] = openBlob(t, s, key, int64(len(data)), newSource(data).fetch) })
+	}
+	wg.Wait()
+	for _, h := range handles[1:] {
+		if h.b != handles[0].b {
+			t.Fatal("two in-memory blobs for one key")
+		}
+	}
+}
+
+// Keys opened, filled, closed and evicted from many goroutines at once
+// keep their bytes right and the usage count exact.
+func TestOpenCloseEvictChurn(t *testing.T) {
+	s := openStore(t, t.TempDir(), testOptions(WithMaxBytes(6*testChunk))...)
+	type blobData struct {
+		data []byte
+		key  digest.Digest
+	}
+	var blobs []blobData
+	for i := range 4 {
+		data, key := content(uint64(100+i), 3*testChunk)
+		blobs = append(blobs, blobData{data, key})
+	}
+	var wg sync.WaitGroup
+	for g := range 6 {
+		wg.Go(func() {
+			for i := range 30 {
+				d := blobs[(g+i)%len(blobs)]
+				b, err := s.Blob(d.key, int64(len(d.data)), newSource(d.data).fetch)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				off := int64(i%3) * testChunk
+				p := make([]byte, testChunk)
+				if _, err := b.ReadAt(context.Background(), p, off); err != nil || !bytes.Equal(p, d.data[off:off+testChunk]) {
+					t.Errorf("read %d of blob %d: wrong bytes (err %v)", off, (g+i)%len(blobs), err)
+				}
+				b.Close()
+			}
+		})
+	}
+	wg.Wait()
+	var sum int64
+	for _, d := range blobs {
+		b := openBlob(t, s, d.key, int64(len(d.data)), noFetch(t))
+		sum += b.CachedBytes()
+	}
+	if u := s.Usage(); u != sum {
+		t.Fatalf("Usage = %d, but the blobs hold %d", u, sum)
 	}
 }

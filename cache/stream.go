@@ -80,13 +80,16 @@ func (s *Store) Stream(key digest.Digest) (st *Stream, writer bool, err error) {
 	if err := s.verifySealed(key); err != nil {
 		return nil, false, err
 	}
+	k := entryKey{kindStream, key}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	e := s.entries[k]
+	for s.waitBusyLocked(e) {
+		e = s.entries[k]
+	}
 	if s.closed {
 		return nil, false, ErrClosed
 	}
-	k := entryKey{kindStream, key}
-	e := s.entries[k]
 	if e != nil && e.st != nil && e.st.failure.Load() == nil {
 		e.st.refs++
 		s.touchLocked(e)
@@ -106,8 +109,8 @@ func (s *Store) Stream(key digest.Digest) (st *Stream, writer bool, err error) {
 				x := &stream{s: s, e: e, key: key, f: f, refs: 1, path: path, state: streamSealed, wake: make(chan struct{})}
 				x.written.Store(info.Size())
 				x.size.Store(info.Size())
-				s.usage.Add(info.Size() - e.bytes.Load())
-				e.bytes.Store(info.Size())
+				s.usage.Add(info.Size() - e.bytes)
+				e.bytes = info.Size()
 				e.st = x
 				s.touchLocked(e)
 				return &Stream{st: x}, false, nil
@@ -117,7 +120,7 @@ func (s *Store) Stream(key digest.Digest) (st *Stream, writer bool, err error) {
 		if !errors.Is(err, os.ErrNotExist) {
 			return nil, false, fmt.Errorf("cache: open stream %s: %w", key, err)
 		}
-		s.usage.Add(-e.bytes.Load())
+		s.usage.Add(-e.bytes)
 		delete(s.entries, k)
 	}
 	f, err := os.CreateTemp(filepath.Join(s.dir, "streams", "tmp"), key.Encoded()+"-*.partial")
@@ -142,7 +145,7 @@ func (s *Store) verifySealed(key digest.Digest) error {
 	k := entryKey{kindStream, key}
 	s.mu.Lock()
 	e := s.entries[k]
-	need := e != nil && e.st == nil && !e.sealedOK.Load()
+	need := e != nil && e.st == nil && e.busy == nil && !e.sealedOK
 	s.mu.Unlock()
 	if !need {
 		return nil
@@ -157,18 +160,18 @@ func (s *Store) verifySealed(key digest.Digest) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.entries[k] != e || e.st != nil {
-		return nil // opened or replaced meanwhile
+	if s.entries[k] != e || e.st != nil || e.busy != nil {
+		return nil // opened, replaced or being removed meanwhile
 	}
 	if sum == key {
-		e.sealedOK.Store(true)
+		e.sealedOK = true
 		return nil
 	}
 	slog.Warn("cache: sealed stream does not match its digest; discarding it", "key", key, "got", sum)
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("cache: remove corrupt stream %s: %w", key, err)
 	}
-	s.usage.Add(-e.bytes.Load())
+	s.usage.Add(-e.bytes)
 	delete(s.entries, k)
 	return nil
 }
@@ -190,7 +193,7 @@ func (s *Store) detachLocked(x *stream) {
 		return
 	}
 	x.e = nil
-	s.usage.Add(-e.bytes.Load())
+	s.usage.Add(-x.written.Load()) // nothing is written once failed
 	delete(s.entries, e.entryKey)
 }
 
@@ -213,7 +216,6 @@ func (h *Stream) Write(p []byte) (int, error) {
 	if n > 0 {
 		x.h.Write(p[:n])
 		x.written.Add(int64(n))
-		x.e.bytes.Add(int64(n))
 		x.s.usage.Add(int64(n))
 		x.wakeLocked()
 	}
@@ -300,7 +302,6 @@ func (h *Stream) Seal() error {
 		return err
 	}
 	x.state = streamSealed
-	x.e.sealedOK.Store(true)
 	x.h = nil
 	x.size.Store(x.written.Load())
 	close(x.wake)
@@ -460,8 +461,11 @@ func (s *Store) releaseStream(x *stream) {
 	}
 	if e := x.e; e != nil && e.st == x {
 		e.st = nil
+		e.bytes = x.written.Load()
+		e.sealedOK = x.size.Load() >= 0 // sealed or verified by this process
 		s.touchLocked(e)
-		s.stampLocked(x.path)
+		t := s.nextStampLocked()
+		os.Chtimes(x.path, t, t)
 	}
 	x.shutdown()
 	s.mu.Unlock()

@@ -85,10 +85,7 @@ func (b *blob) verifyChunk(i int) error {
 	bufp := b.s.getBuf()
 	defer b.s.putBuf(bufp)
 	buf := (*bufp)[:b.chunkLen(i)]
-	b.pin.RLock()
-	_, err := b.st.ReadAt(buf, int64(i)*b.chunk)
-	b.pin.RUnlock()
-	if err != nil {
+	if err := b.readPinned(buf, int64(i)*b.chunk); err != nil {
 		return fmt.Errorf("cache: read blob %s chunk %d: %w", b.key, i, err)
 	}
 	b.checkChunk(i, checksum(buf), drops)
@@ -117,24 +114,22 @@ func (b *blob) checkChunk(i int, got uint32, drops uint64) {
 // all present and not verified yet, and returns the run (nil if there is
 // nothing to verify).
 func (b *blob) kickVerify() (*verifyRun, error) {
-	s := b.s
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.vrun != nil {
 		return b.vrun, nil
 	}
-	if b.closed || s.closed {
+	if b.closed {
 		return nil, ErrClosed
 	}
 	if b.complete || b.cached != b.size {
 		return nil, nil
 	}
+	if !b.s.hold(b) {
+		return nil, ErrClosed
+	}
 	r := &verifyRun{done: make(chan struct{})}
 	b.vrun = r
-	b.refs++ // keeps the files open while hashing
-	s.wg.Add(1)
 	go b.verifyLoop(r)
 	return r, nil
 }
@@ -229,10 +224,7 @@ func (b *blob) hash(ctx context.Context) (digest.Digest, error) {
 		b.mu.Lock()
 		drops := b.drops
 		b.mu.Unlock()
-		b.pin.RLock()
-		_, err := b.st.ReadAt(buf, off)
-		b.pin.RUnlock()
-		if err != nil {
+		if err := b.readPinned(buf, off); err != nil {
 			return "", fmt.Errorf("cache: hash blob %s: %w", b.key, err)
 		}
 		for i := int(off / b.chunk); i <= int((off+int64(len(buf))-1)/b.chunk); i++ {
