@@ -45,11 +45,10 @@ const (
 
 // stream is the shared state of one key.
 type stream struct {
-	s    *Store
-	e    *entry // nil once detached (failed)
-	key  digest.Digest
-	f    *os.File
-	refs int // guarded by s.mu
+	s   *Store
+	e   *entry // set when opened; the store's no more once detached (failed)
+	key digest.Digest
+	f   *os.File
 
 	written atomic.Int64
 	size    atomic.Int64                // -1 until sealed
@@ -77,123 +76,131 @@ func (s *Store) Stream(key digest.Digest) (st *Stream, writer bool, err error) {
 	if !key.Algorithm().Available() {
 		return nil, false, fmt.Errorf("cache: stream %s: digest algorithm unavailable", key)
 	}
-	if err := s.verifySealed(key); err != nil {
-		return nil, false, err
-	}
 	k := entryKey{kindStream, key}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	e := s.entries[k]
 	for s.waitBusyLocked(e) {
 		e = s.entries[k]
 	}
 	if s.closed {
+		s.mu.Unlock()
 		return nil, false, ErrClosed
 	}
-	if e != nil && e.st != nil && e.st.failure.Load() == nil {
-		e.st.refs++
-		s.touchLocked(e)
-		return &Stream{st: e.st}, false, nil
-	}
 	if e != nil && e.st != nil {
+		if e.st.failure.Load() == nil {
+			e.refs++
+			s.touchLocked(e)
+			s.mu.Unlock()
+			return &Stream{st: e.st}, false, nil
+		}
 		s.detachLocked(e.st)
-		e = s.entries[k]
+		e = nil
 	}
-	if e != nil {
-		// Sealed on disk.
-		path := s.streamPath(key)
-		f, err := os.Open(path)
-		if err == nil {
-			var info os.FileInfo
-			if info, err = f.Stat(); err == nil {
-				x := &stream{s: s, e: e, key: key, f: f, refs: 1, path: path, state: streamSealed, wake: make(chan struct{})}
-				x.written.Store(info.Size())
-				x.size.Store(info.Size())
-				s.usage.Add(info.Size() - e.bytes)
-				e.bytes = info.Size()
-				e.st = x
-				s.touchLocked(e)
-				return &Stream{st: x}, false, nil
-			}
-			f.Close()
-		}
-		if !errors.Is(err, os.ErrNotExist) {
-			return nil, false, fmt.Errorf("cache: open stream %s: %w", key, err)
-		}
+	sealed := e != nil // a closed stream key is a sealed file
+	if e == nil {
+		e = &entry{entryKey: k}
+		s.entries[k] = e
+	}
+	checked := e.sealedOK
+	s.beginBusyLocked(e)
+	s.mu.Unlock()
+	x, err := s.openStream(e, sealed, checked)
+	if err != nil {
+		return nil, false, err
+	}
+	writer = x.size.Load() < 0
+	return &Stream{st: x, writer: writer}, writer, nil
+}
+
+// openStream opens the stream of e, which the caller made busy: its sealed
+// file if there is one that matches the key, or else a new one to write.
+func (s *Store) openStream(e *entry, sealed, checked bool) (*stream, error) {
+	defer s.wg.Done()
+	var x *stream
+	var err error
+	gone := !sealed // no sealed file (any more)
+	if sealed {
+		x, gone, err = s.openSealed(e.key, checked)
+	}
+	if gone {
+		x, err = s.createStream(e.key)
+	}
+	s.mu.Lock()
+	lost := err == nil && s.closed // and Close has not seen x: shut it here
+	if err == nil && !lost {
+		s.usage.Add(x.written.Load() - e.bytes)
+		x.e = e
+		e.st, e.refs, e.sealedOK = x, 1, x.size.Load() >= 0
+		s.touchLocked(e)
+	} else if gone {
 		s.usage.Add(-e.bytes)
-		delete(s.entries, k)
+		delete(s.entries, e.entryKey)
 	}
+	s.endBusyLocked(e)
+	s.mu.Unlock()
+	if lost {
+		x.shutdown()
+		return nil, ErrClosed
+	}
+	return x, err
+}
+
+// openSealed opens the sealed file of key. Unless checked, it first makes
+// sure, once per process, that the file still hashes to its key: unlike
+// blob chunks, a stream's bytes carry no checksums of their own. A file
+// that does not match is removed, so the stream is produced again instead
+// of serving wrong bytes; gone reports that, or that the file is missing.
+func (s *Store) openSealed(key digest.Digest, checked bool) (x *stream, gone bool, err error) {
+	path := s.streamPath(key)
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, true, nil // evicted by hand, or lost: produce it again
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("cache: open stream %s: %w", key, err)
+	}
+	info, err := f.Stat()
+	if err == nil && !checked {
+		var sum digest.Digest
+		if sum, err = key.Algorithm().FromReader(io.NewSectionReader(f, 0, info.Size())); err == nil && sum != key {
+			f.Close()
+			slog.Warn("cache: sealed stream does not match its digest; discarding it", "key", key, "got", sum)
+			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, false, fmt.Errorf("cache: remove corrupt stream %s: %w", key, err)
+			}
+			return nil, true, nil
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, false, fmt.Errorf("cache: open stream %s: %w", key, err)
+	}
+	x = &stream{s: s, key: key, f: f, path: path, state: streamSealed, wake: make(chan struct{})}
+	x.written.Store(info.Size())
+	x.size.Store(info.Size())
+	return x, false, nil
+}
+
+// createStream makes the file of a stream to be written.
+func (s *Store) createStream(key digest.Digest) (*stream, error) {
 	f, err := os.CreateTemp(filepath.Join(s.dir, "streams", "tmp"), key.Encoded()+"-*.partial")
 	if err != nil {
-		return nil, false, fmt.Errorf("cache: create stream %s: %w", key, err)
+		return nil, fmt.Errorf("cache: create stream %s: %w", key, err)
 	}
-	e = &entry{entryKey: k}
-	x := &stream{s: s, e: e, key: key, f: f, refs: 1, path: f.Name(), h: key.Algorithm().Hash(), wake: make(chan struct{})}
+	x := &stream{s: s, key: key, f: f, path: f.Name(), h: key.Algorithm().Hash(), wake: make(chan struct{})}
 	x.size.Store(-1)
-	e.st = x
-	s.entries[k] = e
-	s.touchLocked(e)
-	return &Stream{st: x, writer: true}, true, nil
+	return x, nil
 }
 
-// verifySealed checks, once per process, that a stream sealed on disk by
-// an earlier process still hashes to its key: unlike blob chunks, a
-// stream's bytes carry no checksums of their own. A file that does not
-// match is removed, so the stream is produced again instead of serving
-// wrong bytes.
-func (s *Store) verifySealed(key digest.Digest) error {
-	k := entryKey{kindStream, key}
-	s.mu.Lock()
-	e := s.entries[k]
-	need := e != nil && e.st == nil && e.busy == nil && !e.sealedOK
-	s.mu.Unlock()
-	if !need {
-		return nil
-	}
-	path := s.streamPath(key)
-	sum, err := hashFile(path, key.Algorithm())
-	if errors.Is(err, os.ErrNotExist) {
-		return nil // gone meanwhile (evicted): Stream produces it again
-	}
-	if err != nil {
-		return fmt.Errorf("cache: verify stream %s: %w", key, err)
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.entries[k] != e || e.st != nil || e.busy != nil {
-		return nil // opened, replaced or being removed meanwhile
-	}
-	if sum == key {
-		e.sealedOK = true
-		return nil
-	}
-	slog.Warn("cache: sealed stream does not match its digest; discarding it", "key", key, "got", sum)
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("cache: remove corrupt stream %s: %w", key, err)
-	}
-	s.usage.Add(-e.bytes)
-	delete(s.entries, k)
-	return nil
-}
-
-func hashFile(path string, alg digest.Algorithm) (digest.Digest, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	return alg.FromReader(f)
-}
-
-// detachLocked forgets a failed stream's entry so that the next Stream
-// call of its key produces it again. Callers hold s.mu.
+// detachLocked retires failed stream x: the next Stream call of its key
+// produces it again, while x's holders keep x until they close it.
+// Callers hold s.mu.
 func (s *Store) detachLocked(x *stream) {
 	e := x.e
-	if e == nil || e.st != x {
-		return
+	if s.entries[e.entryKey] != e {
+		return // detached already
 	}
-	x.e = nil
-	s.usage.Add(-x.written.Load()) // nothing is written once failed
+	s.usage.Add(-x.written.Load()) // its file is gone, and nothing is written once failed
 	delete(s.entries, e.entryKey)
 }
 
@@ -452,37 +459,48 @@ func (h *Stream) Close() error {
 	return err
 }
 
+// releaseStream drops a reference; the last one closes the file, so the
+// key becomes evictable.
 func (s *Store) releaseStream(x *stream) {
+	e := x.e
 	s.mu.Lock()
-	x.refs--
-	if x.refs > 0 {
+	e.refs--
+	if e.refs > 0 {
 		s.mu.Unlock()
 		return
 	}
-	if e := x.e; e != nil && e.st == x {
-		e.st = nil
-		e.bytes = x.written.Load()
-		e.sealedOK = x.size.Load() >= 0 // sealed or verified by this process
-		s.touchLocked(e)
-		t := s.nextStampLocked()
-		os.Chtimes(x.path, t, t)
+	if detached := s.entries[e.entryKey] != e; detached || s.closed {
+		// Close shuts down the streams it found, and the directory is
+		// no longer ours; a detached stream failed, its file is gone,
+		// and only its descriptor is left to close.
+		s.mu.Unlock()
+		if detached {
+			x.shutdown()
+		}
+		return
 	}
-	x.shutdown()
+	e.st = nil
+	e.sealedOK = true // sealed or checked by this process, see below
+	s.beginBusyLocked(e)
 	s.mu.Unlock()
-	s.evict()
+	// Sealed: a writer's Close aborts and detaches a stream it did not
+	// seal, and a stream opened sealed has no writer.
+	size, path := x.shutdown()
+	s.settle(e, size, path)
 }
 
 // shutdown aborts the stream if it is still being written and closes its
-// file.
-func (x *stream) shutdown() {
+// file. It returns the size of the sealed content (-1 if not sealed) and
+// where the file is.
+func (x *stream) shutdown() (size int64, path string) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	if x.closed {
-		return
+	if !x.closed {
+		if x.state == streamWriting {
+			x.failLocked(fmt.Errorf("%w: %s: %w", ErrAborted, x.key, ErrClosed))
+		}
+		x.closed = true
+		x.f.Close()
 	}
-	if x.state == streamWriting {
-		x.failLocked(fmt.Errorf("%w: %s: %w", ErrAborted, x.key, ErrClosed))
-	}
-	x.closed = true
-	x.f.Close()
+	return x.size.Load(), x.path
 }
