@@ -73,28 +73,15 @@ func (b *blob) ensure(ctx context.Context, fetch FetchFunc, lo, hi int, verify b
 		progress := false
 		var waits []*flight
 		for c := lo; c <= hi; {
-			var run *flight
-			check := -1
 			b.mu.Lock()
 			if b.closed {
 				b.mu.Unlock()
 				return waited, ErrClosed
 			}
 			// In strict mode only whole verification makes chunks servable.
-			checking := verify && !b.strict
-			for ; c <= hi && check < 0 && run == nil; c++ {
-				switch {
-				case !b.present.get(c):
-					if fl := b.inflight[c]; fl == nil {
-						run = b.startFlightLocked(c, hi)
-						c = run.last
-					} else if len(waits) == 0 || waits[len(waits)-1] != fl {
-						waits = append(waits, fl)
-					}
-				case checking && !b.verified.get(c):
-					check = c
-				}
-			}
+			var check int
+			var run *flight
+			c, check, run = b.nextLocked(c, hi, verify && !b.strict, &waits)
 			b.mu.Unlock()
 			if check >= 0 {
 				progress = true
@@ -119,6 +106,30 @@ func (b *blob) ensure(ctx context.Context, fetch FetchFunc, lo, hi int, verify b
 			return waited, nil
 		}
 	}
+}
+
+// nextLocked scans chunks from c to hi for the next this caller works on:
+// a chunk to check (with checking), or a run of missing chunks nobody
+// fetches, which it claims; check is -1 and run nil if there is none.
+// Fetches of others it passes are added to waits. It returns where the
+// scan is to go on. Callers hold b.mu.
+func (b *blob) nextLocked(c, hi int, checking bool, waits *[]*flight) (next, check int, run *flight) {
+	for ; c <= hi; c++ {
+		switch {
+		case !b.present.get(c):
+			fl := b.inflight[c]
+			if fl == nil {
+				run = b.startFlightLocked(c, hi)
+				return run.last + 1, -1, run
+			}
+			if n := len(*waits); n == 0 || (*waits)[n-1] != fl {
+				*waits = append(*waits, fl)
+			}
+		case checking && !b.verified.get(c):
+			return c + 1, c, nil
+		}
+	}
+	return c, -1, nil
 }
 
 // startFlightLocked claims the run of missing chunks from first on that

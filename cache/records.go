@@ -4,7 +4,9 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
+	"log/slog"
 	"sync/atomic"
+	"time"
 )
 
 // A blob's presence records live in "<hex>.rec" beside its sparse
@@ -213,3 +215,50 @@ func (b *blob) writeRecords(p []byte, syncRec bool) error {
 	}
 	return nil
 }
+
+// markDirty schedules b's pending records for the flusher.
+func (s *Store) markDirty(b *blob) {
+	s.dirtyMu.Lock()
+	s.dirty[b] = struct{}{}
+	s.dirtyMu.Unlock()
+	select {
+	case s.flushCh <- struct{}{}:
+	default:
+	}
+}
+
+// flusher persists presence records off the readers' path: one fdatasync
+// of a blob's data covers every chunk fetched since the last one, and only
+// then are their records appended.
+func (s *Store) flusher() {
+	defer s.wg.Done()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-s.flushCh:
+		}
+		s.dirtyMu.Lock()
+		set := s.dirty
+		s.dirty = make(map[*blob]struct{})
+		s.dirtyMu.Unlock()
+		for b := range set {
+			if err := b.flush(); err != nil {
+				slog.Warn("cache: persisting presence records", "key", b.key, "err", err)
+			}
+		}
+		// Batch the next round: an fdatasync per fetch would force
+		// writeback at the network's pace and cost CPU the readers need.
+		// A crash loses at most this much of records, which only means
+		// refetching those chunks.
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-time.After(flushInterval):
+		}
+	}
+}
+
+// flushInterval is the least time between two rounds of persisting
+// presence records.
+const flushInterval = 500 * time.Millisecond

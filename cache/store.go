@@ -20,12 +20,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
-	"log/slog"
 	"os"
 	"path/filepath"
-	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -83,21 +79,9 @@ func Open(dir string, opts ...Option) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, d := range []string{dir, filepath.Join(dir, "blobs"), filepath.Join(dir, "streams", "tmp"), filepath.Join(dir, "meta")} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			return nil, fmt.Errorf("cache: %w", err)
-		}
-	}
-	if err := os.Chmod(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("cache: %w", err)
-	}
-	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	lock, err := lockDir(dir)
 	if err != nil {
-		return nil, fmt.Errorf("cache: %w", err)
-	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		lock.Close()
-		return nil, fmt.Errorf("cache: lock %s (is another process using it?): %w", dir, err)
+		return nil, err
 	}
 	s := &Store{
 		dir:       dir,
@@ -123,100 +107,25 @@ func Open(dir string, opts ...Option) (*Store, error) {
 	return s, nil
 }
 
-// scan rebuilds the index of keys on disk, their sizes and LRU order.
-func (s *Store) scan() error {
-	type found struct {
-		e     *entry
-		mtime time.Time
+// lockDir makes the directories of a store at dir and takes its lock.
+func lockDir(dir string) (*os.File, error) {
+	for _, d := range []string{dir, filepath.Join(dir, "blobs"), filepath.Join(dir, "streams", "tmp"), filepath.Join(dir, "meta")} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("cache: %w", err)
+		}
 	}
-	var all []found
-	tmp := filepath.Join(s.dir, "streams", "tmp")
-	partial, _ := os.ReadDir(tmp)
-	for _, de := range partial {
-		os.Remove(filepath.Join(tmp, de.Name()))
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("cache: %w", err)
 	}
-	algs, err := os.ReadDir(filepath.Join(s.dir, "blobs"))
+	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return fmt.Errorf("cache: %w", err)
+		return nil, fmt.Errorf("cache: %w", err)
 	}
-	for _, a := range algs {
-		adir := filepath.Join(s.dir, "blobs", a.Name())
-		files, err := os.ReadDir(adir)
-		if err != nil {
-			return fmt.Errorf("cache: %w", err)
-		}
-		for _, f := range files {
-			name := f.Name()
-			hex, ok := strings.CutSuffix(name, ".rec")
-			if !ok {
-				if hex, ok := cutDataSuffix(name); ok {
-					if _, err := os.Stat(filepath.Join(adir, hex+".rec")); err == nil {
-						continue
-					}
-				}
-				os.RemoveAll(filepath.Join(adir, name)) // orphan or temporary
-				continue
-			}
-			key := digest.NewDigestFromEncoded(digest.Algorithm(a.Name()), hex)
-			raw, err := os.ReadFile(filepath.Join(adir, name))
-			r, valid := replay(raw)
-			if err != nil || key.Validate() != nil || !valid {
-				os.Remove(filepath.Join(adir, name))
-				os.Remove(filepath.Join(adir, hex+".data"))
-				os.RemoveAll(segmentDir(filepath.Join(adir, hex)))
-				continue
-			}
-			e := &entry{entryKey: entryKey{kindBlob, key}}
-			e.bytes = r.cached
-			info, _ := f.Info()
-			var mt time.Time
-			if info != nil {
-				mt = info.ModTime()
-			}
-			all = append(all, found{e, mt})
-		}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("cache: lock %s (is another process using it?): %w", dir, err)
 	}
-	algs, err = os.ReadDir(filepath.Join(s.dir, "streams"))
-	if err != nil {
-		return fmt.Errorf("cache: %w", err)
-	}
-	for _, a := range algs {
-		if a.Name() == "tmp" || !a.IsDir() {
-			continue
-		}
-		files, _ := os.ReadDir(filepath.Join(s.dir, "streams", a.Name()))
-		for _, f := range files {
-			key := digest.NewDigestFromEncoded(digest.Algorithm(a.Name()), f.Name())
-			info, err := f.Info()
-			if err != nil || key.Validate() != nil {
-				continue
-			}
-			e := &entry{entryKey: entryKey{kindStream, key}}
-			e.bytes = info.Size()
-			all = append(all, found{e, info.ModTime()})
-		}
-	}
-	sort.SliceStable(all, func(i, j int) bool { return all[i].mtime.Before(all[j].mtime) })
-	for _, f := range all {
-		if f.mtime.After(s.stamp) {
-			s.stamp = f.mtime
-		}
-		s.clock++
-		f.e.lastUse = s.clock
-		s.entries[f.e.entryKey] = f.e
-		s.usage.Add(f.e.bytes)
-	}
-	removeTemps(filepath.Join(s.dir, "meta"))
-	return nil
-}
-
-func removeTemps(dir string) {
-	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() && strings.HasPrefix(d.Name(), ".tmp-") {
-			os.Remove(p)
-		}
-		return nil
-	})
+	return lock, nil
 }
 
 // Close stops background work, makes what was fetched durable and closes
@@ -258,15 +167,6 @@ func (s *Store) Close() error {
 // Stream bytes written), the quantity WithMaxBytes bounds.
 func (s *Store) Usage() int64 { return s.usage.Load() }
 
-// cutDataSuffix returns the key of a blob's data file or segment
-// directory.
-func cutDataSuffix(name string) (string, bool) {
-	if hex, ok := strings.CutSuffix(name, ".data"); ok {
-		return hex, true
-	}
-	return strings.CutSuffix(name, ".seg")
-}
-
 func (s *Store) blobPath(key digest.Digest) string {
 	return filepath.Join(s.dir, "blobs", string(key.Algorithm()), key.Encoded())
 }
@@ -277,119 +177,3 @@ func (s *Store) streamPath(key digest.Digest) string {
 
 func (s *Store) getBuf() *[]byte  { return s.bufs.Get().(*[]byte) }
 func (s *Store) putBuf(b *[]byte) { s.bufs.Put(b) }
-
-// markDirty schedules b's pending records for the flusher.
-func (s *Store) markDirty(b *blob) {
-	s.dirtyMu.Lock()
-	s.dirty[b] = struct{}{}
-	s.dirtyMu.Unlock()
-	select {
-	case s.flushCh <- struct{}{}:
-	default:
-	}
-}
-
-// flusher persists presence records off the readers' path: one fdatasync
-// of a blob's data covers every chunk fetched since the last one, and only
-// then are their records appended.
-func (s *Store) flusher() {
-	defer s.wg.Done()
-	for {
-		select {
-		case <-s.ctx.Done():
-			return
-		case <-s.flushCh:
-		}
-		s.dirtyMu.Lock()
-		set := s.dirty
-		s.dirty = make(map[*blob]struct{})
-		s.dirtyMu.Unlock()
-		for b := range set {
-			if err := b.flush(); err != nil {
-				slog.Warn("cache: persisting presence records", "key", b.key, "err", err)
-			}
-		}
-		// Batch the next round: an fdatasync per fetch would force
-		// writeback at the network's pace and cost CPU the readers need.
-		// A crash loses at most this much of records, which only means
-		// refetching those chunks.
-		select {
-		case <-s.ctx.Done():
-			return
-		case <-time.After(flushInterval):
-		}
-	}
-}
-
-// flushInterval is the least time between two rounds of persisting
-// presence records.
-const flushInterval = 500 * time.Millisecond
-
-// PutMeta stores a small derived record under name ("/"-separated, local,
-// e.g. "layer/<hex>.json") atomically: readers see the old or the new
-// content, also after a crash.
-func (s *Store) PutMeta(name string, data []byte) error {
-	p, err := s.metaPath(name)
-	if err != nil {
-		return err
-	}
-	dir := filepath.Dir(p)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("cache: put meta %q: %w", name, err)
-	}
-	f, err := os.CreateTemp(dir, ".tmp-*")
-	if err != nil {
-		return fmt.Errorf("cache: put meta %q: %w", name, err)
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), p)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-		return fmt.Errorf("cache: put meta %q: %w", name, err)
-	}
-	syncDir(dir)
-	return nil
-}
-
-// GetMeta returns what PutMeta stored under name; the error satisfies
-// errors.Is(err, fs.ErrNotExist) when there is none.
-func (s *Store) GetMeta(name string) ([]byte, error) {
-	p, err := s.metaPath(name)
-	if err != nil {
-		return nil, err
-	}
-	b, err := os.ReadFile(p)
-	if err != nil {
-		return nil, fmt.Errorf("cache: get meta %q: %w", name, err)
-	}
-	return b, nil
-}
-
-func (s *Store) metaPath(name string) (string, error) {
-	if !filepath.IsLocal(name) || filepath.Clean(name) != name {
-		return "", fmt.Errorf("cache: invalid meta name %q", name)
-	}
-	for _, c := range strings.Split(name, "/") {
-		if strings.HasPrefix(c, ".tmp-") {
-			return "", fmt.Errorf("cache: invalid meta name %q", name)
-		}
-	}
-	return filepath.Join(s.dir, "meta", name), nil
-}
-
-// syncDir makes a rename or a new file in dir durable; best effort, since
-// the worst outcome of losing it is a refetch.
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
-}

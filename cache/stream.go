@@ -19,9 +19,6 @@ import (
 // starts waiting for data.
 var testHookStreamWait func()
 
-// errWriterClosed aborts a stream whose writer closed it without sealing.
-var errWriterClosed = errors.New("writer closed the stream before sealing it")
-
 // Stream is one handle on content produced once, sequentially, of unknown
 // size (the decompressed tar of a compressed layer), keyed by the digest of
 // that content. Handles of the same key share the content; exactly one, the
@@ -204,145 +201,6 @@ func (s *Store) detachLocked(x *stream) {
 	delete(s.entries, e.entryKey)
 }
 
-// Write appends p to the stream and wakes the readers waiting for it.
-// Only the writer may write.
-func (h *Stream) Write(p []byte) (int, error) {
-	if h.closed.Load() {
-		return 0, ErrClosed
-	}
-	if !h.writer {
-		return 0, ErrNotWriter
-	}
-	x := h.st
-	x.mu.Lock()
-	if x.state != streamWriting {
-		x.mu.Unlock()
-		return 0, x.endedErr()
-	}
-	n, err := x.f.Write(p)
-	if n > 0 {
-		x.h.Write(p[:n])
-		x.written.Add(int64(n))
-		x.s.usage.Add(int64(n))
-		x.wakeLocked()
-	}
-	if err != nil {
-		err = fmt.Errorf("cache: write stream %s: %w", x.key, err)
-		x.failLocked(err)
-		x.mu.Unlock()
-		x.detach()
-		return n, err
-	}
-	x.mu.Unlock()
-	x.s.evict()
-	return n, nil
-}
-
-func (x *stream) endedErr() error {
-	if f := x.failure.Load(); f != nil {
-		return f.err
-	}
-	return fmt.Errorf("cache: stream %s is already sealed", x.key)
-}
-
-func (x *stream) wakeLocked() {
-	if x.wakeUsed {
-		close(x.wake)
-		x.wake = make(chan struct{})
-		x.wakeUsed = false
-	}
-}
-
-// failLocked ends the stream with err and discards its data. Callers hold
-// x.mu; they call detach after releasing it.
-func (x *stream) failLocked(err error) {
-	x.state = streamFailed
-	x.failure.Store(&streamError{err})
-	os.Remove(x.path)
-	close(x.wake)
-	x.wake = make(chan struct{})
-	x.wakeUsed = false
-}
-
-func (x *stream) detach() {
-	x.s.mu.Lock()
-	x.s.detachLocked(x)
-	x.s.mu.Unlock()
-}
-
-// Seal ends the stream: it checks that the digest of everything written is
-// the key and makes the content durable. On a mismatch the data is
-// discarded and readers get the error, which wraps ErrDigestMismatch.
-func (h *Stream) Seal() error {
-	if h.closed.Load() {
-		return ErrClosed
-	}
-	if !h.writer {
-		return ErrNotWriter
-	}
-	x := h.st
-	x.mu.Lock()
-	if x.state != streamWriting {
-		x.mu.Unlock()
-		return x.endedErr()
-	}
-	var err error
-	if sum := digest.NewDigest(x.key.Algorithm(), x.h); sum != x.key {
-		err = fmt.Errorf("%w: stream %s hashes to %s", ErrDigestMismatch, x.key, sum)
-	} else if err = x.f.Sync(); err == nil {
-		final := x.s.streamPath(x.key)
-		if err = os.MkdirAll(filepath.Dir(final), 0o700); err == nil {
-			err = os.Rename(x.path, final)
-		}
-		if err == nil {
-			x.path = final
-			syncDir(filepath.Dir(final))
-		}
-		if err != nil {
-			err = fmt.Errorf("cache: seal stream %s: %w", x.key, err)
-		}
-	}
-	if err != nil {
-		x.failLocked(err)
-		x.mu.Unlock()
-		x.detach()
-		return err
-	}
-	x.state = streamSealed
-	x.h = nil
-	x.size.Store(x.written.Load())
-	close(x.wake)
-	x.wake = make(chan struct{})
-	x.wakeUsed = false
-	x.mu.Unlock()
-	return nil
-}
-
-// Abort ends the stream unsealed: waiting and later readers get an error
-// wrapping err (and ErrAborted), the data is discarded, and the next
-// Stream call of the key is the writer again. Only the writer's Abort
-// has an effect.
-func (h *Stream) Abort(err error) {
-	if !h.writer {
-		return
-	}
-	h.st.abort(err)
-}
-
-func (x *stream) abort(err error) {
-	if err == nil {
-		err = errors.New("no reason given")
-	}
-	x.mu.Lock()
-	if x.state != streamWriting {
-		x.mu.Unlock()
-		return
-	}
-	x.failLocked(fmt.Errorf("%w: %s: %w", ErrAborted, x.key, err))
-	x.mu.Unlock()
-	x.detach()
-}
-
 // ReadAt reads len(p) bytes at off, waiting until they are written, the
 // stream is sealed (then io.ReaderAt semantics at its end) or it fails
 // (then its error), or ctx ends.
@@ -359,50 +217,53 @@ func (h *Stream) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 		if f := x.failure.Load(); f != nil {
 			return 0, f.err
 		}
+		var eof error
 		if size := x.size.Load(); size >= 0 {
 			if off >= size {
 				return 0, io.EOF
 			}
-			var eof error
 			if end > size {
 				p, eof = p[:size-off], io.EOF
 			}
-			n, err := x.f.ReadAt(p, off)
-			if err != nil {
-				return n, fmt.Errorf("cache: read stream %s at %d: %w", x.key, off, err)
+		} else if end > x.written.Load() {
+			if err := x.waitWritten(ctx, end); err != nil {
+				return 0, err
 			}
-			return n, eof
-		}
-		if end <= x.written.Load() {
-			n, err := x.f.ReadAt(p, off)
-			if f := x.failure.Load(); f != nil {
-				return 0, f.err // aborted meanwhile: the bytes are void
-			}
-			if err != nil {
-				return n, fmt.Errorf("cache: read stream %s at %d: %w", x.key, off, err)
-			}
-			return n, nil
-		}
-		x.mu.Lock()
-		if x.state != streamWriting || end <= x.written.Load() {
-			x.mu.Unlock()
 			continue
 		}
-		if x.closed {
-			x.mu.Unlock()
-			return 0, ErrClosed
+		n, err := x.f.ReadAt(p, off)
+		if f := x.failure.Load(); f != nil {
+			return 0, f.err // aborted meanwhile: the bytes are void
 		}
-		wake := x.wake
-		x.wakeUsed = true
+		if err != nil {
+			return n, fmt.Errorf("cache: read stream %s at %d: %w", x.key, off, err)
+		}
+		return n, eof
+	}
+}
+
+// waitWritten waits until the stream has end bytes, or has ended.
+func (x *stream) waitWritten(ctx context.Context, end int64) error {
+	x.mu.Lock()
+	if x.state != streamWriting || end <= x.written.Load() {
 		x.mu.Unlock()
-		if testHookStreamWait != nil {
-			testHookStreamWait()
-		}
-		select {
-		case <-wake:
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		}
+		return nil
+	}
+	if x.closed {
+		x.mu.Unlock()
+		return ErrClosed
+	}
+	wake := x.wake
+	x.wakeUsed = true
+	x.mu.Unlock()
+	if testHookStreamWait != nil {
+		testHookStreamWait()
+	}
+	select {
+	case <-wake:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
