@@ -12,6 +12,77 @@ import (
 	digest "github.com/opencontainers/go-digest"
 )
 
+// The cache's consistency scheme.
+//
+// Locks, in the order in which they may be taken:
+//
+//	blob.recMu → blob.mu → blob.pin
+//	blob.mu → Store.mu, Store.dirtyMu
+//	Stream.mu → stream.mu
+//
+// Store.mu, Store.dirtyMu and stream.mu take no other lock. Whoever holds
+// blob.pin for reading (a reader, or the caller of ReadFile until it
+// releases the range) takes no lock of that blob, closes neither its last
+// handle nor the Store, until it lets go of the pin.
+//
+// Store.mu guards the index of keys: Store.entries and every entry's
+// fields (bytes on disk, LRU time, references, the open blob or stream,
+// the busy state), the LRU clock and closed. It is never held across file
+// I/O: a key's files are opened, closed or removed by one goroutine at a
+// time, which marks the entry busy under Store.mu and does the work
+// without it; others wait for the busy state to end (entry.go). So a key
+// is opened once however many callers want it, and never while it closes.
+//
+// blob.mu guards the state of a blob: checksums, fetches in flight, the
+// verification run, the byte count, complete, strict, drops, closed and
+// the records queued for the flusher. The present and verified bitmaps
+// and the segment list change only under it, and the segments' read-only
+// handles are opened under it. A read of servable bytes does not take it.
+// What file I/O it is held across is bounded: a hole punched, a segment
+// made (at most maxSegmentCopy chunks copied), a segment opened.
+//
+// blob.pin keeps bytes where the storage maps them and their files open.
+// Both read paths use it alike: ReadAt holds it for reading while it sees
+// that its chunks are verified and reads them, ReadFile from that check
+// until its caller releases the range. Whatever moves or destroys bytes
+// that may be served holds it for writing: dropping a chunk (the hole
+// punched), moving a range into a segment, closing the files (shutdown,
+// which sets filesClosed, so that no reader pins them afterwards).
+// Checks of chunks not yet verified (verifyChunk, hash) read under it
+// too, then compare blob.drops under blob.mu: if a chunk was dropped, and
+// perhaps fetched again, while they read, what they read counts for
+// nothing.
+//
+// blob.recMu orders the records file's appends and its closing: a flush
+// takes the queued records under blob.mu, makes the data they describe
+// durable and appends them, all under recMu, so batches land in order.
+// Nothing is queued once a blob is closed, so a flush after shutdown
+// touches no file.
+//
+// Store.dirtyMu guards the set of blobs with records for the flusher;
+// stream.mu a stream's writing state (see stream.go); Stream.mu a
+// handle's read-only file.
+//
+// What is read without a lock, each for a reader that must not wait:
+//
+//   - blob.present and blob.verified are atomic bitmaps: Present is asked
+//     before every FUSE read, verified tested on every read. A verified
+//     chunk was checked in this process (against its checksum, or in
+//     strict mode as part of the whole content) and may be served. Bits
+//     are set under blob.mu; verified is cleared only with the pin held
+//     for writing too, so a pinned reader's chunks stay verified.
+//   - storage.segs points to a list that is replaced, never changed: a
+//     fetch writes its chunks without a lock, and no segment is made over
+//     chunks in flight.
+//   - the storage's dirty flags are set by those writes and swapped by the
+//     flush, so it syncs every file written before its records were queued.
+//   - Store.usage grows and shrinks with fetches, drops and stream writes,
+//     which do not take Store.mu; eviction reads it before taking Store.mu.
+//   - stream.written, size and failure let stream readers go without
+//     stream.mu.
+//   - Blob.closed and Stream.closed make Close idempotent and later calls
+//     fail.
+
 // FetchFunc fills p with the source's bytes at off: all of p, never past
 // the end of the content. It is called without any cache lock held.
 type FetchFunc func(ctx context.Context, p []byte, off int64) error
@@ -36,18 +107,14 @@ type blob struct {
 	st    storage // the data file and the segments
 	rec   *os.File
 
-	verified bitmap // may be served (see pin)
+	verified bitmap // may be served
 	present  bitmap // recorded on disk (or fetched in this process)
 
-	// pin is held for reading while bytes of verified chunks are read or
-	// handed out by ReadFile, and for writing to drop a chunk or move a
-	// range into a segment, so that a reader never sees bytes change or
-	// move under it.
 	pin         sync.RWMutex
 	unpin       func() // pin.RUnlock, made once: ReadFile's release
-	filesClosed bool   // guarded by pin: set, under it held for writing, by shutdown
+	filesClosed bool   // guarded by pin
 
-	mu       sync.Mutex // guards the fields below and bitmap writes
+	mu       sync.Mutex // guards the fields below
 	sums     []uint32
 	inflight map[int]*flight
 	vrun     *verifyRun
@@ -63,8 +130,6 @@ type blob struct {
 	pending []byte // records awaiting flush, in the order of the state changes
 	syncRec bool   // pending holds a complete record: sync the records file too
 
-	// recMu serialises appends to rec, so that records reach it in order,
-	// with closing the files.
 	recMu sync.Mutex
 }
 
@@ -140,8 +205,8 @@ func (s *Store) openBlob(e *entry, size int64) (*blob, error) {
 
 func (b *blob) chunkLen(i int) int64 { return chunkLen(int64(i), b.chunk, b.size) }
 
-// punch frees the disk space of chunk i. Callers hold b.mu (or own b
-// exclusively) with b open, so the fd cannot be closed and reused meanwhile.
+// punch frees the disk space of chunk i. Callers hold b.mu, with b open,
+// and the pin for writing (or own b, while loading it).
 func (b *blob) punch(i int) { b.punchRun(i, i+1) }
 
 // punchRun frees the space of chunks [lo, hi).

@@ -38,7 +38,7 @@ type entry struct {
 	bytes   int64
 	lastUse uint64
 	busy    chan struct{}
-	refs    int // handles and verification runs of the open blob
+	refs    int // handles (and verification runs) of the open blob or stream
 	b       *blob
 	st      *stream
 	// sealedOK: a sealed stream's file was hashed (or sealed) by this

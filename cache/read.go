@@ -47,8 +47,8 @@ func (h *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 // would, and returns the file that holds those bytes and their offset in
 // it, so that a caller can move them without copying (splice into FUSE).
 // The bytes stay in place until release is called, which the caller must
-// do once it has read them, before any other call on the Blob; the file
-// belongs to the Blob. A range past the end is clamped; off at or past
+// do once it has read them, before any other call on the Blob or its
+// Store (Close waits for it); the file belongs to the Blob. A range past the end is clamped; off at or past
 // the end is io.EOF. A range that crosses a segment's boundary is not in
 // one file and is an error.
 func (h *Blob) ReadFile(ctx context.Context, off, n int64) (f *os.File, fileOff int64, release func(), err error) {

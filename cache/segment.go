@@ -242,12 +242,6 @@ func parseSegmentName(name string) (off, n int64, ok bool) {
 	return off, n, err1 == nil && err2 == nil && off >= 0 && n > 0
 }
 
-func closeSegments(segs []*segment) {
-	for _, g := range segs {
-		g.f.Close()
-	}
-}
-
 // Segment keeps [off, off+n) of the content in a file of its own from now
 // on, so that FileOf can hand that file out once the blob is Complete.
 // Declaring a segment that exists is a no-op. A range overlapping another

@@ -59,9 +59,9 @@ type Store struct {
 	wg     sync.WaitGroup
 	lock   *os.File
 
-	usage atomic.Int64
+	usage atomic.Int64 // see the consistency scheme in blob.go
 
-	mu      sync.Mutex // guards entries and their fields, clock, stamp and closed
+	mu      sync.Mutex // guards entries and their fields, clock, stamp and closed; no file I/O under it
 	entries map[entryKey]*entry
 	clock   uint64    // logical time for LRU
 	stamp   time.Time // last mtime given by nextStampLocked
@@ -129,8 +129,9 @@ func lockDir(dir string) (*os.File, error) {
 }
 
 // Close stops background work, makes what was fetched durable and closes
-// every file. Handles still open fail with ErrClosed afterwards; a Stream
-// still being written is aborted.
+// every file, once the ranges handed out by ReadFile are released. Handles
+// still open fail with ErrClosed afterwards; a Stream still being written
+// is aborted.
 func (s *Store) Close() error {
 	s.mu.Lock()
 	if s.closed {
