@@ -256,8 +256,9 @@ func byteSize(n int) string {
 	return strconv.Itoa(n>>10) + "KiB"
 }
 
-// TestConcurrentReadsInvalidations races readers against invalidations and
-// refetches: every read must return the right bytes.
+// TestConcurrentReadsInvalidations races readers, of both read paths,
+// against invalidations and refetches: every read must return the right
+// bytes.
 func TestConcurrentReadsInvalidations(t *testing.T) {
 	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(80, 32*testChunk)
@@ -284,9 +285,13 @@ func TestConcurrentReadsInvalidations(t *testing.T) {
 			defer readers.Done()
 			rnd := rand.New(rand.NewPCG(uint64(r), 1))
 			p := make([]byte, 3*testChunk)
-			for range 300 {
+			for i := range 300 {
 				off := rnd.Int64N(int64(len(data)))
-				n, err := b.ReadAt(context.Background(), p, off)
+				read := b.ReadAt
+				if r%2 == 1 && i%2 == 1 {
+					read = readThroughFile(b)
+				}
+				n, err := read(context.Background(), p, off)
 				if err != nil && err != io.EOF {
 					t.Error(err)
 					return
@@ -406,5 +411,26 @@ func BenchmarkReadFileHit(b *testing.B) {
 		}
 		release()
 		off = (off + size) % int64(len(data))
+	}
+}
+
+// readThroughFile reads like ReadAt, but through the file ReadFile hands
+// out, yielding while it holds the range so that drops try to get in.
+func readThroughFile(b *Blob) func(ctx context.Context, p []byte, off int64) (int, error) {
+	return func(ctx context.Context, p []byte, off int64) (int, error) {
+		f, fileOff, release, err := b.ReadFile(ctx, off, int64(len(p)))
+		if err != nil {
+			return 0, err
+		}
+		defer release()
+		n := min(int64(len(p)), b.Size()-off)
+		runtime.Gosched()
+		if _, err := f.ReadAt(p[:n], fileOff); err != nil {
+			return 0, err
+		}
+		if n < int64(len(p)) {
+			return int(n), io.EOF
+		}
+		return int(n), nil
 	}
 }
