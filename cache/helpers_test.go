@@ -30,7 +30,9 @@ func TestMain(m *testing.M) {
 
 // testOptions uses small chunks so tests exercise many of them with
 // little data: fetches coalesce up to 4 chunks.
-func testOptions() Options { return Options{ChunkSize: testChunk, MaxFetch: 4 * testChunk} }
+func testOptions(more ...Option) []Option {
+	return append([]Option{WithChunkSize(testChunk), WithMaxFetch(4 * testChunk)}, more...)
+}
 
 // content returns n pseudo-random bytes (fixed by seed) and their digest.
 func content(seed uint64, n int) ([]byte, digest.Digest) {
@@ -104,9 +106,9 @@ func noFetch(t *testing.T) FetchFunc {
 	}
 }
 
-func openStore(t testing.TB, dir string, opt Options) *Store {
+func openStore(t testing.TB, dir string, opts ...Option) *Store {
 	t.Helper()
-	s, err := Open(dir, opt)
+	s, err := Open(dir, opts...)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}

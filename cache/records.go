@@ -2,8 +2,11 @@ package cache
 
 import (
 	"encoding/binary"
+	"fmt"
 	"hash/crc32"
+	"log/slog"
 	"sync/atomic"
+	"time"
 )
 
 // A blob's presence records live in "<hex>.rec" beside its sparse
@@ -137,6 +140,12 @@ func (m bitmap) get(i int) bool { return m[i>>6].Load()&(1<<(uint(i)&63)) != 0 }
 func (m bitmap) set(i int)      { m[i>>6].Or(1 << (uint(i) & 63)) }
 func (m bitmap) clear(i int)    { m[i>>6].And(^(uint64(1) << (uint(i) & 63))) }
 
+func (m bitmap) clearAll() {
+	for i := range m {
+		m[i].Store(0)
+	}
+}
+
 // all reports whether every index in [lo, hi] is set.
 func (m bitmap) all(lo, hi int) bool {
 	for i := lo; i <= hi; {
@@ -157,3 +166,99 @@ func (m bitmap) all(lo, hi int) bool {
 	}
 	return true
 }
+
+// queue schedules records for the flusher. Callers hold b.mu, so records
+// are queued in the order of the state changes they describe.
+func (b *blob) queue(recs []byte) {
+	if b.closed {
+		return
+	}
+	b.pending = append(b.pending, recs...)
+	b.s.markDirty(b)
+}
+
+// takePendingLocked returns the records queued so far and whether the
+// records file must be synced after them. Callers hold b.mu.
+func (b *blob) takePendingLocked() ([]byte, bool) {
+	p, syncRec := b.pending, b.syncRec
+	b.pending, b.syncRec = nil, false
+	return p, syncRec
+}
+
+// flush makes the data written so far durable and then appends the
+// records describing it.
+func (b *blob) flush() error {
+	b.recMu.Lock()
+	defer b.recMu.Unlock()
+	b.mu.Lock()
+	p, syncRec := b.takePendingLocked()
+	b.mu.Unlock()
+	return b.writeRecords(p, syncRec)
+}
+
+// writeRecords appends records once the data they describe is durable.
+// Callers hold b.recMu.
+func (b *blob) writeRecords(p []byte, syncRec bool) error {
+	if len(p) == 0 {
+		return nil
+	}
+	if err := b.st.sync(); err != nil {
+		return fmt.Errorf("cache: sync %s: %w", b.key, err)
+	}
+	if _, err := b.rec.Write(p); err != nil {
+		return fmt.Errorf("cache: records of %s: %w", b.key, err)
+	}
+	if syncRec {
+		if err := b.rec.Sync(); err != nil {
+			return fmt.Errorf("cache: sync records of %s: %w", b.key, err)
+		}
+	}
+	return nil
+}
+
+// markDirty schedules b's pending records for the flusher.
+func (s *Store) markDirty(b *blob) {
+	s.dirtyMu.Lock()
+	s.dirty[b] = struct{}{}
+	s.dirtyMu.Unlock()
+	select {
+	case s.flushCh <- struct{}{}:
+	default:
+	}
+}
+
+// flusher persists presence records off the readers' path: one fdatasync
+// of a blob's data covers every chunk fetched since the last one, and only
+// then are their records appended.
+func (s *Store) flusher() {
+	defer s.wg.Done()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-s.flushCh:
+		}
+		s.dirtyMu.Lock()
+		set := s.dirty
+		s.dirty = make(map[*blob]struct{})
+		s.dirtyMu.Unlock()
+		for b := range set {
+			if err := b.flush(); err != nil {
+				slog.Warn("cache: persisting presence records", "key", b.key, "err", err)
+			}
+		}
+		// Batch the next round: an fdatasync per fetch would force
+		// writeback at the network's pace and cost CPU the readers need.
+		// A crash loses at most this much of records, which only means
+		// refetching those chunks.
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-time.After(flushInterval):
+		}
+	}
+}
+
+// flushInterval is the least time between two rounds of persisting
+// presence records.
+const flushInterval = 500 * time.Millisecond

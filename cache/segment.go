@@ -10,7 +10,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
@@ -37,10 +36,7 @@ type segment struct {
 	path     string
 	f        *os.File
 	dirty    atomic.Bool // written since the last flush
-
-	roMu   sync.Mutex
-	ro     *os.File // read-only handle for FileOf, opened on first use
-	closed bool     // guarded by roMu: the blob's files are closed
+	ro       *os.File    // read-only handle for FileOf, opened on first use under blob.mu
 }
 
 // maxSegmentCopy bounds how many present chunks a new segment may move
@@ -56,8 +52,10 @@ const maxSegmentCopy = 8
 var ErrSegment = errors.New("cache: range cannot get a segment")
 
 // storage maps ranges of a blob's content to the data file or segments.
-// The segment list is replaced, never modified, so readers load it
-// without a lock; it changes under blob.mu with the blob's seqlock odd.
+// The segment list is replaced, never modified, under blob.mu and
+// blob.pin held for writing; it is loaded without a lock, by pinned
+// readers and by writers of chunks being fetched (whose range a new
+// segment never covers, see Segment).
 type storage struct {
 	data      *os.File
 	dataDirty atomic.Bool
@@ -173,13 +171,9 @@ func (s *storage) close() error {
 	err := s.data.Close()
 	for _, g := range *s.segs.Load() {
 		err = errors.Join(err, g.f.Close())
-		g.roMu.Lock()
 		if g.ro != nil {
 			err = errors.Join(err, g.ro.Close())
-			g.ro = nil
 		}
-		g.closed = true
-		g.roMu.Unlock()
 	}
 	return err
 }
@@ -246,12 +240,6 @@ func parseSegmentName(name string) (off, n int64, ok bool) {
 	off, err1 := strconv.ParseInt(a, 10, 64)
 	n, err2 := strconv.ParseInt(b, 10, 64)
 	return off, n, err1 == nil && err2 == nil && off >= 0 && n > 0
-}
-
-func closeSegments(segs []*segment) {
-	for _, g := range segs {
-		g.f.Close()
-	}
 }
 
 // Segment keeps [off, off+n) of the content in a file of its own from now
@@ -326,15 +314,11 @@ func (b *blob) addSegmentLocked(off, n int64) error {
 	}
 	segs := make([]*segment, 0, len(old)+1)
 	segs = append(append(append(segs, old[:i]...), g), old[i:]...)
-	// Readers that loaded the old list may be reading the range from the
-	// data file; an odd gen makes them look again, and the splice lock
-	// waits for ranges handed out by ReadFile.
-	b.splice.Lock()
-	b.gen.Add(1)
+	// Pinned readers may be reading the range from the data file.
+	b.pin.Lock()
 	b.st.segs.Store(&segs)
 	punchFile(b.st.data, off, n)
-	b.gen.Add(1)
-	b.splice.Unlock()
+	b.pin.Unlock()
 	return nil
 }
 
@@ -396,22 +380,22 @@ func (b *blob) createSegment(off, n int64, lo, hi int) (*segment, error) {
 // dropped while the blob is open (only Invalidate would, which tar layers
 // do not call), so the bytes stay in place for whoever reads the file.
 func (h *Blob) FileOf(off, n int64) (f *os.File, ok bool) {
-	b := h.b
-	if h.closed.Load() || !b.complete.Load() {
+	if h.closed.Load() {
 		return nil, false
 	}
+	b := h.b
 	segs := *b.st.segs.Load()
 	i := sort.Search(len(segs), func(i int) bool { return segs[i].end > off })
 	if i == len(segs) || segs[i].off != off || segs[i].end != off+n {
 		return nil, false
 	}
-	if lo, hi, _ := b.chunkRange(off, n); !b.verified.all(lo, hi) {
-		return nil, false
-	}
 	g := segs[i]
-	g.roMu.Lock()
-	defer g.roMu.Unlock()
-	if g.closed {
+	lo, hi, _ := b.chunkRange(off, n)
+	// Under b.mu, since shutdown closes g.ro once b.closed is set. The
+	// open is of a local file, once per segment.
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed || !b.complete || !b.verified.all(lo, hi) {
 		return nil, false
 	}
 	if g.ro == nil {

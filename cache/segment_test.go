@@ -34,7 +34,7 @@ func readFileOf(t *testing.T, b *Blob, off, n int64) []byte {
 // in a segment, verified, and closes the store.
 func cacheSegmented(t *testing.T, dir string, data []byte, key digest.Digest, off, n int64) {
 	t.Helper()
-	s := openStore(t, dir, testOptions())
+	s := openStore(t, dir, testOptions()...)
 	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
 	if err := b.Segment(off, n); err != nil {
 		t.Fatal(err)
@@ -63,7 +63,7 @@ func allocated(t *testing.T, path string) int64 {
 func TestSegmentHoldsItsRange(t *testing.T) {
 	dir := t.TempDir()
 	data, key := content(21, 9*testChunk+77)
-	s := openStore(t, dir, testOptions())
+	s := openStore(t, dir, testOptions()...)
 	src := newSource(data)
 	b := openBlob(t, s, key, int64(len(data)), src.fetch)
 	off, n := int64(2*testChunk+100), int64(5*testChunk+3)
@@ -97,7 +97,7 @@ func TestSegmentHoldsItsRange(t *testing.T) {
 	b.Close()
 	s.Close()
 
-	s = openStore(t, dir, testOptions())
+	s = openStore(t, dir, testOptions()...)
 	b = openBlob(t, s, key, int64(len(data)), noFetch(t))
 	if !b.Complete() {
 		t.Fatal("not Complete after a reopen")
@@ -129,7 +129,7 @@ func TestSegmentCorruptCaughtByCheck(t *testing.T) {
 	cacheSegmented(t, dir, data, key, off, n)
 
 	flip(t, filepath.Join(dir, "blobs", "sha256", key.Encoded()+".seg", segmentName(off, n)), testChunk)
-	s := openStore(t, dir, testOptions())
+	s := openStore(t, dir, testOptions()...)
 	src := newSource(data)
 	b := openBlob(t, s, key, int64(len(data)), src.fetch)
 	if err := b.Check(context.Background(), 0, int64(len(data))); err != nil {
@@ -164,7 +164,7 @@ func TestSegmentUnusableFilesRemoved(t *testing.T) {
 	if err := os.WriteFile(huge, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s := openStore(t, dir, testOptions())
+	s := openStore(t, dir, testOptions()...)
 	src := newSource(data)
 	b := openBlob(t, s, key, int64(len(data)), src.fetch)
 	for _, p := range []string{good, huge} {
@@ -182,7 +182,7 @@ func TestSegmentUnusableFilesRemoved(t *testing.T) {
 // fetched again, and the bytes are right on both sides of each boundary.
 func TestSegmentMovesCachedBytes(t *testing.T) {
 	data, key := content(22, 8*testChunk)
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	src := newSource(data)
 	b := openBlob(t, s, key, int64(len(data)), src.fetch)
 	if err := b.Fetch(context.Background(), testChunk, 2*testChunk); err != nil {
@@ -212,7 +212,7 @@ func TestSegmentMovesCachedBytes(t *testing.T) {
 // relative to it.
 func TestSegmentReadFile(t *testing.T) {
 	data, key := content(23, 6*testChunk)
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
 	off, n := int64(testChunk+10), int64(3*testChunk)
 	if err := b.Segment(off, n); err != nil {
@@ -239,7 +239,7 @@ func TestSegmentReadFile(t *testing.T) {
 // cached already are refused; reads stay right.
 func TestSegmentRefused(t *testing.T) {
 	data, key := content(24, 40*testChunk)
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
 	if err := b.Segment(testChunk, 2*testChunk); err != nil {
 		t.Fatal(err)
@@ -264,7 +264,7 @@ func TestSegmentRefused(t *testing.T) {
 func TestSegmentCrashLeftovers(t *testing.T) {
 	dir := t.TempDir()
 	data, key := content(25, 6*testChunk)
-	s := openStore(t, dir, testOptions())
+	s := openStore(t, dir, testOptions()...)
 	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
 	readAll(t, b, data, 1<<16)
 	verify(t, b)
@@ -283,7 +283,7 @@ func TestSegmentCrashLeftovers(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(segDir, segmentName(off, n)), data[off:off+n], 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s = openStore(t, dir, testOptions())
+	s = openStore(t, dir, testOptions()...)
 	b = openBlob(t, s, key, int64(len(data)), noFetch(t))
 	if _, err := os.Stat(filepath.Join(segDir, "0-5.tmp")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("unfinished segment left in place (stat: %v)", err)
@@ -301,7 +301,7 @@ func TestSegmentCrashLeftovers(t *testing.T) {
 // Readers running while segments are declared always get the right bytes.
 func TestSegmentConcurrentReaders(t *testing.T) {
 	data, key := content(26, 32*testChunk)
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
 	ctx := context.Background()
 	var wg sync.WaitGroup
@@ -344,11 +344,9 @@ func TestSegmentConcurrentReaders(t *testing.T) {
 // Evicting a blob removes its segments with it.
 func TestSegmentEvicted(t *testing.T) {
 	dir := t.TempDir()
-	opt := testOptions()
-	opt.MaxBytes = 6 * testChunk
 	data, key := content(27, 4*testChunk)
 	other, otherKey := content(28, 4*testChunk)
-	s := openStore(t, dir, opt)
+	s := openStore(t, dir, testOptions(WithMaxBytes(6*testChunk))...)
 	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
 	if err := b.Segment(testChunk, testChunk); err != nil {
 		t.Fatal(err)

@@ -20,20 +20,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
-	"log/slog"
 	"os"
 	"path/filepath"
-	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	digest "github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
-
-	"github.com/weightsnap/weightsnap/metrics"
 )
 
 var (
@@ -52,27 +46,6 @@ var (
 	ErrAborted = errors.New("cache: stream aborted")
 )
 
-const (
-	defaultChunkSize = 1 << 20
-	defaultMaxFetch  = 8 << 20
-)
-
-// Options tunes a Store.
-type Options struct {
-	// MaxBytes bounds the data kept on disk; 0 means unbounded. Data that
-	// no open Blob or Stream holds is evicted least-recently-used first;
-	// data that is held is never evicted, so the bound can be exceeded
-	// while it is.
-	MaxBytes int64
-	// ChunkSize is the unit of presence tracking and fetching; default
-	// 1 MiB. Blobs cached with another chunk size are discarded on open.
-	ChunkSize int64
-	// MaxFetch is the largest range one FetchFunc call is asked for when
-	// contiguous missing chunks are coalesced; default 8 MiB, at least
-	// ChunkSize.
-	MaxFetch int64
-}
-
 // Store is a cache directory opened by one process.
 type Store struct {
 	dir       string
@@ -86,12 +59,12 @@ type Store struct {
 	wg     sync.WaitGroup
 	lock   *os.File
 
-	usage atomic.Int64
+	usage atomic.Int64 // see the consistency scheme in blob.go
 
-	mu      sync.Mutex // guards entries, clock, closed, and refs of blobs and streams
+	mu      sync.Mutex // guards entries and their fields, clock, stamp and closed; no file I/O under it
 	entries map[entryKey]*entry
 	clock   uint64    // logical time for LRU
-	stamp   time.Time // last mtime set by stampLocked
+	stamp   time.Time // last mtime given by nextStampLocked
 	closed  bool
 
 	dirtyMu sync.Mutex
@@ -99,64 +72,22 @@ type Store struct {
 	flushCh chan struct{}
 }
 
-type kind uint8
-
-const (
-	kindBlob kind = iota
-	kindStream
-)
-
-type entryKey struct {
-	kind kind
-	key  digest.Digest
-}
-
-// entry is what the store knows of one key on disk; b or st is set while
-// the key is open (referenced) and such an entry is never evicted.
-type entry struct {
-	entryKey
-	bytes   atomic.Int64 // data bytes on disk, counted in Store.usage
-	lastUse uint64
-	b       *blob
-	st      *stream
-	// sealedOK: a sealed stream's file was hashed (or sealed) by this
-	// process and matched its key.
-	sealedOK atomic.Bool
-}
-
 // Open opens (creating it 0700 if needed) the cache directory dir. Only one
 // Store may have a directory open at a time, across processes.
-func Open(dir string, opt Options) (*Store, error) {
-	if opt.ChunkSize == 0 {
-		opt.ChunkSize = defaultChunkSize
-	}
-	if opt.MaxFetch == 0 {
-		opt.MaxFetch = max(defaultMaxFetch, opt.ChunkSize)
-	}
-	if opt.ChunkSize < 0 || opt.MaxBytes < 0 || opt.MaxFetch < opt.ChunkSize {
-		return nil, fmt.Errorf("cache: invalid options %+v", opt)
-	}
-	for _, d := range []string{dir, filepath.Join(dir, "blobs"), filepath.Join(dir, "streams", "tmp"), filepath.Join(dir, "meta")} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			return nil, fmt.Errorf("cache: %w", err)
-		}
-	}
-	if err := os.Chmod(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("cache: %w", err)
-	}
-	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+func Open(dir string, opts ...Option) (*Store, error) {
+	opt, err := newOptions(opts)
 	if err != nil {
-		return nil, fmt.Errorf("cache: %w", err)
+		return nil, err
 	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		lock.Close()
-		return nil, fmt.Errorf("cache: lock %s (is another process using it?): %w", dir, err)
+	lock, err := lockDir(dir)
+	if err != nil {
+		return nil, err
 	}
 	s := &Store{
 		dir:       dir,
-		max:       opt.MaxBytes,
-		chunkSize: opt.ChunkSize,
-		maxRun:    int(opt.MaxFetch / opt.ChunkSize),
+		max:       opt.maxBytes,
+		chunkSize: opt.chunkSize,
+		maxRun:    int(opt.maxFetch / opt.chunkSize),
 		lock:      lock,
 		entries:   make(map[entryKey]*entry),
 		dirty:     make(map[*blob]struct{}),
@@ -176,105 +107,31 @@ func Open(dir string, opt Options) (*Store, error) {
 	return s, nil
 }
 
-// scan rebuilds the index of keys on disk, their sizes and LRU order.
-func (s *Store) scan() error {
-	type found struct {
-		e     *entry
-		mtime time.Time
+// lockDir makes the directories of a store at dir and takes its lock.
+func lockDir(dir string) (*os.File, error) {
+	for _, d := range []string{dir, filepath.Join(dir, "blobs"), filepath.Join(dir, "streams", "tmp"), filepath.Join(dir, "meta")} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("cache: %w", err)
+		}
 	}
-	var all []found
-	tmp := filepath.Join(s.dir, "streams", "tmp")
-	partial, _ := os.ReadDir(tmp)
-	for _, de := range partial {
-		os.Remove(filepath.Join(tmp, de.Name()))
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("cache: %w", err)
 	}
-	algs, err := os.ReadDir(filepath.Join(s.dir, "blobs"))
+	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return fmt.Errorf("cache: %w", err)
+		return nil, fmt.Errorf("cache: %w", err)
 	}
-	for _, a := range algs {
-		adir := filepath.Join(s.dir, "blobs", a.Name())
-		files, err := os.ReadDir(adir)
-		if err != nil {
-			return fmt.Errorf("cache: %w", err)
-		}
-		for _, f := range files {
-			name := f.Name()
-			hex, ok := strings.CutSuffix(name, ".rec")
-			if !ok {
-				if hex, ok := cutDataSuffix(name); ok {
-					if _, err := os.Stat(filepath.Join(adir, hex+".rec")); err == nil {
-						continue
-					}
-				}
-				os.RemoveAll(filepath.Join(adir, name)) // orphan or temporary
-				continue
-			}
-			key := digest.NewDigestFromEncoded(digest.Algorithm(a.Name()), hex)
-			raw, err := os.ReadFile(filepath.Join(adir, name))
-			r, valid := replay(raw)
-			if err != nil || key.Validate() != nil || !valid {
-				os.Remove(filepath.Join(adir, name))
-				os.Remove(filepath.Join(adir, hex+".data"))
-				os.RemoveAll(segmentDir(filepath.Join(adir, hex)))
-				continue
-			}
-			e := &entry{entryKey: entryKey{kindBlob, key}}
-			e.bytes.Store(r.cached)
-			info, _ := f.Info()
-			var mt time.Time
-			if info != nil {
-				mt = info.ModTime()
-			}
-			all = append(all, found{e, mt})
-		}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("cache: lock %s (is another process using it?): %w", dir, err)
 	}
-	algs, err = os.ReadDir(filepath.Join(s.dir, "streams"))
-	if err != nil {
-		return fmt.Errorf("cache: %w", err)
-	}
-	for _, a := range algs {
-		if a.Name() == "tmp" || !a.IsDir() {
-			continue
-		}
-		files, _ := os.ReadDir(filepath.Join(s.dir, "streams", a.Name()))
-		for _, f := range files {
-			key := digest.NewDigestFromEncoded(digest.Algorithm(a.Name()), f.Name())
-			info, err := f.Info()
-			if err != nil || key.Validate() != nil {
-				continue
-			}
-			e := &entry{entryKey: entryKey{kindStream, key}}
-			e.bytes.Store(info.Size())
-			all = append(all, found{e, info.ModTime()})
-		}
-	}
-	sort.SliceStable(all, func(i, j int) bool { return all[i].mtime.Before(all[j].mtime) })
-	for _, f := range all {
-		if f.mtime.After(s.stamp) {
-			s.stamp = f.mtime
-		}
-		s.clock++
-		f.e.lastUse = s.clock
-		s.entries[f.e.entryKey] = f.e
-		s.usage.Add(f.e.bytes.Load())
-	}
-	removeTemps(filepath.Join(s.dir, "meta"))
-	return nil
-}
-
-func removeTemps(dir string) {
-	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() && strings.HasPrefix(d.Name(), ".tmp-") {
-			os.Remove(p)
-		}
-		return nil
-	})
+	return lock, nil
 }
 
 // Close stops background work, makes what was fetched durable and closes
-// every file. Handles still open fail with ErrClosed afterwards; a Stream
-// still being written is aborted.
+// every file, once the ranges handed out by ReadFile are released. Handles
+// still open fail with ErrClosed afterwards; a Stream still being written
+// is aborted.
 func (s *Store) Close() error {
 	s.mu.Lock()
 	if s.closed {
@@ -308,82 +165,8 @@ func (s *Store) Close() error {
 }
 
 // Usage returns the bytes of cached data on disk (Blob chunks present and
-// Stream bytes written), the quantity Options.MaxBytes bounds.
+// Stream bytes written), the quantity WithMaxBytes bounds.
 func (s *Store) Usage() int64 { return s.usage.Load() }
-
-// touchLocked marks e as just used.
-func (s *Store) touchLocked(e *entry) {
-	s.clock++
-	e.lastUse = s.clock
-}
-
-// stampLocked sets the mtime of a released key's file, which orders the
-// keys for LRU after a restart. Stamps strictly increase: file system
-// timestamps can be coarser than the interval between two releases.
-func (s *Store) stampLocked(path string) {
-	t := time.Now()
-	if !t.After(s.stamp) {
-		t = s.stamp.Add(time.Microsecond)
-	}
-	s.stamp = t
-	os.Chtimes(path, t, t)
-}
-
-// evict removes least-recently-used unreferenced keys until usage is
-// within the bound, or nothing more can be evicted.
-func (s *Store) evict() {
-	if s.max <= 0 || s.usage.Load() <= s.max {
-		return
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return
-	}
-	for s.usage.Load() > s.max {
-		var victim *entry
-		for _, e := range s.entries {
-			if e.b != nil || e.st != nil || e.bytes.Load() == 0 {
-				continue
-			}
-			if victim == nil || e.lastUse < victim.lastUse {
-				victim = e
-			}
-		}
-		if victim == nil {
-			return // everything is in use: exceed rather than fail reads
-		}
-		n := victim.bytes.Load()
-		s.removeLocked(victim)
-		metrics.CacheEvictedBytes.Add(float64(n))
-		slog.Debug("cache: evicted", "key", victim.key, "bytes", n)
-	}
-}
-
-// removeLocked deletes an unreferenced entry and its files.
-func (s *Store) removeLocked(e *entry) {
-	switch e.kind {
-	case kindBlob:
-		base := s.blobPath(e.key)
-		// The records go first: data without records is never trusted.
-		os.Remove(base + ".rec")
-		os.Remove(base + ".data")
-		os.RemoveAll(segmentDir(base))
-	case kindStream:
-		os.Remove(s.streamPath(e.key))
-	}
-	s.usage.Add(-e.bytes.Load())
-	delete(s.entries, e.entryKey)
-}
-
-// cutDataSuffix returns the key of a blob's data file or segment
-// directory.
-func cutDataSuffix(name string) (string, bool) {
-	if hex, ok := strings.CutSuffix(name, ".data"); ok {
-		return hex, true
-	}
-	return strings.CutSuffix(name, ".seg")
-}
 
 func (s *Store) blobPath(key digest.Digest) string {
 	return filepath.Join(s.dir, "blobs", string(key.Algorithm()), key.Encoded())
@@ -395,119 +178,3 @@ func (s *Store) streamPath(key digest.Digest) string {
 
 func (s *Store) getBuf() *[]byte  { return s.bufs.Get().(*[]byte) }
 func (s *Store) putBuf(b *[]byte) { s.bufs.Put(b) }
-
-// markDirty schedules b's pending records for the flusher.
-func (s *Store) markDirty(b *blob) {
-	s.dirtyMu.Lock()
-	s.dirty[b] = struct{}{}
-	s.dirtyMu.Unlock()
-	select {
-	case s.flushCh <- struct{}{}:
-	default:
-	}
-}
-
-// flusher persists presence records off the readers' path: one fdatasync
-// of a blob's data covers every chunk fetched since the last one, and only
-// then are their records appended.
-func (s *Store) flusher() {
-	defer s.wg.Done()
-	for {
-		select {
-		case <-s.ctx.Done():
-			return
-		case <-s.flushCh:
-		}
-		s.dirtyMu.Lock()
-		set := s.dirty
-		s.dirty = make(map[*blob]struct{})
-		s.dirtyMu.Unlock()
-		for b := range set {
-			if err := b.flush(); err != nil {
-				slog.Warn("cache: persisting presence records", "key", b.key, "err", err)
-			}
-		}
-		// Batch the next round: an fdatasync per fetch would force
-		// writeback at the network's pace and cost CPU the readers need.
-		// A crash loses at most this much of records, which only means
-		// refetching those chunks.
-		select {
-		case <-s.ctx.Done():
-			return
-		case <-time.After(flushInterval):
-		}
-	}
-}
-
-// flushInterval is the least time between two rounds of persisting
-// presence records.
-const flushInterval = 500 * time.Millisecond
-
-// PutMeta stores a small derived record under name ("/"-separated, local,
-// e.g. "layer/<hex>.json") atomically: readers see the old or the new
-// content, also after a crash.
-func (s *Store) PutMeta(name string, data []byte) error {
-	p, err := s.metaPath(name)
-	if err != nil {
-		return err
-	}
-	dir := filepath.Dir(p)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("cache: put meta %q: %w", name, err)
-	}
-	f, err := os.CreateTemp(dir, ".tmp-*")
-	if err != nil {
-		return fmt.Errorf("cache: put meta %q: %w", name, err)
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), p)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-		return fmt.Errorf("cache: put meta %q: %w", name, err)
-	}
-	syncDir(dir)
-	return nil
-}
-
-// GetMeta returns what PutMeta stored under name; the error satisfies
-// errors.Is(err, fs.ErrNotExist) when there is none.
-func (s *Store) GetMeta(name string) ([]byte, error) {
-	p, err := s.metaPath(name)
-	if err != nil {
-		return nil, err
-	}
-	b, err := os.ReadFile(p)
-	if err != nil {
-		return nil, fmt.Errorf("cache: get meta %q: %w", name, err)
-	}
-	return b, nil
-}
-
-func (s *Store) metaPath(name string) (string, error) {
-	if !filepath.IsLocal(name) || filepath.Clean(name) != name {
-		return "", fmt.Errorf("cache: invalid meta name %q", name)
-	}
-	for _, c := range strings.Split(name, "/") {
-		if strings.HasPrefix(c, ".tmp-") {
-			return "", fmt.Errorf("cache: invalid meta name %q", name)
-		}
-	}
-	return filepath.Join(s.dir, "meta", name), nil
-}
-
-// syncDir makes a rename or a new file in dir durable; best effort, since
-// the worst outcome of losing it is a refetch.
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
-}

@@ -19,9 +19,6 @@ import (
 // starts waiting for data.
 var testHookStreamWait func()
 
-// errWriterClosed aborts a stream whose writer closed it without sealing.
-var errWriterClosed = errors.New("writer closed the stream before sealing it")
-
 // Stream is one handle on content produced once, sequentially, of unknown
 // size (the decompressed tar of a compressed layer), keyed by the digest of
 // that content. Handles of the same key share the content; exactly one, the
@@ -45,11 +42,10 @@ const (
 
 // stream is the shared state of one key.
 type stream struct {
-	s    *Store
-	e    *entry // nil once detached (failed)
-	key  digest.Digest
-	f    *os.File
-	refs int // guarded by s.mu
+	s   *Store
+	e   *entry // set when opened; the store's no more once detached (failed)
+	key digest.Digest
+	f   *os.File
 
 	written atomic.Int64
 	size    atomic.Int64                // -1 until sealed
@@ -77,262 +73,132 @@ func (s *Store) Stream(key digest.Digest) (st *Stream, writer bool, err error) {
 	if !key.Algorithm().Available() {
 		return nil, false, fmt.Errorf("cache: stream %s: digest algorithm unavailable", key)
 	}
-	if err := s.verifySealed(key); err != nil {
-		return nil, false, err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return nil, false, ErrClosed
-	}
 	k := entryKey{kindStream, key}
+	s.mu.Lock()
 	e := s.entries[k]
-	if e != nil && e.st != nil && e.st.failure.Load() == nil {
-		e.st.refs++
-		s.touchLocked(e)
-		return &Stream{st: e.st}, false, nil
-	}
-	if e != nil && e.st != nil {
-		s.detachLocked(e.st)
+	for s.waitBusyLocked(e) {
 		e = s.entries[k]
 	}
-	if e != nil {
-		// Sealed on disk.
-		path := s.streamPath(key)
-		f, err := os.Open(path)
-		if err == nil {
-			var info os.FileInfo
-			if info, err = f.Stat(); err == nil {
-				x := &stream{s: s, e: e, key: key, f: f, refs: 1, path: path, state: streamSealed, wake: make(chan struct{})}
-				x.written.Store(info.Size())
-				x.size.Store(info.Size())
-				s.usage.Add(info.Size() - e.bytes.Load())
-				e.bytes.Store(info.Size())
-				e.st = x
-				s.touchLocked(e)
-				return &Stream{st: x}, false, nil
-			}
-			f.Close()
-		}
-		if !errors.Is(err, os.ErrNotExist) {
-			return nil, false, fmt.Errorf("cache: open stream %s: %w", key, err)
-		}
-		s.usage.Add(-e.bytes.Load())
-		delete(s.entries, k)
+	if s.closed {
+		s.mu.Unlock()
+		return nil, false, ErrClosed
 	}
+	if e != nil && e.st != nil {
+		if e.st.failure.Load() == nil {
+			e.refs++
+			s.touchLocked(e)
+			s.mu.Unlock()
+			return &Stream{st: e.st}, false, nil
+		}
+		s.detachLocked(e.st)
+		e = nil
+	}
+	sealed := e != nil // a closed stream key is a sealed file
+	if e == nil {
+		e = &entry{entryKey: k}
+		s.entries[k] = e
+	}
+	checked := e.sealedOK
+	s.beginBusyLocked(e)
+	s.mu.Unlock()
+	x, err := s.openStream(e, sealed, checked)
+	if err != nil {
+		return nil, false, err
+	}
+	writer = x.size.Load() < 0
+	return &Stream{st: x, writer: writer}, writer, nil
+}
+
+// openStream opens the stream of e, which the caller made busy: its sealed
+// file if there is one that matches the key, or else a new one to write.
+func (s *Store) openStream(e *entry, sealed, checked bool) (*stream, error) {
+	defer s.wg.Done()
+	var x *stream
+	var err error
+	gone := !sealed // no sealed file (any more)
+	if sealed {
+		x, gone, err = s.openSealed(e.key, checked)
+	}
+	if gone {
+		x, err = s.createStream(e.key)
+	}
+	s.mu.Lock()
+	lost := err == nil && s.closed // and Close has not seen x: shut it here
+	if err == nil && !lost {
+		s.usage.Add(x.written.Load() - e.bytes)
+		x.e = e
+		e.st, e.refs, e.sealedOK = x, 1, x.size.Load() >= 0
+		s.touchLocked(e)
+	} else if gone {
+		s.usage.Add(-e.bytes)
+		delete(s.entries, e.entryKey)
+	}
+	s.endBusyLocked(e)
+	s.mu.Unlock()
+	if lost {
+		x.shutdown()
+		return nil, ErrClosed
+	}
+	return x, err
+}
+
+// openSealed opens the sealed file of key. Unless checked, it first makes
+// sure, once per process, that the file still hashes to its key: unlike
+// blob chunks, a stream's bytes carry no checksums of their own. A file
+// that does not match is removed, so the stream is produced again instead
+// of serving wrong bytes; gone reports that, or that the file is missing.
+func (s *Store) openSealed(key digest.Digest, checked bool) (x *stream, gone bool, err error) {
+	path := s.streamPath(key)
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, true, nil // evicted by hand, or lost: produce it again
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("cache: open stream %s: %w", key, err)
+	}
+	info, err := f.Stat()
+	if err == nil && !checked {
+		var sum digest.Digest
+		if sum, err = key.Algorithm().FromReader(io.NewSectionReader(f, 0, info.Size())); err == nil && sum != key {
+			f.Close()
+			slog.Warn("cache: sealed stream does not match its digest; discarding it", "key", key, "got", sum)
+			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, false, fmt.Errorf("cache: remove corrupt stream %s: %w", key, err)
+			}
+			return nil, true, nil
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, false, fmt.Errorf("cache: open stream %s: %w", key, err)
+	}
+	x = &stream{s: s, key: key, f: f, path: path, state: streamSealed, wake: make(chan struct{})}
+	x.written.Store(info.Size())
+	x.size.Store(info.Size())
+	return x, false, nil
+}
+
+// createStream makes the file of a stream to be written.
+func (s *Store) createStream(key digest.Digest) (*stream, error) {
 	f, err := os.CreateTemp(filepath.Join(s.dir, "streams", "tmp"), key.Encoded()+"-*.partial")
 	if err != nil {
-		return nil, false, fmt.Errorf("cache: create stream %s: %w", key, err)
+		return nil, fmt.Errorf("cache: create stream %s: %w", key, err)
 	}
-	e = &entry{entryKey: k}
-	x := &stream{s: s, e: e, key: key, f: f, refs: 1, path: f.Name(), h: key.Algorithm().Hash(), wake: make(chan struct{})}
+	x := &stream{s: s, key: key, f: f, path: f.Name(), h: key.Algorithm().Hash(), wake: make(chan struct{})}
 	x.size.Store(-1)
-	e.st = x
-	s.entries[k] = e
-	s.touchLocked(e)
-	return &Stream{st: x, writer: true}, true, nil
+	return x, nil
 }
 
-// verifySealed checks, once per process, that a stream sealed on disk by
-// an earlier process still hashes to its key: unlike blob chunks, a
-// stream's bytes carry no checksums of their own. A file that does not
-// match is removed, so the stream is produced again instead of serving
-// wrong bytes.
-func (s *Store) verifySealed(key digest.Digest) error {
-	k := entryKey{kindStream, key}
-	s.mu.Lock()
-	e := s.entries[k]
-	need := e != nil && e.st == nil && !e.sealedOK.Load()
-	s.mu.Unlock()
-	if !need {
-		return nil
-	}
-	path := s.streamPath(key)
-	sum, err := hashFile(path, key.Algorithm())
-	if errors.Is(err, os.ErrNotExist) {
-		return nil // gone meanwhile (evicted): Stream produces it again
-	}
-	if err != nil {
-		return fmt.Errorf("cache: verify stream %s: %w", key, err)
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.entries[k] != e || e.st != nil {
-		return nil // opened or replaced meanwhile
-	}
-	if sum == key {
-		e.sealedOK.Store(true)
-		return nil
-	}
-	slog.Warn("cache: sealed stream does not match its digest; discarding it", "key", key, "got", sum)
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("cache: remove corrupt stream %s: %w", key, err)
-	}
-	s.usage.Add(-e.bytes.Load())
-	delete(s.entries, k)
-	return nil
-}
-
-func hashFile(path string, alg digest.Algorithm) (digest.Digest, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	return alg.FromReader(f)
-}
-
-// detachLocked forgets a failed stream's entry so that the next Stream
-// call of its key produces it again. Callers hold s.mu.
+// detachLocked retires failed stream x: the next Stream call of its key
+// produces it again, while x's holders keep x until they close it.
+// Callers hold s.mu.
 func (s *Store) detachLocked(x *stream) {
 	e := x.e
-	if e == nil || e.st != x {
-		return
+	if s.entries[e.entryKey] != e {
+		return // detached already
 	}
-	x.e = nil
-	s.usage.Add(-e.bytes.Load())
+	s.usage.Add(-x.written.Load()) // its file is gone, and nothing is written once failed
 	delete(s.entries, e.entryKey)
-}
-
-// Write appends p to the stream and wakes the readers waiting for it.
-// Only the writer may write.
-func (h *Stream) Write(p []byte) (int, error) {
-	if h.closed.Load() {
-		return 0, ErrClosed
-	}
-	if !h.writer {
-		return 0, ErrNotWriter
-	}
-	x := h.st
-	x.mu.Lock()
-	if x.state != streamWriting {
-		x.mu.Unlock()
-		return 0, x.endedErr()
-	}
-	n, err := x.f.Write(p)
-	if n > 0 {
-		x.h.Write(p[:n])
-		x.written.Add(int64(n))
-		x.e.bytes.Add(int64(n))
-		x.s.usage.Add(int64(n))
-		x.wakeLocked()
-	}
-	if err != nil {
-		err = fmt.Errorf("cache: write stream %s: %w", x.key, err)
-		x.failLocked(err)
-		x.mu.Unlock()
-		x.detach()
-		return n, err
-	}
-	x.mu.Unlock()
-	x.s.evict()
-	return n, nil
-}
-
-func (x *stream) endedErr() error {
-	if f := x.failure.Load(); f != nil {
-		return f.err
-	}
-	return fmt.Errorf("cache: stream %s is already sealed", x.key)
-}
-
-func (x *stream) wakeLocked() {
-	if x.wakeUsed {
-		close(x.wake)
-		x.wake = make(chan struct{})
-		x.wakeUsed = false
-	}
-}
-
-// failLocked ends the stream with err and discards its data. Callers hold
-// x.mu; they call detach after releasing it.
-func (x *stream) failLocked(err error) {
-	x.state = streamFailed
-	x.failure.Store(&streamError{err})
-	os.Remove(x.path)
-	close(x.wake)
-	x.wake = make(chan struct{})
-	x.wakeUsed = false
-}
-
-func (x *stream) detach() {
-	x.s.mu.Lock()
-	x.s.detachLocked(x)
-	x.s.mu.Unlock()
-}
-
-// Seal ends the stream: it checks that the digest of everything written is
-// the key and makes the content durable. On a mismatch the data is
-// discarded and readers get the error, which wraps ErrDigestMismatch.
-func (h *Stream) Seal() error {
-	if h.closed.Load() {
-		return ErrClosed
-	}
-	if !h.writer {
-		return ErrNotWriter
-	}
-	x := h.st
-	x.mu.Lock()
-	if x.state != streamWriting {
-		x.mu.Unlock()
-		return x.endedErr()
-	}
-	var err error
-	if sum := digest.NewDigest(x.key.Algorithm(), x.h); sum != x.key {
-		err = fmt.Errorf("%w: stream %s hashes to %s", ErrDigestMismatch, x.key, sum)
-	} else if err = x.f.Sync(); err == nil {
-		final := x.s.streamPath(x.key)
-		if err = os.MkdirAll(filepath.Dir(final), 0o700); err == nil {
-			err = os.Rename(x.path, final)
-		}
-		if err == nil {
-			x.path = final
-			syncDir(filepath.Dir(final))
-		}
-		if err != nil {
-			err = fmt.Errorf("cache: seal stream %s: %w", x.key, err)
-		}
-	}
-	if err != nil {
-		x.failLocked(err)
-		x.mu.Unlock()
-		x.detach()
-		return err
-	}
-	x.state = streamSealed
-	x.e.sealedOK.Store(true)
-	x.h = nil
-	x.size.Store(x.written.Load())
-	close(x.wake)
-	x.wake = make(chan struct{})
-	x.wakeUsed = false
-	x.mu.Unlock()
-	return nil
-}
-
-// Abort ends the stream unsealed: waiting and later readers get an error
-// wrapping err (and ErrAborted), the data is discarded, and the next
-// Stream call of the key is the writer again. Only the writer's Abort
-// has an effect.
-func (h *Stream) Abort(err error) {
-	if !h.writer {
-		return
-	}
-	h.st.abort(err)
-}
-
-func (x *stream) abort(err error) {
-	if err == nil {
-		err = errors.New("no reason given")
-	}
-	x.mu.Lock()
-	if x.state != streamWriting {
-		x.mu.Unlock()
-		return
-	}
-	x.failLocked(fmt.Errorf("%w: %s: %w", ErrAborted, x.key, err))
-	x.mu.Unlock()
-	x.detach()
 }
 
 // ReadAt reads len(p) bytes at off, waiting until they are written, the
@@ -351,50 +217,53 @@ func (h *Stream) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 		if f := x.failure.Load(); f != nil {
 			return 0, f.err
 		}
+		var eof error
 		if size := x.size.Load(); size >= 0 {
 			if off >= size {
 				return 0, io.EOF
 			}
-			var eof error
 			if end > size {
 				p, eof = p[:size-off], io.EOF
 			}
-			n, err := x.f.ReadAt(p, off)
-			if err != nil {
-				return n, fmt.Errorf("cache: read stream %s at %d: %w", x.key, off, err)
+		} else if end > x.written.Load() {
+			if err := x.waitWritten(ctx, end); err != nil {
+				return 0, err
 			}
-			return n, eof
-		}
-		if end <= x.written.Load() {
-			n, err := x.f.ReadAt(p, off)
-			if f := x.failure.Load(); f != nil {
-				return 0, f.err // aborted meanwhile: the bytes are void
-			}
-			if err != nil {
-				return n, fmt.Errorf("cache: read stream %s at %d: %w", x.key, off, err)
-			}
-			return n, nil
-		}
-		x.mu.Lock()
-		if x.state != streamWriting || end <= x.written.Load() {
-			x.mu.Unlock()
 			continue
 		}
-		if x.closed {
-			x.mu.Unlock()
-			return 0, ErrClosed
+		n, err := x.f.ReadAt(p, off)
+		if f := x.failure.Load(); f != nil {
+			return 0, f.err // aborted meanwhile: the bytes are void
 		}
-		wake := x.wake
-		x.wakeUsed = true
+		if err != nil {
+			return n, fmt.Errorf("cache: read stream %s at %d: %w", x.key, off, err)
+		}
+		return n, eof
+	}
+}
+
+// waitWritten waits until the stream has end bytes, or has ended.
+func (x *stream) waitWritten(ctx context.Context, end int64) error {
+	x.mu.Lock()
+	if x.state != streamWriting || end <= x.written.Load() {
 		x.mu.Unlock()
-		if testHookStreamWait != nil {
-			testHookStreamWait()
-		}
-		select {
-		case <-wake:
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		}
+		return nil
+	}
+	if x.closed {
+		x.mu.Unlock()
+		return ErrClosed
+	}
+	wake := x.wake
+	x.wakeUsed = true
+	x.mu.Unlock()
+	if testHookStreamWait != nil {
+		testHookStreamWait()
+	}
+	select {
+	case <-wake:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
@@ -451,34 +320,48 @@ func (h *Stream) Close() error {
 	return err
 }
 
+// releaseStream drops a reference; the last one closes the file, so the
+// key becomes evictable.
 func (s *Store) releaseStream(x *stream) {
+	e := x.e
 	s.mu.Lock()
-	x.refs--
-	if x.refs > 0 {
+	e.refs--
+	if e.refs > 0 {
 		s.mu.Unlock()
 		return
 	}
-	if e := x.e; e != nil && e.st == x {
-		e.st = nil
-		s.touchLocked(e)
-		s.stampLocked(x.path)
+	if detached := s.entries[e.entryKey] != e; detached || s.closed {
+		// Close shuts down the streams it found, and the directory is
+		// no longer ours; a detached stream failed, its file is gone,
+		// and only its descriptor is left to close.
+		s.mu.Unlock()
+		if detached {
+			x.shutdown()
+		}
+		return
 	}
-	x.shutdown()
+	e.st = nil
+	e.sealedOK = true // sealed or checked by this process, see below
+	s.beginBusyLocked(e)
 	s.mu.Unlock()
-	s.evict()
+	// Sealed: a writer's Close aborts and detaches a stream it did not
+	// seal, and a stream opened sealed has no writer.
+	size, path := x.shutdown()
+	s.settle(e, size, path)
 }
 
 // shutdown aborts the stream if it is still being written and closes its
-// file.
-func (x *stream) shutdown() {
+// file. It returns the size of the sealed content (-1 if not sealed) and
+// where the file is.
+func (x *stream) shutdown() (size int64, path string) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	if x.closed {
-		return
+	if !x.closed {
+		if x.state == streamWriting {
+			x.failLocked(fmt.Errorf("%w: %s: %w", ErrAborted, x.key, ErrClosed))
+		}
+		x.closed = true
+		x.f.Close()
 	}
-	if x.state == streamWriting {
-		x.failLocked(fmt.Errorf("%w: %s: %w", ErrAborted, x.key, ErrClosed))
-	}
-	x.closed = true
-	x.f.Close()
+	return x.size.Load(), x.path
 }

@@ -64,7 +64,7 @@ func readAsync(st *Stream, ctx context.Context, off int64, n int) chan readResul
 }
 
 func TestStreamReadersWaitForData(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(50, 100000)
 	w := openStream(t, s, key, true)
 	r := openStream(t, s, key, false)
@@ -107,7 +107,7 @@ func TestStreamReadersWaitForData(t *testing.T) {
 }
 
 func TestStreamSealMismatch(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(51, 5000)
 	w := openStream(t, s, key, true)
 	r := openStream(t, s, key, false)
@@ -137,7 +137,7 @@ func TestStreamSealMismatch(t *testing.T) {
 }
 
 func TestStreamAbort(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(52, 5000)
 	w := openStream(t, s, key, true)
 	r := openStream(t, s, key, false)
@@ -167,7 +167,7 @@ func TestStreamAbort(t *testing.T) {
 }
 
 func TestStreamWriterCloseAborts(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	_, key := content(53, 100)
 	w, _, _ := s.Stream(key)
 	r := openStream(t, s, key, false)
@@ -179,7 +179,7 @@ func TestStreamWriterCloseAborts(t *testing.T) {
 }
 
 func TestStreamSingleWriter(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	data, key := content(54, 3000)
 	const n = 8
 	var wg sync.WaitGroup
@@ -223,7 +223,7 @@ func TestStreamSingleWriter(t *testing.T) {
 func TestStreamReopenSealed(t *testing.T) {
 	dir := t.TempDir()
 	data, key := content(55, 20000)
-	s, _ := Open(dir, testOptions())
+	s, _ := Open(dir, testOptions()...)
 	w, _, _ := s.Stream(key)
 	w.Write(data)
 	if err := w.Seal(); err != nil {
@@ -238,7 +238,7 @@ func TestStreamReopenSealed(t *testing.T) {
 	r.Close()
 	s.Close()
 
-	s = openStore(t, dir, testOptions())
+	s = openStore(t, dir, testOptions()...)
 	if s.Usage() != int64(len(data)) {
 		t.Fatalf("Usage after restart = %d", s.Usage())
 	}
@@ -263,11 +263,11 @@ func TestStreamReopenSealed(t *testing.T) {
 func TestStreamUnsealedDiscardedOnRestart(t *testing.T) {
 	dir := t.TempDir()
 	data, key := content(56, 2000)
-	s, _ := Open(dir, testOptions())
+	s, _ := Open(dir, testOptions()...)
 	w, _, _ := s.Stream(key)
 	w.Write(data[:1000])
 	s.Close() // as after a crash: never sealed
-	s = openStore(t, dir, testOptions())
+	s = openStore(t, dir, testOptions()...)
 	if s.Usage() != 0 {
 		t.Fatalf("Usage = %d", s.Usage())
 	}
@@ -275,7 +275,7 @@ func TestStreamUnsealedDiscardedOnRestart(t *testing.T) {
 }
 
 func TestStreamReadCancelled(t *testing.T) {
-	s := openStore(t, t.TempDir(), testOptions())
+	s := openStore(t, t.TempDir(), testOptions()...)
 	_, key := content(57, 10)
 	openStream(t, s, key, true)
 	r := openStream(t, s, key, false)
@@ -290,9 +290,8 @@ func TestStreamReadCancelled(t *testing.T) {
 }
 
 func TestStreamEviction(t *testing.T) {
-	opt := testOptions()
-	opt.MaxBytes = 3000
-	s := openStore(t, t.TempDir(), opt)
+	const bound = 3000
+	s := openStore(t, t.TempDir(), testOptions(WithMaxBytes(bound))...)
 	for i := range 3 {
 		data, key := content(uint64(60+i), 2000)
 		w, _, _ := s.Stream(key)
@@ -301,8 +300,8 @@ func TestStreamEviction(t *testing.T) {
 			t.Fatal(err)
 		}
 		w.Close()
-		if s.Usage() > opt.MaxBytes {
-			t.Fatalf("Usage = %d > %d", s.Usage(), opt.MaxBytes)
+		if s.Usage() > bound {
+			t.Fatalf("Usage = %d > %d", s.Usage(), bound)
 		}
 	}
 	_, key := content(60, 2000)
@@ -312,7 +311,7 @@ func TestStreamEviction(t *testing.T) {
 func TestStreamCorruptedOnDiskIsProducedAgain(t *testing.T) {
 	dir := t.TempDir()
 	data, key := content(56, 20000)
-	s := openStore(t, dir, testOptions())
+	s := openStore(t, dir, testOptions()...)
 	w := openStream(t, s, key, true)
 	w.Write(data)
 	if err := w.Seal(); err != nil {
@@ -342,7 +341,7 @@ func TestStreamCorruptedOnDiskIsProducedAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	s = openStore(t, dir, testOptions())
+	s = openStore(t, dir, testOptions()...)
 	w = openStream(t, s, key, true) // corrupt: discarded, to be produced again
 	if w.Done() {
 		t.Fatal("a corrupted sealed stream opened as done")

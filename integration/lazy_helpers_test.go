@@ -78,20 +78,20 @@ type lazyNode struct {
 // lazyStartNode opens the cache at cacheDir and a Manager over it with the
 // default configuration; both are closed in t.Cleanup unless closed before
 // (a "restart").
-func lazyStartNode(t *testing.T, cacheDir string, copt cache.Options, extra ...remote.Option) *lazyNode {
+func lazyStartNode(t *testing.T, cacheDir string, copt []cache.Option, extra ...remote.Option) *lazyNode {
 	t.Helper()
 	return lazyStartNodeWithRegistry(t, cacheDir, copt, remote.New(append(lazyRemoteOptions(), extra...)...))
 }
 
 // lazyStartNodeWith is lazyStartNode with Manager options.
-func lazyStartNodeWith(t *testing.T, cacheDir string, copt cache.Options, opts ...lazy.Option) *lazyNode {
+func lazyStartNodeWith(t *testing.T, cacheDir string, copt []cache.Option, opts ...lazy.Option) *lazyNode {
 	t.Helper()
 	return lazyStartNodeWithRegistry(t, cacheDir, copt, remote.New(lazyRemoteOptions()...), opts...)
 }
 
-func lazyStartNodeWithRegistry(t *testing.T, cacheDir string, copt cache.Options, reg *remote.Client, opts ...lazy.Option) *lazyNode {
+func lazyStartNodeWithRegistry(t *testing.T, cacheDir string, copt []cache.Option, reg *remote.Client, opts ...lazy.Option) *lazyNode {
 	t.Helper()
-	store, err := cache.Open(cacheDir, copt)
+	store, err := cache.Open(cacheDir, copt...)
 	if err != nil {
 		t.Fatalf("open cache %s: %v", cacheDir, err)
 	}

@@ -55,7 +55,7 @@ func TestLazyFidelity(t *testing.T) {
 			dir := filepath.Join(root, string(f))
 			blobs := testutil.EncodeLayers(t, layers, f)
 			ref := testutil.PushImage(t, reg.Addr, "fidelity/"+string(f)+":v1", blobs)
-			n := lazyStartNode(t, filepath.Join(dir, "cache"), cache.Options{})
+			n := lazyStartNode(t, filepath.Join(dir, "cache"), nil)
 			img := n.mountImage(t, ref, filepath.Join(dir, "image"))
 			testutil.CompareTrees(t, want, lazyScan(t, img.target), lazyCompareOpts(f)...)
 
@@ -155,7 +155,7 @@ func TestLazyReads(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		n := lazyStartNode(t, filepath.Join(dir, "cache"), cache.Options{})
+		n := lazyStartNode(t, filepath.Join(dir, "cache"), nil)
 		return n.mountImage(t, model.ref, filepath.Join(dir, "image"))
 	}
 
@@ -319,7 +319,7 @@ func TestLazyReadWhileStreaming(t *testing.T) {
 
 	cacheDir := filepath.Join(root, "cache")
 	// No stall timeout: the held stream must wait, not be retried.
-	n := lazyStartNode(t, cacheDir, cache.Options{}, remote.WithStallTimeout(0))
+	n := lazyStartNode(t, cacheDir, nil, remote.WithStallTimeout(0))
 	img := n.mountImage(t, proxy.Addr+"/stream/model:v1", filepath.Join(root, "image"))
 
 	got, err := lazyReadFile(t, img.path("data/early.txt"))
@@ -369,7 +369,7 @@ func TestLazyCacheSharedLayer(t *testing.T) {
 			refA, refB, shared, layersA, layersB := lazySharedImages(t, reg.Addr, f)
 			proxied := func(ref string) string { return proxy.Addr + strings.TrimPrefix(ref, reg.Addr) }
 			dir := filepath.Join(root, string(f))
-			n := lazyStartNode(t, filepath.Join(dir, "cache"), cache.Options{})
+			n := lazyStartNode(t, filepath.Join(dir, "cache"), nil)
 			proxy.Reset()
 			a := n.mountImage(t, proxied(refA), filepath.Join(dir, "a"))
 			b := n.mountImage(t, proxied(refB), filepath.Join(dir, "b"))
@@ -422,7 +422,7 @@ func TestLazyCacheRestart(t *testing.T) {
 			dir := filepath.Join(root, string(f))
 			cacheDir := filepath.Join(dir, "cache")
 
-			first := lazyStartNode(t, cacheDir, cache.Options{})
+			first := lazyStartNode(t, cacheDir, nil)
 			img := first.mountImage(t, ref, filepath.Join(dir, "image"))
 			testutil.CompareTrees(t, want, lazyScan(t, img.target), lazyCompareOpts(f)...)
 			lazyWaitSealed(t, cacheDir, f, blobs)
@@ -432,7 +432,7 @@ func TestLazyCacheRestart(t *testing.T) {
 			first.close()
 
 			proxy.Reset()
-			second := lazyStartNode(t, cacheDir, cache.Options{})
+			second := lazyStartNode(t, cacheDir, nil)
 			img = second.mountImage(t, ref, filepath.Join(dir, "image"))
 			testutil.CompareTrees(t, want, lazyScan(t, img.target), lazyCompareOpts(f)...)
 			if got := lazyLayerBytes(proxy, blobs); got != 0 {
@@ -446,7 +446,7 @@ func TestLazyCacheRestart(t *testing.T) {
 			corrupted := lazyCorruptCache(t, cacheDir)
 			t.Logf("corrupted %d cache files: %v", len(corrupted), corrupted)
 			proxy.Reset()
-			third := lazyStartNode(t, cacheDir, cache.Options{})
+			third := lazyStartNode(t, cacheDir, nil)
 			img = third.mountImage(t, ref, filepath.Join(dir, "image"))
 			testutil.CompareTrees(t, want, lazyScan(t, img.target), lazyCompareOpts(f)...)
 			if got := lazyLayerBytes(proxy, blobs); got == 0 {
@@ -524,7 +524,7 @@ func TestLazyCacheSizeBound(t *testing.T) {
 		refs = append(refs, testutil.PushImage(t, reg.Addr, fmt.Sprintf("bound/m%d:v1", i), blobs))
 		trees = append(trees, testutil.ExtractTree([][]byte{l}))
 	}
-	n := lazyStartNode(t, filepath.Join(root, "cache"), cache.Options{MaxBytes: bound})
+	n := lazyStartNode(t, filepath.Join(root, "cache"), []cache.Option{cache.WithMaxBytes(bound)})
 
 	first := n.mountImage(t, refs[0], filepath.Join(root, "first"))
 	testutil.CompareTrees(t, trees[0], lazyScan(t, first.target))
@@ -561,7 +561,7 @@ func TestLazyFaults(t *testing.T) {
 			testutil.PushImage(t, reg.Addr, "faults/"+string(f)+":v1", blobs)
 			dir := filepath.Join(root, string(f))
 			// Small chunks: many requests, so the faults do hit.
-			n := lazyStartNode(t, filepath.Join(dir, "cache"), cache.Options{ChunkSize: 64 << 10, MaxFetch: 128 << 10})
+			n := lazyStartNode(t, filepath.Join(dir, "cache"), []cache.Option{cache.WithChunkSize(64 << 10), cache.WithMaxFetch(128 << 10)})
 			before := proxy.BlobRequests()
 			img := n.mountImage(t, proxy.Addr+"/faults/"+string(f)+":v1", filepath.Join(dir, "image"))
 
@@ -637,7 +637,7 @@ func TestLazyCorruptEStargzChunk(t *testing.T) {
 		dir := filepath.Join(root, "after")
 		// No background fill: the chunks must still be missing when the
 		// registry turns bad.
-		n := lazyStartNodeWith(t, filepath.Join(dir, "cache"), cache.Options{ChunkSize: 64 << 10, MaxFetch: 64 << 10}, lazy.WithBackgroundFill(false))
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache"), []cache.Option{cache.WithChunkSize(64 << 10), cache.WithMaxFetch(64 << 10)}, lazy.WithBackgroundFill(false))
 		img := n.mountImage(t, ref, filepath.Join(dir, "image"))
 		if err := proxy.SetFaults(testutil.Faults{CorruptDigest: blob.Digest()}); err != nil {
 			t.Fatal(err)
@@ -662,7 +662,7 @@ func TestLazyCorruptEStargzChunk(t *testing.T) {
 		}
 		t.Cleanup(func() { _ = proxy.SetFaults(testutil.Faults{}) })
 		dir := filepath.Join(root, "start")
-		n := lazyStartNode(t, filepath.Join(dir, "cache"), cache.Options{})
+		n := lazyStartNode(t, filepath.Join(dir, "cache"), nil)
 		img, err := n.tryMountImage(t, ref, filepath.Join(dir, "image"))
 		if err != nil {
 			t.Logf("mount refused the corrupted layer: %v", err)
@@ -699,7 +699,7 @@ func TestLazyCorruptTarBlob(t *testing.T) {
 
 	// No background fill: the file's bytes must still be missing when the
 	// registry turns bad.
-	n := lazyStartNodeWith(t, cacheDir, cache.Options{}, lazy.WithBackgroundFill(false))
+	n := lazyStartNodeWith(t, cacheDir, nil, lazy.WithBackgroundFill(false))
 	img := n.mountImage(t, ref, filepath.Join(root, "image"))
 	if err := proxy.SetFaults(testutil.Faults{CorruptDigest: blob.Digest()}); err != nil {
 		t.Fatal(err)
@@ -725,7 +725,7 @@ func TestLazyCorruptTarBlob(t *testing.T) {
 	if err := proxy.SetFaults(testutil.Faults{}); err != nil {
 		t.Fatal(err)
 	}
-	n = lazyStartNode(t, cacheDir, cache.Options{})
+	n = lazyStartNode(t, cacheDir, nil)
 	img = n.mountImage(t, ref, filepath.Join(root, "image"))
 	got, err = lazyReadFile(t, img.path("w/weights.bin"))
 	if err != nil || !bytes.Equal(got, content) {
@@ -746,7 +746,7 @@ func TestLazyMissingBlob(t *testing.T) {
 				t.Fatalf("delete blob from the registry: %v", err)
 			}
 			dir := filepath.Join(root, string(f))
-			n := lazyStartNode(t, filepath.Join(dir, "cache"), cache.Options{})
+			n := lazyStartNode(t, filepath.Join(dir, "cache"), nil)
 			img, err := n.tryMountImage(t, ref, filepath.Join(dir, "image"))
 			if err != nil {
 				t.Logf("mount error: %v", err)
@@ -924,7 +924,7 @@ func TestLazyHostileInput(t *testing.T) {
 			t.Run(c.name+"/"+string(f), func(t *testing.T) {
 				blobs := testutil.EncodeLayers(t, [][]byte{c.layer}, f)
 				ref := testutil.PushImage(t, reg.Addr, "hostile/"+c.name+":"+string(f), blobs)
-				n := lazyStartNode(t, filepath.Join(root, "cache", c.name+"-"+string(f)), cache.Options{})
+				n := lazyStartNode(t, filepath.Join(root, "cache", c.name+"-"+string(f)), nil)
 				dir := filepath.Join(mountsDir, c.name+"-"+string(f))
 				img, err := n.tryMountImage(t, ref, dir)
 				if err != nil {
@@ -990,7 +990,7 @@ func TestLazyConcurrentMountsOfAStreamedLayer(t *testing.T) {
 	release := proxy.Hold(blob.Digest(), size/2, size-(2<<20))
 	t.Cleanup(release)
 
-	n := lazyStartNode(t, filepath.Join(root, "cache"), cache.Options{}, remote.WithStallTimeout(0))
+	n := lazyStartNode(t, filepath.Join(root, "cache"), nil, remote.WithStallTimeout(0))
 	ref := proxy.Addr + "/stream/twice:v1"
 	mps := []string{filepath.Join(root, "a"), filepath.Join(root, "b")}
 	errs := make(chan error, len(mps))

@@ -10,7 +10,6 @@ import (
 
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/metrics"
@@ -74,7 +73,7 @@ func TestLazyPassthrough(t *testing.T) {
 		t.Fatal(err)
 	}
 	cacheDir := filepath.Join(dir, "cache")
-	n := lazyStartNode(t, cacheDir, cache.Options{})
+	n := lazyStartNode(t, cacheDir, nil)
 	img := n.mountImage(t, model.ref, filepath.Join(dir, "image"))
 	p := img.path(model.bigPath)
 	size := int64(len(model.big))
@@ -138,7 +137,7 @@ func TestLazyPassthrough(t *testing.T) {
 	img.unmount()
 	n.close()
 	// (Without background fill, which would check them at its own pace.)
-	n = lazyStartNodeWith(t, cacheDir, cache.Options{}, lazy.WithBackgroundFill(false))
+	n = lazyStartNodeWith(t, cacheDir, nil, lazy.WithBackgroundFill(false))
 	img = n.mountImage(t, model.ref, filepath.Join(dir, "image2"))
 	p = img.path(model.bigPath)
 	opens = passthroughOpens()

@@ -59,7 +59,7 @@ func TestLazyWarm(t *testing.T) {
 	}
 
 	t.Run("mounts use warmed layers; Close lets go", func(t *testing.T) {
-		n := lazyStartNodeWith(t, filepath.Join(dir, "cache1"), cache.Options{}, lazy.WithWarmHold(time.Hour), lazy.WithBackgroundFill(false))
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache1"), nil, lazy.WithWarmHold(time.Hour), lazy.WithBackgroundFill(false))
 		proxy.Reset()
 		n.m.Warm(ref, layers)
 		lazyWaitFor(t, "every layer opened", func() bool { return openIs(n.m, layers) })
@@ -89,7 +89,7 @@ func TestLazyWarm(t *testing.T) {
 		pushShardedModel(t, root, reg.Addr+"/warm/sharded:v1", 7)
 		ref := reg.Addr + "/warm/sharded:v1"
 		layers := warmLayers(t, ref)
-		n := lazyStartNodeWith(t, filepath.Join(dir, "cache3"), cache.Options{}, lazy.WithWarmHold(time.Hour), lazy.WithBackgroundFill(false))
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache3"), nil, lazy.WithWarmHold(time.Hour), lazy.WithBackgroundFill(false))
 		n.m.Warm(ref, layers)
 		lazyWaitFor(t, "every layer opened", func() bool { return openIs(n.m, layers) })
 	})
@@ -97,7 +97,7 @@ func TestLazyWarm(t *testing.T) {
 	t.Run("held layers close after the hold", func(t *testing.T) {
 		// Each layer is open for the whole hold, so the poll sees every
 		// one of them open at some point; nothing opens them again.
-		n := lazyStartNodeWith(t, filepath.Join(dir, "cache2"), cache.Options{}, lazy.WithWarmHold(2*time.Second), lazy.WithBackgroundFill(false))
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache2"), nil, lazy.WithWarmHold(2*time.Second), lazy.WithBackgroundFill(false))
 		n.m.Warm(ref, layers)
 		seen := map[digest.Digest]bool{}
 		lazyWaitFor(t, "every layer opened", func() bool {
@@ -157,7 +157,7 @@ func BenchmarkLayerMounts(b *testing.B) {
 			for i := range b.N {
 				b.StopTimer()
 				dir := filepath.Join(root, fmt.Sprintf("run-%v-%d", warm, i))
-				store, err := cache.Open(filepath.Join(dir, "cache"), cache.Options{})
+				store, err := cache.Open(filepath.Join(dir, "cache"))
 				if err != nil {
 					b.Fatal(err)
 				}

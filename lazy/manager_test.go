@@ -168,7 +168,7 @@ func (s *fakeServe) live() []*fakeMount {
 }
 
 func newTestManager(t *testing.T, opts ...Option) (*Manager, *fakeServe) {
-	store, err := cache.Open(t.TempDir(), cache.Options{})
+	store, err := cache.Open(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}

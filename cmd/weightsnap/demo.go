@@ -244,7 +244,7 @@ func fullDownload(ctx context.Context, ref, dir, file string) (timings, error) {
 // lazyRead mounts the image with weightsnap in a fresh cache and reads.
 func lazyRead(ctx context.Context, ref, tmp, file string, tensors []tensorInfo) (timings, error) {
 	var t timings
-	store, err := cache.Open(filepath.Join(tmp, "cache"), cache.Options{})
+	store, err := cache.Open(filepath.Join(tmp, "cache"))
 	if err != nil {
 		return t, err
 	}

@@ -166,7 +166,7 @@ func runMount(ctx context.Context, args []string) error {
 			return err
 		}
 	}
-	store, err := cache.Open(*cacheDir, cache.Options{MaxBytes: max})
+	store, err := cache.Open(*cacheDir, cache.WithMaxBytes(max))
 	if err != nil {
 		return err
 	}

@@ -17,7 +17,7 @@ var _ snapshot.Warmer = (*lazy.Manager)(nil)
 // newMounter opens the node cache in cacheDir and returns the lazy layer
 // mounter over it, and what closes both.
 func newMounter(ctx context.Context, cacheDir string, cc CacheConfig, fc FetchConfig, ropts []remote.Option) (snapshot.LayerMounter, func() error, error) {
-	store, err := cache.Open(cacheDir, cache.Options{MaxBytes: cc.MaxBytes})
+	store, err := cache.Open(cacheDir, cache.WithMaxBytes(cc.MaxBytes))
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening cache %s: %w", cacheDir, err)
 	}

@@ -1,0 +1,259 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+)
+
+// testHookWait, when set by a test, is called when a reader starts waiting
+// for a fetch another caller runs.
+var testHookWait func()
+
+// flight is one FetchFunc call covering chunks [first, last].
+type flight struct {
+	first, last int
+	done        chan struct{}
+	err         error // set before done is closed
+}
+
+// Fetch makes [off, off+n) present without reading it out: read-ahead and
+// background fill. Contiguous missing chunks are fetched together, up to
+// WithMaxFetch per FetchFunc call; chunks another caller is fetching
+// are waited for.
+func (h *Blob) Fetch(ctx context.Context, off, n int64) error {
+	return h.ensureRange(ctx, off, n, false)
+}
+
+// Check makes [off, off+n) present and checks every chunk of it against
+// its checksum, as a read would, without reading it out: after a restart,
+// chunks are trusted only once checked in this process.
+func (h *Blob) Check(ctx context.Context, off, n int64) error {
+	return h.ensureRange(ctx, off, n, true)
+}
+
+func (h *Blob) ensureRange(ctx context.Context, off, n int64, verify bool) error {
+	if h.closed.Load() {
+		return ErrClosed
+	}
+	b := h.b
+	lo, hi, ok := b.chunkRange(off, n)
+	if !ok {
+		return nil
+	}
+	_, err := b.ensure(ctx, h.fetch, lo, hi, verify)
+	return err
+}
+
+// Invalidate drops the chunks overlapping [off, off+n), for a caller whose
+// own verifier (an eStargz chunk digest) found them wrong; the next read
+// fetches them again. A chunk being fetched is not affected. Only layers
+// whose files are compressed chunks (eStargz) call it, never for a range
+// handed out by FileOf.
+func (h *Blob) Invalidate(off, n int64) {
+	b := h.b
+	lo, hi, ok := b.chunkRange(off, n)
+	if !ok {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i := lo; i <= hi; i++ {
+		b.dropLocked(i)
+	}
+}
+
+// ensure makes chunks [lo, hi] present (and, with verify, checked) using
+// fetch for what nobody is fetching yet. It starts at most one fetch at a
+// time, so chunks it will get to later stay available to other callers
+// (an on-demand reader is not stuck behind a long background Fetch).
+// waited reports whether any fetch was run or waited for.
+func (b *blob) ensure(ctx context.Context, fetch FetchFunc, lo, hi int, verify bool) (waited bool, err error) {
+	for {
+		progress := false
+		var waits []*flight
+		for c := lo; c <= hi; {
+			b.mu.Lock()
+			if b.closed {
+				b.mu.Unlock()
+				return waited, ErrClosed
+			}
+			// In strict mode only whole verification makes chunks servable.
+			var check int
+			var run *flight
+			c, check, run = b.nextLocked(c, hi, verify && !b.strict, &waits)
+			b.mu.Unlock()
+			if check >= 0 {
+				progress = true
+				if err := b.verifyChunk(check); err != nil {
+					return waited, err
+				}
+			}
+			if run != nil {
+				progress, waited = true, true
+				if err := b.run(ctx, fetch, run); err != nil {
+					return waited, err
+				}
+			}
+		}
+		if len(waits) > 0 {
+			progress, waited = true, true
+			if err := waitFlights(ctx, waits); err != nil {
+				return waited, err
+			}
+		}
+		if !progress {
+			return waited, nil
+		}
+	}
+}
+
+// nextLocked scans chunks from c to hi for the next this caller works on:
+// a chunk to check (with checking), or a run of missing chunks nobody
+// fetches, which it claims; check is -1 and run nil if there is none.
+// Fetches of others it passes are added to waits. It returns where the
+// scan is to go on. Callers hold b.mu.
+func (b *blob) nextLocked(c, hi int, checking bool, waits *[]*flight) (next, check int, run *flight) {
+	for ; c <= hi; c++ {
+		switch {
+		case !b.present.get(c):
+			fl := b.inflight[c]
+			if fl == nil {
+				run = b.startFlightLocked(c, hi)
+				return run.last + 1, -1, run
+			}
+			if n := len(*waits); n == 0 || (*waits)[n-1] != fl {
+				*waits = append(*waits, fl)
+			}
+		case checking && !b.verified.get(c):
+			return c + 1, c, nil
+		}
+	}
+	return c, -1, nil
+}
+
+// startFlightLocked claims the run of missing chunks from first on that
+// nobody fetches, up to hi and the most one fetch may cover. Callers hold
+// b.mu.
+func (b *blob) startFlightLocked(first, hi int) *flight {
+	fl := &flight{first: first, done: make(chan struct{})}
+	c := first
+	for c <= hi && c-first < b.s.maxRun && !b.present.get(c) && b.inflight[c] == nil {
+		b.inflight[c] = fl
+		c++
+	}
+	fl.last = c - 1
+	return fl
+}
+
+// waitFlights waits for fetches other callers run. A fetch that ended
+// with its caller's context is no error of this caller's: the chunks are
+// missing still, and the next pass of ensure fetches them.
+func waitFlights(ctx context.Context, waits []*flight) error {
+	for _, fl := range waits {
+		if testHookWait != nil {
+			testHookWait()
+		}
+		select {
+		case <-fl.done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if fl.err != nil && !(isContextErr(fl.err) && ctx.Err() == nil) {
+			return fl.err
+		}
+	}
+	return nil
+}
+
+func isContextErr(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// run performs one fetch and publishes its chunks.
+func (b *blob) run(ctx context.Context, fetch FetchFunc, fl *flight) error {
+	off := int64(fl.first) * b.chunk
+	end := min(b.size, int64(fl.last+1)*b.chunk)
+	bufp := b.s.getBuf()
+	defer b.s.putBuf(bufp)
+	buf := (*bufp)[:end-off]
+	var sums []uint32
+	err := fetch(ctx, buf, off)
+	if err != nil {
+		err = fmt.Errorf("cache: fetch %s [%d, %d): %w", b.key, off, end, err)
+	} else if _, werr := b.st.WriteAt(buf, off); werr != nil {
+		err = fmt.Errorf("cache: store %s [%d, %d): %w", b.key, off, end, werr)
+	} else {
+		sums = make([]uint32, 0, fl.last-fl.first+1)
+		for i := fl.first; i <= fl.last; i++ {
+			s := int64(i)*b.chunk - off
+			sums = append(sums, checksum(buf[s:s+b.chunkLen(i)]))
+		}
+	}
+	b.mu.Lock()
+	err = b.landLocked(fl, sums, err)
+	full := b.cached == b.size
+	b.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if full {
+		b.kickVerify()
+	}
+	b.s.evict()
+	return nil
+}
+
+// landLocked ends flight fl: with err nil, its chunks, whose checksums are
+// sums, are stored and become present (and servable, unless in strict
+// mode). Callers hold b.mu.
+func (b *blob) landLocked(fl *flight, sums []uint32, err error) error {
+	for i := fl.first; i <= fl.last; i++ {
+		delete(b.inflight, i)
+	}
+	if b.closed {
+		err = ErrClosed
+	}
+	if err == nil {
+		recs := make([]byte, 0, recordSize*len(sums))
+		var n int64
+		for k, sum := range sums {
+			i := fl.first + k
+			b.sums[i] = sum
+			b.present.set(i)
+			if !b.strict {
+				b.verified.set(i)
+			}
+			recs = appendRecord(recs, uint64(i), sum)
+			n += b.chunkLen(i)
+		}
+		b.cached += n
+		b.s.usage.Add(n)
+		b.queue(recs)
+	}
+	fl.err = err
+	close(fl.done)
+	return err
+}
+
+// dropLocked forgets chunk i, on disk too. Callers hold b.mu.
+func (b *blob) dropLocked(i int) {
+	if b.closed || !b.present.get(i) {
+		return
+	}
+	b.pin.Lock()
+	b.present.clear(i)
+	b.verified.clear(i)
+	if b.strict {
+		// Nothing is served until the whole content is verified again.
+		b.verified.clearAll()
+	}
+	b.punch(i)
+	b.pin.Unlock()
+	b.drops++
+	n := b.chunkLen(i)
+	b.cached -= n
+	b.s.usage.Add(-n)
+	b.complete = false
+	b.queue(appendRecord(nil, recDrop|uint64(i), 0))
+}
