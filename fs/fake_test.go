@@ -20,12 +20,12 @@ import (
 type fakeLayer struct {
 	entries map[string]*layer.Entry
 	content map[uint64][]byte // by Ino, so hard links share it
-	// readErr, keyed by entry name, is returned by ReadAt for that file.
-	readErr map[string]error
 	nextIno uint64
 
 	mu    sync.Mutex
 	reads []readRecord // every ReadAt, for tests that look at the read path
+	// readErr, keyed by entry name, is returned by ReadAt for that file.
+	readErr map[string]error
 }
 
 type readRecord struct {
@@ -64,6 +64,13 @@ func (f *fakeLayer) add(e *layer.Entry, content []byte) *layer.Entry {
 	}
 	f.entries[e.Name] = e
 	return e
+}
+
+// failReads makes every later read of name fail with err.
+func (f *fakeLayer) failReads(name string, err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.readErr[name] = err
 }
 
 func (f *fakeLayer) dir(name string) *layer.Entry {
@@ -125,8 +132,9 @@ func (f *fakeLayer) ReadDir(ctx context.Context, dir string) ([]*layer.Entry, er
 func (f *fakeLayer) ReadAt(ctx context.Context, e *layer.Entry, p []byte, off int64) (int, error) {
 	f.mu.Lock()
 	f.reads = append(f.reads, readRecord{e.Name, off, len(p)})
+	err := f.readErr[e.Name]
 	f.mu.Unlock()
-	if err := f.readErr[e.Name]; err != nil {
+	if err != nil {
 		return 0, err
 	}
 	c, ok := f.content[e.Ino]

@@ -75,6 +75,7 @@ func WithPassthrough(fn func(e *layer.Entry) (*os.File, bool)) Option {
 // Mount is a layer served by Serve.
 type Mount struct {
 	server     *fuse.Server
+	root       *node
 	mountpoint string
 	// dev is the mount's st_dev, taken while it was reachable.
 	dev uint64
@@ -145,7 +146,7 @@ func Serve(ctx context.Context, l *layer.Opened, mountpoint string, opts ...Opti
 	if err != nil {
 		return nil, fmt.Errorf("mount layer %s at %s: %w", opt.name, mountpoint, err)
 	}
-	m := &Mount{server: server, mountpoint: mountpoint, log: log, done: make(chan struct{})}
+	m := &Mount{server: server, root: root, mountpoint: mountpoint, log: log, done: make(chan struct{})}
 	go func() {
 		server.Wait()
 		close(m.done)
@@ -172,6 +173,22 @@ func (m *Mount) raiseReadAhead() {
 	if err := os.WriteFile(p, []byte(bdiReadAheadKB), 0); err != nil {
 		m.log.Debug("cannot raise read-ahead", "path", p, "err", err)
 	}
+}
+
+// Invalidate has the kernel drop what it cached of the layer: the pages
+// of every file and the names under every directory it has looked up.
+// After a layer's content is found wrong, the next access of any of it
+// comes to this process again (and gets the error the layer gives now).
+func (m *Mount) Invalidate() {
+	invalidate(&m.root.Inode)
+}
+
+func invalidate(n *gofs.Inode) {
+	for name, child := range n.Children() {
+		invalidate(child)
+		n.NotifyEntry(name)
+	}
+	n.NotifyContent(0, 0) // 0 bytes from 0: the whole file
 }
 
 // Mountpoint is the directory the layer is mounted at.

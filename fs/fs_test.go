@@ -837,3 +837,24 @@ func ttfrSeries(t *testing.T, mp string) bool {
 	}
 	return false
 }
+
+// TestInvalidate: once a layer's content is found wrong, Invalidate drops
+// what the kernel cached of it, so the next read gets the layer's error
+// instead of the cached bytes.
+func TestInvalidate(t *testing.T) {
+	l := newFakeLayer()
+	l.file("f", []byte("cached bytes"))
+	m := mountFake(t, l)
+	p := filepath.Join(m.Mountpoint(), "f")
+	if b, err := os.ReadFile(p); err != nil || string(b) != "cached bytes" {
+		t.Fatalf("first read = %q, %v", b, err)
+	}
+	l.failReads("f", errors.New("content did not match its digest"))
+	if b, err := os.ReadFile(p); err != nil || string(b) != "cached bytes" {
+		t.Fatalf("before Invalidate the kernel's cached pages serve the read: got %q, %v", b, err)
+	}
+	m.Invalidate()
+	if b, err := os.ReadFile(p); err == nil {
+		t.Fatalf("after Invalidate a read of a failed file = %q, want an error", b)
+	}
+}
