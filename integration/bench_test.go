@@ -1,5 +1,9 @@
 package integration
 
+// This file is long because BenchmarkModelPull runs every path (raw GET,
+// full pull, lazy cold, warm, shared) in one function, one after another on
+// one stack, so that their ratios are measured side by side.
+
 import (
 	"bytes"
 	"context"

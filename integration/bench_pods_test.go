@@ -1,0 +1,159 @@
+package integration
+
+// The benchmark's reader pods, run through the CRI as kubelet would.
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	criapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// readerPod is a pod whose container reads the model from an image
+// volume and exits, with the times of each CRI step.
+type readerPod struct {
+	pod
+	sandboxStart, sandboxReady, created, started time.Time
+	trace                                        readTrace
+}
+
+// runReaderPod runs a pod (host network) in namespace ns whose container,
+// the tools image, mounts modelRef read-only at /models-volume and runs
+// "tool read" on files (paths in that volume), and waits for it to exit.
+// The pod is removed in tb.Cleanup (callers may remove it earlier). It
+// returns errors rather than failing, so that pods can run in parallel.
+func runReaderPod(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, toolsRef, ns, name, modelRef string, files []string) (readerPod, error) {
+	return runReaderPodPulling(tb, ctx, rt, logDir, toolsRef, ns, name, modelRef, files, nil)
+}
+
+// runReaderPodPulling is runReaderPod with pull, if not nil, called between
+// RunPodSandbox and CreateContainer: kubelet's order, which pulls a pod's
+// image volumes after creating its sandbox.
+func runReaderPodPulling(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, toolsRef, ns, name, modelRef string, files []string, pull func() error) (readerPod, error) {
+	rp := readerPod{sandboxStart: time.Now()}
+	cfg, id, err := runSandbox(tb, ctx, rt, logDir, ns, name)
+	if err != nil {
+		return rp, err
+	}
+	rp.sandboxReady = time.Now()
+	rp.sandbox = id
+	if pull != nil {
+		if err := pull(); err != nil {
+			return rp, err
+		}
+	}
+	cc, err := rt.CreateContainer(ctx, readerContainer(id, cfg, toolsRef, modelRef, append([]string{"/tool", "read"}, files...)))
+	if err != nil {
+		return rp, fmt.Errorf("CreateContainer %s/%s with image volume %s: %w", ns, name, modelRef, err)
+	}
+	rp.created = time.Now()
+	rp.container = cc.ContainerId
+	if _, err := rt.StartContainer(ctx, &criapi.StartContainerRequest{ContainerId: cc.ContainerId}); err != nil {
+		return rp, fmt.Errorf("StartContainer %s/%s: %w", ns, name, err)
+	}
+	rp.started = time.Now()
+	exit, err := waitContainerExit(ctx, rt, cc.ContainerId)
+	if err != nil {
+		return rp, err
+	}
+	logPath := filepath.Join(cfg.LogDirectory, "reader.log")
+	if exit != 0 {
+		lines, _ := criLogLines(logPath)
+		return rp, fmt.Errorf("reader in %s/%s exited %d:\n%s", ns, name, exit, strings.Join(lines, "\n"))
+	}
+	// containerd may write the last lines just after it reports the exit.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		lines, err := criLogLines(logPath)
+		if err == nil {
+			if rp.trace, err = parseToolOutput(lines); err == nil {
+				return rp, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return rp, fmt.Errorf("reader log of %s/%s: %w", ns, name, err)
+		}
+		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
+			return rp, err
+		}
+	}
+}
+
+// runSandbox runs a pod sandbox (host network) in namespace ns, removed
+// in tb.Cleanup, and returns its config and id.
+func runSandbox(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, ns, name string) (*criapi.PodSandboxConfig, string, error) {
+	cfg := &criapi.PodSandboxConfig{
+		Metadata:     &criapi.PodSandboxMetadata{Name: name, Namespace: ns, Uid: ns + "-" + name},
+		LogDirectory: filepath.Join(logDir, ns, name),
+		Linux: &criapi.LinuxPodSandboxConfig{SecurityContext: &criapi.LinuxSandboxSecurityContext{
+			NamespaceOptions: &criapi.NamespaceOption{Network: criapi.NamespaceMode_NODE},
+		}},
+	}
+	if err := os.MkdirAll(cfg.LogDirectory, 0o755); err != nil {
+		return nil, "", err
+	}
+	sb, err := rt.RunPodSandbox(ctx, &criapi.RunPodSandboxRequest{Config: cfg})
+	if err != nil {
+		return nil, "", fmt.Errorf("RunPodSandbox %s/%s: %w", ns, name, err)
+	}
+	tb.Cleanup(func() { removePod(tb, rt, pod{sandbox: sb.PodSandboxId}) })
+	return cfg, sb.PodSandboxId, nil
+}
+
+// waitContainerExit polls the container's status until it has exited
+// (CRI has no event for it that a client can wait on here) and returns its
+// exit code.
+func waitContainerExit(ctx context.Context, rt criapi.RuntimeServiceClient, id string) (int32, error) {
+	for {
+		st, err := rt.ContainerStatus(ctx, &criapi.ContainerStatusRequest{ContainerId: id})
+		if err != nil {
+			return 0, fmt.Errorf("ContainerStatus %s: %w", id, err)
+		}
+		if st.Status.State == criapi.ContainerState_CONTAINER_EXITED {
+			return st.Status.ExitCode, nil
+		}
+		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
+			return 0, fmt.Errorf("waiting for container %s: %w", id, err)
+		}
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}
+
+// criLogLines returns the stdout lines of a CRI container log
+// ("TIMESTAMP STREAM P|F MESSAGE", partial lines joined).
+func criLogLines(path string) ([]string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var lines []string
+	var partial strings.Builder
+	for l := range strings.SplitSeq(string(b), "\n") {
+		f := strings.SplitN(l, " ", 4)
+		if len(f) < 3 || f[1] != "stdout" {
+			continue
+		}
+		msg := ""
+		if len(f) == 4 {
+			msg = f[3]
+		}
+		partial.WriteString(msg)
+		if f[2] == "F" {
+			lines = append(lines, partial.String())
+			partial.Reset()
+		}
+	}
+	return lines, nil
+}

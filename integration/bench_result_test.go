@@ -1,0 +1,170 @@
+package integration
+
+// What one benchmark run measured, and against which targets.
+
+import (
+	"math"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// benchMachine describes where the benchmark ran.
+type benchMachine struct {
+	CPUs      int    `json:"cpus"`
+	CPUModel  string `json:"cpu_model"`
+	MemBytes  int64  `json:"mem_bytes"`
+	Kernel    string `json:"kernel"`
+	OS        string `json:"os"`
+	GoVersion string `json:"go"`
+}
+
+func machineInfo() benchMachine {
+	m := benchMachine{CPUs: runtime.NumCPU(), GoVersion: runtime.Version()}
+	var u unix.Utsname
+	if unix.Uname(&u) == nil {
+		m.Kernel = unix.ByteSliceToString(u.Release[:])
+	}
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		for l := range strings.SplitSeq(string(b), "\n") {
+			if rest, ok := strings.CutPrefix(l, "MemTotal:"); ok {
+				kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+				m.MemBytes = kb << 10
+			}
+		}
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for l := range strings.SplitSeq(string(b), "\n") {
+			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPUModel = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	if b, err := os.ReadFile("/etc/os-release"); err == nil {
+		for l := range strings.SplitSeq(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "PRETTY_NAME="); ok {
+				m.OS = strings.Trim(v, `"`)
+			}
+		}
+	}
+	return m
+}
+
+// benchPath is the result of reading the model one way.
+type benchPath struct {
+	Key  string `json:"key"`
+	Name string `json:"name"`
+	// Note says what the clock starts at and what was cached.
+	Note string `json:"note"`
+	// Steps are times of the steps before the read (pull, sandbox, …),
+	// in seconds from the path's start.
+	Steps map[string]float64 `json:"steps_s,omitempty"`
+	// FirstMiB, Headers and LastByte are seconds from the path's start to
+	// the first MiB of the first weights file, every header and small file,
+	// and the last byte of the weights.
+	FirstMiB float64 `json:"first_mib_s"`
+	Headers  float64 `json:"headers_s,omitempty"`
+	LastByte float64 `json:"last_byte_s"`
+	Bytes    int64   `json:"bytes"`
+	// ReadMBps is Bytes over the read itself (from the reader's start to
+	// its last byte), in MB/s.
+	ReadMBps float64 `json:"read_MBps"`
+	// EndToEndMBps is Bytes over LastByte, in MB/s.
+	EndToEndMBps float64      `json:"end_to_end_MBps"`
+	Series       []benchPoint `json:"series"`
+}
+
+// newBenchPath fills a benchPath from a trace whose clock starts at origin.
+func newBenchPath(key, name, note string, origin time.Time, tr readTrace) benchPath {
+	sec := func(t time.Time) float64 {
+		if t.IsZero() {
+			return 0
+		}
+		return round3(t.Sub(origin).Seconds())
+	}
+	return benchPath{
+		Key: key, Name: name, Note: note,
+		FirstMiB: sec(tr.first), Headers: sec(tr.headers), LastByte: sec(tr.done),
+		Bytes: tr.bytes, ReadMBps: math.Round(tr.readMBps()), Series: tr.series(origin),
+		EndToEndMBps: math.Round(float64(tr.bytes) / tr.done.Sub(origin).Seconds() / 1e6),
+	}
+}
+
+func round3(v float64) float64 { return math.Round(v*1000) / 1000 }
+
+// benchTarget is one of the issue's targets, measured, not asserted.
+type benchTarget struct {
+	Name  string  `json:"name"`
+	Want  string  `json:"want"`
+	Value float64 `json:"value"`
+	Limit float64 `json:"limit"`
+	Pass  bool    `json:"pass"`
+	Note  string  `json:"note,omitempty"`
+}
+
+// atMost and atLeast build a target for value against limit.
+func atMost(name, want string, value, limit float64, note string) benchTarget {
+	return benchTarget{Name: name, Want: want, Value: value, Limit: limit, Pass: value <= limit, Note: note}
+}
+
+func atLeast(name, want string, value, limit float64, note string) benchTarget {
+	return benchTarget{Name: name, Want: want, Value: value, Limit: limit, Pass: value >= limit, Note: note}
+}
+
+// benchResult is bench.json.
+type benchResult struct {
+	Time       string             `json:"time"`
+	Command    string             `json:"command"`
+	Machine    benchMachine       `json:"machine"`
+	Model      benchModelInfo     `json:"model"`
+	DropCaches string             `json:"drop_caches"`
+	Paths      []benchPath        `json:"paths"`
+	Shared     benchShared        `json:"shared"`
+	RSS        benchRSS           `json:"rss"`
+	Cache      benchCache         `json:"cache"`
+	Targets    []benchTarget      `json:"targets"`
+	Setup      map[string]float64 `json:"setup_s"`
+}
+
+type benchModelInfo struct {
+	WeightsBytes int64    `json:"weights_bytes"`
+	Shards       int      `json:"shards"`
+	Files        []string `json:"files"`
+	ImageBytes   int64    `json:"image_bytes"` // all layers
+	Layers       int      `json:"layers"`
+	Ref          string   `json:"ref"`
+}
+
+// benchShared is the many-pods case: pods in namespaces reading a model
+// through two tags (manifests that differ only in config.json).
+type benchShared struct {
+	Pods          int      `json:"pods"`
+	Namespaces    []string `json:"namespaces"`
+	Refs          []string `json:"refs"`
+	ModelBytes    int64    `json:"model_bytes"` // distinct layers of both tags
+	RegistryBytes int64    `json:"registry_bytes"`
+	Ratio         float64  `json:"ratio"`
+	PullS         float64  `json:"pull_s"`
+	FirstMiBMaxS  float64  `json:"first_mib_max_s"`
+	LastByteMaxS  float64  `json:"last_byte_max_s"`
+	AggregateMBps float64  `json:"aggregate_read_MBps"`
+}
+
+type benchRSS struct {
+	WeightsnapdBytes int64  `json:"weightsnapd_vmhwm_bytes"`
+	ManagerBytes     int64  `json:"fuse_manager_vmhwm_bytes"`
+	Note             string `json:"note,omitempty"`
+}
+
+type benchCache struct {
+	Dir            string  `json:"dir"`
+	AllocatedBytes int64   `json:"allocated_bytes"`
+	ApparentBytes  int64   `json:"apparent_bytes"`
+	DataBytes      int64   `json:"data_bytes"`
+	Ratio          float64 `json:"ratio"`
+}
