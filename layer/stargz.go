@@ -16,16 +16,14 @@ import (
 	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
-	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	digest "github.com/opencontainers/go-digest"
 )
 
 const (
-	// Bounds on what a TOC may ask of memory: eStargz chunks are 4 MiB by
-	// default and TOCs a few MiB even for large layers.
-	maxTOCSize        = 256 << 20
+	// Bounds on what one chunk of a TOC may ask of memory: eStargz
+	// chunks are 4 MiB by default.
 	maxChunkSize      = 64 << 20
 	maxCompressedSpan = 256 << 20
 	// recentChunks is how many decompressed, verified chunks a layer
@@ -41,10 +39,6 @@ var (
 	// chunks cannot be verified; such a blob is served as a stream.
 	errUnverifiable = fmt.Errorf("%w: TOC without chunk digests", ErrUnsupported)
 )
-
-func tocDecompressors() []estargz.Decompressor {
-	return []estargz.Decompressor{new(estargz.GzipDecompressor), new(estargz.LegacyGzipDecompressor), new(zstdchunked.Decompressor)}
-}
 
 // stargzLayer is an eStargz (or zstd:chunked) blob: the TOC at its end is
 // the index, file contents are read chunk by chunk, each decompressed and
@@ -97,66 +91,6 @@ func openStargz(ctx context.Context, d Descriptor, src Source, meta MetaStore) (
 	x.finish(nil)
 	saveIndex(ctx, meta, name, x)
 	return &stargzLayer{idx: x, src: src}, nil
-}
-
-// readTOC finds the footer at the end of src and reads the TOC it points
-// to.
-func readTOC(ctx context.Context, d Descriptor, src Source) (*estargz.JTOC, int64, error) {
-	size := src.Size()
-	decs := tocDecompressors()
-	var fsize int64
-	for _, dc := range decs {
-		if s := dc.FooterSize(); s <= size {
-			fsize = max(fsize, s)
-		}
-	}
-	if fsize == 0 {
-		return nil, 0, errNoTOC
-	}
-	footer := make([]byte, fsize)
-	if _, err := readFull(ctx, src.ReadAt, footer, size-fsize); err != nil {
-		return nil, 0, fmt.Errorf("reading footer: %w", err)
-	}
-	var errs []error
-	for _, dc := range decs {
-		fs := dc.FooterSize()
-		if fs > fsize {
-			continue
-		}
-		_, tocOff, tocSize, err := dc.ParseFooter(footer[fsize-fs:])
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if tocOff < 0 {
-			errs = append(errs, fmt.Errorf("%w: external TOC", ErrUnsupported))
-			continue
-		}
-		if tocSize <= 0 {
-			tocSize = size - tocOff - fs
-		}
-		if tocOff > size || tocSize <= 0 || tocSize > size-tocOff || tocSize > maxTOCSize {
-			return nil, 0, fmt.Errorf("%w: TOC at %d size %d in a %d byte blob", ErrCorrupt, tocOff, tocSize, size)
-		}
-		b := make([]byte, tocSize)
-		if _, err := readFull(ctx, src.ReadAt, b, tocOff); err != nil {
-			return nil, 0, fmt.Errorf("reading TOC: %w", err)
-		}
-		toc, tocDgst, err := dc.ParseTOC(bytes.NewReader(b))
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if want := d.Annotations[estargz.TOCJSONDigestAnnotation]; want != "" && want != tocDgst.String() {
-			return nil, 0, fmt.Errorf("%w: TOC digest %s, annotation says %s", ErrVerify, tocDgst, want)
-		}
-		return toc, tocOff, nil
-	}
-	if len(errs) == len(decs) {
-		// No decompressor recognised a footer.
-		return nil, 0, fmt.Errorf("%w: %v", errNoTOC, errors.Join(errs...))
-	}
-	return nil, 0, fmt.Errorf("%w: %v", ErrCorrupt, errors.Join(errs...))
 }
 
 // tocHeader is the tar header an eStargz TOC entry stands for.

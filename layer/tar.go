@@ -40,8 +40,9 @@ func readFull(ctx context.Context, readAt readAtFunc, p []byte, off int64) (int,
 type seekReader struct {
 	ctx    context.Context
 	readAt readAtFunc
-	size   int64 // -1 while unknown (a stream still being written)
+	size   int64 // the end; -1 while unknown (a stream still being written)
 	pos    int64
+	step   int64 // how much one read asks; headerReadSize if 0
 	buf    []byte
 	bufOff int64
 }
@@ -55,6 +56,9 @@ func (r *seekReader) Read(p []byte) (int, error) {
 	}
 	if r.pos < r.bufOff || r.pos >= r.bufOff+int64(len(r.buf)) {
 		n := int64(headerReadSize)
+		if r.step > 0 {
+			n = r.step
+		}
 		if r.size >= 0 {
 			n = min(n, r.size-r.pos)
 		}

@@ -1,0 +1,183 @@
+package layer
+
+// Tests that hostile input cannot make a layer spend unbounded memory or
+// disk: each builds the smallest input that would, and checks that it is
+// refused with an error naming the layer.
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"io"
+	"reflect"
+	"runtime"
+	"strings"
+	"testing"
+	"testing/iotest"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+)
+
+// tocFormats are the two ways a TOC is stored at the end of a blob.
+var tocFormats = []string{"estargz", "zstdchunked"}
+
+// withTOC returns an eStargz (or zstd:chunked) blob whose TOC is n bytes
+// of JSON written by writeJSON, the rest of the blob being a real one.
+func withTOC(t testing.TB, format string, n int64, writeJSON func(io.Writer)) []byte {
+	t.Helper()
+	tarb := buildTar(t, []tarFile{{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "f", Mode: 0o644}, data: []byte("x")}})
+	var opts []estargz.Option
+	var dc estargz.Decompressor = new(estargz.GzipDecompressor)
+	if format == "zstdchunked" {
+		opts = append(opts, estargz.WithCompression(zstdChunked{&zstdchunked.Compressor{CompressionLevel: zstd.SpeedFastest}, &zstdchunked.Decompressor{}}))
+		dc = new(zstdchunked.Decompressor)
+	}
+	blob, err := io.ReadAll(buildStargz(t, tarb, opts...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	footer := bytes.Clone(blob[len(blob)-int(dc.FooterSize()):])
+	_, tocOff, _, err := dc.ParseFooter(footer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var toc bytes.Buffer
+	if format == "zstdchunked" {
+		zw, err := zstd.NewWriter(&toc, zstd.WithEncoderLevel(zstd.SpeedFastest))
+		if err != nil {
+			t.Fatal(err)
+		}
+		writeJSON(zw)
+		if err := zw.Close(); err != nil {
+			t.Fatal(err)
+		}
+		// The TOC and the footer are zstd skippable frames; the footer
+		// gives the TOC's compressed and decompressed sizes.
+		binary.LittleEndian.PutUint64(footer[8:], uint64(toc.Len()))
+		binary.LittleEndian.PutUint64(footer[16:], uint64(n))
+		out := bytes.Clone(blob[:tocOff-8])
+		out = binary.LittleEndian.AppendUint32(append(out, blob[tocOff-8:tocOff-4]...), uint32(toc.Len()))
+		out = append(out, toc.Bytes()...)
+		out = append(out, blob[len(blob)-len(footer)-8:len(blob)-len(footer)]...)
+		return append(out, footer...)
+	}
+	gz, _ := gzip.NewWriterLevel(&toc, gzip.BestSpeed)
+	tw := tar.NewWriter(gz)
+	if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: estargz.TOCTarName, Size: n}); err != nil {
+		t.Fatal(err)
+	}
+	writeJSON(tw)
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := gz.Close(); err != nil {
+		t.Fatal(err)
+	}
+	out := append(bytes.Clone(blob[:tocOff]), toc.Bytes()...)
+	return append(out, footer...) // the footer holds only the TOC's offset
+}
+
+// paddedTOC writes a valid, empty TOC holding pad bytes of whitespace.
+func paddedTOC(pad int64) (int64, func(io.Writer)) {
+	head, tail := `{"version":1,"entries":[`, `]}`
+	return int64(len(head)) + pad + int64(len(tail)), func(w io.Writer) {
+		io.WriteString(w, head)
+		spaces := bytes.Repeat([]byte{' '}, 1<<20)
+		for left := pad; left > 0; left -= int64(len(spaces)) {
+			w.Write(spaces[:min(left, int64(len(spaces)))])
+		}
+		io.WriteString(w, tail)
+	}
+}
+
+func openGeneric(ctx context.Context, blob []byte) (Descriptor, error) {
+	d := Descriptor{Digest: sha(blob), Size: int64(len(blob)), MediaType: mtGeneric}
+	_, err := Open(ctx, d, &memSource{b: blob}, WithStreams(opener(blob), newMemStreams()))
+	return d, err
+}
+
+// wantRefused checks that err is ErrCorrupt naming layer d.
+func wantRefused(t *testing.T, d Descriptor, err error) {
+	t.Helper()
+	if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), d.Digest.String()) {
+		t.Fatalf("got %v, want ErrCorrupt naming layer %s", err, d.Digest)
+	}
+}
+
+// A TOC that decompresses to 256 MiB (of whitespace inside the JSON, which
+// compresses to almost nothing) is refused without holding it.
+func TestTOCBombRefused(t *testing.T) {
+	for _, format := range tocFormats {
+		t.Run(format, func(t *testing.T) {
+			n, write := paddedTOC(256 << 20)
+			blob := withTOC(t, format, n, write)
+			t.Logf("%d byte blob, TOC of %d bytes", len(blob), n)
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			d, err := openGeneric(testCtx(t), blob)
+			runtime.ReadMemStats(&after)
+			alloc := after.TotalAlloc - before.TotalAlloc
+			t.Logf("%v; allocated %d KiB", err, alloc>>10)
+			if alloc > 2*maxTOCJSON {
+				t.Errorf("allocated %d MiB reading the TOC, want at most %d MiB", alloc>>20, 2*maxTOCJSON>>20)
+			}
+			wantRefused(t, d, err)
+		})
+	}
+	// The same padding within the bound is only whitespace.
+	n, write := paddedTOC(1 << 20)
+	if _, err := openGeneric(testCtx(t), withTOC(t, "estargz", n, write)); err != nil {
+		t.Fatalf("a padded TOC within bounds: %v", err)
+	}
+}
+
+// A TOC of more entries than the bound is refused, even when each entry
+// is tiny.
+func TestTOCEntriesBounded(t *testing.T) {
+	entries := func(count int) (int64, func(io.Writer)) {
+		head, tail := `{"version":1,"entries":[null`, `]}`
+		return int64(len(head) + 5*(count-1) + len(tail)), func(w io.Writer) {
+			io.WriteString(w, head)
+			io.WriteString(w, strings.Repeat(",null", count-1))
+			io.WriteString(w, tail)
+		}
+	}
+	n, write := entries(maxTOCEntries + 1)
+	d, err := openGeneric(testCtx(t), withTOC(t, "estargz", n, write))
+	wantRefused(t, d, err)
+	n, write = entries(1000)
+	if _, err := openGeneric(testCtx(t), withTOC(t, "estargz", n, write)); err != nil {
+		t.Fatalf("a TOC of 1000 entries: %v", err)
+	}
+}
+
+// Squeezing whitespace changes nothing that JSON means.
+func TestSpaceSqueezer(t *testing.T) {
+	for _, in := range []string{
+		`{"name" :  "a  b\" \\  c\t" ,` + "\n\t\t" + `"n": [1, 2 ,3] }`,
+		`"\\" `,
+		`[1   2]`, // stays invalid
+		"  \t\n",
+	} {
+		out, err := io.ReadAll(&spaceSqueezer{r: iotest.OneByteReader(strings.NewReader(in))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var a, b any
+		errA, errB := json.Unmarshal([]byte(in), &a), json.Unmarshal(out, &b)
+		if (errA == nil) != (errB == nil) || !reflect.DeepEqual(a, b) {
+			t.Errorf("%q squeezed to %q: %v (%v), want %v (%v)", in, out, b, errB, a, errA)
+		}
+	}
+	out, _ := io.ReadAll(&spaceSqueezer{r: strings.NewReader("[" + strings.Repeat(" \n\t", 1000) + "]")})
+	if string(out) != "[ ]" {
+		t.Errorf("padding squeezed to %q", out)
+	}
+}
