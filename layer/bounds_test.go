@@ -8,13 +8,17 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
 	"reflect"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"testing/iotest"
 
@@ -22,6 +26,7 @@ import (
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
+	digest "github.com/opencontainers/go-digest"
 )
 
 // tocFormats are the two ways a TOC is stored at the end of a blob.
@@ -179,5 +184,126 @@ func TestSpaceSqueezer(t *testing.T) {
 	out, _ := io.ReadAll(&spaceSqueezer{r: strings.NewReader("[" + strings.Repeat(" \n\t", 1000) + "]")})
 	if string(out) != "[ ]" {
 		t.Errorf("padding squeezed to %q", out)
+	}
+}
+
+// deepTar is a tar of count files, each at the bottom of its own chain of
+// depth directories: ustar names of up to 256 bytes imply over a hundred
+// directories each.
+func deepTar(t testing.TB, count, depth int) []byte {
+	var files []tarFile
+	for i := range count {
+		name := fmt.Sprintf("%06d/", i) + strings.Repeat("a/", depth) + "f"
+		files = append(files, tarFile{hdr: tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644}})
+	}
+	return buildTar(t, files)
+}
+
+// A tar that makes the index hold more than maxEntries names is refused;
+// implied directories count.
+func TestIndexEntriesBounded(t *testing.T) {
+	const depth = 120
+	ctx := testCtx(t)
+	tarb := deepTar(t, maxEntries/(depth+2)+2, depth) // the bound is checked before each header
+	d := Descriptor{Digest: sha(tarb), Size: int64(len(tarb)), MediaType: mtTar}
+	_, err := Open(ctx, d, &memSource{b: tarb})
+	wantRefused(t, d, err)
+	tarb = deepTar(t, 10, depth)
+	if _, err := Open(ctx, Descriptor{Digest: sha(tarb), MediaType: mtTar}, &memSource{b: tarb}); err != nil {
+		t.Fatalf("a tar of 1,220 names: %v", err)
+	}
+}
+
+// pipeBlob returns an opener of the blob that gen writes, streamed through
+// a pipe so that it is never held, and the blob's digest.
+func pipeBlob(gen func(io.Writer)) (func(context.Context) (io.ReadCloser, error), digest.Digest) {
+	h := sha256.New()
+	gen(h)
+	open := func(context.Context) (io.ReadCloser, error) {
+		pr, pw := io.Pipe()
+		go func() {
+			gen(pw)
+			pw.Close()
+		}()
+		return pr, nil
+	}
+	return open, digest.NewDigest(digest.SHA256, h)
+}
+
+// PAX records bring at most maxIndexBytes into an index: 300 entries of a
+// 1000 KiB xattr each (each within archive/tar's bound of 1 MiB a header)
+// are refused.
+func TestIndexBytesBounded(t *testing.T) {
+	ctx := testCtx(t)
+	value := strings.Repeat("v", 1000<<10)
+	open, dgst := pipeBlob(func(w io.Writer) {
+		tw := tar.NewWriter(w)
+		for i := range 300 {
+			tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: fmt.Sprint(i), Mode: 0o644,
+				PAXRecords: map[string]string{"SCHILY.xattr.user.big": value}})
+		}
+		tw.Close()
+	})
+	d := Descriptor{Digest: dgst, MediaType: mtTar, DiffID: dgst}
+	op, err := Open(ctx, d, nil, WithStreams(open, newDiscardingStreams(1<<20)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer op.Close()
+	_, err = op.ReadDir(ctx, "")
+	wantRefused(t, d, err)
+}
+
+// A name or link target longer than PATH_MAX is refused, and implies no
+// directories.
+func TestLongNamesRefused(t *testing.T) {
+	long := strings.Repeat("n/", maxNameLen/2) + "f"
+	tarb := hostileTar(t,
+		tar.Header{Typeflag: tar.TypeReg, Name: "ok", Mode: 0o644},
+		tar.Header{Typeflag: tar.TypeReg, Name: long, Mode: 0o644},
+		tar.Header{Typeflag: tar.TypeSymlink, Name: "s", Linkname: long},
+	)
+	for _, f := range formats[:3] {
+		t.Run(f.name, func(t *testing.T) {
+			ctx := testCtx(t)
+			l := f.open(t, ctx, tarb)
+			ents, err := l.ReadDir(ctx, "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			var names []string
+			for _, e := range ents {
+				names = append(names, clip(e.Name))
+			}
+			if len(names) != 1 || names[0] != "ok" {
+				t.Errorf("root lists %q, want only ok", names)
+			}
+		})
+	}
+}
+
+// countHandler counts log records.
+type countHandler struct{ n *atomic.Int64 }
+
+func (h countHandler) Enabled(context.Context, slog.Level) bool  { return true }
+func (h countHandler) Handle(context.Context, slog.Record) error { h.n.Add(1); return nil }
+func (h countHandler) WithAttrs([]slog.Attr) slog.Handler        { return h }
+func (h countHandler) WithGroup(string) slog.Handler             { return h }
+
+// A layer of many refused entries logs a bounded number of warnings.
+func TestRefusalsLogBounded(t *testing.T) {
+	var hdrs []tar.Header
+	for i := range 1000 {
+		hdrs = append(hdrs, tar.Header{Typeflag: tar.TypeReg, Name: fmt.Sprintf("../%d", i)})
+	}
+	tarb := hostileTar(t, hdrs...)
+	var n atomic.Int64
+	defer slog.SetDefault(slog.Default())
+	slog.SetDefault(slog.New(countHandler{&n}))
+	if _, err := openTar(testCtx(t), Descriptor{Digest: sha(tarb)}, &memSource{b: tarb}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n.Load() > maxRefusalsLogged+1 {
+		t.Errorf("%d warnings for 1000 refused entries, want at most %d", n.Load(), maxRefusalsLogged+1)
 	}
 }

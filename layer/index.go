@@ -28,9 +28,12 @@ import (
 //     exist earlier in the layer or is a directory or a whiteout, an unknown
 //     entry type, uid/gid/device numbers outside uint32, and a
 //     non-directory at the root.
+//   - So is a name or link target longer than PATH_MAX (maxNameLen).
 //   - Structural problems are errors that fail the whole layer: a truncated
 //     or corrupt tar, a negative size or one past the end of the blob, a
-//     sparse file (its bytes are not a contiguous range).
+//     sparse file (its bytes are not a contiguous range), more than
+//     maxEntries names or maxIndexBytes of names, link targets and PAX
+//     records.
 //   - Missing parent directories are implied: mode 0755, owner 0:0, mtime
 //     the Unix epoch. A later header for the directory sets its attributes.
 //   - A later entry with the same name replaces the earlier one (tar
@@ -52,7 +55,27 @@ const (
 	rootIno        = 1
 	// indexVersion is part of the meta record name; bump it when the
 	// record or the index rules change so old records are ignored.
-	indexVersion = 1
+	indexVersion = 2
+
+	// maxEntries bounds the names of one layer's index (files, implied
+	// directories, hard links): each costs a few hundred bytes of memory,
+	// and no real layer has a million files.
+	maxEntries = 1 << 20
+	// maxIndexBytes bounds what the headers of one layer bring into its
+	// index besides the entries themselves: names, link targets and PAX
+	// records (xattrs), each of which archive/tar allows up to 1 MiB.
+	// Counted as headers arrive, replaced entries included.
+	maxIndexBytes = 256 << 20
+	// paxRecordCost is the memory of a map entry of a PAX record beyond
+	// its key and value, so that a million tiny xattrs count too.
+	paxRecordCost = 64
+	// maxNameLen is Linux's PATH_MAX: a longer name or link target could
+	// not be extracted to a disk either, and it bounds the directories
+	// that one name implies.
+	maxNameLen = 4096
+	// maxRefusalsLogged bounds the warnings about refused entries of one
+	// layer, which a hostile layer could otherwise emit by the million.
+	maxRefusalsLogged = 100
 )
 
 var epoch = time.Unix(0, 0).UTC()
@@ -79,6 +102,7 @@ type index struct {
 	// (eStargz).
 	chunks  map[uint64][]chunkRef
 	refused int
+	held    int64 // bytes counted against maxIndexBytes
 }
 
 // chunkRef is one chunk of a file in an eStargz blob.
@@ -139,7 +163,36 @@ func parentOf(name string) string {
 
 func (x *index) refuse(ctx context.Context, hdr *tar.Header, reason string) {
 	x.refused++
-	slog.WarnContext(ctx, "layer: refused tar entry", "layer", x.layer, "name", hdr.Name, "linkname", hdr.Linkname, "reason", reason)
+	switch {
+	case x.refused <= maxRefusalsLogged:
+		slog.WarnContext(ctx, "layer: refused tar entry", "layer", x.layer, "name", clip(hdr.Name), "linkname", clip(hdr.Linkname), "reason", reason)
+	case x.refused == maxRefusalsLogged+1:
+		slog.WarnContext(ctx, "layer: refusing more tar entries, no longer logged", "layer", x.layer)
+	}
+}
+
+// clip shortens a name for a log line: a tar name can be 1 MiB long.
+func clip(s string) string {
+	const n = 256
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
+
+// charge counts hdr against the bounds of the index.
+func (x *index) charge(hdr *tar.Header) error {
+	if len(x.byName) >= maxEntries {
+		return fmt.Errorf("%w: more than %d entries", ErrCorrupt, maxEntries)
+	}
+	x.held += int64(len(hdr.Name) + len(hdr.Linkname))
+	for k, v := range hdr.PAXRecords {
+		x.held += int64(len(k)+len(v)) + paxRecordCost
+	}
+	if x.held > maxIndexBytes {
+		return fmt.Errorf("%w: more than %d bytes of names, link targets and PAX records", ErrCorrupt, maxIndexBytes)
+	}
+	return nil
 }
 
 func isSparse(hdr *tar.Header) bool {
@@ -174,6 +227,9 @@ func (x *index) add(ctx context.Context, hdr *tar.Header, dataOff int64) (*Entry
 }
 
 func (x *index) addLocked(ctx context.Context, hdr *tar.Header, dataOff int64) (*Entry, error) {
+	if err := x.charge(hdr); err != nil {
+		return nil, err
+	}
 	if hdr.Size < 0 {
 		return nil, fmt.Errorf("%w: entry %q has negative size %d", ErrCorrupt, hdr.Name, hdr.Size)
 	}
@@ -200,6 +256,10 @@ func (x *index) addLocked(ctx context.Context, hdr *tar.Header, dataOff int64) (
 		return nil, nil // its records were applied by archive/tar
 	default:
 		x.refuse(ctx, hdr, fmt.Sprintf("unknown type %q", hdr.Typeflag))
+		return nil, nil
+	}
+	if len(hdr.Name) > maxNameLen || len(hdr.Linkname) > maxNameLen {
+		x.refuse(ctx, hdr, "name or link target longer than PATH_MAX")
 		return nil, nil
 	}
 	name, ok := cleanName(hdr.Name)
