@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"reflect"
 	"runtime"
@@ -305,5 +306,55 @@ func TestRefusalsLogBounded(t *testing.T) {
 	}
 	if n.Load() > maxRefusalsLogged+1 {
 		t.Errorf("%d warnings for 1000 refused entries, want at most %d", n.Load(), maxRefusalsLogged+1)
+	}
+}
+
+// linkTar is a tar of file f and n hard links to it, l0 to l<n-1>.
+func linkTar(t testing.TB, n int) []byte {
+	files := []tarFile{{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "f", Mode: 0o644}, data: []byte("x")}}
+	for i := range n {
+		files = append(files, tarFile{hdr: tar.Header{Typeflag: tar.TypeLink, Name: fmt.Sprint("l", i), Linkname: "f"}})
+	}
+	return buildTar(t, files)
+}
+
+// Indexing hard links costs memory in proportion to their number, not to
+// its square.
+func TestHardLinksLinear(t *testing.T) {
+	const n = 5000
+	ctx := testCtx(t)
+	tarb := linkTar(t, n)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	l, err := openTar(ctx, Descriptor{Digest: sha(tarb)}, &memSource{b: tarb}, nil)
+	runtime.ReadMemStats(&after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 64<<20 {
+		t.Errorf("indexing %d hard links allocated %d MiB", n, alloc>>20)
+	}
+	for _, name := range []string{"f", "l0", fmt.Sprint("l", n-1)} {
+		if e, err := l.Lookup(ctx, name); err != nil || e.Nlink != n+1 {
+			t.Errorf("%s: %+v, %v; want Nlink %d", name, e, err, n+1)
+		}
+	}
+}
+
+// An inode has at most maxLinks names; links beyond are refused.
+func TestHardLinksBounded(t *testing.T) {
+	ctx := testCtx(t)
+	tarb := linkTar(t, maxLinks)
+	l, err := openTar(ctx, Descriptor{Digest: sha(tarb)}, &memSource{b: tarb}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := fmt.Sprint("l", maxLinks-1)
+	if _, err := l.Lookup(ctx, last); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("link %s to an inode of %d names: %v, want refused", last, maxLinks, err)
+	}
+	if e, err := l.Lookup(ctx, "f"); err != nil || e.Nlink != maxLinks {
+		t.Errorf("f: %+v, %v; want Nlink %d", e, err, maxLinks)
 	}
 }

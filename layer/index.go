@@ -25,7 +25,8 @@ import (
 //     ("..") is refused. Refusing means the entry is skipped and a warning
 //     logged; the rest of the layer is served. So are: an entry whose
 //     parent is not a directory, a hard link whose target escapes, does not
-//     exist earlier in the layer or is a directory or a whiteout, an unknown
+//     exist earlier in the layer, is a directory or a whiteout or has
+//     maxLinks names already, an unknown
 //     entry type, uid/gid/device numbers outside uint32, and a
 //     non-directory at the root.
 //   - So is a name or link target longer than PATH_MAX (maxNameLen).
@@ -45,9 +46,11 @@ import (
 //     stable across remounts; a hard link shares its target's inode.
 //   - While a streamed layer is still being indexed, an entry is returned
 //     as soon as it has been seen: a later header for the same name (rare
-//     in a single layer) or a later hard link to it is not reflected in
-//     what was returned before; lookups after completion see the final
-//     entry. A directory listing always waits for completion.
+//     in a single layer) is not reflected in what was returned before;
+//     lookups after completion see the final entry. Nlink is set when the
+//     index is complete (setting it at each link would copy every name of
+//     the group: quadratic in the links of a hostile layer). A directory
+//     listing always waits for completion.
 
 const (
 	whiteoutPrefix = ".wh."
@@ -73,6 +76,9 @@ const (
 	// not be extracted to a disk either, and it bounds the directories
 	// that one name implies.
 	maxNameLen = 4096
+	// maxLinks is ext4's bound on the names of an inode: an extracting
+	// snapshotter could not create more either.
+	maxLinks = 65000
 	// maxRefusalsLogged bounds the warnings about refused entries of one
 	// layer, which a hostile layer could otherwise emit by the million.
 	maxRefusalsLogged = 100
@@ -100,9 +106,12 @@ type index struct {
 	data map[uint64]int64
 	// chunks is an inode's content as verified compressed chunks
 	// (eStargz).
-	chunks  map[uint64][]chunkRef
-	refused int
-	held    int64 // bytes counted against maxIndexBytes
+	chunks map[uint64][]chunkRef
+	// relinked holds the inodes whose names changed since their Nlink
+	// was set; finish sets it.
+	relinked map[uint64]struct{}
+	refused  int
+	held     int64 // bytes counted against maxIndexBytes
 }
 
 // chunkRef is one chunk of a file in an eStargz blob.
@@ -123,6 +132,7 @@ func newIndex(layer string) *index {
 		names:    map[uint64][]string{},
 		data:     map[uint64]int64{},
 		chunks:   map[uint64][]chunkRef{},
+		relinked: map[uint64]struct{}{},
 		nextIno:  rootIno + 1,
 	}
 	x.byName[""] = &Entry{Name: "", Type: TypeDir, Mode: 0o755, ModTime: epoch, Ino: rootIno, Nlink: 1}
@@ -354,6 +364,10 @@ func (x *index) addLocked(ctx context.Context, hdr *tar.Header, dataOff int64) (
 			x.refuse(ctx, hdr, "hard link to a directory or a whiteout")
 			return nil, nil
 		}
+		if len(x.names[t.Ino]) >= maxLinks {
+			x.refuse(ctx, hdr, fmt.Sprintf("target has %d names already", maxLinks))
+			return nil, nil
+		}
 		if !x.ensureDirs(ctx, hdr, parentOf(name)) {
 			return nil, nil
 		}
@@ -371,8 +385,9 @@ func (x *index) addLocked(ctx context.Context, hdr *tar.Header, dataOff int64) (
 		l := *t
 		l.Name = name
 		x.insert(&l)
-		x.setNlink(l.Ino)
-		return x.byName[name], nil
+		l.Nlink = uint32(len(x.names[l.Ino]))
+		x.relinked[l.Ino] = struct{}{}
+		return &l, nil
 	}
 
 	if !x.ensureDirs(ctx, hdr, parentOf(name)) {
@@ -446,7 +461,7 @@ func (x *index) remove(name string) {
 		delete(x.names, e.Ino)
 		return
 	}
-	x.setNlink(e.Ino)
+	x.relinked[e.Ino] = struct{}{}
 }
 
 // setNlink sets Nlink of every name of ino to their number, copying the
@@ -470,6 +485,10 @@ func (x *index) finish(err error) {
 	}
 	x.done, x.err = true, err
 	if err == nil {
+		for ino := range x.relinked {
+			x.setNlink(ino)
+		}
+		x.relinked = nil
 		x.dirs = make(map[string][]*Entry, len(x.children))
 		for d, cs := range x.children {
 			l := make([]*Entry, 0, len(cs))
