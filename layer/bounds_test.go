@@ -358,3 +358,108 @@ func TestHardLinksBounded(t *testing.T) {
 		t.Errorf("f: %+v, %v; want Nlink %d", e, err, maxLinks)
 	}
 }
+
+// zerosBomb is a compressed tar of one file of size zeros (a multiple of
+// 16 MiB), made of identical compressed members so that neither it nor the
+// tar is ever held; and the tar's digest.
+func zerosBomb(t testing.TB, kind string, size int64) ([]byte, digest.Digest) {
+	const member = 16 << 20
+	var hdr bytes.Buffer
+	tw := tar.NewWriter(&hdr)
+	if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "zeros", Mode: 0o644, Size: size}); err != nil {
+		t.Fatal(err)
+	}
+	end := make([]byte, 1024)
+	zeros := make([]byte, member)
+	blob := compress(t, kind, hdr.Bytes())
+	z := compress(t, kind, zeros)
+	h := sha256.New()
+	h.Write(hdr.Bytes())
+	for range size / member {
+		blob = append(blob, z...)
+		h.Write(zeros)
+	}
+	h.Write(end)
+	return append(blob, compress(t, kind, end)...), digest.NewDigest(digest.SHA256, h)
+}
+
+// A gzip or zstd bomb (1 GiB of zeros from a blob of 1 MiB or less) is
+// aborted once it passes the bound, and every reader gets the error.
+func TestStreamBombAborted(t *testing.T) {
+	for _, c := range []struct{ kind, mediaType string }{{"gzip", mtGzip}, {"zstd", mtZstd}} {
+		t.Run(c.kind, func(t *testing.T) {
+			ctx := testCtx(t)
+			blob, diffID := zerosBomb(t, c.kind, 1<<30)
+			d := Descriptor{Digest: sha(blob), Size: int64(len(blob)), MediaType: c.mediaType, DiffID: diffID}
+			streams := newDiscardingStreams(1 << 20)
+			op, err := Open(ctx, d, &memSource{b: blob}, WithStreams(opener(blob), streams))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer op.Close()
+			e, err := op.Lookup(ctx, "zeros")
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = op.ReadDir(ctx, "")
+			st := streams.m[diffID]
+			allowed := defaultExpansion.allowed(d.Size)
+			if st.Done() || st.err == nil || st.Written() > allowed {
+				t.Errorf("stream sealed %v, error %v, %d MiB written; want aborted within %d MiB", st.Done(), st.err, st.Written()>>20, allowed>>20)
+			}
+			t.Logf("%d byte blob, %d MiB streamed: %v", len(blob), st.Written()>>20, st.err)
+			wantRefused(t, d, err)
+			_, err = op.ReadAt(ctx, e, make([]byte, 4096), 512<<20)
+			wantRefused(t, d, err)
+			// Another opener of the aborted stream fails too.
+			op2, err := Open(ctx, d, &memSource{b: blob}, WithStreams(opener(blob), streams))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer op2.Close()
+			_, err = op2.ReadDir(ctx, "")
+			wantRefused(t, d, err)
+		})
+	}
+}
+
+// WithMaxExpansion sets both bounds; a blob longer than its descriptor
+// says is corrupt too.
+func TestWithMaxExpansion(t *testing.T) {
+	zeros := buildTar(t, []tarFile{{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "z", Mode: 0o644}, data: make([]byte, 32<<20)}})
+	random := buildTar(t, []tarFile{{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "r", Mode: 0o644}, data: randBytes(5, 2<<20)}})
+	cases := []struct {
+		name    string
+		tarb    []byte
+		opts    []Option
+		size    func(blob []byte) int64
+		refused bool
+	}{
+		{"32 MiB of zeros by default", zeros, nil, nil, true},
+		{"32 MiB of zeros at 10,000 times", zeros, []Option{WithMaxExpansion(10000, 0)}, nil, false},
+		{"2 MiB at most 1 MiB", random, []Option{WithMaxExpansion(0, 1<<20)}, nil, true},
+		{"2 MiB by default", random, nil, nil, false},
+		{"blob longer than said", random, nil, func(b []byte) int64 { return int64(len(b)) - 1 }, true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			ctx := testCtx(t)
+			blob := compress(t, "gzip", c.tarb)
+			d := Descriptor{Digest: sha(blob), Size: int64(len(blob)), MediaType: mtGzip, DiffID: sha(c.tarb)}
+			if c.size != nil {
+				d.Size = c.size(blob)
+			}
+			op, err := Open(ctx, d, nil, append(c.opts, WithStreams(opener(blob), newMemStreams()))...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer op.Close()
+			_, err = op.ReadDir(ctx, "")
+			if c.refused {
+				wantRefused(t, d, err)
+			} else if err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}

@@ -128,7 +128,7 @@ func TestHostileStructureErrors(t *testing.T) {
 			}
 			// Streamed, the same bytes fail the index too (they may even
 			// match their diff ID: the check is the tar's, not the digest's).
-			l, err := openStream(ctx, Descriptor{Digest: sha(b), DiffID: sha(b)}, opener(b), newMemStreams(), nil)
+			l, err := openStream(ctx, Descriptor{Digest: sha(b), DiffID: sha(b)}, opener(b), newMemStreams(), nil, defaultExpansion)
 			if err != nil {
 				t.Fatal(err)
 			}

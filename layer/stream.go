@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"sync"
 
 	"github.com/klauspost/compress/gzip"
@@ -26,11 +27,63 @@ const zstdMaxWindow = 128 << 20
 // decompressor into the stream.
 const pumpBufSize = 1 << 20
 
+const (
+	// DefaultMaxExpansion bounds how many times the size of its blob a
+	// streamed layer may decompress to, unless WithMaxExpansion says
+	// otherwise. Model weights barely compress (1.1 to 1.5 times), code
+	// and text 3 to 10 times; a gzip bomb inflates 1,000 times, zstd far
+	// more. A layer that compresses better (large files of zeros) needs
+	// WithMaxExpansion.
+	DefaultMaxExpansion = 100
+	// DefaultMaxStreamSize bounds a streamed layer's decompressed size
+	// whatever its ratio: 1 TiB holds the largest models shipped as one
+	// layer (a trillion 8-bit parameters), and more than a node caches.
+	DefaultMaxStreamSize = 1 << 40
+	// expansionFloor is what any streamed layer may decompress to
+	// whatever its ratio: a small tar compresses beyond any ratio, its
+	// headers and padding being mostly zeros.
+	expansionFloor = 16 << 20
+)
+
+// expansion bounds the decompressed size of a streamed layer.
+type expansion struct{ ratio, limit int64 }
+
+var defaultExpansion = expansion{DefaultMaxExpansion, DefaultMaxStreamSize}
+
+// allowed is how many bytes a blob of n bytes may decompress to.
+func (e expansion) allowed(n int64) int64 {
+	a := int64(math.MaxInt64)
+	if n <= a/e.ratio {
+		a = n * e.ratio
+	}
+	return min(max(a, expansionFloor), e.limit)
+}
+
+// bound wraps the blob rc, of declared size (0 if unknown), and returns
+// it with a function that wraps its decompressed stream. Reading more
+// than the declared size, or more decompressed bytes than allowed, fails
+// with ErrCorrupt. Without a declared size, the ratio applies to what
+// was read of the blob so far.
+func (e expansion) bound(rc io.Reader, declared int64) (io.Reader, func(io.Reader) io.Reader) {
+	blobMax := int64(math.MaxInt64)
+	if declared > 0 {
+		blobMax = declared
+	}
+	blob := &boundedReader{r: rc, max: func() int64 { return blobMax },
+		err: fmt.Errorf("%w: blob longer than the %d bytes of its descriptor", ErrCorrupt, declared)}
+	wrap := func(dec io.Reader) io.Reader {
+		return &boundedReader{r: dec, max: func() int64 { return e.allowed(max(declared, blob.n.Load())) },
+			err: fmt.Errorf("%w: decompresses to more than %d times its size or %d bytes", ErrCorrupt, e.ratio, e.limit)}
+	}
+	return blob, wrap
+}
+
 // streamLayer is a compressed tar without an index: one background
 // goroutine streams it once into a Stream, indexing headers as they pass.
 type streamLayer struct {
 	idx       *index
 	st        Stream
+	exp       expansion
 	cancel    context.CancelFunc
 	done      chan struct{}
 	closeOnce sync.Once
@@ -48,8 +101,9 @@ type streamLayer struct {
 // reported to every waiter.
 //
 // Bytes read before the stream completes are not yet covered by the diff
-// ID check, which happens at Seal.
-func openStream(ctx context.Context, d Descriptor, open func(ctx context.Context) (io.ReadCloser, error), streams StreamStore, meta MetaStore) (Layer, error) {
+// ID check, which happens at Seal. A blob that decompresses past what exp
+// allows is aborted as corrupt.
+func openStream(ctx context.Context, d Descriptor, open func(ctx context.Context) (io.ReadCloser, error), streams StreamStore, meta MetaStore, exp expansion) (Layer, error) {
 	if err := d.DiffID.Validate(); err != nil {
 		return nil, fmt.Errorf("stream layer %s: diff ID: %w", d.Digest, err)
 	}
@@ -60,7 +114,7 @@ func openStream(ctx context.Context, d Descriptor, open func(ctx context.Context
 	name := tarIndexName(d.DiffID.String())
 	x := loadIndex(ctx, meta, name, d.Digest.String())
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	l := &streamLayer{idx: x, st: st, cancel: cancel, done: make(chan struct{})}
+	l := &streamLayer{idx: x, st: st, exp: exp, cancel: cancel, done: make(chan struct{})}
 	build := x == nil
 	if build {
 		l.idx = newIndex(d.Digest.String())
@@ -86,7 +140,7 @@ func openStream(ctx context.Context, d Descriptor, open func(ctx context.Context
 // write streams the blob into the Stream, as the Stream's writer.
 func (l *streamLayer) write(ctx context.Context, d Descriptor, open func(context.Context) (io.ReadCloser, error), build bool, meta MetaStore, name string) {
 	defer close(l.done)
-	err := l.pump(ctx, open, build)
+	err := l.pump(ctx, d.Size, open, build)
 	if err == nil {
 		if err = l.st.Seal(); err != nil {
 			err = fmt.Errorf("%w: stream layer %s: sealing %s: %w", ErrVerify, d.Digest, d.DiffID, err)
@@ -104,13 +158,15 @@ func (l *streamLayer) write(ctx context.Context, d Descriptor, open func(context
 	}
 }
 
-func (l *streamLayer) pump(ctx context.Context, open func(context.Context) (io.ReadCloser, error), build bool) error {
+// pump streams the blob, of declared size (0 if unknown), into the Stream.
+func (l *streamLayer) pump(ctx context.Context, declared int64, open func(context.Context) (io.ReadCloser, error), build bool) error {
 	rc, err := open(ctx)
 	if err != nil {
 		return fmt.Errorf("opening blob: %w", err)
 	}
 	defer rc.Close()
-	br := bufio.NewReaderSize(rc, 64<<10)
+	blob, bound := l.exp.bound(rc, declared)
+	br := bufio.NewReaderSize(blob, 64<<10)
 	magic, _ := br.Peek(4)
 	var dec io.Reader = br
 	switch {
@@ -129,7 +185,7 @@ func (l *streamLayer) pump(ctx context.Context, open func(context.Context) (io.R
 		defer zd.Close()
 		dec = zd
 	}
-	p := &pumpReader{ctx: ctx, r: dec, w: l.st, buf: make([]byte, pumpBufSize)}
+	p := &pumpReader{ctx: ctx, r: bound(dec), w: l.st, buf: make([]byte, pumpBufSize)}
 	if build {
 		if err := walkTar(ctx, p, -1, l.idx); err != nil {
 			return err
@@ -177,7 +233,7 @@ func (p *pumpReader) Read(b []byte) (int, error) {
 		}
 		p.pos += int64(n)
 	}
-	if err != nil && err != io.EOF {
+	if err != nil && err != io.EOF && !errors.Is(err, ErrCorrupt) {
 		err = fmt.Errorf("%w: decompressing at %d: %v", ErrCorrupt, p.pos, err)
 	}
 	return n, err

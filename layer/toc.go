@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"sync/atomic"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
@@ -249,16 +250,17 @@ func expectDelim(dec *json.Decoder, want json.Delim) error {
 // out of it, then fails with err: the reader learns that its input is too
 // large before it holds that input.
 type boundedReader struct {
-	r   io.Reader
-	n   int64 // bytes read so far
+	r io.Reader
+	// n is the number of bytes read so far; another bound reads it, from
+	// the goroutine of a decoder reading ahead.
+	n   atomic.Int64
 	max func() int64
 	err error
 }
 
 func (b *boundedReader) Read(p []byte) (int, error) {
 	n, err := b.r.Read(p)
-	b.n += int64(n)
-	if b.n > b.max() {
+	if b.n.Add(int64(n)) > b.max() {
 		return 0, b.err
 	}
 	return n, err
