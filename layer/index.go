@@ -4,14 +4,12 @@ import (
 	"archive/tar"
 	"context"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"math"
 	"path"
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/weightsnap/weightsnap/internal/wake"
@@ -59,29 +57,6 @@ const (
 	// indexVersion is part of the meta record name; bump it when the
 	// record or the index rules change so old records are ignored.
 	indexVersion = 2
-
-	// maxEntries bounds the names of one layer's index (files, implied
-	// directories, hard links): each costs a few hundred bytes of memory,
-	// and no real layer has a million files.
-	maxEntries = 1 << 20
-	// maxIndexBytes bounds what the headers of one layer bring into its
-	// index besides the entries themselves: names, link targets and PAX
-	// records (xattrs), each of which archive/tar allows up to 1 MiB.
-	// Counted as headers arrive, replaced entries included.
-	maxIndexBytes = 256 << 20
-	// paxRecordCost is the memory of a map entry of a PAX record beyond
-	// its key and value, so that a million tiny xattrs count too.
-	paxRecordCost = 64
-	// maxNameLen is Linux's PATH_MAX: a longer name or link target could
-	// not be extracted to a disk either, and it bounds the directories
-	// that one name implies.
-	maxNameLen = 4096
-	// maxLinks is ext4's bound on the names of an inode: an extracting
-	// snapshotter could not create more either.
-	maxLinks = 65000
-	// maxRefusalsLogged bounds the warnings about refused entries of one
-	// layer, which a hostile layer could otherwise emit by the million.
-	maxRefusalsLogged = 100
 )
 
 var epoch = time.Unix(0, 0).UTC()
@@ -179,30 +154,6 @@ func (x *index) refuse(ctx context.Context, hdr *tar.Header, reason string) {
 	case x.refused == maxRefusalsLogged+1:
 		slog.WarnContext(ctx, "layer: refusing more tar entries, no longer logged", "layer", x.layer)
 	}
-}
-
-// clip shortens a name for a log line: a tar name can be 1 MiB long.
-func clip(s string) string {
-	const n = 256
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "…"
-}
-
-// charge counts hdr against the bounds of the index.
-func (x *index) charge(hdr *tar.Header) error {
-	if len(x.byName) >= maxEntries {
-		return fmt.Errorf("%w: more than %d entries", ErrCorrupt, maxEntries)
-	}
-	x.held += int64(len(hdr.Name) + len(hdr.Linkname))
-	for k, v := range hdr.PAXRecords {
-		x.held += int64(len(k)+len(v)) + paxRecordCost
-	}
-	if x.held > maxIndexBytes {
-		return fmt.Errorf("%w: more than %d bytes of names, link targets and PAX records", ErrCorrupt, maxIndexBytes)
-	}
-	return nil
 }
 
 func isSparse(hdr *tar.Header) bool {
@@ -501,112 +452,4 @@ func (x *index) finish(err error) {
 		x.children = nil
 	}
 	x.changed.Broadcast()
-}
-
-func (x *index) failed() error {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	return x.err
-}
-
-// lookup returns the entry at name, waiting for it while the index is
-// being built.
-func (x *index) lookup(ctx context.Context, name string) (*Entry, error) {
-	clean, ok := cleanName(name)
-	if !ok {
-		return nil, &fs.PathError{Op: "lookup", Path: name, Err: fs.ErrNotExist}
-	}
-	for {
-		x.mu.Lock()
-		if e := x.byName[clean]; e != nil {
-			x.mu.Unlock()
-			return e, nil
-		}
-		if x.done {
-			err := x.err
-			x.mu.Unlock()
-			if err != nil {
-				return nil, fmt.Errorf("lookup %q: %w", name, err)
-			}
-			return nil, &fs.PathError{Op: "lookup", Path: name, Err: fs.ErrNotExist}
-		}
-		if err := x.awaitChangeLocked(ctx); err != nil {
-			return nil, fmt.Errorf("lookup %q: %w", name, err)
-		}
-	}
-}
-
-// awaitChangeLocked releases x.mu, which the caller holds, and waits until
-// the index changes or ctx ends.
-func (x *index) awaitChangeLocked(ctx context.Context) error {
-	ch := x.changed.C()
-	x.mu.Unlock()
-	select {
-	case <-ch:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-// readDir lists dir once the index is complete.
-func (x *index) readDir(ctx context.Context, dir string) ([]*Entry, error) {
-	clean, ok := cleanName(dir)
-	if !ok {
-		return nil, &fs.PathError{Op: "readdir", Path: dir, Err: fs.ErrNotExist}
-	}
-	for {
-		x.mu.Lock()
-		if x.done {
-			defer x.mu.Unlock()
-			if x.err != nil {
-				return nil, fmt.Errorf("readdir %q: %w", dir, x.err)
-			}
-			e := x.byName[clean]
-			if e == nil {
-				return nil, &fs.PathError{Op: "readdir", Path: dir, Err: fs.ErrNotExist}
-			}
-			if e.Type != TypeDir {
-				return nil, &fs.PathError{Op: "readdir", Path: dir, Err: syscall.ENOTDIR}
-			}
-			return slices.Clone(x.dirs[clean]), nil
-		}
-		if err := x.awaitChangeLocked(ctx); err != nil {
-			return nil, fmt.Errorf("readdir %q: %w", dir, err)
-		}
-	}
-}
-
-// wait waits for the index to be complete.
-func (x *index) wait(ctx context.Context) error {
-	_, err := x.readDir(ctx, "")
-	return err
-}
-
-// dataOffset is where the content of ino starts.
-func (x *index) dataOffset(ino uint64) (int64, bool) {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	off, ok := x.data[ino]
-	return off, ok
-}
-
-func (x *index) chunksOf(ino uint64) []chunkRef {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	return x.chunks[ino]
-}
-
-// contentSize is the size of the regular files' content seen so far,
-// each hard-link group once.
-func (x *index) contentSize() int64 {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	var n int64
-	for _, names := range x.names {
-		if e := x.byName[names[0]]; e.Type == TypeReg {
-			n += e.Size
-		}
-	}
-	return n
 }

@@ -21,17 +21,6 @@ import (
 	digest "github.com/opencontainers/go-digest"
 )
 
-const (
-	// Bounds on what one chunk of a TOC may ask of memory: eStargz
-	// chunks are 4 MiB by default.
-	maxChunkSize      = 64 << 20
-	maxCompressedSpan = 256 << 20
-	// recentChunks is how many decompressed, verified chunks a layer
-	// keeps, so that a sequential reader in small reads decompresses and
-	// verifies each chunk once.
-	recentChunks = 4
-)
-
 var (
 	// errNoTOC: the blob has no eStargz/zstd:chunked footer.
 	errNoTOC = fmt.Errorf("%w: no eStargz TOC", ErrUnsupported)

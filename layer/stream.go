@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"sync"
 
 	"github.com/klauspost/compress/gzip"
@@ -20,63 +19,9 @@ var (
 	zstdMagic = []byte{0x28, 0xb5, 0x2f, 0xfd}
 )
 
-// zstdMaxWindow bounds the memory a hostile zstd frame can demand.
-const zstdMaxWindow = 128 << 20
-
 // pumpBufSize is the unit in which skipped file data is copied from the
 // decompressor into the stream.
 const pumpBufSize = 1 << 20
-
-const (
-	// DefaultMaxExpansion bounds how many times the size of its blob a
-	// streamed layer may decompress to, unless WithMaxExpansion says
-	// otherwise. Model weights barely compress (1.1 to 1.5 times), code
-	// and text 3 to 10 times; a gzip bomb inflates 1,000 times, zstd far
-	// more. A layer that compresses better (large files of zeros) needs
-	// WithMaxExpansion.
-	DefaultMaxExpansion = 100
-	// DefaultMaxStreamSize bounds a streamed layer's decompressed size
-	// whatever its ratio: 1 TiB holds the largest models shipped as one
-	// layer (a trillion 8-bit parameters), and more than a node caches.
-	DefaultMaxStreamSize = 1 << 40
-	// expansionFloor is what any streamed layer may decompress to
-	// whatever its ratio: a small tar compresses beyond any ratio, its
-	// headers and padding being mostly zeros.
-	expansionFloor = 16 << 20
-)
-
-// expansion bounds the decompressed size of a streamed layer.
-type expansion struct{ ratio, limit int64 }
-
-var defaultExpansion = expansion{DefaultMaxExpansion, DefaultMaxStreamSize}
-
-// allowed is how many bytes a blob of n bytes may decompress to.
-func (e expansion) allowed(n int64) int64 {
-	a := int64(math.MaxInt64)
-	if n <= a/e.ratio {
-		a = n * e.ratio
-	}
-	return min(max(a, expansionFloor), e.limit)
-}
-
-// bound wraps the blob rc, of declared size (0 if unknown), and returns
-// it with a function that wraps its decompressed stream. Reading more
-// than the declared size, or more decompressed bytes than allowed, fails
-// with ErrCorrupt. Without a declared size, the ratio applies to what
-// was read of the blob so far.
-func (e expansion) bound(rc io.Reader, declared int64) (io.Reader, func(io.Reader) io.Reader) {
-	blobMax := int64(math.MaxInt64)
-	if declared > 0 {
-		blobMax = declared
-	}
-	blob := &boundedReader{r: rc, max: func() int64 { return blobMax },
-		err: fmt.Errorf("%w: blob longer than the %d bytes of its descriptor", ErrCorrupt, declared)}
-	wrap := func(dec io.Reader) io.Reader {
-		return &boundedReader{r: dec, max: func() int64 { return e.allowed(max(declared, blob.n.Load())) },
-			err: fmt.Errorf("%w: decompresses to more than %d times its size or %d bytes", ErrCorrupt, e.ratio, e.limit)}
-	}
-	return blob, wrap
-}
 
 // streamLayer is a compressed tar without an index: one background
 // goroutine streams it once into a Stream, indexing headers as they pass.

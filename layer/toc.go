@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"io"
 	"strings"
-	"sync/atomic"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
@@ -23,18 +22,6 @@ import (
 )
 
 const (
-	// maxTOCJSON bounds a decompressed TOC. An entry is about 300 bytes
-	// of indented JSON, so this is room for some 200,000 files, far more
-	// than a layer of model weights holds (a 10 GB file in 4 MiB chunks
-	// is 2,500 entries).
-	maxTOCJSON = 64 << 20
-	// maxTOCSize bounds the compressed TOC, which is read as the
-	// decompressor asks: JSON compresses, so a TOC that needs more than
-	// maxTOCJSON compressed bytes is not one.
-	maxTOCSize = maxTOCJSON
-	// maxTOCEntries bounds the entries decoded from a TOC: an entry takes
-	// a few hundred bytes decoded even when its JSON is "{}".
-	maxTOCEntries = 1 << 20
 	// tocReadSize is how much of the compressed TOC one Source read asks.
 	tocReadSize = 1 << 20
 )
@@ -244,26 +231,6 @@ func expectDelim(dec *json.Decoder, want json.Delim) error {
 		return fmt.Errorf("got %v, want %v", t, want)
 	}
 	return nil
-}
-
-// boundedReader passes r through until more than max() bytes have come
-// out of it, then fails with err: the reader learns that its input is too
-// large before it holds that input.
-type boundedReader struct {
-	r io.Reader
-	// n is the number of bytes read so far; another bound reads it, from
-	// the goroutine of a decoder reading ahead.
-	n   atomic.Int64
-	max func() int64
-	err error
-}
-
-func (b *boundedReader) Read(p []byte) (int, error) {
-	n, err := b.r.Read(p)
-	if b.n.Add(int64(n)) > b.max() {
-		return 0, b.err
-	}
-	return n, err
 }
 
 // spaceSqueezer turns each run of whitespace outside JSON strings into one
