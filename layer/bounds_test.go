@@ -463,3 +463,102 @@ func TestWithMaxExpansion(t *testing.T) {
 		})
 	}
 }
+
+// paddedSource is a blob of head followed by zeros up to size, held
+// without the zeros; it counts what is read.
+type paddedSource struct {
+	head      []byte
+	size      int64
+	bytesRead atomic.Int64
+}
+
+func (s *paddedSource) Size() int64             { return s.size }
+func (s *paddedSource) Invalidate(off, n int64) {}
+
+func (s *paddedSource) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	if off >= s.size {
+		return 0, io.EOF
+	}
+	n := int(min(int64(len(p)), s.size-off))
+	clear(p[:n])
+	if off < int64(len(s.head)) {
+		copy(p[:n], s.head[off:])
+	}
+	s.bytesRead.Add(int64(n))
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// chunkedLayer is an eStargz layer of files f0, f1, … holding data[i],
+// each one gzip chunk; gap bytes of zeros lie between the last chunk and
+// the TOC, so the last chunk's compressed stream runs to the TOC.
+func chunkedLayer(t testing.TB, data [][]byte, gap int64) (*stargzLayer, *paddedSource) {
+	head := make([]byte, 512)
+	var entries []*estargz.TOCEntry
+	for i, b := range data {
+		entries = append(entries, &estargz.TOCEntry{Name: fmt.Sprint("f", i), Type: "reg", Mode: 0o644,
+			Size: int64(len(b)), Offset: int64(len(head)), ChunkDigest: sha(b).String()})
+		head = append(head, compress(t, "gzip", b)...)
+	}
+	tocOff := int64(len(head)) + gap
+	x := newIndex("test")
+	if err := indexTOC(context.Background(), x, &estargz.JTOC{Version: 1, Entries: entries}, tocOff); err != nil {
+		t.Fatal(err)
+	}
+	x.finish(nil)
+	src := &paddedSource{head: head, size: tocOff + 1000}
+	return &stargzLayer{idx: x, src: src}, src
+}
+
+// A chunk is read without holding its whole compressed stream, which may
+// run far past it.
+func TestChunkReadBounded(t *testing.T) {
+	ctx := testCtx(t)
+	data := randBytes(9, 1<<20)
+	l, src := chunkedLayer(t, [][]byte{data}, 200<<20)
+	e, err := l.Lookup(ctx, "f0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	got := readAll(t, ctx, l, e)
+	runtime.ReadMemStats(&after)
+	if !bytes.Equal(got, data) {
+		t.Fatal("content differs")
+	}
+	alloc := after.TotalAlloc - before.TotalAlloc
+	t.Logf("reading a 1 MiB chunk of a 200 MiB stream: %d KiB read, %d KiB allocated", src.bytesRead.Load()>>10, alloc>>10)
+	if alloc > 16<<20 || src.bytesRead.Load() > 2<<20 {
+		t.Errorf("reading a 1 MiB chunk read %d KiB of the blob and allocated %d KiB", src.bytesRead.Load()>>10, alloc>>10)
+	}
+}
+
+// The chunks a layer keeps for sequential readers are bounded in bytes.
+func TestRecentChunksBounded(t *testing.T) {
+	ctx := testCtx(t)
+	var data [][]byte
+	for i := range 5 {
+		data = append(data, bytes.Repeat([]byte{byte(i)}, 8<<20))
+	}
+	l, _ := chunkedLayer(t, data, 0)
+	for i := range data {
+		e, err := l.Lookup(ctx, fmt.Sprint("f", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := l.ReadAt(ctx, e, make([]byte, 1), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	held := 0
+	for _, r := range l.recent {
+		held += len(r.data)
+	}
+	if held > recentBytes {
+		t.Errorf("%d chunks of %d MiB in all kept, want at most %d MiB", len(l.recent), held>>20, recentBytes>>20)
+	}
+}

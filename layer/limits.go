@@ -54,14 +54,22 @@ const (
 	// maxTOCEntries bounds the entries decoded from a TOC: an entry takes
 	// a few hundred bytes decoded even when its JSON is "{}".
 	maxTOCEntries = 1 << 20
-	// Bounds on what one chunk of a TOC may ask of memory: eStargz
-	// chunks are 4 MiB by default.
-	maxChunkSize      = 64 << 20
+	// maxChunkSize bounds a chunk's decompressed size, which a read of
+	// it allocates: eStargz chunks are 4 MiB by default.
+	maxChunkSize = 64 << 20
+	// maxCompressedSpan bounds the compressed stream a chunk is read from
+	// (which may hold the headers of the entries that follow) and the
+	// offset of the chunk in it; the stream is read as the decompressor
+	// asks, chunkReadSize at a time, never held whole.
 	maxCompressedSpan = 256 << 20
-	// recentChunks is how many decompressed, verified chunks a layer
-	// keeps, so that a sequential reader in small reads decompresses and
-	// verifies each chunk once.
-	recentChunks = 4
+	// chunkReadSize is the most of a compressed stream one Source read
+	// asks for: a default chunk in one read.
+	chunkReadSize = 8 << 20
+	// recentBytes bounds the decompressed, verified chunks a layer keeps
+	// (four default chunks, and always the last one), so that a
+	// sequential reader in small reads decompresses and verifies each
+	// chunk once.
+	recentBytes = 16 << 20
 )
 
 // zstdMaxWindow bounds the memory a hostile zstd frame of a streamed

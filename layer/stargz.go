@@ -2,6 +2,7 @@ package layer
 
 import (
 	"archive/tar"
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -276,10 +277,7 @@ func (l *stargzLayer) chunk(ctx context.Context, c chunkRef) ([]byte, error) {
 		data, err := l.fetchChunk(ctx, c)
 		if err == nil {
 			l.mu.Lock()
-			l.recent = append([]recentChunk{{off: c.Off, inner: c.InnerOff, data: data}}, l.recent...)
-			if len(l.recent) > recentChunks {
-				l.recent = l.recent[:recentChunks]
-			}
+			l.remember(recentChunk{off: c.Off, inner: c.InnerOff, data: data})
 			l.mu.Unlock()
 			return data, nil
 		}
@@ -291,30 +289,62 @@ func (l *stargzLayer) chunk(ctx context.Context, c chunkRef) ([]byte, error) {
 	}
 }
 
+// remember puts r first in the recent chunks, keeping as many after it
+// as fit in recentBytes; l.mu is held.
+func (l *stargzLayer) remember(r recentChunk) {
+	l.recent = append([]recentChunk{r}, l.recent...)
+	held := len(r.data)
+	for i := 1; i < len(l.recent); i++ {
+		if held += len(l.recent[i].data); held > recentBytes {
+			clear(l.recent[i:]) // let the chunks go
+			l.recent = l.recent[:i]
+			break
+		}
+	}
+}
+
 func (l *stargzLayer) fetchChunk(ctx context.Context, c chunkRef) ([]byte, error) {
 	// Re-checked here because the chunk may come from a meta record.
 	dg, err := digest.Parse(c.Digest)
 	if err != nil || c.Size <= 0 || c.Size > maxChunkSize || c.Off < 0 || c.End <= c.Off || c.End-c.Off > maxCompressedSpan || c.InnerOff < 0 || c.InnerOff > maxCompressedSpan {
 		return nil, fmt.Errorf("%w: bad chunk %+v", ErrCorrupt, c)
 	}
-	comp := make([]byte, c.End-c.Off)
-	if _, err := readFull(ctx, l.src.ReadAt, comp, c.Off); err != nil {
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
-		}
-		return nil, fmt.Errorf("fetching chunk [%d,%d): %w", c.Off, c.End, err)
+	// The compressed span is read as the decompressor asks for it: it may
+	// run far past the chunk (over the headers of the entries that
+	// follow), and compressed data is seldom much larger than the data,
+	// so the first read asks for the chunk and a little more.
+	step := min(c.End-c.Off, c.InnerOff+c.Size+64<<10, chunkReadSize)
+	span := &seekReader{ctx: ctx, readAt: l.src.ReadAt, size: c.End, pos: c.Off, step: step}
+	data, err := decompressChunk(bufio.NewReaderSize(span, 64<<10), c)
+	if err != nil && span.err != nil {
+		return nil, fmt.Errorf("fetching chunk [%d,%d): %w", c.Off, c.End, span.err)
 	}
+	if err != nil {
+		return nil, err
+	}
+	v := dg.Verifier()
+	v.Write(data)
+	if !v.Verified() {
+		return nil, fmt.Errorf("%w: chunk at %d+%d does not match %s", ErrVerify, c.Off, c.InnerOff, c.Digest)
+	}
+	return data, nil
+}
+
+// decompressChunk returns the c.Size bytes at c.InnerOff of the gzip or
+// zstd stream r.
+func decompressChunk(r *bufio.Reader, c chunkRef) ([]byte, error) {
+	magic, _ := r.Peek(len(zstdMagic))
 	var dec io.Reader
 	switch {
-	case bytes.HasPrefix(comp, gzipMagic):
-		gz, err := gzip.NewReader(bytes.NewReader(comp))
+	case bytes.HasPrefix(magic, gzipMagic):
+		gz, err := gzip.NewReader(r)
 		if err != nil {
 			return nil, fmt.Errorf("%w: chunk at %d: gzip: %v", ErrVerify, c.Off, err)
 		}
 		defer gz.Close()
 		dec = gz
-	case bytes.HasPrefix(comp, zstdMagic):
-		zd, err := zstd.NewReader(bytes.NewReader(comp), zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(zstdMaxWindow))
+	case bytes.HasPrefix(magic, zstdMagic):
+		zd, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(zstdMaxWindow))
 		if err != nil {
 			return nil, fmt.Errorf("chunk at %d: zstd: %w", c.Off, err)
 		}
@@ -329,11 +359,6 @@ func (l *stargzLayer) fetchChunk(ctx context.Context, c chunkRef) ([]byte, error
 	data := make([]byte, c.Size)
 	if _, err := io.ReadFull(dec, data); err != nil {
 		return nil, fmt.Errorf("%w: chunk at %d: decompressing: %v", ErrVerify, c.Off, err)
-	}
-	v := dg.Verifier()
-	v.Write(data)
-	if !v.Verified() {
-		return nil, fmt.Errorf("%w: chunk at %d+%d does not match %s", ErrVerify, c.Off, c.InnerOff, c.Digest)
 	}
 	return data, nil
 }

@@ -43,6 +43,7 @@ type seekReader struct {
 	size   int64 // the end; -1 while unknown (a stream still being written)
 	pos    int64
 	step   int64 // how much one read asks; headerReadSize if 0
+	err    error // the last error of readAt other than io.EOF
 	buf    []byte
 	bufOff int64
 }
@@ -66,6 +67,9 @@ func (r *seekReader) Read(p []byte) (int, error) {
 			r.buf = make([]byte, n)
 		}
 		m, err := readFull(r.ctx, r.readAt, r.buf[:n], r.pos)
+		if err != nil && err != io.EOF {
+			r.err = err
+		}
 		r.buf, r.bufOff = r.buf[:m], r.pos
 		if m == 0 {
 			if err == nil {

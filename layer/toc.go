@@ -87,20 +87,12 @@ func readTOC(ctx context.Context, d Descriptor, src Source) (*estargz.JTOC, int6
 // bound and decoded an entry at a time, so that an oversized TOC fails
 // before its size is held in memory.
 func decodeTOC(ctx context.Context, dc estargz.Decompressor, src Source, off, n int64) (*estargz.JTOC, digest.Digest, error) {
-	// A read error of the Source is reported as such, not as a corrupt
-	// TOC, even though it reaches us through the decompressor.
-	var ioErr error
-	readAt := func(ctx context.Context, p []byte, off int64) (int, error) {
-		n, err := src.ReadAt(ctx, p, off)
-		if err != nil && err != io.EOF {
-			ioErr = err
-		}
-		return n, err
-	}
-	r := &seekReader{ctx: ctx, readAt: readAt, size: off + n, pos: off, step: tocReadSize}
+	r := &seekReader{ctx: ctx, readAt: src.ReadAt, size: off + n, pos: off, step: tocReadSize}
 	toc, dgst, err := decodeTOCFrom(dc, r)
-	if err != nil && ioErr != nil {
-		return nil, "", fmt.Errorf("reading TOC: %w", ioErr)
+	if err != nil && r.err != nil {
+		// A read error of the Source, not a corrupt TOC, although it
+		// reached us through the decompressor.
+		return nil, "", fmt.Errorf("reading TOC: %w", r.err)
 	}
 	return toc, dgst, err
 }
