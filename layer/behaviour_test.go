@@ -369,7 +369,7 @@ func TestOpenRejectsUnknownBlobs(t *testing.T) {
 		t.Fatalf("Open: %v", err)
 	}
 	tarb := buildTar(t, richFiles()[:3])
-	if _, err := openTar(ctx, Descriptor{Digest: sha(tarb), Size: 5}, &memSource{b: tarb}, nil); !errors.Is(err, ErrCorrupt) {
+	if _, err := Open(ctx, Descriptor{Digest: sha(tarb), Size: 5, MediaType: mtTar}, &memSource{b: tarb}); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("size mismatch: %v", err)
 	}
 }

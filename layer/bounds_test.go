@@ -562,3 +562,47 @@ func TestRecentChunksBounded(t *testing.T) {
 		t.Errorf("%d chunks of %d MiB in all kept, want at most %d MiB", len(l.recent), held>>20, recentBytes>>20)
 	}
 }
+
+// A descriptor whose size is not the Source's is refused before the
+// Source is read, in every format, even when the index is kept from an
+// earlier open.
+func TestDescriptorSizeChecked(t *testing.T) {
+	tarb := buildTar(t, richFiles())
+	stargz, err := io.ReadAll(buildStargz(t, tarb))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blobs := []struct {
+		name, mediaType string
+		blob            []byte
+	}{
+		{"tar", mtTar, tarb},
+		{"estargz", mtGeneric, stargz},
+		{"gzip", mtGzip, compress(t, "gzip", tarb)},
+	}
+	for _, b := range blobs {
+		t.Run(b.name, func(t *testing.T) {
+			ctx := testCtx(t)
+			meta, streams := newMemMeta(), newMemStreams()
+			d := Descriptor{Digest: sha(b.blob), Size: int64(len(b.blob)), MediaType: b.mediaType, DiffID: sha(tarb)}
+			op, err := Open(ctx, d, &memSource{b: b.blob}, WithStreams(opener(b.blob), streams), WithMeta(meta))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := op.ReadDir(ctx, ""); err != nil { // the index is complete and kept
+				t.Fatal(err)
+			}
+			op.Close()
+			for _, size := range []int64{d.Size - 1, d.Size + 1, -1} {
+				d := d
+				d.Size = size
+				src := &memSource{b: b.blob}
+				_, err := Open(ctx, d, src, WithStreams(opener(b.blob), streams), WithMeta(meta))
+				if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), d.Digest.String()) || src.reads.Load() != 0 {
+					t.Errorf("size %d of a %d byte blob: %v after %d reads; want ErrCorrupt naming the layer, before any read",
+						size, len(b.blob), err, src.reads.Load())
+				}
+			}
+		})
+	}
+}

@@ -84,6 +84,9 @@ func Open(ctx context.Context, d Descriptor, src Source, opts ...Option) (*Opene
 	for _, opt := range opts {
 		opt(&o)
 	}
+	if err := checkSize(d, src); err != nil {
+		return nil, err
+	}
 	kind, err := detect(ctx, d, src)
 	if err != nil {
 		return nil, err
@@ -120,6 +123,20 @@ func Open(ctx context.Context, d Descriptor, src Source, opts ...Option) (*Opene
 		return nil, err
 	}
 	return &Opened{Layer: l, Streamed: true}, nil
+}
+
+// checkSize refuses a descriptor whose size is not the Source's, before
+// anything is read or allocated: the index would describe other bytes,
+// and a size is what a hostile manifest would lie about. A size of 0 is
+// unknown; a streamed blob is checked against it as it is read.
+func checkSize(d Descriptor, src Source) error {
+	switch {
+	case d.Size < 0:
+		return fmt.Errorf("%w: layer %s: descriptor says %d bytes", ErrCorrupt, d.Digest, d.Size)
+	case src != nil && d.Size > 0 && src.Size() != d.Size:
+		return fmt.Errorf("%w: layer %s: blob is %d bytes, descriptor says %d", ErrCorrupt, d.Digest, src.Size(), d.Size)
+	}
+	return nil
 }
 
 // detect says "tar" or "compressed".

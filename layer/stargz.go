@@ -67,9 +67,6 @@ func openStargz(ctx context.Context, d Descriptor, src Source, meta MetaStore) (
 	if x := loadIndex(ctx, meta, name, d.Digest.String()); x != nil {
 		return &stargzLayer{idx: x, src: src}, nil
 	}
-	if err := checkSize(d, src); err != nil {
-		return nil, err
-	}
 	toc, tocOff, err := readTOC(ctx, d, src)
 	if err != nil {
 		return nil, fmt.Errorf("estargz layer %s: %w", d.Digest, err)

@@ -216,9 +216,6 @@ func openTar(ctx context.Context, d Descriptor, src Source, meta MetaStore) (*ta
 	if x := loadIndex(ctx, meta, name, d.Digest.String()); x != nil {
 		return &tarLayer{idx: x, src: src}, nil
 	}
-	if err := checkSize(d, src); err != nil {
-		return nil, err
-	}
 	x := newIndex(d.Digest.String())
 	r := &seekReader{ctx: ctx, readAt: src.ReadAt, size: src.Size()}
 	if err := walkTar(ctx, r, src.Size(), x); err != nil {
@@ -296,13 +293,4 @@ func entryName(e *Entry) string {
 		return "<nil>"
 	}
 	return e.Name
-}
-
-// checkSize rejects a source whose size is not the descriptor's: the
-// index would describe other bytes.
-func checkSize(d Descriptor, src Source) error {
-	if d.Size > 0 && src.Size() != d.Size {
-		return fmt.Errorf("%w: layer %s: blob is %d bytes, descriptor says %d", ErrCorrupt, d.Digest, src.Size(), d.Size)
-	}
-	return nil
 }
