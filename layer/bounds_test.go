@@ -606,3 +606,31 @@ func TestDescriptorSizeChecked(t *testing.T) {
 		})
 	}
 }
+
+// A PAX header or GNU long name past archive/tar's bound of 1 MiB is
+// refused, so a header walk allocates a bounded amount per header.
+func TestHeaderSizeBounded(t *testing.T) {
+	for _, typ := range []byte{tar.TypeXHeader, tar.TypeGNULongName} {
+		t.Run(string(typ), func(t *testing.T) {
+			record := []byte("path=" + strings.Repeat("a", 16<<20) + "\n")
+			record = append([]byte(fmt.Sprintf("%d ", len(record)+8)), record...)
+			tarb := buildTar(t, []tarFile{
+				{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "special", Mode: 0o644}, data: record},
+				{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "f", Mode: 0o644}, data: []byte("x")},
+			})
+			retype(tarb, typ)
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			d := Descriptor{Digest: sha(tarb), MediaType: mtTar}
+			_, err := Open(testCtx(t), d, &memSource{b: tarb})
+			runtime.ReadMemStats(&after)
+			wantRefused(t, d, err)
+			alloc := after.TotalAlloc - before.TotalAlloc
+			t.Logf("walking a header of %d MiB: %v; %d KiB allocated", len(record)>>20, err, alloc>>10)
+			if alloc > 8<<20 { // a few times archive/tar's 1 MiB
+				t.Errorf("walking a header of %d MiB allocated %d MiB", len(record)>>20, alloc>>20)
+			}
+		})
+	}
+}

@@ -261,6 +261,18 @@ func buildTar(t testing.TB, files []tarFile) []byte {
 	return buf.Bytes()
 }
 
+// retype sets the type of the tar header block hdr and its checksum, to
+// write what archive/tar's writer will not.
+func retype(hdr []byte, typ byte) {
+	hdr[156] = typ
+	copy(hdr[148:156], "        ")
+	sum := 0
+	for _, c := range hdr[:512] {
+		sum += int(c)
+	}
+	copy(hdr[148:156], fmt.Sprintf("%06o\x00 ", sum))
+}
+
 func sha(b []byte) digest.Digest {
 	return digest.NewDigestFromBytes(digest.SHA256, func() []byte { h := sha256.Sum256(b); return h[:] }())
 }
