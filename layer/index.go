@@ -21,13 +21,12 @@ import (
 //   - Names are cleaned: leading "/" and "./" are stripped (as tar and
 //     containerd do), then path.Clean. A name that still escapes the root
 //     ("..") is refused. Refusing means the entry is skipped and a warning
-//     logged; the rest of the layer is served. So are: an entry whose
-//     parent is not a directory, a hard link whose target escapes, does not
-//     exist earlier in the layer, is a directory or a whiteout or has
-//     maxLinks names already, an unknown
-//     entry type, uid/gid/device numbers outside uint32, and a
-//     non-directory at the root.
-//   - So is a name or link target longer than PATH_MAX (maxNameLen).
+//     logged; the rest of the layer is served. So are: a name or link
+//     target longer than PATH_MAX (maxNameLen), an entry whose parent is
+//     not a directory, a hard link whose target escapes, does not exist
+//     earlier in the layer, is a directory or a whiteout or has maxLinks
+//     names already, an unknown entry type, uid/gid/device numbers outside
+//     uint32, and a non-directory at the root.
 //   - Structural problems are errors that fail the whole layer: a truncated
 //     or corrupt tar, a negative size or one past the end of the blob, a
 //     sparse file (its bytes are not a contiguous range), more than

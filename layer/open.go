@@ -50,7 +50,8 @@ func WithStreams(open func(ctx context.Context) (io.ReadCloser, error), streams 
 // decompress to: ratio times the size of its blob, and limit bytes in all.
 // A blob that goes past either is a decompression bomb: its Stream is
 // aborted with an ErrCorrupt error before it fills the cache. A value of
-// 0 keeps the default, DefaultMaxExpansion or DefaultMaxStreamSize.
+// 0 or less keeps the default, DefaultMaxExpansion or
+// DefaultMaxStreamSize.
 func WithMaxExpansion(ratio, limit int64) Option {
 	return func(o *options) {
 		if ratio > 0 {
