@@ -103,7 +103,7 @@ func TestStreamReadBeforeComplete(t *testing.T) {
 	open := func(context.Context) (io.ReadCloser, error) { opens++; return pr, nil }
 	streams, meta := newMemStreams(), newMemMeta()
 	d := Descriptor{Digest: sha(blob), MediaType: mtGzip, DiffID: sha(tarb)}
-	l, err := openStream(ctx, d, open, streams, meta)
+	l, err := openStream(ctx, d, open, streams, meta, defaultExpansion)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +146,7 @@ func TestStreamReadBeforeComplete(t *testing.T) {
 		if i == 1 {
 			delete(meta.m, tarIndexName(d.DiffID.String())) // index rebuilt from the stream
 		}
-		l2, err := openStream(ctx, d, noOpen, streams, meta)
+		l2, err := openStream(ctx, d, noOpen, streams, meta, defaultExpansion)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -175,12 +175,12 @@ func TestStreamFollowerWhileWriting(t *testing.T) {
 	t.Cleanup(func() { pw.CloseWithError(errors.New("test over")) })
 	streams := newMemStreams()
 	d := Descriptor{Digest: sha(blob), MediaType: mtZstd, DiffID: sha(tarb)}
-	writer, err := openStream(ctx, d, func(context.Context) (io.ReadCloser, error) { return pr, nil }, streams, newMemMeta())
+	writer, err := openStream(ctx, d, func(context.Context) (io.ReadCloser, error) { return pr, nil }, streams, newMemMeta(), defaultExpansion)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { writer.Close() })
-	follower, err := openStream(ctx, d, nil, streams, newMemMeta())
+	follower, err := openStream(ctx, d, nil, streams, newMemMeta(), defaultExpansion)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +221,7 @@ func TestStreamFailures(t *testing.T) {
 			ctx := testCtx(t)
 			streams := newMemStreams()
 			d := Descriptor{Digest: sha(c.blob), MediaType: mtGzip, DiffID: sha(c.diffID)}
-			l, err := openStream(ctx, d, opener(c.blob), streams, newMemMeta())
+			l, err := openStream(ctx, d, opener(c.blob), streams, newMemMeta(), defaultExpansion)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -233,7 +233,7 @@ func TestStreamFailures(t *testing.T) {
 				t.Fatalf("lookup of a missing name after failure: %v", err)
 			}
 			// A follower sees the failure too.
-			f, err := openStream(ctx, d, nil, streams, newMemMeta())
+			f, err := openStream(ctx, d, nil, streams, newMemMeta(), defaultExpansion)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -369,7 +369,7 @@ func TestOpenRejectsUnknownBlobs(t *testing.T) {
 		t.Fatalf("Open: %v", err)
 	}
 	tarb := buildTar(t, richFiles()[:3])
-	if _, err := openTar(ctx, Descriptor{Digest: sha(tarb), Size: 5}, &memSource{b: tarb}, nil); !errors.Is(err, ErrCorrupt) {
+	if _, err := Open(ctx, Descriptor{Digest: sha(tarb), Size: 5, MediaType: mtTar}, &memSource{b: tarb}); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("size mismatch: %v", err)
 	}
 }

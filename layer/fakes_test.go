@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"hash"
 	"io"
 	"io/fs"
 	"sync"
@@ -97,11 +98,20 @@ func (m *memMeta) GetMeta(name string) ([]byte, error) {
 
 // memStreams is a StreamStore in memory; the first opener of a key writes.
 type memStreams struct {
-	mu sync.Mutex
-	m  map[digest.Digest]*memStream
+	mu   sync.Mutex
+	m    map[digest.Digest]*memStream
+	keep int64 // see memStream
 }
 
 func newMemStreams() *memStreams { return &memStreams{m: map[digest.Digest]*memStream{}} }
+
+// newDiscardingStreams keeps only the first keep bytes of each stream, so
+// that a test can stream more than it could hold.
+func newDiscardingStreams(keep int64) *memStreams {
+	s := newMemStreams()
+	s.keep = keep
+	return s
+}
 
 func (s *memStreams) Stream(key digest.Digest) (Stream, bool, error) {
 	s.mu.Lock()
@@ -109,7 +119,7 @@ func (s *memStreams) Stream(key digest.Digest) (Stream, bool, error) {
 	if st, ok := s.m[key]; ok {
 		return &streamHandle{st}, false, nil
 	}
-	st := &memStream{key: key, changed: make(chan struct{})}
+	st := &memStream{key: key, changed: make(chan struct{}), keep: s.keep, h: sha256.New()}
 	s.m[key] = st
 	return &streamHandle{st}, true, nil
 }
@@ -118,6 +128,9 @@ type memStream struct {
 	key     digest.Digest
 	mu      sync.Mutex
 	buf     []byte
+	keep    int64 // if > 0, bytes past it are hashed and counted, not kept
+	n       int64 // bytes written
+	h       hash.Hash
 	sealed  bool
 	err     error
 	changed chan struct{}
@@ -138,7 +151,15 @@ func (s *memStream) Write(p []byte) (int, error) {
 	if s.sealed || s.err != nil {
 		return 0, fmt.Errorf("write to ended stream")
 	}
-	s.buf = append(s.buf, p...)
+	if s.keep <= 0 || int64(len(s.buf)) < s.keep {
+		k := len(p)
+		if s.keep > 0 {
+			k = int(min(int64(k), s.keep-int64(len(s.buf))))
+		}
+		s.buf = append(s.buf, p[:k]...)
+	}
+	s.h.Write(p)
+	s.n += int64(len(p))
 	s.broadcast()
 	return len(p), nil
 }
@@ -146,7 +167,7 @@ func (s *memStream) Write(p []byte) (int, error) {
 func (s *memStream) Seal() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if got := digest.FromBytes(s.buf); got != s.key {
+	if got := digest.NewDigest(digest.SHA256, s.h); got != s.key {
 		s.err = fmt.Errorf("stream digest %s, want %s", got, s.key)
 	} else {
 		s.sealed = true
@@ -171,6 +192,10 @@ func (s *memStream) ReadAt(ctx context.Context, p []byte, off int64) (int, error
 			n := copy(p, s.buf[off:])
 			s.mu.Unlock()
 			return n, nil
+		}
+		if off+int64(len(p)) <= s.n {
+			s.mu.Unlock()
+			return 0, fmt.Errorf("test stream: [%d,+%d) was discarded", off, len(p))
 		}
 		if s.err != nil {
 			err := s.err
@@ -198,7 +223,7 @@ func (s *memStream) ReadAt(ctx context.Context, p []byte, off int64) (int, error
 func (s *memStream) Written() int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return int64(len(s.buf))
+	return s.n
 }
 
 func (s *memStream) Done() bool {
@@ -234,6 +259,18 @@ func buildTar(t testing.TB, files []tarFile) []byte {
 		t.Fatal(err)
 	}
 	return buf.Bytes()
+}
+
+// retype sets the type of the tar header block hdr and its checksum, to
+// write what archive/tar's writer will not.
+func retype(hdr []byte, typ byte) {
+	hdr[156] = typ
+	copy(hdr[148:156], "        ")
+	sum := 0
+	for _, c := range hdr[:512] {
+		sum += int(c)
+	}
+	copy(hdr[148:156], fmt.Sprintf("%06o\x00 ", sum))
 }
 
 func sha(b []byte) digest.Digest {

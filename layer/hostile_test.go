@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io/fs"
 	"log/slog"
 	"slices"
@@ -97,13 +96,7 @@ func TestHostileStructureErrors(t *testing.T) {
 	// An old GNU sparse file: a GNU header retyped 'S' (archive/tar does
 	// not write sparse files).
 	sparse := buildTar(t, []tarFile{{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "s", Mode: 0o644, Format: tar.FormatGNU}, data: []byte("x")}})
-	sparse[156] = tar.TypeGNUSparse
-	copy(sparse[148:156], "        ")
-	sum := 0
-	for _, c := range sparse[:512] {
-		sum += int(c)
-	}
-	copy(sparse[148:156], fmt.Sprintf("%06o\x00 ", sum))
+	retype(sparse, tar.TypeGNUSparse)
 	cases := map[string][]byte{
 		"truncated in data":        good[:512+100],
 		"truncated at entry":       good[:1024],
@@ -128,7 +121,7 @@ func TestHostileStructureErrors(t *testing.T) {
 			}
 			// Streamed, the same bytes fail the index too (they may even
 			// match their diff ID: the check is the tar's, not the digest's).
-			l, err := openStream(ctx, Descriptor{Digest: sha(b), DiffID: sha(b)}, opener(b), newMemStreams(), nil)
+			l, err := openStream(ctx, Descriptor{Digest: sha(b), DiffID: sha(b)}, opener(b), newMemStreams(), nil, defaultExpansion)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -4,14 +4,12 @@ import (
 	"archive/tar"
 	"context"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"math"
 	"path"
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/weightsnap/weightsnap/internal/wake"
@@ -23,14 +21,17 @@ import (
 //   - Names are cleaned: leading "/" and "./" are stripped (as tar and
 //     containerd do), then path.Clean. A name that still escapes the root
 //     ("..") is refused. Refusing means the entry is skipped and a warning
-//     logged; the rest of the layer is served. So are: an entry whose
-//     parent is not a directory, a hard link whose target escapes, does not
-//     exist earlier in the layer or is a directory or a whiteout, an unknown
-//     entry type, uid/gid/device numbers outside uint32, and a
-//     non-directory at the root.
+//     logged; the rest of the layer is served. So are: a name or link
+//     target longer than PATH_MAX (maxNameLen), an entry whose parent is
+//     not a directory, a hard link whose target escapes, does not exist
+//     earlier in the layer, is a directory or a whiteout or has maxLinks
+//     names already, an unknown entry type, uid/gid/device numbers outside
+//     uint32, and a non-directory at the root.
 //   - Structural problems are errors that fail the whole layer: a truncated
 //     or corrupt tar, a negative size or one past the end of the blob, a
-//     sparse file (its bytes are not a contiguous range).
+//     sparse file (its bytes are not a contiguous range), more than
+//     maxEntries names or maxIndexBytes of names, link targets and PAX
+//     records.
 //   - Missing parent directories are implied: mode 0755, owner 0:0, mtime
 //     the Unix epoch. A later header for the directory sets its attributes.
 //   - A later entry with the same name replaces the earlier one (tar
@@ -42,9 +43,11 @@ import (
 //     stable across remounts; a hard link shares its target's inode.
 //   - While a streamed layer is still being indexed, an entry is returned
 //     as soon as it has been seen: a later header for the same name (rare
-//     in a single layer) or a later hard link to it is not reflected in
-//     what was returned before; lookups after completion see the final
-//     entry. A directory listing always waits for completion.
+//     in a single layer) is not reflected in what was returned before;
+//     lookups after completion see the final entry. Nlink is set when the
+//     index is complete (setting it at each link would copy every name of
+//     the group: quadratic in the links of a hostile layer). A directory
+//     listing always waits for completion.
 
 const (
 	whiteoutPrefix = ".wh."
@@ -52,7 +55,7 @@ const (
 	rootIno        = 1
 	// indexVersion is part of the meta record name; bump it when the
 	// record or the index rules change so old records are ignored.
-	indexVersion = 1
+	indexVersion = 2
 )
 
 var epoch = time.Unix(0, 0).UTC()
@@ -77,8 +80,12 @@ type index struct {
 	data map[uint64]int64
 	// chunks is an inode's content as verified compressed chunks
 	// (eStargz).
-	chunks  map[uint64][]chunkRef
-	refused int
+	chunks map[uint64][]chunkRef
+	// relinked holds the inodes whose names changed since their Nlink
+	// was set; finish sets it.
+	relinked map[uint64]struct{}
+	refused  int
+	held     int64 // bytes counted against maxIndexBytes
 }
 
 // chunkRef is one chunk of a file in an eStargz blob.
@@ -99,6 +106,7 @@ func newIndex(layer string) *index {
 		names:    map[uint64][]string{},
 		data:     map[uint64]int64{},
 		chunks:   map[uint64][]chunkRef{},
+		relinked: map[uint64]struct{}{},
 		nextIno:  rootIno + 1,
 	}
 	x.byName[""] = &Entry{Name: "", Type: TypeDir, Mode: 0o755, ModTime: epoch, Ino: rootIno, Nlink: 1}
@@ -139,7 +147,12 @@ func parentOf(name string) string {
 
 func (x *index) refuse(ctx context.Context, hdr *tar.Header, reason string) {
 	x.refused++
-	slog.WarnContext(ctx, "layer: refused tar entry", "layer", x.layer, "name", hdr.Name, "linkname", hdr.Linkname, "reason", reason)
+	switch {
+	case x.refused <= maxRefusalsLogged:
+		slog.WarnContext(ctx, "layer: refused tar entry", "layer", x.layer, "name", clip(hdr.Name), "linkname", clip(hdr.Linkname), "reason", reason)
+	case x.refused == maxRefusalsLogged+1:
+		slog.WarnContext(ctx, "layer: refusing more tar entries, no longer logged", "layer", x.layer)
+	}
 }
 
 func isSparse(hdr *tar.Header) bool {
@@ -174,6 +187,9 @@ func (x *index) add(ctx context.Context, hdr *tar.Header, dataOff int64) (*Entry
 }
 
 func (x *index) addLocked(ctx context.Context, hdr *tar.Header, dataOff int64) (*Entry, error) {
+	if err := x.charge(hdr); err != nil {
+		return nil, err
+	}
 	if hdr.Size < 0 {
 		return nil, fmt.Errorf("%w: entry %q has negative size %d", ErrCorrupt, hdr.Name, hdr.Size)
 	}
@@ -200,6 +216,10 @@ func (x *index) addLocked(ctx context.Context, hdr *tar.Header, dataOff int64) (
 		return nil, nil // its records were applied by archive/tar
 	default:
 		x.refuse(ctx, hdr, fmt.Sprintf("unknown type %q", hdr.Typeflag))
+		return nil, nil
+	}
+	if len(hdr.Name) > maxNameLen || len(hdr.Linkname) > maxNameLen {
+		x.refuse(ctx, hdr, "name or link target longer than PATH_MAX")
 		return nil, nil
 	}
 	name, ok := cleanName(hdr.Name)
@@ -294,6 +314,10 @@ func (x *index) addLocked(ctx context.Context, hdr *tar.Header, dataOff int64) (
 			x.refuse(ctx, hdr, "hard link to a directory or a whiteout")
 			return nil, nil
 		}
+		if len(x.names[t.Ino]) >= maxLinks {
+			x.refuse(ctx, hdr, fmt.Sprintf("target has %d names already", maxLinks))
+			return nil, nil
+		}
 		if !x.ensureDirs(ctx, hdr, parentOf(name)) {
 			return nil, nil
 		}
@@ -311,8 +335,9 @@ func (x *index) addLocked(ctx context.Context, hdr *tar.Header, dataOff int64) (
 		l := *t
 		l.Name = name
 		x.insert(&l)
-		x.setNlink(l.Ino)
-		return x.byName[name], nil
+		l.Nlink = uint32(len(x.names[l.Ino]))
+		x.relinked[l.Ino] = struct{}{}
+		return &l, nil
 	}
 
 	if !x.ensureDirs(ctx, hdr, parentOf(name)) {
@@ -386,7 +411,7 @@ func (x *index) remove(name string) {
 		delete(x.names, e.Ino)
 		return
 	}
-	x.setNlink(e.Ino)
+	x.relinked[e.Ino] = struct{}{}
 }
 
 // setNlink sets Nlink of every name of ino to their number, copying the
@@ -410,6 +435,10 @@ func (x *index) finish(err error) {
 	}
 	x.done, x.err = true, err
 	if err == nil {
+		for ino := range x.relinked {
+			x.setNlink(ino)
+		}
+		x.relinked = nil
 		x.dirs = make(map[string][]*Entry, len(x.children))
 		for d, cs := range x.children {
 			l := make([]*Entry, 0, len(cs))
@@ -422,112 +451,4 @@ func (x *index) finish(err error) {
 		x.children = nil
 	}
 	x.changed.Broadcast()
-}
-
-func (x *index) failed() error {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	return x.err
-}
-
-// lookup returns the entry at name, waiting for it while the index is
-// being built.
-func (x *index) lookup(ctx context.Context, name string) (*Entry, error) {
-	clean, ok := cleanName(name)
-	if !ok {
-		return nil, &fs.PathError{Op: "lookup", Path: name, Err: fs.ErrNotExist}
-	}
-	for {
-		x.mu.Lock()
-		if e := x.byName[clean]; e != nil {
-			x.mu.Unlock()
-			return e, nil
-		}
-		if x.done {
-			err := x.err
-			x.mu.Unlock()
-			if err != nil {
-				return nil, fmt.Errorf("lookup %q: %w", name, err)
-			}
-			return nil, &fs.PathError{Op: "lookup", Path: name, Err: fs.ErrNotExist}
-		}
-		if err := x.awaitChangeLocked(ctx); err != nil {
-			return nil, fmt.Errorf("lookup %q: %w", name, err)
-		}
-	}
-}
-
-// awaitChangeLocked releases x.mu, which the caller holds, and waits until
-// the index changes or ctx ends.
-func (x *index) awaitChangeLocked(ctx context.Context) error {
-	ch := x.changed.C()
-	x.mu.Unlock()
-	select {
-	case <-ch:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-// readDir lists dir once the index is complete.
-func (x *index) readDir(ctx context.Context, dir string) ([]*Entry, error) {
-	clean, ok := cleanName(dir)
-	if !ok {
-		return nil, &fs.PathError{Op: "readdir", Path: dir, Err: fs.ErrNotExist}
-	}
-	for {
-		x.mu.Lock()
-		if x.done {
-			defer x.mu.Unlock()
-			if x.err != nil {
-				return nil, fmt.Errorf("readdir %q: %w", dir, x.err)
-			}
-			e := x.byName[clean]
-			if e == nil {
-				return nil, &fs.PathError{Op: "readdir", Path: dir, Err: fs.ErrNotExist}
-			}
-			if e.Type != TypeDir {
-				return nil, &fs.PathError{Op: "readdir", Path: dir, Err: syscall.ENOTDIR}
-			}
-			return slices.Clone(x.dirs[clean]), nil
-		}
-		if err := x.awaitChangeLocked(ctx); err != nil {
-			return nil, fmt.Errorf("readdir %q: %w", dir, err)
-		}
-	}
-}
-
-// wait waits for the index to be complete.
-func (x *index) wait(ctx context.Context) error {
-	_, err := x.readDir(ctx, "")
-	return err
-}
-
-// dataOffset is where the content of ino starts.
-func (x *index) dataOffset(ino uint64) (int64, bool) {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	off, ok := x.data[ino]
-	return off, ok
-}
-
-func (x *index) chunksOf(ino uint64) []chunkRef {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	return x.chunks[ino]
-}
-
-// contentSize is the size of the regular files' content seen so far,
-// each hard-link group once.
-func (x *index) contentSize() int64 {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	var n int64
-	for _, names := range x.names {
-		if e := x.byName[names[0]]; e.Type == TypeReg {
-			n += e.Size
-		}
-	}
-	return n
 }

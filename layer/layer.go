@@ -33,9 +33,9 @@ const (
 )
 
 // Entry is one file of a layer. Entries are immutable once returned: when
-// a streamed layer later changes an entry (a hard link raises Nlink, a
-// duplicate name replaces it) the index holds a new Entry and Lookup
-// returns that from then on.
+// a streamed layer later changes an entry (a duplicate name replaces it,
+// its hard links are counted when the index is complete) the index holds
+// a new Entry and Lookup returns that from then on.
 type Entry struct {
 	// Name is the cleaned path relative to the layer root, "/"-separated,
 	// without leading "/" or "./"; the root is "".

@@ -33,9 +33,10 @@ type Opened struct {
 type Option func(*options)
 
 type options struct {
-	open    func(ctx context.Context) (io.ReadCloser, error)
-	streams StreamStore
-	meta    MetaStore
+	open      func(ctx context.Context) (io.ReadCloser, error)
+	streams   StreamStore
+	meta      MetaStore
+	expansion expansion
 }
 
 // WithStreams lets Open stream a compressed layer it cannot read by range:
@@ -43,6 +44,23 @@ type options struct {
 // tar. Without it such a layer is ErrUnsupported.
 func WithStreams(open func(ctx context.Context) (io.ReadCloser, error), streams StreamStore) Option {
 	return func(o *options) { o.open, o.streams = open, streams }
+}
+
+// WithMaxExpansion bounds what a streamed layer (WithStreams) may
+// decompress to: ratio times the size of its blob, and limit bytes in all.
+// A blob that goes past either is a decompression bomb: its Stream is
+// aborted with an ErrCorrupt error before it fills the cache. A value of
+// 0 or less keeps the default, DefaultMaxExpansion or
+// DefaultMaxStreamSize.
+func WithMaxExpansion(ratio, limit int64) Option {
+	return func(o *options) {
+		if ratio > 0 {
+			o.expansion.ratio = ratio
+		}
+		if limit > 0 {
+			o.expansion.limit = limit
+		}
+	}
 }
 
 // WithMeta keeps built indexes in meta, so that the next open of the same
@@ -63,9 +81,12 @@ func WithMeta(meta MetaStore) Option {
 // src may be nil when only a sequential read of the blob is possible;
 // every format is then streamed.
 func Open(ctx context.Context, d Descriptor, src Source, opts ...Option) (*Opened, error) {
-	var o options
+	o := options{expansion: defaultExpansion}
 	for _, opt := range opts {
 		opt(&o)
+	}
+	if err := checkSize(d, src); err != nil {
+		return nil, err
 	}
 	kind, err := detect(ctx, d, src)
 	if err != nil {
@@ -98,11 +119,25 @@ func Open(ctx context.Context, d Descriptor, src Source, opts ...Option) (*Opene
 	if o.streams == nil {
 		return nil, fmt.Errorf("layer %s (%s): %w: needs a stream store", d.Digest, d.MediaType, ErrUnsupported)
 	}
-	l, err := openStream(ctx, d, o.open, o.streams, o.meta)
+	l, err := openStream(ctx, d, o.open, o.streams, o.meta, o.expansion)
 	if err != nil {
 		return nil, err
 	}
 	return &Opened{Layer: l, Streamed: true}, nil
+}
+
+// checkSize refuses a descriptor whose size is not the Source's, before
+// anything is read or allocated: the index would describe other bytes,
+// and a size is what a hostile manifest would lie about. A size of 0 is
+// unknown; a streamed blob is checked against it as it is read.
+func checkSize(d Descriptor, src Source) error {
+	switch {
+	case d.Size < 0:
+		return fmt.Errorf("%w: layer %s: descriptor says %d bytes", ErrCorrupt, d.Digest, d.Size)
+	case src != nil && d.Size > 0 && src.Size() != d.Size:
+		return fmt.Errorf("%w: layer %s: blob is %d bytes, descriptor says %d", ErrCorrupt, d.Digest, src.Size(), d.Size)
+	}
+	return nil
 }
 
 // detect says "tar" or "compressed".

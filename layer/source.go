@@ -72,7 +72,8 @@ type MetaStore interface {
 type Descriptor struct {
 	// Digest is the digest of the blob as stored in the registry.
 	Digest digest.Digest
-	// Size is the size of the blob in bytes.
+	// Size is the size of the blob in bytes, 0 if unknown. Open refuses
+	// a Source of another size, and a streamed blob longer than it.
 	Size int64
 	// MediaType is the blob's media type from the manifest.
 	MediaType string

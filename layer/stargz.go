@@ -2,6 +2,7 @@ package layer
 
 import (
 	"archive/tar"
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -16,22 +17,9 @@ import (
 	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
-	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	digest "github.com/opencontainers/go-digest"
-)
-
-const (
-	// Bounds on what a TOC may ask of memory: eStargz chunks are 4 MiB by
-	// default and TOCs a few MiB even for large layers.
-	maxTOCSize        = 256 << 20
-	maxChunkSize      = 64 << 20
-	maxCompressedSpan = 256 << 20
-	// recentChunks is how many decompressed, verified chunks a layer
-	// keeps, so that a sequential reader in small reads decompresses and
-	// verifies each chunk once.
-	recentChunks = 4
 )
 
 var (
@@ -41,10 +29,6 @@ var (
 	// chunks cannot be verified; such a blob is served as a stream.
 	errUnverifiable = fmt.Errorf("%w: TOC without chunk digests", ErrUnsupported)
 )
-
-func tocDecompressors() []estargz.Decompressor {
-	return []estargz.Decompressor{new(estargz.GzipDecompressor), new(estargz.LegacyGzipDecompressor), new(zstdchunked.Decompressor)}
-}
 
 // stargzLayer is an eStargz (or zstd:chunked) blob: the TOC at its end is
 // the index, file contents are read chunk by chunk, each decompressed and
@@ -83,9 +67,6 @@ func openStargz(ctx context.Context, d Descriptor, src Source, meta MetaStore) (
 	if x := loadIndex(ctx, meta, name, d.Digest.String()); x != nil {
 		return &stargzLayer{idx: x, src: src}, nil
 	}
-	if err := checkSize(d, src); err != nil {
-		return nil, err
-	}
 	toc, tocOff, err := readTOC(ctx, d, src)
 	if err != nil {
 		return nil, fmt.Errorf("estargz layer %s: %w", d.Digest, err)
@@ -97,66 +78,6 @@ func openStargz(ctx context.Context, d Descriptor, src Source, meta MetaStore) (
 	x.finish(nil)
 	saveIndex(ctx, meta, name, x)
 	return &stargzLayer{idx: x, src: src}, nil
-}
-
-// readTOC finds the footer at the end of src and reads the TOC it points
-// to.
-func readTOC(ctx context.Context, d Descriptor, src Source) (*estargz.JTOC, int64, error) {
-	size := src.Size()
-	decs := tocDecompressors()
-	var fsize int64
-	for _, dc := range decs {
-		if s := dc.FooterSize(); s <= size {
-			fsize = max(fsize, s)
-		}
-	}
-	if fsize == 0 {
-		return nil, 0, errNoTOC
-	}
-	footer := make([]byte, fsize)
-	if _, err := readFull(ctx, src.ReadAt, footer, size-fsize); err != nil {
-		return nil, 0, fmt.Errorf("reading footer: %w", err)
-	}
-	var errs []error
-	for _, dc := range decs {
-		fs := dc.FooterSize()
-		if fs > fsize {
-			continue
-		}
-		_, tocOff, tocSize, err := dc.ParseFooter(footer[fsize-fs:])
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if tocOff < 0 {
-			errs = append(errs, fmt.Errorf("%w: external TOC", ErrUnsupported))
-			continue
-		}
-		if tocSize <= 0 {
-			tocSize = size - tocOff - fs
-		}
-		if tocOff > size || tocSize <= 0 || tocSize > size-tocOff || tocSize > maxTOCSize {
-			return nil, 0, fmt.Errorf("%w: TOC at %d size %d in a %d byte blob", ErrCorrupt, tocOff, tocSize, size)
-		}
-		b := make([]byte, tocSize)
-		if _, err := readFull(ctx, src.ReadAt, b, tocOff); err != nil {
-			return nil, 0, fmt.Errorf("reading TOC: %w", err)
-		}
-		toc, tocDgst, err := dc.ParseTOC(bytes.NewReader(b))
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if want := d.Annotations[estargz.TOCJSONDigestAnnotation]; want != "" && want != tocDgst.String() {
-			return nil, 0, fmt.Errorf("%w: TOC digest %s, annotation says %s", ErrVerify, tocDgst, want)
-		}
-		return toc, tocOff, nil
-	}
-	if len(errs) == len(decs) {
-		// No decompressor recognised a footer.
-		return nil, 0, fmt.Errorf("%w: %v", errNoTOC, errors.Join(errs...))
-	}
-	return nil, 0, fmt.Errorf("%w: %v", ErrCorrupt, errors.Join(errs...))
 }
 
 // tocHeader is the tar header an eStargz TOC entry stands for.
@@ -353,10 +274,7 @@ func (l *stargzLayer) chunk(ctx context.Context, c chunkRef) ([]byte, error) {
 		data, err := l.fetchChunk(ctx, c)
 		if err == nil {
 			l.mu.Lock()
-			l.recent = append([]recentChunk{{off: c.Off, inner: c.InnerOff, data: data}}, l.recent...)
-			if len(l.recent) > recentChunks {
-				l.recent = l.recent[:recentChunks]
-			}
+			l.remember(recentChunk{off: c.Off, inner: c.InnerOff, data: data})
 			l.mu.Unlock()
 			return data, nil
 		}
@@ -368,30 +286,62 @@ func (l *stargzLayer) chunk(ctx context.Context, c chunkRef) ([]byte, error) {
 	}
 }
 
+// remember puts r first in the recent chunks, keeping as many after it
+// as fit in recentBytes; l.mu is held.
+func (l *stargzLayer) remember(r recentChunk) {
+	l.recent = append([]recentChunk{r}, l.recent...)
+	held := len(r.data)
+	for i := 1; i < len(l.recent); i++ {
+		if held += len(l.recent[i].data); held > recentBytes {
+			clear(l.recent[i:]) // let the chunks go
+			l.recent = l.recent[:i]
+			break
+		}
+	}
+}
+
 func (l *stargzLayer) fetchChunk(ctx context.Context, c chunkRef) ([]byte, error) {
 	// Re-checked here because the chunk may come from a meta record.
 	dg, err := digest.Parse(c.Digest)
 	if err != nil || c.Size <= 0 || c.Size > maxChunkSize || c.Off < 0 || c.End <= c.Off || c.End-c.Off > maxCompressedSpan || c.InnerOff < 0 || c.InnerOff > maxCompressedSpan {
 		return nil, fmt.Errorf("%w: bad chunk %+v", ErrCorrupt, c)
 	}
-	comp := make([]byte, c.End-c.Off)
-	if _, err := readFull(ctx, l.src.ReadAt, comp, c.Off); err != nil {
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
-		}
-		return nil, fmt.Errorf("fetching chunk [%d,%d): %w", c.Off, c.End, err)
+	// The compressed span is read as the decompressor asks for it: it may
+	// run far past the chunk (over the headers of the entries that
+	// follow), and compressed data is seldom much larger than the data,
+	// so the first read asks for the chunk and a little more.
+	step := min(c.End-c.Off, c.InnerOff+c.Size+64<<10, chunkReadSize)
+	span := &seekReader{ctx: ctx, readAt: l.src.ReadAt, size: c.End, pos: c.Off, step: step}
+	data, err := decompressChunk(bufio.NewReaderSize(span, 64<<10), c)
+	if err != nil && span.err != nil {
+		return nil, fmt.Errorf("fetching chunk [%d,%d): %w", c.Off, c.End, span.err)
 	}
+	if err != nil {
+		return nil, err
+	}
+	v := dg.Verifier()
+	v.Write(data)
+	if !v.Verified() {
+		return nil, fmt.Errorf("%w: chunk at %d+%d does not match %s", ErrVerify, c.Off, c.InnerOff, c.Digest)
+	}
+	return data, nil
+}
+
+// decompressChunk returns the c.Size bytes at c.InnerOff of the gzip or
+// zstd stream r.
+func decompressChunk(r *bufio.Reader, c chunkRef) ([]byte, error) {
+	magic, _ := r.Peek(len(zstdMagic))
 	var dec io.Reader
 	switch {
-	case bytes.HasPrefix(comp, gzipMagic):
-		gz, err := gzip.NewReader(bytes.NewReader(comp))
+	case bytes.HasPrefix(magic, gzipMagic):
+		gz, err := gzip.NewReader(r)
 		if err != nil {
 			return nil, fmt.Errorf("%w: chunk at %d: gzip: %v", ErrVerify, c.Off, err)
 		}
 		defer gz.Close()
 		dec = gz
-	case bytes.HasPrefix(comp, zstdMagic):
-		zd, err := zstd.NewReader(bytes.NewReader(comp), zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(zstdMaxWindow))
+	case bytes.HasPrefix(magic, zstdMagic):
+		zd, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(zstdMaxWindow))
 		if err != nil {
 			return nil, fmt.Errorf("chunk at %d: zstd: %w", c.Off, err)
 		}
@@ -406,11 +356,6 @@ func (l *stargzLayer) fetchChunk(ctx context.Context, c chunkRef) ([]byte, error
 	data := make([]byte, c.Size)
 	if _, err := io.ReadFull(dec, data); err != nil {
 		return nil, fmt.Errorf("%w: chunk at %d: decompressing: %v", ErrVerify, c.Off, err)
-	}
-	v := dg.Verifier()
-	v.Write(data)
-	if !v.Verified() {
-		return nil, fmt.Errorf("%w: chunk at %d+%d does not match %s", ErrVerify, c.Off, c.InnerOff, c.Digest)
 	}
 	return data, nil
 }

@@ -19,9 +19,6 @@ var (
 	zstdMagic = []byte{0x28, 0xb5, 0x2f, 0xfd}
 )
 
-// zstdMaxWindow bounds the memory a hostile zstd frame can demand.
-const zstdMaxWindow = 128 << 20
-
 // pumpBufSize is the unit in which skipped file data is copied from the
 // decompressor into the stream.
 const pumpBufSize = 1 << 20
@@ -31,6 +28,7 @@ const pumpBufSize = 1 << 20
 type streamLayer struct {
 	idx       *index
 	st        Stream
+	exp       expansion
 	cancel    context.CancelFunc
 	done      chan struct{}
 	closeOnce sync.Once
@@ -48,8 +46,9 @@ type streamLayer struct {
 // reported to every waiter.
 //
 // Bytes read before the stream completes are not yet covered by the diff
-// ID check, which happens at Seal.
-func openStream(ctx context.Context, d Descriptor, open func(ctx context.Context) (io.ReadCloser, error), streams StreamStore, meta MetaStore) (Layer, error) {
+// ID check, which happens at Seal. A blob that decompresses past what exp
+// allows is aborted as corrupt.
+func openStream(ctx context.Context, d Descriptor, open func(ctx context.Context) (io.ReadCloser, error), streams StreamStore, meta MetaStore, exp expansion) (Layer, error) {
 	if err := d.DiffID.Validate(); err != nil {
 		return nil, fmt.Errorf("stream layer %s: diff ID: %w", d.Digest, err)
 	}
@@ -60,7 +59,7 @@ func openStream(ctx context.Context, d Descriptor, open func(ctx context.Context
 	name := tarIndexName(d.DiffID.String())
 	x := loadIndex(ctx, meta, name, d.Digest.String())
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	l := &streamLayer{idx: x, st: st, cancel: cancel, done: make(chan struct{})}
+	l := &streamLayer{idx: x, st: st, exp: exp, cancel: cancel, done: make(chan struct{})}
 	build := x == nil
 	if build {
 		l.idx = newIndex(d.Digest.String())
@@ -86,7 +85,7 @@ func openStream(ctx context.Context, d Descriptor, open func(ctx context.Context
 // write streams the blob into the Stream, as the Stream's writer.
 func (l *streamLayer) write(ctx context.Context, d Descriptor, open func(context.Context) (io.ReadCloser, error), build bool, meta MetaStore, name string) {
 	defer close(l.done)
-	err := l.pump(ctx, open, build)
+	err := l.pump(ctx, d.Size, open, build)
 	if err == nil {
 		if err = l.st.Seal(); err != nil {
 			err = fmt.Errorf("%w: stream layer %s: sealing %s: %w", ErrVerify, d.Digest, d.DiffID, err)
@@ -104,13 +103,15 @@ func (l *streamLayer) write(ctx context.Context, d Descriptor, open func(context
 	}
 }
 
-func (l *streamLayer) pump(ctx context.Context, open func(context.Context) (io.ReadCloser, error), build bool) error {
+// pump streams the blob, of declared size (0 if unknown), into the Stream.
+func (l *streamLayer) pump(ctx context.Context, declared int64, open func(context.Context) (io.ReadCloser, error), build bool) error {
 	rc, err := open(ctx)
 	if err != nil {
 		return fmt.Errorf("opening blob: %w", err)
 	}
 	defer rc.Close()
-	br := bufio.NewReaderSize(rc, 64<<10)
+	blob, bound := l.exp.bound(rc, declared)
+	br := bufio.NewReaderSize(blob, 64<<10)
 	magic, _ := br.Peek(4)
 	var dec io.Reader = br
 	switch {
@@ -129,7 +130,7 @@ func (l *streamLayer) pump(ctx context.Context, open func(context.Context) (io.R
 		defer zd.Close()
 		dec = zd
 	}
-	p := &pumpReader{ctx: ctx, r: dec, w: l.st, buf: make([]byte, pumpBufSize)}
+	p := &pumpReader{ctx: ctx, r: bound(dec), w: l.st, buf: make([]byte, pumpBufSize)}
 	if build {
 		if err := walkTar(ctx, p, -1, l.idx); err != nil {
 			return err
@@ -177,7 +178,7 @@ func (p *pumpReader) Read(b []byte) (int, error) {
 		}
 		p.pos += int64(n)
 	}
-	if err != nil && err != io.EOF {
+	if err != nil && err != io.EOF && !errors.Is(err, ErrCorrupt) {
 		err = fmt.Errorf("%w: decompressing at %d: %v", ErrCorrupt, p.pos, err)
 	}
 	return n, err

@@ -40,8 +40,10 @@ func readFull(ctx context.Context, readAt readAtFunc, p []byte, off int64) (int,
 type seekReader struct {
 	ctx    context.Context
 	readAt readAtFunc
-	size   int64 // -1 while unknown (a stream still being written)
+	size   int64 // the end; -1 while unknown (a stream still being written)
 	pos    int64
+	step   int64 // how much one read asks; headerReadSize if 0
+	err    error // the last error of readAt other than io.EOF
 	buf    []byte
 	bufOff int64
 }
@@ -55,6 +57,9 @@ func (r *seekReader) Read(p []byte) (int, error) {
 	}
 	if r.pos < r.bufOff || r.pos >= r.bufOff+int64(len(r.buf)) {
 		n := int64(headerReadSize)
+		if r.step > 0 {
+			n = r.step
+		}
 		if r.size >= 0 {
 			n = min(n, r.size-r.pos)
 		}
@@ -62,6 +67,9 @@ func (r *seekReader) Read(p []byte) (int, error) {
 			r.buf = make([]byte, n)
 		}
 		m, err := readFull(r.ctx, r.readAt, r.buf[:n], r.pos)
+		if err != nil && err != io.EOF {
+			r.err = err
+		}
 		r.buf, r.bufOff = r.buf[:m], r.pos
 		if m == 0 {
 			if err == nil {
@@ -208,9 +216,6 @@ func openTar(ctx context.Context, d Descriptor, src Source, meta MetaStore) (*ta
 	if x := loadIndex(ctx, meta, name, d.Digest.String()); x != nil {
 		return &tarLayer{idx: x, src: src}, nil
 	}
-	if err := checkSize(d, src); err != nil {
-		return nil, err
-	}
 	x := newIndex(d.Digest.String())
 	r := &seekReader{ctx: ctx, readAt: src.ReadAt, size: src.Size()}
 	if err := walkTar(ctx, r, src.Size(), x); err != nil {
@@ -288,13 +293,4 @@ func entryName(e *Entry) string {
 		return "<nil>"
 	}
 	return e.Name
-}
-
-// checkSize rejects a source whose size is not the descriptor's: the
-// index would describe other bytes.
-func checkSize(d Descriptor, src Source) error {
-	if d.Size > 0 && src.Size() != d.Size {
-		return fmt.Errorf("%w: layer %s: blob is %d bytes, descriptor says %d", ErrCorrupt, d.Digest, src.Size(), d.Size)
-	}
-	return nil
 }
