@@ -101,6 +101,7 @@ type blob struct {
 	s     *Store
 	e     *entry
 	key   digest.Digest
+	want  digest.Digest // what the whole content must hash to
 	size  int64
 	chunk int64
 	n     int
@@ -133,15 +134,23 @@ type blob struct {
 	recMu sync.Mutex
 }
 
-// Blob opens the cached content named key, a digest of the whole content,
-// of the given size. Missing chunks are fetched with fetch on demand. Close
-// the handle when done: only then can its data be evicted.
-func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc) (*Blob, error) {
+// Blob opens the cached content named key, a digest, of the given size.
+// Missing chunks are fetched with fetch on demand. Unless opts say
+// otherwise, the whole content must hash to key. Close the handle when
+// done: only then can its data be evicted.
+func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc, opts ...BlobOption) (*Blob, error) {
 	if err := key.Validate(); err != nil {
 		return nil, fmt.Errorf("cache: blob key: %w", err)
 	}
 	if size < 0 || fetch == nil {
 		return nil, fmt.Errorf("cache: blob %s: invalid size %d or nil fetch", key, size)
+	}
+	o := blobOptions{want: key}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if err := validDigest(o.want); err != nil {
+		return nil, fmt.Errorf("cache: blob %s: content digest: %w", key, err)
 	}
 	k := entryKey{kindBlob, key}
 	s.mu.Lock()
@@ -162,7 +171,12 @@ func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc) (*Blob, err
 		e.refs++
 		s.touchLocked(e)
 		s.mu.Unlock()
-		return &Blob{b: b, fetch: fetch}, nil
+		h, err := b.handle(fetch, o)
+		if err != nil {
+			s.releaseBlob(b)
+			return nil, err
+		}
+		return h, nil
 	}
 	if e == nil {
 		e = &entry{entryKey: k}
@@ -170,21 +184,40 @@ func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc) (*Blob, err
 	}
 	s.beginBusyLocked(e)
 	s.mu.Unlock()
-	b, err := s.openBlob(e, size)
+	b, err := s.openBlob(e, size, o.want)
 	if err != nil {
+		return nil, err
+	}
+	h, err := b.handle(fetch, o)
+	if err != nil {
+		s.releaseBlob(b)
 		return nil, err
 	}
 	// Everything may have been fetched before a restart but never verified.
 	b.kickVerify()
 	s.evict()
+	return h, nil
+}
+
+// handle makes a handle on b, which the caller holds a reference of, for
+// a caller with fetch and o.
+func (b *blob) handle(fetch FetchFunc, o blobOptions) (*Blob, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil, ErrClosed
+	}
+	if o.want != b.want {
+		return nil, fmt.Errorf("%w: %s is open to hash to %s, asked %s", ErrDigestConflict, b.key, b.want, o.want)
+	}
 	return &Blob{b: b, fetch: fetch}, nil
 }
 
 // openBlob loads the blob of e, which the caller made busy, and makes it
 // e's open blob.
-func (s *Store) openBlob(e *entry, size int64) (*blob, error) {
+func (s *Store) openBlob(e *entry, size int64, want digest.Digest) (*blob, error) {
 	defer s.wg.Done()
-	b, err := s.loadBlob(e, size)
+	b, err := s.loadBlob(e, size, want)
 	s.mu.Lock()
 	lost := err == nil && s.closed // and Close has not seen b: shut it here
 	if err == nil && !lost {
@@ -218,7 +251,7 @@ func (b *blob) punchRun(lo, hi int) {
 func (h *Blob) Size() int64 { return h.b.size }
 
 // Complete reports whether the whole content is cached and was verified
-// against the key.
+// against its digest (the key, or WithContentDigest's).
 func (h *Blob) Complete() bool { return h.b.isComplete() }
 
 // Close releases the handle.

@@ -116,9 +116,9 @@ func openStore(t testing.TB, dir string, opts ...Option) *Store {
 	return s
 }
 
-func openBlob(t testing.TB, s *Store, key digest.Digest, size int64, fetch FetchFunc) *Blob {
+func openBlob(t testing.TB, s *Store, key digest.Digest, size int64, fetch FetchFunc, opts ...BlobOption) *Blob {
 	t.Helper()
-	b, err := s.Blob(key, size, fetch)
+	b, err := s.Blob(key, size, fetch, opts...)
 	if err != nil {
 		t.Fatalf("Blob: %v", err)
 	}

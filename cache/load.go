@@ -5,14 +5,16 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+
+	digest "github.com/opencontainers/go-digest"
 )
 
-// loadBlob opens the files of the blob of e, of the given size, trusting
-// only what the records say. The caller made e busy: nobody else touches
-// the files meanwhile.
-func (s *Store) loadBlob(e *entry, size int64) (*blob, error) {
+// loadBlob opens the files of the blob of e, of the given size, whose
+// content must hash to want, trusting only what the records say. The
+// caller made e busy: nobody else touches the files meanwhile.
+func (s *Store) loadBlob(e *entry, size int64, want digest.Digest) (*blob, error) {
 	b := &blob{
-		s: s, e: e, key: e.key, size: size, chunk: s.chunkSize,
+		s: s, e: e, key: e.key, want: want, size: size, chunk: s.chunkSize,
 		n:        chunkCount(size, s.chunkSize),
 		inflight: make(map[int]*flight),
 	}
@@ -110,5 +112,6 @@ func (b *blob) adopt(r replayed) {
 	if hole >= 0 {
 		b.punchRun(hole, b.n)
 	}
-	b.cached, b.complete = r.cached, r.complete
+	// A complete record vouches for the content digest it names.
+	b.cached, b.complete = r.cached, r.complete && r.completeSum == b.completeSum()
 }

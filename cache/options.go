@@ -1,6 +1,10 @@
 package cache
 
-import "fmt"
+import (
+	"fmt"
+
+	digest "github.com/opencontainers/go-digest"
+)
 
 // Option tunes a Store.
 type Option func(*options)
@@ -52,4 +56,47 @@ func newOptions(opts []Option) (options, error) {
 		return o, fmt.Errorf("cache: invalid options: max bytes %d, chunk size %d, max fetch %d", o.maxBytes, o.chunkSize, o.maxFetch)
 	}
 	return o, nil
+}
+
+// BlobOption tunes one handle opened by Store.Blob.
+type BlobOption func(*blobOptions)
+
+type blobOptions struct {
+	want digest.Digest
+}
+
+// WithContentDigest names the digest the whole content must hash to when
+// the key is not it (by default it is the key): a caller that keeps bytes
+// from a source it does not trust under a key of its own, namespaced by
+// where they came from, still verifies them against the blob's digest.
+// Every handle of a key must give the same content digest.
+func WithContentDigest(d digest.Digest) BlobOption {
+	return func(o *blobOptions) { o.want = d }
+}
+
+// StreamOption tunes one handle opened by Store.Stream.
+type StreamOption func(*streamOptions)
+
+type streamOptions struct {
+	want digest.Digest
+}
+
+// WithStreamDigest names the digest the content must hash to when the key
+// is not it (by default it is the key): a decompressed layer kept under
+// its compressed blob's digest is verified against its diff ID. Every
+// handle of a key must give the same digest.
+func WithStreamDigest(d digest.Digest) StreamOption {
+	return func(o *streamOptions) { o.want = d }
+}
+
+// validDigest reports whether d is a digest the cache can verify content
+// against.
+func validDigest(d digest.Digest) error {
+	if err := d.Validate(); err != nil {
+		return err
+	}
+	if !d.Algorithm().Available() {
+		return fmt.Errorf("%s: digest algorithm unavailable", d)
+	}
+	return nil
 }

@@ -34,8 +34,11 @@ var (
 	// ErrClosed is returned by operations on a closed Store or handle.
 	ErrClosed = errors.New("cache: closed")
 	// ErrDigestMismatch is wrapped by errors about content that does not
-	// hash to its key.
+	// hash to its digest.
 	ErrDigestMismatch = errors.New("cache: content does not match its digest")
+	// ErrDigestConflict is returned by Store.Blob and Store.Stream when the
+	// key is open to hash to another digest than the one asked.
+	ErrDigestConflict = errors.New("cache: key is open with another content digest")
 	// ErrSizeMismatch is returned by Store.Blob when the key is open with
 	// another size.
 	ErrSizeMismatch = errors.New("cache: blob size differs from the open blob's")

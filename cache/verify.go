@@ -17,8 +17,9 @@ type verifyRun struct {
 }
 
 // Verify fetches whatever is missing and waits until the whole content has
-// been verified against the key. An error wrapping ErrDigestMismatch means
-// the fetched content was wrong; it was discarded.
+// been verified against its digest (the key, or WithContentDigest's). An
+// error wrapping ErrDigestMismatch means the fetched content was wrong; it
+// was discarded.
 func (h *Blob) Verify(ctx context.Context) error {
 	if h.closed.Load() {
 		return ErrClosed
@@ -178,12 +179,12 @@ func (b *blob) verifyWhole(r *verifyRun) (complete bool) {
 		if b.drops != drops {
 			continue // hash again if a refetch made the blob whole again
 		}
-		if sum == b.key {
+		if sum == b.want {
 			b.complete = true
 			for i := range b.n {
 				b.verified.set(i)
 			}
-			b.queue(appendRecord(nil, recComplete, 0))
+			b.queue(appendRecord(nil, recComplete, b.completeSum()))
 			b.syncRec = true
 			return true
 		}
@@ -194,8 +195,8 @@ func (b *blob) verifyWhole(r *verifyRun) (complete bool) {
 		for i := range b.n {
 			b.dropLocked(i)
 		}
-		r.err = fmt.Errorf("%w: blob %s hashes to %s", ErrDigestMismatch, b.key, sum)
-		slog.Error("cache: blob content does not match its digest; discarded", "key", b.key, "got", sum)
+		r.err = fmt.Errorf("%w: blob %s hashes to %s, want %s", ErrDigestMismatch, b.key, sum, b.want)
+		slog.Error("cache: blob content does not match its digest; discarded", "key", b.key, "want", b.want, "got", sum)
 		return false
 	}
 	// Dropped since the run was started: inconclusive, and a hash would
@@ -204,15 +205,12 @@ func (b *blob) verifyWhole(r *verifyRun) (complete bool) {
 	return false
 }
 
-// hash computes the digest of the content, with the key's algorithm.
+// hash computes the digest of the content, with the algorithm of b.want.
 // Chunks not yet checked in this process are checked against their
 // checksums on the way: a corrupt one is dropped (which makes the run
 // inconclusive) rather than failing the whole content.
 func (b *blob) hash(ctx context.Context) (digest.Digest, error) {
-	alg := b.key.Algorithm()
-	if !alg.Available() {
-		return "", fmt.Errorf("cache: blob %s: digest algorithm unavailable", b.key)
-	}
+	alg := b.want.Algorithm()
 	h := alg.Hash()
 	bufp := b.s.getBuf()
 	defer b.s.putBuf(bufp)
