@@ -33,25 +33,24 @@ import (
 // without it; others wait for the busy state to end (entry.go). So a key
 // is opened once however many callers want it, and never while it closes.
 //
-// blob.mu guards the state of a blob: checksums, fetches in flight, the
-// verification run, the byte count, complete, strict, drops, closed and
-// the records queued for the flusher. The present and verified bitmaps
-// and the segment list change only under it, and the segments' read-only
-// handles are opened under it. A read of servable bytes does not take it.
-// What file I/O it is held across is bounded: a hole punched, a segment
-// made (at most maxSegmentCopy chunks copied), a segment opened.
+// blob.mu guards the state of a blob: checksums, fetches in
+// flight, the verification run, the byte count, complete, strict, drops,
+// closed and the records queued for the flusher. The bitmaps and the
+// segment list change only under it, and the segments' read-only handles
+// are opened under it. A read of servable bytes does not take it. What
+// file I/O it is held across is bounded: a hole punched, a segment made
+// (at most maxSegmentCopy chunks copied), a segment opened.
 //
 // blob.pin keeps bytes where the storage maps them and their files open.
 // Both read paths use it alike: ReadAt holds it for reading while it sees
-// that its chunks are verified and reads them, ReadFile from that check
+// that its chunks are servable and reads them, ReadFile from that check
 // until its caller releases the range. Whatever moves or destroys bytes
 // that may be served holds it for writing: dropping a chunk (the hole
 // punched), moving a range into a segment, closing the files (shutdown,
 // which sets filesClosed, so that no reader pins them afterwards).
-// Checks of chunks not yet verified (verifyChunk, hash) read under it
-// too, then compare blob.drops under blob.mu: if a chunk was dropped, and
-// perhaps fetched again, while they read, what they read counts for
-// nothing.
+// Checks of stored chunks (verifyChunk, hash) read under it too, then
+// compare blob.drops under blob.mu: if a chunk was dropped, and perhaps
+// fetched again, while they read, what they read counts for nothing.
 //
 // blob.recMu orders the records file's appends and its closing: a flush
 // takes the queued records under blob.mu, makes the data they describe
@@ -65,12 +64,11 @@ import (
 //
 // What is read without a lock, each for a reader that must not wait:
 //
-//   - blob.present and blob.verified are atomic bitmaps: Present is asked
-//     before every FUSE read, verified tested on every read. A verified
-//     chunk was checked in this process (against its checksum, or in
-//     strict mode as part of the whole content) and may be served. Bits
-//     are set under blob.mu; verified is cleared only with the pin held
-//     for writing too, so a pinned reader's chunks stay verified.
+//   - blob.present and the servable bitmaps are atomic: Present is asked
+//     before every FUSE read, a handle's servable bitmap tested on every
+//     read (see below). Bits are set under blob.mu; the servable ones are
+//     cleared only with the pin held for writing too, so a pinned reader's
+//     chunks stay servable.
 //   - storage.segs points to a list that is replaced, never changed: a
 //     fetch writes its chunks without a lock, and no segment is made over
 //     chunks in flight.
@@ -82,6 +80,22 @@ import (
 //     stream.mu.
 //   - Blob.closed and Stream.closed make Close idempotent and later calls
 //     fail.
+//
+// What may be served, and to whom. A handle tests one bitmap of its blob,
+// chosen when it is opened (access.servable), so that a hit costs the same
+// whatever it trusts:
+//
+//   - fresh, for handles WithReuseAfterVerify: the chunk was fetched by
+//     this process.
+//   - verified, for the others: the chunk was fetched, or checked against
+//     its checksum, by this process, or is fresh.
+//
+// So fresh ⊆ verified ⊆ present. Once the whole content hashed to its
+// digest in this process, every chunk is in both; if it was verified by
+// an earlier process (complete on open), a chunk checked against its
+// checksum is fresh too. In strict mode (the whole content failed) no
+// check of a chunk makes it servable: only the whole content's. A blob
+// has one content digest while it is open.
 
 // FetchFunc fills p with the source's bytes at off: all of p, never past
 // the end of the content. It is called without any cache lock held.
@@ -89,11 +103,21 @@ type FetchFunc func(ctx context.Context, p []byte, off int64) error
 
 // Blob is one handle on cached random-access content. Handles of the same
 // key share one in-memory state and one data file, so bytes are fetched
-// once; each handle carries the FetchFunc of whoever opened it.
+// once; each handle carries the FetchFunc of whoever opened it, and the
+// options it was opened with.
 type Blob struct {
 	b      *blob
-	fetch  FetchFunc
+	a      access
 	closed atomic.Bool
+}
+
+// access is how one handle fetches, and which chunks it may be served.
+type access struct {
+	fetch FetchFunc
+	reuse bool // WithReuseAfterVerify
+	// servable is the blob's bitmap of the chunks this handle may be
+	// served: fresh with reuse, else verified.
+	servable bitmap
 }
 
 // blob is the shared state of one key.
@@ -108,8 +132,11 @@ type blob struct {
 	st    storage // the data file and the segments
 	rec   *os.File
 
-	verified bitmap // may be served
-	present  bitmap // recorded on disk (or fetched in this process)
+	present bitmap // recorded on disk (or fetched in this process)
+	// The chunks each kind of handle may be served; see the consistency
+	// scheme above. fresh ⊆ verified ⊆ present.
+	verified bitmap
+	fresh    bitmap
 
 	pin         sync.RWMutex
 	unpin       func() // pin.RUnlock, made once: ReadFile's release
@@ -136,8 +163,10 @@ type blob struct {
 
 // Blob opens the cached content named key, a digest, of the given size.
 // Missing chunks are fetched with fetch on demand. Unless opts say
-// otherwise, the whole content must hash to key. Close the handle when
-// done: only then can its data be evicted.
+// otherwise, the whole content must hash to key, and the handle serves
+// bytes before the whole content is verified: checked against a checksum
+// stored with them (which catches a crash or bit rot, not a lying
+// source). Close the handle when done: only then can its data be evicted.
 func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc, opts ...BlobOption) (*Blob, error) {
 	if err := key.Validate(); err != nil {
 		return nil, fmt.Errorf("cache: blob key: %w", err)
@@ -145,12 +174,9 @@ func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc, opts ...Blo
 	if size < 0 || fetch == nil {
 		return nil, fmt.Errorf("cache: blob %s: invalid size %d or nil fetch", key, size)
 	}
-	o := blobOptions{want: key}
-	for _, opt := range opts {
-		opt(&o)
-	}
-	if err := validDigest(o.want); err != nil {
-		return nil, fmt.Errorf("cache: blob %s: content digest: %w", key, err)
+	o, err := blobOptionsOf(key, opts)
+	if err != nil {
+		return nil, err
 	}
 	k := entryKey{kindBlob, key}
 	s.mu.Lock()
@@ -199,6 +225,19 @@ func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc, opts ...Blo
 	return h, nil
 }
 
+// blobOptionsOf applies opts to the defaults of a blob of key, and
+// refuses what cannot be used.
+func blobOptionsOf(key digest.Digest, opts []BlobOption) (blobOptions, error) {
+	o := blobOptions{want: key}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if err := validDigest(o.want); err != nil {
+		return o, fmt.Errorf("cache: blob %s: content digest: %w", key, err)
+	}
+	return o, nil
+}
+
 // handle makes a handle on b, which the caller holds a reference of, for
 // a caller with fetch and o.
 func (b *blob) handle(fetch FetchFunc, o blobOptions) (*Blob, error) {
@@ -210,7 +249,11 @@ func (b *blob) handle(fetch FetchFunc, o blobOptions) (*Blob, error) {
 	if o.want != b.want {
 		return nil, fmt.Errorf("%w: %s is open to hash to %s, asked %s", ErrDigestConflict, b.key, b.want, o.want)
 	}
-	return &Blob{b: b, fetch: fetch}, nil
+	a := access{fetch: fetch, servable: b.verified}
+	if o.reuse {
+		a.reuse, a.servable = true, b.fresh
+	}
+	return &Blob{b: b, a: a}, nil
 }
 
 // openBlob loads the blob of e, which the caller made busy, and makes it

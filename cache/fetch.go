@@ -25,9 +25,10 @@ func (h *Blob) Fetch(ctx context.Context, off, n int64) error {
 	return h.ensureRange(ctx, off, n, false)
 }
 
-// Check makes [off, off+n) present and checks every chunk of it against
-// its checksum, as a read would, without reading it out: after a restart,
-// chunks are trusted only once checked in this process.
+// Check makes [off, off+n) present and servable to this handle, as a read
+// would, without reading it out: after a restart, chunks are trusted only
+// once checked in this process (against their checksum; with
+// WithReuseAfterVerify, only by the whole content).
 func (h *Blob) Check(ctx context.Context, off, n int64) error {
 	return h.ensureRange(ctx, off, n, true)
 }
@@ -41,7 +42,12 @@ func (h *Blob) ensureRange(ctx context.Context, off, n int64, verify bool) error
 	if !ok {
 		return nil
 	}
-	_, err := b.ensure(ctx, h.fetch, lo, hi, verify)
+	var err error
+	if verify {
+		_, err = b.makeServable(ctx, &h.a, lo, hi)
+	} else {
+		_, err = b.ensure(ctx, &h.a, lo, hi, false)
+	}
 	return err
 }
 
@@ -63,12 +69,12 @@ func (h *Blob) Invalidate(off, n int64) {
 	}
 }
 
-// ensure makes chunks [lo, hi] present (and, with verify, checked) using
-// fetch for what nobody is fetching yet. It starts at most one fetch at a
+// ensure makes chunks [lo, hi] present (and, with verify, servable to a)
+// fetching with a what nobody is fetching yet. It starts at most one fetch at a
 // time, so chunks it will get to later stay available to other callers
 // (an on-demand reader is not stuck behind a long background Fetch).
 // waited reports whether any fetch was run or waited for.
-func (b *blob) ensure(ctx context.Context, fetch FetchFunc, lo, hi int, verify bool) (waited bool, err error) {
+func (b *blob) ensure(ctx context.Context, a *access, lo, hi int, verify bool) (waited bool, err error) {
 	for {
 		progress := false
 		var waits []*flight
@@ -91,7 +97,7 @@ func (b *blob) ensure(ctx context.Context, fetch FetchFunc, lo, hi int, verify b
 			}
 			if run != nil {
 				progress, waited = true, true
-				if err := b.run(ctx, fetch, run); err != nil {
+				if err := b.run(ctx, a, run); err != nil {
 					return waited, err
 				}
 			}
@@ -171,14 +177,14 @@ func isContextErr(err error) bool {
 }
 
 // run performs one fetch and publishes its chunks.
-func (b *blob) run(ctx context.Context, fetch FetchFunc, fl *flight) error {
+func (b *blob) run(ctx context.Context, a *access, fl *flight) error {
 	off := int64(fl.first) * b.chunk
 	end := min(b.size, int64(fl.last+1)*b.chunk)
 	bufp := b.s.getBuf()
 	defer b.s.putBuf(bufp)
 	buf := (*bufp)[:end-off]
 	var sums []uint32
-	err := fetch(ctx, buf, off)
+	err := a.fetch(ctx, buf, off)
 	if err != nil {
 		err = fmt.Errorf("cache: fetch %s [%d, %d): %w", b.key, off, end, err)
 	} else if _, werr := b.st.WriteAt(buf, off); werr != nil {
@@ -223,6 +229,7 @@ func (b *blob) landLocked(fl *flight, sums []uint32, err error) error {
 			b.present.set(i)
 			if !b.strict {
 				b.verified.set(i)
+				b.fresh.set(i)
 			}
 			recs = appendRecord(recs, uint64(i), sum)
 			n += b.chunkLen(i)
@@ -244,9 +251,11 @@ func (b *blob) dropLocked(i int) {
 	b.pin.Lock()
 	b.present.clear(i)
 	b.verified.clear(i)
+	b.fresh.clear(i)
 	if b.strict {
 		// Nothing is served until the whole content is verified again.
 		b.verified.clearAll()
+		b.fresh.clearAll()
 	}
 	b.punch(i)
 	b.pin.Unlock()

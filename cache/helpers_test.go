@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -156,4 +157,36 @@ func verify(t *testing.T, b *Blob) {
 	if !b.Complete() {
 		t.Fatal("not Complete after Verify")
 	}
+}
+
+// lying returns a FetchFunc over src that flips the byte at off `at` in
+// the first lies fetches that cover it, or in every one if lies < 0.
+func lying(src *source, at int64, lies int32) FetchFunc {
+	var told atomic.Int32
+	return func(ctx context.Context, p []byte, off int64) error {
+		if err := src.fetch(ctx, p, off); err != nil {
+			return err
+		}
+		if at >= off && at < off+int64(len(p)) && (lies < 0 || told.Add(1) <= lies) {
+			p[at-off] ^= 0x5a
+		}
+		return nil
+	}
+}
+
+// readRange reads n bytes at off through b.
+func readRange(b *Blob, off, n int64) ([]byte, error) {
+	p := make([]byte, n)
+	k, err := b.ReadAt(context.Background(), p, off)
+	if err == io.EOF && int64(k) == n {
+		err = nil
+	}
+	return p[:k], err
+}
+
+// blobFiles returns the paths of the data and records files of key in the
+// store at dir.
+func blobFiles(dir string, key digest.Digest) (data, rec string) {
+	base := filepath.Join(dir, "blobs", string(key.Algorithm()), key.Encoded())
+	return base + ".data", base + ".rec"
 }

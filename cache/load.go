@@ -19,7 +19,8 @@ func (s *Store) loadBlob(e *entry, size int64, want digest.Digest) (*blob, error
 		inflight: make(map[int]*flight),
 	}
 	b.unpin = b.pin.RUnlock
-	b.present, b.verified, b.sums = newBitmap(b.n), newBitmap(b.n), make([]uint32, b.n)
+	b.present, b.sums = newBitmap(b.n), make([]uint32, b.n)
+	b.verified, b.fresh = newBitmap(b.n), newBitmap(b.n)
 	if err := b.openFiles(s.blobPath(e.key)); err != nil {
 		return nil, fmt.Errorf("cache: open blob %s: %w", e.key, err)
 	}

@@ -62,7 +62,8 @@ func newOptions(opts []Option) (options, error) {
 type BlobOption func(*blobOptions)
 
 type blobOptions struct {
-	want digest.Digest
+	want  digest.Digest
+	reuse bool
 }
 
 // WithContentDigest names the digest the whole content must hash to when
@@ -72,6 +73,17 @@ type blobOptions struct {
 // Every handle of a key must give the same content digest.
 func WithContentDigest(d digest.Digest) BlobOption {
 	return func(o *blobOptions) { o.want = d }
+}
+
+// WithReuseAfterVerify is for a handle without a table, whose bytes are
+// served before the whole content is verified: bytes stored by an earlier
+// process are served only once the whole content has verified, in this
+// process or the one that stored them (a read of them waits for that, and
+// fetches what it takes); bytes fetched by this process are served as
+// they arrive. So what a restart finds on disk unverified is never served
+// unverified again.
+func WithReuseAfterVerify() BlobOption {
+	return func(o *blobOptions) { o.reuse = true }
 }
 
 // StreamOption tunes one handle opened by Store.Stream.

@@ -24,13 +24,13 @@ func (h *Blob) Verify(ctx context.Context) error {
 	if h.closed.Load() {
 		return ErrClosed
 	}
-	return h.b.verify(ctx, h.fetch)
+	return h.b.verify(ctx, &h.a)
 }
 
-func (b *blob) verify(ctx context.Context, fetch FetchFunc) error {
+func (b *blob) verify(ctx context.Context, a *access) error {
 	for !b.isComplete() {
 		if b.n > 0 {
-			if _, err := b.ensure(ctx, fetch, 0, b.n-1, false); err != nil {
+			if _, err := b.ensure(ctx, a, 0, b.n-1, false); err != nil {
 				return err
 			}
 		}
@@ -93,9 +93,10 @@ func (b *blob) verifyChunk(i int) error {
 	return nil
 }
 
-// checkChunk marks chunk i servable if got, the checksum of bytes read
-// while b.drops was drops, is the one recorded for it, and drops the chunk
-// if not. If a chunk was dropped since, the bytes may not have been the
+// checkChunk marks chunk i servable to handles without a table if got,
+// the checksum of bytes read while b.drops was drops, is the one recorded
+// for it (and to those WithReuseAfterVerify too if the whole content was
+// verified), and drops the chunk if not. If a chunk was dropped since, the bytes may not have been the
 // chunk's, and the check counts for nothing: the caller looks again.
 func (b *blob) checkChunk(i int, got uint32, drops uint64) {
 	b.mu.Lock()
@@ -108,6 +109,9 @@ func (b *blob) checkChunk(i int, got uint32, drops uint64) {
 		b.dropLocked(i)
 	} else if !b.strict {
 		b.verified.set(i)
+		if b.complete {
+			b.fresh.set(i)
+		}
 	}
 }
 
@@ -182,6 +186,7 @@ func (b *blob) verifyWhole(r *verifyRun) (complete bool) {
 		if sum == b.want {
 			b.complete = true
 			for i := range b.n {
+				b.fresh.set(i)
 				b.verified.set(i)
 			}
 			b.queue(appendRecord(nil, recComplete, b.completeSum()))
