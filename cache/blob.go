@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 
 	digest "github.com/opencontainers/go-digest"
+
+	"github.com/weightsnap/weightsnap/chunks"
 )
 
 // The cache's consistency scheme.
@@ -33,7 +35,7 @@ import (
 // without it; others wait for the busy state to end (entry.go). So a key
 // is opened once however many callers want it, and never while it closes.
 //
-// blob.mu guards the state of a blob: checksums, fetches in
+// blob.mu guards the state of a blob: checksums, the table, fetches in
 // flight, the verification run, the byte count, complete, strict, drops,
 // closed and the records queued for the flusher. The bitmaps and the
 // segment list change only under it, and the segments' read-only handles
@@ -48,9 +50,10 @@ import (
 // that may be served holds it for writing: dropping a chunk (the hole
 // punched), moving a range into a segment, closing the files (shutdown,
 // which sets filesClosed, so that no reader pins them afterwards).
-// Checks of stored chunks (verifyChunk, hash) read under it too, then
-// compare blob.drops under blob.mu: if a chunk was dropped, and perhaps
-// fetched again, while they read, what they read counts for nothing.
+// Checks of stored chunks (verifyChunk, checkTableChunk, hash) read under
+// it too, then compare blob.drops under blob.mu: if a chunk was dropped,
+// and perhaps fetched again, while they read, what they read counts for
+// nothing.
 //
 // blob.recMu orders the records file's appends and its closing: a flush
 // takes the queued records under blob.mu, makes the data they describe
@@ -85,17 +88,22 @@ import (
 // chosen when it is opened (access.servable), so that a hit costs the same
 // whatever it trusts:
 //
+//   - trusted, for handles WithTable: the chunk's table chunk was checked
+//     against the table in this process, before it was stored if this
+//     process fetched it, or read back from disk if not (table.go).
 //   - fresh, for handles WithReuseAfterVerify: the chunk was fetched by
-//     this process.
+//     this process, or is trusted.
 //   - verified, for the others: the chunk was fetched, or checked against
 //     its checksum, by this process, or is fresh.
 //
-// So fresh ⊆ verified ⊆ present. Once the whole content hashed to its
-// digest in this process, every chunk is in both; if it was verified by
-// an earlier process (complete on open), a chunk checked against its
-// checksum is fresh too. In strict mode (the whole content failed) no
-// check of a chunk makes it servable: only the whole content's. A blob
-// has one content digest while it is open.
+// So trusted ⊆ fresh ⊆ verified ⊆ present, and a chunk the table vouched
+// for is servable to every handle, whichever fetched it. Once the whole
+// content hashed to its digest in this process, every chunk is in all
+// three; if it was verified by an earlier process (complete on open), a
+// chunk checked against its checksum is fresh too. In strict mode (the
+// whole content failed) no check of a chunk makes it servable: only the
+// whole content's. A blob has at most one table while it is open, the one
+// of every handle that has one; and one content digest.
 
 // FetchFunc fills p with the source's bytes at off: all of p, never past
 // the end of the content. It is called without any cache lock held.
@@ -114,9 +122,12 @@ type Blob struct {
 // access is how one handle fetches, and which chunks it may be served.
 type access struct {
 	fetch FetchFunc
+	// table is the blob's table if the handle was opened with one: it
+	// fetches whole table chunks and checks them before storing them.
+	table *chunks.Table
 	reuse bool // WithReuseAfterVerify
 	// servable is the blob's bitmap of the chunks this handle may be
-	// served: fresh with reuse, else verified.
+	// served: trusted with a table, fresh with reuse, else verified.
 	servable bitmap
 }
 
@@ -134,9 +145,10 @@ type blob struct {
 
 	present bitmap // recorded on disk (or fetched in this process)
 	// The chunks each kind of handle may be served; see the consistency
-	// scheme above. fresh ⊆ verified ⊆ present.
+	// scheme above. trusted ⊆ fresh ⊆ verified ⊆ present.
 	verified bitmap
 	fresh    bitmap
+	trusted  bitmap
 
 	pin         sync.RWMutex
 	unpin       func() // pin.RUnlock, made once: ReadFile's release
@@ -144,6 +156,7 @@ type blob struct {
 
 	mu       sync.Mutex // guards the fields below
 	sums     []uint32
+	table    *chunks.Table // of the handles that have one; set once
 	inflight map[int]*flight
 	vrun     *verifyRun
 	cached   int64
@@ -174,7 +187,7 @@ func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc, opts ...Blo
 	if size < 0 || fetch == nil {
 		return nil, fmt.Errorf("cache: blob %s: invalid size %d or nil fetch", key, size)
 	}
-	o, err := blobOptionsOf(key, opts)
+	o, err := s.blobOptions(key, size, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -225,15 +238,20 @@ func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc, opts ...Blo
 	return h, nil
 }
 
-// blobOptionsOf applies opts to the defaults of a blob of key, and
+// blobOptions applies opts to the defaults of a blob of key and size, and
 // refuses what cannot be used.
-func blobOptionsOf(key digest.Digest, opts []BlobOption) (blobOptions, error) {
+func (s *Store) blobOptions(key digest.Digest, size int64, opts []BlobOption) (blobOptions, error) {
 	o := blobOptions{want: key}
 	for _, opt := range opts {
 		opt(&o)
 	}
 	if err := validDigest(o.want); err != nil {
 		return o, fmt.Errorf("cache: blob %s: content digest: %w", key, err)
+	}
+	if t := o.table; t != nil {
+		if err := s.fits(t, size); err != nil {
+			return o, fmt.Errorf("%w: blob %s: %w", ErrTable, key, err)
+		}
 	}
 	return o, nil
 }
@@ -250,7 +268,15 @@ func (b *blob) handle(fetch FetchFunc, o blobOptions) (*Blob, error) {
 		return nil, fmt.Errorf("%w: %s is open to hash to %s, asked %s", ErrDigestConflict, b.key, b.want, o.want)
 	}
 	a := access{fetch: fetch, servable: b.verified}
-	if o.reuse {
+	switch {
+	case o.table != nil:
+		if b.table == nil {
+			b.table = o.table
+		} else if err := conflict(b.table, o.table); err != nil {
+			return nil, fmt.Errorf("%w: %s: %w", ErrTableConflict, b.key, err)
+		}
+		a.table, a.servable = b.table, b.trusted
+	case o.reuse:
 		a.reuse, a.servable = true, b.fresh
 	}
 	return &Blob{b: b, a: a}, nil

@@ -3,6 +3,7 @@ package cache
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"flag"
 	"io"
@@ -15,6 +16,8 @@ import (
 	"testing"
 
 	digest "github.com/opencontainers/go-digest"
+
+	"github.com/weightsnap/weightsnap/chunks"
 )
 
 const testChunk = 4096
@@ -157,6 +160,16 @@ func verify(t *testing.T, b *Blob) {
 	if !b.Complete() {
 		t.Fatal("not Complete after Verify")
 	}
+}
+
+// tableOf returns the chunk table of data in chunks of chunkSize bytes,
+// built by hand: chunks.Compute refuses chunks as small as the tests use.
+func tableOf(data []byte, chunkSize int64) *chunks.Table {
+	t := &chunks.Table{ChunkSize: chunkSize, Size: int64(len(data))}
+	for off := int64(0); off < int64(len(data)); off += chunkSize {
+		t.Digests = append(t.Digests, sha256.Sum256(data[off:min(off+chunkSize, int64(len(data)))]))
+	}
+	return t
 }
 
 // lying returns a FetchFunc over src that flips the byte at off `at` in

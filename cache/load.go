@@ -20,7 +20,7 @@ func (s *Store) loadBlob(e *entry, size int64, want digest.Digest) (*blob, error
 	}
 	b.unpin = b.pin.RUnlock
 	b.present, b.sums = newBitmap(b.n), make([]uint32, b.n)
-	b.verified, b.fresh = newBitmap(b.n), newBitmap(b.n)
+	b.verified, b.fresh, b.trusted = newBitmap(b.n), newBitmap(b.n), newBitmap(b.n)
 	if err := b.openFiles(s.blobPath(e.key)); err != nil {
 		return nil, fmt.Errorf("cache: open blob %s: %w", e.key, err)
 	}

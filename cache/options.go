@@ -4,6 +4,8 @@ import (
 	"fmt"
 
 	digest "github.com/opencontainers/go-digest"
+
+	"github.com/weightsnap/weightsnap/chunks"
 )
 
 // Option tunes a Store.
@@ -63,6 +65,7 @@ type BlobOption func(*blobOptions)
 
 type blobOptions struct {
 	want  digest.Digest
+	table *chunks.Table
 	reuse bool
 }
 
@@ -73,6 +76,19 @@ type blobOptions struct {
 // Every handle of a key must give the same content digest.
 func WithContentDigest(d digest.Digest) BlobOption {
 	return func(o *blobOptions) { o.want = d }
+}
+
+// WithTable makes t, the chunk table the image's manifest pins for the
+// blob, the unit of trust of the handle: every range it fetches is widened
+// to whole table chunks, each checked against t before any of its bytes
+// is stored or served, and bytes stored by an earlier process are checked
+// against t before they are served. The table must describe the blob's
+// size, in chunks that are a multiple of the store's chunk size (else an
+// error wrapping ErrTable), and be the table of every other handle of the
+// key that has one (else ErrTableConflict). The cache keeps t: it must
+// not change afterwards.
+func WithTable(t *chunks.Table) BlobOption {
+	return func(o *blobOptions) { o.table = t }
 }
 
 // WithReuseAfterVerify is for a handle without a table, whose bytes are

@@ -25,7 +25,8 @@ import (
 // refetched) but never describes data that was not written; a torn or
 // zero-filled tail fails its own checksum and ends the replay. The data
 // checksum catches the rest (bit rot, manual edits) the first time a
-// chunk is read in a process.
+// chunk is read in a process; a chunk table, when a handle has one,
+// checks stored bytes against what the image pins.
 const (
 	recMagic    = "wsnapc1\n"
 	headerSize  = 32
