@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 
 	digest "github.com/opencontainers/go-digest"
+
+	"github.com/weightsnap/weightsnap/chunks"
 )
 
 // The cache's consistency scheme.
@@ -33,24 +35,24 @@ import (
 // without it; others wait for the busy state to end (entry.go). So a key
 // is opened once however many callers want it, and never while it closes.
 //
-// blob.mu guards the state of a blob: checksums, fetches in flight, the
-// verification run, the byte count, complete, strict, drops, closed and
-// the records queued for the flusher. The present and verified bitmaps
-// and the segment list change only under it, and the segments' read-only
-// handles are opened under it. A read of servable bytes does not take it.
-// What file I/O it is held across is bounded: a hole punched, a segment
-// made (at most maxSegmentCopy chunks copied), a segment opened.
+// blob.mu guards the state of a blob: checksums, the table, fetches in
+// flight, the verification run, the byte count, complete, strict, drops,
+// closed and the records queued for the flusher. The bitmaps and the
+// segment list change only under it, and the segments' read-only handles
+// are opened under it. A read of servable bytes does not take it. What
+// file I/O it is held across is bounded: a hole punched, a segment made
+// (at most maxSegmentCopy chunks copied), a segment opened.
 //
 // blob.pin keeps bytes where the storage maps them and their files open.
 // Both read paths use it alike: ReadAt holds it for reading while it sees
-// that its chunks are verified and reads them, ReadFile from that check
+// that its chunks are servable and reads them, ReadFile from that check
 // until its caller releases the range. Whatever moves or destroys bytes
 // that may be served holds it for writing: dropping a chunk (the hole
 // punched), moving a range into a segment, closing the files (shutdown,
 // which sets filesClosed, so that no reader pins them afterwards).
-// Checks of chunks not yet verified (verifyChunk, hash) read under it
-// too, then compare blob.drops under blob.mu: if a chunk was dropped, and
-// perhaps fetched again, while they read, what they read counts for
+// Checks of stored chunks (verifyChunk, checkTableChunk, hash) read under
+// it too, then compare blob.drops under blob.mu: if a chunk was dropped,
+// and perhaps fetched again, while they read, what they read counts for
 // nothing.
 //
 // blob.recMu orders the records file's appends and its closing: a flush
@@ -65,12 +67,11 @@ import (
 //
 // What is read without a lock, each for a reader that must not wait:
 //
-//   - blob.present and blob.verified are atomic bitmaps: Present is asked
-//     before every FUSE read, verified tested on every read. A verified
-//     chunk was checked in this process (against its checksum, or in
-//     strict mode as part of the whole content) and may be served. Bits
-//     are set under blob.mu; verified is cleared only with the pin held
-//     for writing too, so a pinned reader's chunks stay verified.
+//   - blob.present and the servable bitmaps are atomic: Present is asked
+//     before every FUSE read, a handle's servable bitmap tested on every
+//     read (see below). Bits are set under blob.mu; the servable ones are
+//     cleared only with the pin held for writing too, so a pinned reader's
+//     chunks stay servable.
 //   - storage.segs points to a list that is replaced, never changed: a
 //     fetch writes its chunks without a lock, and no segment is made over
 //     chunks in flight.
@@ -82,6 +83,27 @@ import (
 //     stream.mu.
 //   - Blob.closed and Stream.closed make Close idempotent and later calls
 //     fail.
+//
+// What may be served, and to whom. A handle tests one bitmap of its blob,
+// chosen when it is opened (access.servable), so that a hit costs the same
+// whatever it trusts:
+//
+//   - trusted, for handles WithTable: the chunk's table chunk was checked
+//     against the table in this process, before it was stored if this
+//     process fetched it, or read back from disk if not (table.go).
+//   - fresh, for handles WithReuseAfterVerify: the chunk was fetched by
+//     this process, or is trusted.
+//   - verified, for the others: the chunk was fetched, or checked against
+//     its checksum, by this process, or is fresh.
+//
+// So trusted ⊆ fresh ⊆ verified ⊆ present, and a chunk the table vouched
+// for is servable to every handle, whichever fetched it. Once the whole
+// content hashed to its digest in this process, every chunk is in all
+// three; if it was verified by an earlier process (complete on open), a
+// chunk checked against its checksum is fresh too. In strict mode (the
+// whole content failed) no check of a chunk makes it servable: only the
+// whole content's. A blob has at most one table while it is open, the one
+// of every handle that has one; and one content digest.
 
 // FetchFunc fills p with the source's bytes at off: all of p, never past
 // the end of the content. It is called without any cache lock held.
@@ -89,11 +111,24 @@ type FetchFunc func(ctx context.Context, p []byte, off int64) error
 
 // Blob is one handle on cached random-access content. Handles of the same
 // key share one in-memory state and one data file, so bytes are fetched
-// once; each handle carries the FetchFunc of whoever opened it.
+// once; each handle carries the FetchFunc of whoever opened it, and the
+// options it was opened with.
 type Blob struct {
 	b      *blob
-	fetch  FetchFunc
+	a      access
 	closed atomic.Bool
+}
+
+// access is how one handle fetches, and which chunks it may be served.
+type access struct {
+	fetch FetchFunc
+	// table is the blob's table if the handle was opened with one: it
+	// fetches whole table chunks and checks them before storing them.
+	table *chunks.Table
+	reuse bool // WithReuseAfterVerify
+	// servable is the blob's bitmap of the chunks this handle may be
+	// served: trusted with a table, fresh with reuse, else verified.
+	servable bitmap
 }
 
 // blob is the shared state of one key.
@@ -101,14 +136,19 @@ type blob struct {
 	s     *Store
 	e     *entry
 	key   digest.Digest
+	want  digest.Digest // what the whole content must hash to
 	size  int64
 	chunk int64
 	n     int
 	st    storage // the data file and the segments
 	rec   *os.File
 
-	verified bitmap // may be served
-	present  bitmap // recorded on disk (or fetched in this process)
+	present bitmap // recorded on disk (or fetched in this process)
+	// The chunks each kind of handle may be served; see the consistency
+	// scheme above. trusted ⊆ fresh ⊆ verified ⊆ present.
+	verified bitmap
+	fresh    bitmap
+	trusted  bitmap
 
 	pin         sync.RWMutex
 	unpin       func() // pin.RUnlock, made once: ReadFile's release
@@ -116,6 +156,7 @@ type blob struct {
 
 	mu       sync.Mutex // guards the fields below
 	sums     []uint32
+	table    *chunks.Table // of the handles that have one; set once
 	inflight map[int]*flight
 	vrun     *verifyRun
 	cached   int64
@@ -133,15 +174,22 @@ type blob struct {
 	recMu sync.Mutex
 }
 
-// Blob opens the cached content named key, a digest of the whole content,
-// of the given size. Missing chunks are fetched with fetch on demand. Close
-// the handle when done: only then can its data be evicted.
-func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc) (*Blob, error) {
+// Blob opens the cached content named key, a digest, of the given size.
+// Missing chunks are fetched with fetch on demand. Unless opts say
+// otherwise, the whole content must hash to key, and the handle serves
+// bytes before the whole content is verified: checked against a checksum
+// stored with them (which catches a crash or bit rot, not a lying
+// source). Close the handle when done: only then can its data be evicted.
+func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc, opts ...BlobOption) (*Blob, error) {
 	if err := key.Validate(); err != nil {
 		return nil, fmt.Errorf("cache: blob key: %w", err)
 	}
 	if size < 0 || fetch == nil {
 		return nil, fmt.Errorf("cache: blob %s: invalid size %d or nil fetch", key, size)
+	}
+	o, err := s.blobOptions(key, size, opts)
+	if err != nil {
+		return nil, err
 	}
 	k := entryKey{kindBlob, key}
 	s.mu.Lock()
@@ -162,7 +210,12 @@ func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc) (*Blob, err
 		e.refs++
 		s.touchLocked(e)
 		s.mu.Unlock()
-		return &Blob{b: b, fetch: fetch}, nil
+		h, err := b.handle(fetch, o)
+		if err != nil {
+			s.releaseBlob(b)
+			return nil, err
+		}
+		return h, nil
 	}
 	if e == nil {
 		e = &entry{entryKey: k}
@@ -170,21 +223,70 @@ func (s *Store) Blob(key digest.Digest, size int64, fetch FetchFunc) (*Blob, err
 	}
 	s.beginBusyLocked(e)
 	s.mu.Unlock()
-	b, err := s.openBlob(e, size)
+	b, err := s.openBlob(e, size, o.want)
 	if err != nil {
+		return nil, err
+	}
+	h, err := b.handle(fetch, o)
+	if err != nil {
+		s.releaseBlob(b)
 		return nil, err
 	}
 	// Everything may have been fetched before a restart but never verified.
 	b.kickVerify()
 	s.evict()
-	return &Blob{b: b, fetch: fetch}, nil
+	return h, nil
+}
+
+// blobOptions applies opts to the defaults of a blob of key and size, and
+// refuses what cannot be used.
+func (s *Store) blobOptions(key digest.Digest, size int64, opts []BlobOption) (blobOptions, error) {
+	o := blobOptions{want: key}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if err := validDigest(o.want); err != nil {
+		return o, fmt.Errorf("cache: blob %s: content digest: %w", key, err)
+	}
+	if t := o.table; t != nil {
+		if err := s.fits(t, size); err != nil {
+			return o, fmt.Errorf("%w: blob %s: %w", ErrTable, key, err)
+		}
+	}
+	return o, nil
+}
+
+// handle makes a handle on b, which the caller holds a reference of, for
+// a caller with fetch and o.
+func (b *blob) handle(fetch FetchFunc, o blobOptions) (*Blob, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil, ErrClosed
+	}
+	if o.want != b.want {
+		return nil, fmt.Errorf("%w: %s is open to hash to %s, asked %s", ErrDigestConflict, b.key, b.want, o.want)
+	}
+	a := access{fetch: fetch, servable: b.verified}
+	switch {
+	case o.table != nil:
+		if b.table == nil {
+			b.table = o.table
+		} else if err := conflict(b.table, o.table); err != nil {
+			return nil, fmt.Errorf("%w: %s: %w", ErrTableConflict, b.key, err)
+		}
+		a.table, a.servable = b.table, b.trusted
+	case o.reuse:
+		a.reuse, a.servable = true, b.fresh
+	}
+	return &Blob{b: b, a: a}, nil
 }
 
 // openBlob loads the blob of e, which the caller made busy, and makes it
 // e's open blob.
-func (s *Store) openBlob(e *entry, size int64) (*blob, error) {
+func (s *Store) openBlob(e *entry, size int64, want digest.Digest) (*blob, error) {
 	defer s.wg.Done()
-	b, err := s.loadBlob(e, size)
+	b, err := s.loadBlob(e, size, want)
 	s.mu.Lock()
 	lost := err == nil && s.closed // and Close has not seen b: shut it here
 	if err == nil && !lost {
@@ -218,7 +320,7 @@ func (b *blob) punchRun(lo, hi int) {
 func (h *Blob) Size() int64 { return h.b.size }
 
 // Complete reports whether the whole content is cached and was verified
-// against the key.
+// against its digest (the key, or WithContentDigest's).
 func (h *Blob) Complete() bool { return h.b.isComplete() }
 
 // Close releases the handle.

@@ -13,7 +13,10 @@ import (
 	"sync"
 	"testing"
 
+	digest "github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/weightsnap/weightsnap/chunks"
 )
 
 func TestReadMissThenHit(t *testing.T) {
@@ -221,31 +224,46 @@ func TestReadCancelled(t *testing.T) {
 }
 
 func BenchmarkReadAtHit(b *testing.B) {
+	data, key := content(13, 16<<20)
+	tbl, err := chunks.Compute(bytes.NewReader(data), int64(len(data)), chunks.DefaultChunkSize)
+	if err != nil {
+		b.Fatal(err)
+	}
 	for _, size := range []int{128 << 10, 1 << 20} {
-		b.Run(byteSize(size), func(b *testing.B) {
-			s := openStore(b, b.TempDir())
-			data, key := content(13, 16<<20)
-			blob := openBlob(b, s, key, int64(len(data)), newSource(data).fetch)
-			ctx := context.Background()
-			if err := blob.Verify(ctx); err != nil {
-				b.Fatal(err)
+		for _, table := range []bool{false, true} {
+			name := byteSize(size)
+			var opts []BlobOption
+			if table {
+				name, opts = name+"/table", []BlobOption{WithTable(tbl)}
 			}
-			// Warm the verified bits and the page cache.
-			p := make([]byte, size)
-			for off := int64(0); off < int64(len(data)); off += int64(size) {
-				blob.ReadAt(ctx, p, off)
-			}
-			b.SetBytes(int64(size))
-			b.ReportAllocs()
-			b.ResetTimer()
-			off := int64(0)
-			for b.Loop() {
-				if _, err := blob.ReadAt(ctx, p, off); err != nil {
-					b.Fatal(err)
-				}
-				off = (off + int64(size)) % int64(len(data))
-			}
-		})
+			b.Run(name, func(b *testing.B) {
+				benchReadAtHit(b, data, key, size, opts)
+			})
+		}
+	}
+}
+
+func benchReadAtHit(b *testing.B, data []byte, key digest.Digest, size int, opts []BlobOption) {
+	s := openStore(b, b.TempDir())
+	blob := openBlob(b, s, key, int64(len(data)), newSource(data).fetch, opts...)
+	ctx := context.Background()
+	if err := blob.Verify(ctx); err != nil {
+		b.Fatal(err)
+	}
+	// Warm the servable bits and the page cache.
+	p := make([]byte, size)
+	for off := int64(0); off < int64(len(data)); off += int64(size) {
+		blob.ReadAt(ctx, p, off)
+	}
+	b.SetBytes(int64(size))
+	b.ReportAllocs()
+	b.ResetTimer()
+	off := int64(0)
+	for b.Loop() {
+		if _, err := blob.ReadAt(ctx, p, off); err != nil {
+			b.Fatal(err)
+		}
+		off = (off + int64(size)) % int64(len(data))
 	}
 }
 

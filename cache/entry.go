@@ -41,9 +41,9 @@ type entry struct {
 	refs    int // handles (and verification runs) of the open blob or stream
 	b       *blob
 	st      *stream
-	// sealedOK: a sealed stream's file was hashed (or sealed) by this
-	// process and matched its key.
-	sealedOK bool
+	// sealedAs is the digest a sealed stream's file was hashed to (or
+	// sealed as) by this process; "" if none.
+	sealedAs digest.Digest
 }
 
 // beginBusyLocked marks e busy. The caller ends that with endBusyLocked

@@ -19,20 +19,9 @@ type flight struct {
 
 // Fetch makes [off, off+n) present without reading it out: read-ahead and
 // background fill. Contiguous missing chunks are fetched together, up to
-// WithMaxFetch per FetchFunc call; chunks another caller is fetching
-// are waited for.
+// WithMaxFetch per FetchFunc call (whole table chunks with WithTable);
+// chunks another caller is fetching are waited for.
 func (h *Blob) Fetch(ctx context.Context, off, n int64) error {
-	return h.ensureRange(ctx, off, n, false)
-}
-
-// Check makes [off, off+n) present and checks every chunk of it against
-// its checksum, as a read would, without reading it out: after a restart,
-// chunks are trusted only once checked in this process.
-func (h *Blob) Check(ctx context.Context, off, n int64) error {
-	return h.ensureRange(ctx, off, n, true)
-}
-
-func (h *Blob) ensureRange(ctx context.Context, off, n int64, verify bool) error {
 	if h.closed.Load() {
 		return ErrClosed
 	}
@@ -41,7 +30,24 @@ func (h *Blob) ensureRange(ctx context.Context, off, n int64, verify bool) error
 	if !ok {
 		return nil
 	}
-	_, err := b.ensure(ctx, h.fetch, lo, hi, verify)
+	_, err := b.ensure(ctx, &h.a, lo, hi, false)
+	return err
+}
+
+// Check makes [off, off+n) present and servable to this handle, as a read
+// would, without reading it out: after a restart, chunks are trusted only
+// once checked in this process (against their checksum, or the table with
+// WithTable; with WithReuseAfterVerify, only by the whole content).
+func (h *Blob) Check(ctx context.Context, off, n int64) error {
+	if h.closed.Load() {
+		return ErrClosed
+	}
+	b := h.b
+	lo, hi, ok := b.chunkRange(off, n)
+	if !ok {
+		return nil
+	}
+	_, err := b.makeServable(ctx, &h.a, lo, hi)
 	return err
 }
 
@@ -63,12 +69,15 @@ func (h *Blob) Invalidate(off, n int64) {
 	}
 }
 
-// ensure makes chunks [lo, hi] present (and, with verify, checked) using
-// fetch for what nobody is fetching yet. It starts at most one fetch at a
-// time, so chunks it will get to later stay available to other callers
-// (an on-demand reader is not stuck behind a long background Fetch).
-// waited reports whether any fetch was run or waited for.
-func (b *blob) ensure(ctx context.Context, fetch FetchFunc, lo, hi int, verify bool) (waited bool, err error) {
+// ensure makes chunks [lo, hi] present (and, with verify, servable to a)
+// fetching with a what nobody is fetching yet. It starts at most one
+// fetch at a time, so chunks it will get to later stay available to other
+// callers (an on-demand reader is not stuck behind a long background
+// Fetch). waited reports whether any fetch was run or waited for.
+func (b *blob) ensure(ctx context.Context, a *access, lo, hi int, verify bool) (waited bool, err error) {
+	if a.table != nil {
+		lo, hi = b.widen(a.table, lo, hi)
+	}
 	for {
 		progress := false
 		var waits []*flight
@@ -81,17 +90,17 @@ func (b *blob) ensure(ctx context.Context, fetch FetchFunc, lo, hi int, verify b
 			// In strict mode only whole verification makes chunks servable.
 			var check int
 			var run *flight
-			c, check, run = b.nextLocked(c, hi, verify && !b.strict, &waits)
+			c, check, run = b.nextLocked(a, c, hi, verify && !b.strict, &waits)
 			b.mu.Unlock()
 			if check >= 0 {
 				progress = true
-				if err := b.verifyChunk(check); err != nil {
+				if err := b.checkStored(a, check); err != nil {
 					return waited, err
 				}
 			}
 			if run != nil {
 				progress, waited = true, true
-				if err := b.run(ctx, fetch, run); err != nil {
+				if err := b.run(ctx, a, run); err != nil {
 					return waited, err
 				}
 			}
@@ -113,7 +122,10 @@ func (b *blob) ensure(ctx context.Context, fetch FetchFunc, lo, hi int, verify b
 // fetches, which it claims; check is -1 and run nil if there is none.
 // Fetches of others it passes are added to waits. It returns where the
 // scan is to go on. Callers hold b.mu.
-func (b *blob) nextLocked(c, hi int, checking bool, waits *[]*flight) (next, check int, run *flight) {
+func (b *blob) nextLocked(a *access, c, hi int, checking bool, waits *[]*flight) (next, check int, run *flight) {
+	if a.table != nil {
+		return b.nextTableLocked(a.table, c, hi, checking, waits)
+	}
 	for ; c <= hi; c++ {
 		switch {
 		case !b.present.get(c):
@@ -122,14 +134,18 @@ func (b *blob) nextLocked(c, hi int, checking bool, waits *[]*flight) (next, che
 				run = b.startFlightLocked(c, hi)
 				return run.last + 1, -1, run
 			}
-			if n := len(*waits); n == 0 || (*waits)[n-1] != fl {
-				*waits = append(*waits, fl)
-			}
+			addWait(waits, fl)
 		case checking && !b.verified.get(c):
 			return c + 1, c, nil
 		}
 	}
 	return c, -1, nil
+}
+
+func addWait(waits *[]*flight, fl *flight) {
+	if n := len(*waits); n == 0 || (*waits)[n-1] != fl {
+		*waits = append(*waits, fl)
+	}
 }
 
 // startFlightLocked claims the run of missing chunks from first on that
@@ -147,8 +163,9 @@ func (b *blob) startFlightLocked(first, hi int) *flight {
 }
 
 // waitFlights waits for fetches other callers run. A fetch that ended
-// with its caller's context is no error of this caller's: the chunks are
-// missing still, and the next pass of ensure fetches them.
+// with its caller's context, or with a table chunk that did not match, is
+// no error of this caller's: the chunks are missing still, and the next
+// pass of ensure fetches them (and, with a table, checks them) itself.
 func waitFlights(ctx context.Context, waits []*flight) error {
 	for _, fl := range waits {
 		if testHookWait != nil {
@@ -159,7 +176,7 @@ func waitFlights(ctx context.Context, waits []*flight) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		if fl.err != nil && !(isContextErr(fl.err) && ctx.Err() == nil) {
+		if fl.err != nil && !(isContextErr(fl.err) && ctx.Err() == nil) && !errors.Is(fl.err, ErrDigestMismatch) {
 			return fl.err
 		}
 	}
@@ -170,66 +187,97 @@ func isContextErr(err error) bool {
 	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
 
+// haul is what the fetch of a flight brought.
+type haul struct {
+	sums    []uint32 // of the flight's chunks, from its first on; nil: none is kept
+	bad     []bool   // chunks of the flight not kept, if any: their table chunk did not match
+	checked bool     // against the blob's table
+	err     error
+}
+
 // run performs one fetch and publishes its chunks.
-func (b *blob) run(ctx context.Context, fetch FetchFunc, fl *flight) error {
+func (b *blob) run(ctx context.Context, a *access, fl *flight) error {
 	off := int64(fl.first) * b.chunk
 	end := min(b.size, int64(fl.last+1)*b.chunk)
 	bufp := b.s.getBuf()
 	defer b.s.putBuf(bufp)
-	buf := (*bufp)[:end-off]
-	var sums []uint32
-	err := fetch(ctx, buf, off)
-	if err != nil {
-		err = fmt.Errorf("cache: fetch %s [%d, %d): %w", b.key, off, end, err)
-	} else if _, werr := b.st.WriteAt(buf, off); werr != nil {
-		err = fmt.Errorf("cache: store %s [%d, %d): %w", b.key, off, end, werr)
+	buf := *bufp
+	if int64(len(buf)) < end-off {
+		buf = make([]byte, end-off) // a table chunk larger than WithMaxFetch
+	}
+	buf = buf[:end-off]
+	var got haul
+	if a.table != nil {
+		got = b.fetchChecked(ctx, a, buf, off)
+	} else if err := a.fetch(ctx, buf, off); err != nil {
+		got.err = fmt.Errorf("cache: fetch %s [%d, %d): %w", b.key, off, end, err)
+	} else if _, err := b.st.WriteAt(buf, off); err != nil {
+		got.err = fmt.Errorf("cache: store %s [%d, %d): %w", b.key, off, end, err)
 	} else {
-		sums = make([]uint32, 0, fl.last-fl.first+1)
-		for i := fl.first; i <= fl.last; i++ {
-			s := int64(i)*b.chunk - off
-			sums = append(sums, checksum(buf[s:s+b.chunkLen(i)]))
-		}
+		got.sums = b.sumsOf(buf, off, nil)
 	}
 	b.mu.Lock()
-	err = b.landLocked(fl, sums, err)
+	err := b.landLocked(fl, got)
 	full := b.cached == b.size
 	b.mu.Unlock()
-	if err != nil {
-		return err
-	}
 	if full {
 		b.kickVerify()
 	}
-	b.s.evict()
-	return nil
+	if got.sums != nil {
+		b.s.evict()
+	}
+	return err
 }
 
-// landLocked ends flight fl: with err nil, its chunks, whose checksums are
-// sums, are stored and become present (and servable, unless in strict
-// mode). Callers hold b.mu.
-func (b *blob) landLocked(fl *flight, sums []uint32, err error) error {
+// sumsOf returns the checksums of the chunks buf holds from off, a chunk
+// boundary, but for those bad marks.
+func (b *blob) sumsOf(buf []byte, off int64, bad []bool) []uint32 {
+	first := int(off / b.chunk)
+	sums := make([]uint32, chunkCount(int64(len(buf)), b.chunk))
+	for k := range sums {
+		if bad == nil || !bad[k] {
+			s := int64(k) * b.chunk
+			sums[k] = checksum(buf[s : s+b.chunkLen(first+k)])
+		}
+	}
+	return sums
+}
+
+// landLocked ends flight fl: the chunks got kept are stored and become
+// present (and servable, unless in strict mode). It returns got's error.
+// Callers hold b.mu.
+func (b *blob) landLocked(fl *flight, got haul) error {
 	for i := fl.first; i <= fl.last; i++ {
 		delete(b.inflight, i)
 	}
+	err := got.err
 	if b.closed {
 		err = ErrClosed
-	}
-	if err == nil {
-		recs := make([]byte, 0, recordSize*len(sums))
+	} else if got.sums != nil {
+		recs := make([]byte, 0, recordSize*len(got.sums))
 		var n int64
-		for k, sum := range sums {
+		for k, sum := range got.sums {
+			if got.bad != nil && got.bad[k] {
+				continue
+			}
 			i := fl.first + k
 			b.sums[i] = sum
 			b.present.set(i)
 			if !b.strict {
 				b.verified.set(i)
+				b.fresh.set(i)
+				if got.checked {
+					b.trusted.set(i)
+				}
 			}
 			recs = appendRecord(recs, uint64(i), sum)
 			n += b.chunkLen(i)
 		}
 		b.cached += n
 		b.s.usage.Add(n)
-		b.queue(recs)
+		if len(recs) > 0 {
+			b.queue(recs)
+		}
 	}
 	fl.err = err
 	close(fl.done)
@@ -244,9 +292,13 @@ func (b *blob) dropLocked(i int) {
 	b.pin.Lock()
 	b.present.clear(i)
 	b.verified.clear(i)
+	b.fresh.clear(i)
+	b.trusted.clear(i)
 	if b.strict {
 		// Nothing is served until the whole content is verified again.
 		b.verified.clearAll()
+		b.fresh.clearAll()
+		b.trusted.clearAll()
 	}
 	b.punch(i)
 	b.pin.Unlock()

@@ -3,17 +3,21 @@ package cache
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"flag"
 	"io"
 	"log/slog"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
 
 	digest "github.com/opencontainers/go-digest"
+
+	"github.com/weightsnap/weightsnap/chunks"
 )
 
 const testChunk = 4096
@@ -116,9 +120,9 @@ func openStore(t testing.TB, dir string, opts ...Option) *Store {
 	return s
 }
 
-func openBlob(t testing.TB, s *Store, key digest.Digest, size int64, fetch FetchFunc) *Blob {
+func openBlob(t testing.TB, s *Store, key digest.Digest, size int64, fetch FetchFunc, opts ...BlobOption) *Blob {
 	t.Helper()
-	b, err := s.Blob(key, size, fetch)
+	b, err := s.Blob(key, size, fetch, opts...)
 	if err != nil {
 		t.Fatalf("Blob: %v", err)
 	}
@@ -156,4 +160,46 @@ func verify(t *testing.T, b *Blob) {
 	if !b.Complete() {
 		t.Fatal("not Complete after Verify")
 	}
+}
+
+// tableOf returns the chunk table of data in chunks of chunkSize bytes,
+// built by hand: chunks.Compute refuses chunks as small as the tests use.
+func tableOf(data []byte, chunkSize int64) *chunks.Table {
+	t := &chunks.Table{ChunkSize: chunkSize, Size: int64(len(data))}
+	for off := int64(0); off < int64(len(data)); off += chunkSize {
+		t.Digests = append(t.Digests, sha256.Sum256(data[off:min(off+chunkSize, int64(len(data)))]))
+	}
+	return t
+}
+
+// lying returns a FetchFunc over src that flips the byte at off `at` in
+// the first lies fetches that cover it, or in every one if lies < 0.
+func lying(src *source, at int64, lies int32) FetchFunc {
+	var told atomic.Int32
+	return func(ctx context.Context, p []byte, off int64) error {
+		if err := src.fetch(ctx, p, off); err != nil {
+			return err
+		}
+		if at >= off && at < off+int64(len(p)) && (lies < 0 || told.Add(1) <= lies) {
+			p[at-off] ^= 0x5a
+		}
+		return nil
+	}
+}
+
+// readRange reads n bytes at off through b.
+func readRange(b *Blob, off, n int64) ([]byte, error) {
+	p := make([]byte, n)
+	k, err := b.ReadAt(context.Background(), p, off)
+	if err == io.EOF && int64(k) == n {
+		err = nil
+	}
+	return p[:k], err
+}
+
+// blobFiles returns the paths of the data and records files of key in the
+// store at dir.
+func blobFiles(dir string, key digest.Digest) (data, rec string) {
+	base := filepath.Join(dir, "blobs", string(key.Algorithm()), key.Encoded())
+	return base + ".data", base + ".rec"
 }

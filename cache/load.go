@@ -5,19 +5,22 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+
+	digest "github.com/opencontainers/go-digest"
 )
 
-// loadBlob opens the files of the blob of e, of the given size, trusting
-// only what the records say. The caller made e busy: nobody else touches
-// the files meanwhile.
-func (s *Store) loadBlob(e *entry, size int64) (*blob, error) {
+// loadBlob opens the files of the blob of e, of the given size, whose
+// content must hash to want, trusting only what the records say. The
+// caller made e busy: nobody else touches the files meanwhile.
+func (s *Store) loadBlob(e *entry, size int64, want digest.Digest) (*blob, error) {
 	b := &blob{
-		s: s, e: e, key: e.key, size: size, chunk: s.chunkSize,
+		s: s, e: e, key: e.key, want: want, size: size, chunk: s.chunkSize,
 		n:        chunkCount(size, s.chunkSize),
 		inflight: make(map[int]*flight),
 	}
 	b.unpin = b.pin.RUnlock
-	b.present, b.verified, b.sums = newBitmap(b.n), newBitmap(b.n), make([]uint32, b.n)
+	b.present, b.sums = newBitmap(b.n), make([]uint32, b.n)
+	b.verified, b.fresh, b.trusted = newBitmap(b.n), newBitmap(b.n), newBitmap(b.n)
 	if err := b.openFiles(s.blobPath(e.key)); err != nil {
 		return nil, fmt.Errorf("cache: open blob %s: %w", e.key, err)
 	}
@@ -110,5 +113,6 @@ func (b *blob) adopt(r replayed) {
 	if hole >= 0 {
 		b.punchRun(hole, b.n)
 	}
-	b.cached, b.complete = r.cached, r.complete
+	// A complete record vouches for the content digest it names.
+	b.cached, b.complete = r.cached, r.complete && r.completeSum == b.completeSum()
 }

@@ -30,7 +30,7 @@ func (h *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	missed, err := b.pinRange(ctx, h.fetch, off, int64(len(p)))
+	missed, err := b.pinRange(ctx, &h.a, off, int64(len(p)))
 	if err != nil {
 		return 0, err
 	}
@@ -63,7 +63,7 @@ func (h *Blob) ReadFile(ctx context.Context, off, n int64) (f *os.File, fileOff 
 		return nil, 0, nil, io.EOF
 	}
 	n = min(n, b.size-off)
-	missed, err := b.pinRange(ctx, h.fetch, off, n)
+	missed, err := b.pinRange(ctx, &h.a, off, n)
 	if err != nil {
 		return nil, 0, nil, err
 	}
@@ -76,19 +76,19 @@ func (h *Blob) ReadFile(ctx context.Context, off, n int64) (f *os.File, fileOff 
 	return f, fileOff, b.unpin, nil
 }
 
-// pinRange makes the chunks of [off, off+n) servable, fetching or
+// pinRange makes the chunks of [off, off+n) servable to a, fetching or
 // checking those that are not, and returns with them pinned: until
 // b.pin.RUnlock, they stay servable and their bytes stay where b.st maps
 // them. missed reports whether a fetch was run or waited for.
-func (b *blob) pinRange(ctx context.Context, fetch FetchFunc, off, n int64) (missed bool, err error) {
+func (b *blob) pinRange(ctx context.Context, a *access, off, n int64) (missed bool, err error) {
 	lo, hi := int(off/b.chunk), int((off+n-1)/b.chunk)
 	for {
 		b.pin.RLock()
-		if !b.filesClosed && b.verified.all(lo, hi) {
+		if !b.filesClosed && a.servable.all(lo, hi) {
 			return missed, nil
 		}
 		b.pin.RUnlock()
-		waited, err := b.makeServable(ctx, fetch, lo, hi)
+		waited, err := b.makeServable(ctx, a, lo, hi)
 		if err != nil {
 			return missed, err
 		}
@@ -96,17 +96,31 @@ func (b *blob) pinRange(ctx context.Context, fetch FetchFunc, off, n int64) (mis
 	}
 }
 
-// makeServable makes chunks [lo, hi] servable, unless one is dropped
-// meanwhile: in strict mode by verifying the whole content, otherwise by
-// fetching what is missing and checking what an earlier process stored.
-func (b *blob) makeServable(ctx context.Context, fetch FetchFunc, lo, hi int) (waited bool, err error) {
+// makeServable makes chunks [lo, hi] servable to a, unless one is dropped
+// meanwhile: by verifying the whole content in strict mode, or for a
+// handle WithReuseAfterVerify when one of them was stored by an earlier
+// process; otherwise by fetching what is missing and checking what is
+// stored.
+func (b *blob) makeServable(ctx context.Context, a *access, lo, hi int) (waited bool, err error) {
 	b.mu.Lock()
-	strict := b.strict && !b.complete
+	whole := !b.complete && (b.strict || a.reuse && b.storedBeforeLocked(lo, hi))
 	b.mu.Unlock()
-	if strict {
-		return true, b.verify(ctx, fetch)
+	if whole {
+		return true, b.verify(ctx, a)
 	}
-	return b.ensure(ctx, fetch, lo, hi, true)
+	return b.ensure(ctx, a, lo, hi, true)
+}
+
+// storedBeforeLocked reports whether one of chunks [lo, hi] is present but
+// was not fetched in this process, nor vouched for by the table or the
+// whole content since. Callers hold b.mu.
+func (b *blob) storedBeforeLocked(lo, hi int) bool {
+	for i := lo; i <= hi; i++ {
+		if b.present.get(i) && !b.fresh.get(i) {
+			return true
+		}
+	}
+	return false
 }
 
 // readPinned reads p at off, whichever chunks it covers, with the pin

@@ -17,13 +17,16 @@ import (
 //	record (16 bytes): word[8] sum[4] crc32c(bytes 0..11)[4]
 //
 // word holds a chunk index, or a flag: recDrop (the chunk is no longer
-// present) or recComplete (the whole content was verified against the key).
-// sum is the crc32c of the chunk's bytes. Records are appended only after
-// the data they describe was made durable, so after a crash a record may be
-// missing (the chunk is refetched) but never describes data that was not
-// written; a torn or zero-filled tail fails its own checksum and ends the
-// replay. The data checksum catches the rest (bit rot, manual edits) the
-// first time a chunk is read in a process.
+// present) or recComplete (the whole content was verified). sum is the
+// crc32c of the chunk's bytes; in a complete record, that of the digest
+// the content was verified against, or 0 for the key (see completeSum).
+// Records are appended only after the data they describe was made
+// durable, so after a crash a record may be missing (the chunk is
+// refetched) but never describes data that was not written; a torn or
+// zero-filled tail fails its own checksum and ends the replay. The data
+// checksum catches the rest (bit rot, manual edits) the first time a
+// chunk is read in a process; a chunk table, when a handle has one,
+// checks stored bytes against what the image pins.
 const (
 	recMagic    = "wsnapc1\n"
 	headerSize  = 32
@@ -72,7 +75,8 @@ type replayed struct {
 	chunkSize, size int64
 	present         []bool
 	sums            []uint32
-	complete        bool  // a complete record not followed by a drop
+	complete        bool // a complete record not followed by a drop
+	completeSum     uint32
 	valid           int64 // length of the trustworthy prefix of the file
 	cached          int64 // bytes of present chunks
 }
@@ -95,7 +99,7 @@ func replay(raw []byte) (r replayed, ok bool) {
 		}
 		word := binary.LittleEndian.Uint64(rec)
 		if word == recComplete {
-			r.complete = true
+			r.complete, r.completeSum = true, binary.LittleEndian.Uint32(rec[8:])
 			continue
 		}
 		i := word & recIndex
@@ -128,6 +132,16 @@ func chunkCount(size, chunkSize int64) int {
 
 func chunkLen(i, chunkSize, size int64) int64 {
 	return min(chunkSize, size-i*chunkSize)
+}
+
+// completeSum is what a complete record of b holds in its sum: which
+// digest the content was verified against. 0 stands for the key, as in
+// the records of stores that knew no other.
+func (b *blob) completeSum() uint32 {
+	if b.want == b.key {
+		return 0
+	}
+	return checksum([]byte(b.want))
 }
 
 // bitmap is a fixed-size set of chunk indexes that readers test without

@@ -374,8 +374,8 @@ func (b *blob) createSegment(off, n int64, lo, hi int) (*segment, error) {
 
 // FileOf returns a read-only file whose content is exactly [off, off+n)
 // of the blob, at offset 0: the segment of that range, once the blob is
-// Complete and every chunk of the range has been checked in this process
-// (after a restart, see Check). ok is false otherwise. The file stays
+// Complete and every chunk of the range is servable to this handle, as
+// checked in this process (after a restart, see Check). ok is false otherwise. The file stays
 // open while the blob is. A checked chunk of a Complete blob is never
 // dropped while the blob is open (only Invalidate would, which tar layers
 // do not call), so the bytes stay in place for whoever reads the file.
@@ -395,7 +395,7 @@ func (h *Blob) FileOf(off, n int64) (f *os.File, ok bool) {
 	// open is of a local file, once per segment.
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.closed || !b.complete || !b.verified.all(lo, hi) {
+	if b.closed || !b.complete || !h.a.servable.all(lo, hi) {
 		return nil, false
 	}
 	if g.ro == nil {

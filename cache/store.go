@@ -34,8 +34,18 @@ var (
 	// ErrClosed is returned by operations on a closed Store or handle.
 	ErrClosed = errors.New("cache: closed")
 	// ErrDigestMismatch is wrapped by errors about content that does not
-	// hash to its key.
+	// hash to its digest, or a chunk of it that does not match its table.
 	ErrDigestMismatch = errors.New("cache: content does not match its digest")
+	// ErrDigestConflict is returned by Store.Blob and Store.Stream when the
+	// key is open to hash to another digest than the one asked.
+	ErrDigestConflict = errors.New("cache: key is open with another content digest")
+	// ErrTable is wrapped by Store.Blob's error about a chunk table that
+	// does not describe the blob in chunks the store can check.
+	ErrTable = errors.New("cache: chunk table does not fit the blob")
+	// ErrTableConflict is wrapped by Store.Blob's error when the key is
+	// open with another chunk table: the caller can download and verify
+	// the whole blob instead.
+	ErrTableConflict = errors.New("cache: blob is open with another chunk table")
 	// ErrSizeMismatch is returned by Store.Blob when the key is open with
 	// another size.
 	ErrSizeMismatch = errors.New("cache: blob size differs from the open blob's")

@@ -20,8 +20,8 @@ import (
 var testHookStreamWait func()
 
 // Stream is one handle on content produced once, sequentially, of unknown
-// size (the decompressed tar of a compressed layer), keyed by the digest of
-// that content. Handles of the same key share the content; exactly one, the
+// size (the decompressed tar of a compressed layer), keyed by a digest:
+// that of the content, or one the caller chose (WithStreamDigest). Handles of the same key share the content; exactly one, the
 // writer, produces it while the others read what is written so far.
 type Stream struct {
 	st     *stream
@@ -42,10 +42,11 @@ const (
 
 // stream is the shared state of one key.
 type stream struct {
-	s   *Store
-	e   *entry // set when opened; the store's no more once detached (failed)
-	key digest.Digest
-	f   *os.File
+	s    *Store
+	e    *entry // set when opened; the store's no more once detached (failed)
+	key  digest.Digest
+	want digest.Digest // what the content must hash to
+	f    *os.File
 
 	written atomic.Int64
 	size    atomic.Int64                // -1 until sealed
@@ -65,13 +66,18 @@ type streamError struct{ err error }
 // Stream opens the stream named key. The same key yields handles on the
 // same shared content. writer is true for the one caller that must produce
 // the content: it is neither sealed on disk nor being written. A sealed
-// stream opens complete. Close the handle when done.
-func (s *Store) Stream(key digest.Digest) (st *Stream, writer bool, err error) {
+// stream opens complete. The content must hash to key unless opts name
+// another digest. Close the handle when done.
+func (s *Store) Stream(key digest.Digest, opts ...StreamOption) (st *Stream, writer bool, err error) {
 	if err := key.Validate(); err != nil {
 		return nil, false, fmt.Errorf("cache: stream key: %w", err)
 	}
-	if !key.Algorithm().Available() {
-		return nil, false, fmt.Errorf("cache: stream %s: digest algorithm unavailable", key)
+	o := streamOptions{want: key}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if err := validDigest(o.want); err != nil {
+		return nil, false, fmt.Errorf("cache: stream %s: %w", key, err)
 	}
 	k := entryKey{kindStream, key}
 	s.mu.Lock()
@@ -85,6 +91,10 @@ func (s *Store) Stream(key digest.Digest) (st *Stream, writer bool, err error) {
 	}
 	if e != nil && e.st != nil {
 		if e.st.failure.Load() == nil {
+			if e.st.want != o.want {
+				s.mu.Unlock()
+				return nil, false, fmt.Errorf("%w: stream %s is open to hash to %s, asked %s", ErrDigestConflict, key, e.st.want, o.want)
+			}
 			e.refs++
 			s.touchLocked(e)
 			s.mu.Unlock()
@@ -98,10 +108,10 @@ func (s *Store) Stream(key digest.Digest) (st *Stream, writer bool, err error) {
 		e = &entry{entryKey: k}
 		s.entries[k] = e
 	}
-	checked := e.sealedOK
+	checked := e.sealedAs == o.want
 	s.beginBusyLocked(e)
 	s.mu.Unlock()
-	x, err := s.openStream(e, sealed, checked)
+	x, err := s.openStream(e, o.want, sealed, checked)
 	if err != nil {
 		return nil, false, err
 	}
@@ -109,25 +119,29 @@ func (s *Store) Stream(key digest.Digest) (st *Stream, writer bool, err error) {
 	return &Stream{st: x, writer: writer}, writer, nil
 }
 
-// openStream opens the stream of e, which the caller made busy: its sealed
-// file if there is one that matches the key, or else a new one to write.
-func (s *Store) openStream(e *entry, sealed, checked bool) (*stream, error) {
+// openStream opens the stream of e, which the caller made busy, to hash
+// to want: its sealed file if there is one that does, or else a new one
+// to write.
+func (s *Store) openStream(e *entry, want digest.Digest, sealed, checked bool) (*stream, error) {
 	defer s.wg.Done()
 	var x *stream
 	var err error
 	gone := !sealed // no sealed file (any more)
 	if sealed {
-		x, gone, err = s.openSealed(e.key, checked)
+		x, gone, err = s.openSealed(e.key, want, checked)
 	}
 	if gone {
-		x, err = s.createStream(e.key)
+		x, err = s.createStream(e.key, want)
 	}
 	s.mu.Lock()
 	lost := err == nil && s.closed // and Close has not seen x: shut it here
 	if err == nil && !lost {
 		s.usage.Add(x.written.Load() - e.bytes)
 		x.e = e
-		e.st, e.refs, e.sealedOK = x, 1, x.size.Load() >= 0
+		e.st, e.refs, e.sealedAs = x, 1, ""
+		if x.size.Load() >= 0 {
+			e.sealedAs = want
+		}
 		s.touchLocked(e)
 	} else if gone {
 		s.usage.Add(-e.bytes)
@@ -143,11 +157,11 @@ func (s *Store) openStream(e *entry, sealed, checked bool) (*stream, error) {
 }
 
 // openSealed opens the sealed file of key. Unless checked, it first makes
-// sure, once per process, that the file still hashes to its key: unlike
+// sure, once per process, that the file still hashes to want: unlike
 // blob chunks, a stream's bytes carry no checksums of their own. A file
 // that does not match is removed, so the stream is produced again instead
 // of serving wrong bytes; gone reports that, or that the file is missing.
-func (s *Store) openSealed(key digest.Digest, checked bool) (x *stream, gone bool, err error) {
+func (s *Store) openSealed(key, want digest.Digest, checked bool) (x *stream, gone bool, err error) {
 	path := s.streamPath(key)
 	f, err := os.Open(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -159,9 +173,9 @@ func (s *Store) openSealed(key digest.Digest, checked bool) (x *stream, gone boo
 	info, err := f.Stat()
 	if err == nil && !checked {
 		var sum digest.Digest
-		if sum, err = key.Algorithm().FromReader(io.NewSectionReader(f, 0, info.Size())); err == nil && sum != key {
+		if sum, err = want.Algorithm().FromReader(io.NewSectionReader(f, 0, info.Size())); err == nil && sum != want {
 			f.Close()
-			slog.Warn("cache: sealed stream does not match its digest; discarding it", "key", key, "got", sum)
+			slog.Warn("cache: sealed stream does not match its digest; discarding it", "key", key, "want", want, "got", sum)
 			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return nil, false, fmt.Errorf("cache: remove corrupt stream %s: %w", key, err)
 			}
@@ -172,19 +186,20 @@ func (s *Store) openSealed(key digest.Digest, checked bool) (x *stream, gone boo
 		f.Close()
 		return nil, false, fmt.Errorf("cache: open stream %s: %w", key, err)
 	}
-	x = &stream{s: s, key: key, f: f, path: path, state: streamSealed, wake: make(chan struct{})}
+	x = &stream{s: s, key: key, want: want, f: f, path: path, state: streamSealed, wake: make(chan struct{})}
 	x.written.Store(info.Size())
 	x.size.Store(info.Size())
 	return x, false, nil
 }
 
-// createStream makes the file of a stream to be written.
-func (s *Store) createStream(key digest.Digest) (*stream, error) {
+// createStream makes the file of a stream to be written, whose content
+// must hash to want.
+func (s *Store) createStream(key, want digest.Digest) (*stream, error) {
 	f, err := os.CreateTemp(filepath.Join(s.dir, "streams", "tmp"), key.Encoded()+"-*.partial")
 	if err != nil {
 		return nil, fmt.Errorf("cache: create stream %s: %w", key, err)
 	}
-	x := &stream{s: s, key: key, f: f, path: f.Name(), h: key.Algorithm().Hash(), wake: make(chan struct{})}
+	x := &stream{s: s, key: key, want: want, f: f, path: f.Name(), h: want.Algorithm().Hash(), wake: make(chan struct{})}
 	x.size.Store(-1)
 	return x, nil
 }
@@ -341,7 +356,7 @@ func (s *Store) releaseStream(x *stream) {
 		return
 	}
 	e.st = nil
-	e.sealedOK = true // sealed or checked by this process, see below
+	e.sealedAs = x.want // sealed or checked by this process, see below
 	s.beginBusyLocked(e)
 	s.mu.Unlock()
 	// Sealed: a writer's Close aborts and detaches a stream it did not

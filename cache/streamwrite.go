@@ -76,7 +76,8 @@ func (x *stream) detach() {
 }
 
 // Seal ends the stream: it checks that the digest of everything written is
-// the key and makes the content durable. On a mismatch the data is
+// the stream's (the key, or WithStreamDigest's) and makes the content
+// durable. On a mismatch the data is
 // discarded and readers get the error, which wraps ErrDigestMismatch.
 func (h *Stream) Seal() error {
 	if h.closed.Load() {
@@ -110,8 +111,8 @@ func (h *Stream) Seal() error {
 // sealLocked checks the digest of what was written and moves the file,
 // durable, to its final place. Callers hold x.mu.
 func (x *stream) sealLocked() error {
-	if sum := digest.NewDigest(x.key.Algorithm(), x.h); sum != x.key {
-		return fmt.Errorf("%w: stream %s hashes to %s", ErrDigestMismatch, x.key, sum)
+	if sum := digest.NewDigest(x.want.Algorithm(), x.h); sum != x.want {
+		return fmt.Errorf("%w: stream %s hashes to %s, want %s", ErrDigestMismatch, x.key, sum, x.want)
 	}
 	final := x.s.streamPath(x.key)
 	err := x.f.Sync()

@@ -17,19 +17,20 @@ type verifyRun struct {
 }
 
 // Verify fetches whatever is missing and waits until the whole content has
-// been verified against the key. An error wrapping ErrDigestMismatch means
-// the fetched content was wrong; it was discarded.
+// been verified against its digest (the key, or WithContentDigest's). An
+// error wrapping ErrDigestMismatch means the fetched content was wrong; it
+// was discarded.
 func (h *Blob) Verify(ctx context.Context) error {
 	if h.closed.Load() {
 		return ErrClosed
 	}
-	return h.b.verify(ctx, h.fetch)
+	return h.b.verify(ctx, &h.a)
 }
 
-func (b *blob) verify(ctx context.Context, fetch FetchFunc) error {
+func (b *blob) verify(ctx context.Context, a *access) error {
 	for !b.isComplete() {
 		if b.n > 0 {
-			if _, err := b.ensure(ctx, fetch, 0, b.n-1, false); err != nil {
+			if _, err := b.ensure(ctx, a, 0, b.n-1, false); err != nil {
 				return err
 			}
 		}
@@ -92,9 +93,10 @@ func (b *blob) verifyChunk(i int) error {
 	return nil
 }
 
-// checkChunk marks chunk i servable if got, the checksum of bytes read
-// while b.drops was drops, is the one recorded for it, and drops the chunk
-// if not. If a chunk was dropped since, the bytes may not have been the
+// checkChunk marks chunk i servable to handles without a table if got,
+// the checksum of bytes read while b.drops was drops, is the one recorded
+// for it (and to those WithReuseAfterVerify too if the whole content was
+// verified), and drops the chunk if not. If a chunk was dropped since, the bytes may not have been the
 // chunk's, and the check counts for nothing: the caller looks again.
 func (b *blob) checkChunk(i int, got uint32, drops uint64) {
 	b.mu.Lock()
@@ -107,6 +109,9 @@ func (b *blob) checkChunk(i int, got uint32, drops uint64) {
 		b.dropLocked(i)
 	} else if !b.strict {
 		b.verified.set(i)
+		if b.complete {
+			b.fresh.set(i)
+		}
 	}
 }
 
@@ -178,12 +183,14 @@ func (b *blob) verifyWhole(r *verifyRun) (complete bool) {
 		if b.drops != drops {
 			continue // hash again if a refetch made the blob whole again
 		}
-		if sum == b.key {
+		if sum == b.want {
 			b.complete = true
 			for i := range b.n {
+				b.trusted.set(i)
+				b.fresh.set(i)
 				b.verified.set(i)
 			}
-			b.queue(appendRecord(nil, recComplete, 0))
+			b.queue(appendRecord(nil, recComplete, b.completeSum()))
 			b.syncRec = true
 			return true
 		}
@@ -194,8 +201,8 @@ func (b *blob) verifyWhole(r *verifyRun) (complete bool) {
 		for i := range b.n {
 			b.dropLocked(i)
 		}
-		r.err = fmt.Errorf("%w: blob %s hashes to %s", ErrDigestMismatch, b.key, sum)
-		slog.Error("cache: blob content does not match its digest; discarded", "key", b.key, "got", sum)
+		r.err = fmt.Errorf("%w: blob %s hashes to %s, want %s", ErrDigestMismatch, b.key, sum, b.want)
+		slog.Error("cache: blob content does not match its digest; discarded", "key", b.key, "want", b.want, "got", sum)
 		return false
 	}
 	// Dropped since the run was started: inconclusive, and a hash would
@@ -204,15 +211,12 @@ func (b *blob) verifyWhole(r *verifyRun) (complete bool) {
 	return false
 }
 
-// hash computes the digest of the content, with the key's algorithm.
+// hash computes the digest of the content, with the algorithm of b.want.
 // Chunks not yet checked in this process are checked against their
 // checksums on the way: a corrupt one is dropped (which makes the run
 // inconclusive) rather than failing the whole content.
 func (b *blob) hash(ctx context.Context) (digest.Digest, error) {
-	alg := b.key.Algorithm()
-	if !alg.Available() {
-		return "", fmt.Errorf("cache: blob %s: digest algorithm unavailable", b.key)
-	}
+	alg := b.want.Algorithm()
 	h := alg.Hash()
 	bufp := b.s.getBuf()
 	defer b.s.putBuf(bufp)
