@@ -28,6 +28,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/weightsnap/weightsnap/chunks"
+
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
@@ -159,7 +161,16 @@ func pushImage(t testing.TB, addr, repoTag string, entrypoint []string, layers .
 	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
 	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
 	for _, l := range layers {
-		img, err = mutate.AppendLayers(img, static.NewLayer(l, types.OCIUncompressedLayer))
+		// With a chunk table, as pack makes layers: served lazily under
+		// weightsnapd's default unverified_layers = "full".
+		tab, err := chunks.Compute(bytes.NewReader(l), int64(len(l)), testutil.TableChunkSize)
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err = mutate.Append(img, mutate.Addendum{
+			Layer:       static.NewLayer(l, types.OCIUncompressedLayer),
+			Annotations: map[string]string{chunks.Annotation: tab.Encode()},
+		})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -396,7 +396,7 @@ func lazyWaitSealed(t *testing.T, cacheDir string, f testutil.Format, blobs []te
 		return
 	}
 	for _, b := range blobs {
-		p := filepath.Join(cacheDir, "streams", "sha256", strings.TrimPrefix(b.DiffID, "sha256:"))
+		p := filepath.Join(cacheDir, "streams", "sha256", strings.TrimPrefix(b.Digest(), "sha256:"))
 		lazyWaitFor(t, "stream "+p+" sealed", func() bool { _, err := os.Stat(p); return err == nil })
 	}
 }

@@ -103,7 +103,7 @@ func TestStreamReadBeforeComplete(t *testing.T) {
 	open := func(context.Context) (io.ReadCloser, error) { opens++; return pr, nil }
 	streams, meta := newMemStreams(), newMemMeta()
 	d := Descriptor{Digest: sha(blob), MediaType: mtGzip, DiffID: sha(tarb)}
-	l, err := openStream(ctx, d, open, streams, meta, defaultExpansion)
+	l, err := openStream(ctx, d, options{open: open, streams: streams, meta: meta, expansion: defaultExpansion})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -120,7 +120,7 @@ func TestStreamReadBeforeComplete(t *testing.T) {
 	}
 	// The second half of the blob has not been handed over yet: the read
 	// above was served from a stream that is not complete.
-	if st := streams.m[d.DiffID]; st.Done() || st.Written() >= int64(len(tarb)) {
+	if st := streams.m[d.Digest]; st.Done() || st.Written() >= int64(len(tarb)) {
 		t.Fatalf("stream complete before the blob was: written %d of %d", st.Written(), len(tarb))
 	}
 	releaseAll()
@@ -146,7 +146,7 @@ func TestStreamReadBeforeComplete(t *testing.T) {
 		if i == 1 {
 			delete(meta.m, tarIndexName(d.DiffID.String())) // index rebuilt from the stream
 		}
-		l2, err := openStream(ctx, d, noOpen, streams, meta, defaultExpansion)
+		l2, err := openStream(ctx, d, options{open: noOpen, streams: streams, meta: meta, expansion: defaultExpansion})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -175,12 +175,12 @@ func TestStreamFollowerWhileWriting(t *testing.T) {
 	t.Cleanup(func() { pw.CloseWithError(errors.New("test over")) })
 	streams := newMemStreams()
 	d := Descriptor{Digest: sha(blob), MediaType: mtZstd, DiffID: sha(tarb)}
-	writer, err := openStream(ctx, d, func(context.Context) (io.ReadCloser, error) { return pr, nil }, streams, newMemMeta(), defaultExpansion)
+	writer, err := openStream(ctx, d, options{open: func(context.Context) (io.ReadCloser, error) { return pr, nil }, streams: streams, meta: newMemMeta(), expansion: defaultExpansion})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { writer.Close() })
-	follower, err := openStream(ctx, d, nil, streams, newMemMeta(), defaultExpansion)
+	follower, err := openStream(ctx, d, options{open: nil, streams: streams, meta: newMemMeta(), expansion: defaultExpansion})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +221,7 @@ func TestStreamFailures(t *testing.T) {
 			ctx := testCtx(t)
 			streams := newMemStreams()
 			d := Descriptor{Digest: sha(c.blob), MediaType: mtGzip, DiffID: sha(c.diffID)}
-			l, err := openStream(ctx, d, opener(c.blob), streams, newMemMeta(), defaultExpansion)
+			l, err := openStream(ctx, d, options{open: opener(c.blob), streams: streams, meta: newMemMeta(), expansion: defaultExpansion})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -233,7 +233,7 @@ func TestStreamFailures(t *testing.T) {
 				t.Fatalf("lookup of a missing name after failure: %v", err)
 			}
 			// A follower sees the failure too.
-			f, err := openStream(ctx, d, nil, streams, newMemMeta(), defaultExpansion)
+			f, err := openStream(ctx, d, options{open: nil, streams: streams, meta: newMemMeta(), expansion: defaultExpansion})
 			if err != nil {
 				t.Fatal(err)
 			}

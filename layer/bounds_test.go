@@ -253,7 +253,7 @@ func TestStreamBombAborted(t *testing.T) {
 				t.Fatal(err)
 			}
 			_, err = op.ReadDir(ctx, "")
-			st := streams.m[diffID]
+			st := streams.m[d.Digest]
 			allowed := defaultExpansion.allowed(d.Size)
 			if st.Done() || st.err == nil || st.Written() > allowed {
 				t.Errorf("stream sealed %v, error %v, %d MiB written; want aborted within %d MiB", st.Done(), st.err, st.Written()>>20, allowed>>20)

@@ -113,19 +113,19 @@ func newDiscardingStreams(keep int64) *memStreams {
 	return s
 }
 
-func (s *memStreams) Stream(key digest.Digest) (Stream, bool, error) {
+func (s *memStreams) Stream(key, content digest.Digest) (Stream, bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if st, ok := s.m[key]; ok {
 		return &streamHandle{st}, false, nil
 	}
-	st := &memStream{key: key, changed: make(chan struct{}), keep: s.keep, h: sha256.New()}
+	st := &memStream{key: content, changed: make(chan struct{}), keep: s.keep, h: sha256.New()}
 	s.m[key] = st
 	return &streamHandle{st}, true, nil
 }
 
 type memStream struct {
-	key     digest.Digest
+	key     digest.Digest // what the content must hash to
 	mu      sync.Mutex
 	buf     []byte
 	keep    int64 // if > 0, bytes past it are hashed and counted, not kept

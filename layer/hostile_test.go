@@ -121,7 +121,7 @@ func TestHostileStructureErrors(t *testing.T) {
 			}
 			// Streamed, the same bytes fail the index too (they may even
 			// match their diff ID: the check is the tar's, not the digest's).
-			l, err := openStream(ctx, Descriptor{Digest: sha(b), DiffID: sha(b)}, opener(b), newMemStreams(), nil, defaultExpansion)
+			l, err := openStream(ctx, Descriptor{Digest: sha(b), DiffID: sha(b)}, options{open: opener(b), streams: newMemStreams(), expansion: defaultExpansion})
 			if err != nil {
 				t.Fatal(err)
 			}

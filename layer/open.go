@@ -10,6 +10,8 @@ import (
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
+
+	"github.com/weightsnap/weightsnap/chunks"
 )
 
 // Opened is an open layer and what it can do beyond the Layer methods;
@@ -37,6 +39,8 @@ type options struct {
 	streams   StreamStore
 	meta      MetaStore
 	expansion expansion
+	table     *chunks.Table
+	verified  bool
 }
 
 // WithStreams lets Open stream a compressed layer it cannot read by range:
@@ -63,10 +67,36 @@ func WithMaxExpansion(ratio, limit int64) Option {
 	}
 }
 
+// WithTable gives the chunk table of the blob (see package chunks), which
+// a streamed layer checks each chunk against before decompressing it. A
+// layer read by range is checked by its Source instead.
+func WithTable(t *chunks.Table) Option {
+	return func(o *options) { o.table = t }
+}
+
 // WithMeta keeps built indexes in meta, so that the next open of the same
-// blob does not build them again.
+// blob does not build them again. Only indexes of verified bytes are kept
+// and reused: a streamed layer's once its stream verified, a tar or TOC
+// index only WithVerifiedSource. Otherwise an image could plant, under a
+// blob's digest, the index of other bytes for every later mount of it.
 func WithMeta(meta MetaStore) Option {
 	return func(o *options) { o.meta = meta }
+}
+
+// WithVerifiedSource says that the Source's bytes were verified against
+// the blob digest (the whole blob is cached and checked), so that indexes
+// read from it may be kept and reused (WithMeta).
+func WithVerifiedSource() Option {
+	return func(o *options) { o.verified = true }
+}
+
+// rangeMeta is the MetaStore of a layer read by range: none unless its
+// Source is verified.
+func (o options) rangeMeta() MetaStore {
+	if o.verified {
+		return o.meta
+	}
+	return nil
 }
 
 // Open opens a layer in the format its media type names, looking at the
@@ -95,7 +125,7 @@ func Open(ctx context.Context, d Descriptor, src Source, opts ...Option) (*Opene
 	if src != nil {
 		switch kind {
 		case "tar":
-			l, err := openTar(ctx, d, src, o.meta)
+			l, err := openTar(ctx, d, src, o.rangeMeta())
 			if err != nil {
 				return nil, err
 			}
@@ -106,7 +136,7 @@ func Open(ctx context.Context, d Descriptor, src Source, opts ...Option) (*Opene
 			return op, nil
 		case "compressed":
 			if mayHaveTOC(d) && hasTOCFooter(ctx, src) {
-				l, err := openStargz(ctx, d, src, o.meta)
+				l, err := openStargz(ctx, d, src, o.rangeMeta())
 				if err == nil {
 					return &Opened{Layer: l}, nil
 				}
@@ -119,7 +149,7 @@ func Open(ctx context.Context, d Descriptor, src Source, opts ...Option) (*Opene
 	if o.streams == nil {
 		return nil, fmt.Errorf("layer %s (%s): %w: needs a stream store", d.Digest, d.MediaType, ErrUnsupported)
 	}
-	l, err := openStream(ctx, d, o.open, o.streams, o.meta, o.expansion)
+	l, err := openStream(ctx, d, o)
 	if err != nil {
 		return nil, err
 	}

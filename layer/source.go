@@ -52,11 +52,14 @@ type Stream interface {
 	Close() error
 }
 
-// StreamStore provides Streams keyed by the sha256 of their content (a
-// layer's diff ID). The first opener of a key that is not yet complete is
-// the writer (the bool result); other openers only read.
+// StreamStore provides Streams, each under a key (a layer's blob digest)
+// and checked against the digest of its content (the layer's diff ID) at
+// Seal. The first opener of a key that is not yet complete is the writer
+// (the bool result); other openers only read.
 type StreamStore interface {
-	Stream(key digest.Digest) (Stream, bool, error)
+	// Stream opens the stream named key, whose content must hash to
+	// content at Seal.
+	Stream(key, content digest.Digest) (Stream, bool, error)
 }
 
 // MetaStore keeps small derived records (serialized indexes) so that a

@@ -12,6 +12,8 @@ import (
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/weightsnap/weightsnap/chunks"
 )
 
 var (
@@ -35,7 +37,7 @@ type streamLayer struct {
 }
 
 // openStream serves a gzip or zstd (or uncompressed) tar that has no
-// index. The writer of the Stream keyed by d.DiffID streams the blob from
+// index. The writer of the Stream keyed by d.Digest streams the blob from
 // open in one background goroutine, decompressing into the Stream while
 // indexing the tar headers as they pass: Lookup returns as soon as the
 // entry has been seen, ReadDir waits for the end, ReadAt waits until the
@@ -45,18 +47,27 @@ type streamLayer struct {
 // Failures (truncated or corrupt data, a diff ID mismatch at Seal) are
 // reported to every waiter.
 //
-// Bytes read before the stream completes are not yet covered by the diff
-// ID check, which happens at Seal. A blob that decompresses past what exp
-// allows is aborted as corrupt.
-func openStream(ctx context.Context, d Descriptor, open func(ctx context.Context) (io.ReadCloser, error), streams StreamStore, meta MetaStore, exp expansion) (Layer, error) {
+// With a chunk table (WithTable), every chunk of the blob is checked
+// before it is decompressed, so every byte served is; without one, bytes
+// read before the stream completes are covered only by the checks at its
+// end: the blob digest, then the diff ID at Seal. A blob that decompresses
+// past what WithMaxExpansion allows is aborted as corrupt.
+func openStream(ctx context.Context, d Descriptor, o options) (Layer, error) {
 	if err := d.DiffID.Validate(); err != nil {
 		return nil, fmt.Errorf("stream layer %s: diff ID: %w", d.Digest, err)
 	}
-	st, writer, err := streams.Stream(d.DiffID)
-	if err != nil {
-		return nil, fmt.Errorf("stream layer %s: open stream %s: %w", d.Digest, d.DiffID, err)
+	if err := d.Digest.Validate(); err != nil {
+		return nil, fmt.Errorf("stream layer: blob digest: %w", err)
 	}
-	name := tarIndexName(d.DiffID.String())
+	// Kept under the blob's digest, not the DiffID the image claims: an
+	// image that claims another's DiffID streams its own blob, and its
+	// Seal fails.
+	st, writer, err := o.streams.Stream(d.Digest, d.DiffID)
+	if err != nil {
+		return nil, fmt.Errorf("stream layer %s: open stream: %w", d.Digest, err)
+	}
+	open, meta, exp := o.open, o.meta, o.expansion
+	name := tarIndexName(d.Digest.String())
 	x := loadIndex(ctx, meta, name, d.Digest.String())
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	l := &streamLayer{idx: x, st: st, exp: exp, cancel: cancel, done: make(chan struct{})}
@@ -73,7 +84,7 @@ func openStream(ctx context.Context, d Descriptor, open func(ctx context.Context
 			cancel()
 			return nil, err
 		}
-		go l.write(bg, d, open, build, meta, name)
+		go l.write(bg, d, o.table, open, build, meta, name)
 	case build:
 		go l.follow(bg, d, meta, name)
 	default:
@@ -83,9 +94,9 @@ func openStream(ctx context.Context, d Descriptor, open func(ctx context.Context
 }
 
 // write streams the blob into the Stream, as the Stream's writer.
-func (l *streamLayer) write(ctx context.Context, d Descriptor, open func(context.Context) (io.ReadCloser, error), build bool, meta MetaStore, name string) {
+func (l *streamLayer) write(ctx context.Context, d Descriptor, table *chunks.Table, open func(context.Context) (io.ReadCloser, error), build bool, meta MetaStore, name string) {
 	defer close(l.done)
-	err := l.pump(ctx, d.Size, open, build)
+	err := l.pump(ctx, d, table, open, build)
 	if err == nil {
 		if err = l.st.Seal(); err != nil {
 			err = fmt.Errorf("%w: stream layer %s: sealing %s: %w", ErrVerify, d.Digest, d.DiffID, err)
@@ -103,14 +114,16 @@ func (l *streamLayer) write(ctx context.Context, d Descriptor, open func(context
 	}
 }
 
-// pump streams the blob, of declared size (0 if unknown), into the Stream.
-func (l *streamLayer) pump(ctx context.Context, declared int64, open func(context.Context) (io.ReadCloser, error), build bool) error {
+// pump streams the blob d describes into the Stream, decompressing only
+// bytes checked against table, when there is one, and the whole blob
+// against its digest at the end.
+func (l *streamLayer) pump(ctx context.Context, d Descriptor, table *chunks.Table, open func(context.Context) (io.ReadCloser, error), build bool) error {
 	rc, err := open(ctx)
 	if err != nil {
 		return fmt.Errorf("opening blob: %w", err)
 	}
 	defer rc.Close()
-	blob, bound := l.exp.bound(rc, declared)
+	blob, bound := l.exp.bound(newCheckedReader(rc, d.Digest, table), d.Size)
 	br := bufio.NewReaderSize(blob, 64<<10)
 	magic, _ := br.Peek(4)
 	var dec io.Reader = br
@@ -179,7 +192,7 @@ func (p *pumpReader) Read(b []byte) (int, error) {
 		p.pos += int64(n)
 	}
 	if err != nil && err != io.EOF && !errors.Is(err, ErrCorrupt) {
-		err = fmt.Errorf("%w: decompressing at %d: %v", ErrCorrupt, p.pos, err)
+		err = fmt.Errorf("%w: decompressing at %d: %w", ErrCorrupt, p.pos, err)
 	}
 	return n, err
 }

@@ -2,9 +2,11 @@ package lazy
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"time"
 
+	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/metrics"
 	"github.com/weightsnap/weightsnap/prefetch"
 	"github.com/weightsnap/weightsnap/remote"
@@ -60,9 +62,14 @@ func (m *Manager) fill(ctx context.Context, sl *sharedLayer) {
 		err = sl.blob.Check(ctx, 0, sl.blob.Size())
 	}
 	if err != nil {
-		if ctx.Err() == nil {
-			slog.Warn("layer not verified", "layer", label, "err", err)
+		if ctx.Err() != nil {
+			return
 		}
+		if sl.trust.lazy() && errors.Is(err, cache.ErrDigestMismatch) {
+			m.failLayer(sl, err)
+			return
+		}
+		slog.Warn("layer not verified", "layer", label, "err", err)
 		return
 	}
 	metrics.LayerVerified.WithLabelValues(label).Set(1)

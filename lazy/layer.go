@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -22,6 +23,9 @@ import (
 // sharedLayer is one opened layer, shared by every mount of its digest.
 type sharedLayer struct {
 	desc    layer.Descriptor
+	image   string // the image that opened it, for logs
+	trust   trust
+	failed  atomic.Pointer[error] // set once, when found wrong (trust.go)
 	blob    *cache.Blob
 	l       *layer.Opened
 	readers *prefetch.Readers // nil unless file contents are blob ranges
@@ -34,28 +38,38 @@ type sharedLayer struct {
 	filled      chan struct{} // closed when background fill has returned
 }
 
-// open opens the layer dl describes: its blob in the cache, its index,
-// the segments of its large files, and its background fill.
+// open opens the layer dl describes: its blob in the cache, checked as
+// its image allows (trust.go), its index, the segments of its large files,
+// and its background fill.
 func (m *Manager) open(ctx context.Context, dl described) (*sharedLayer, error) {
 	desc := dl.desc
-	rb, err := m.reg.OpenBlob(ctx, dl.repo, desc.Digest, desc.Size)
+	rb, err := m.openBlob(ctx, dl)
 	if err != nil {
 		return nil, err
 	}
-	blob, err := m.store.Blob(desc.Digest, desc.Size, fetchFunc(rb))
+	tr, err := m.trustOf(dl)
 	if err != nil {
 		return nil, err
+	}
+	blob, err := m.store.Blob(tr.key, desc.Size, fetchFunc(rb), tr.blobOptions()...)
+	if err != nil {
+		if errors.Is(err, cache.ErrTable) || errors.Is(err, cache.ErrTableConflict) {
+			return nil, fmt.Errorf("%w: layer %s of %s: %v", ErrUnsupported, desc.Digest, dl.image, err)
+		}
+		return nil, err
+	}
+	if err := tr.before(ctx, blob); err != nil {
+		blob.Close()
+		return nil, fmt.Errorf("layer %s of %s: %w", desc.Digest, dl.image, err)
 	}
 	// Read-ahead around the tar headers read to build the index waits
 	// until segment has given the large files their own cache files, so
 	// that their first spans are not written to the data file only to be
 	// moved.
 	src := &readAround{Blob: blob, sched: m.sched, deferring: true}
-	opener := func(ctx context.Context) (io.ReadCloser, error) {
-		return rb.Open(remote.WithReason(ctx, "stream"), 0)
-	}
+	opener := tr.opener(rb, blob)
 	t0 := time.Now()
-	l, err := layer.Open(ctx, desc, src, layer.WithStreams(opener, streamStore{m.store}), layer.WithMeta(m.store))
+	l, err := layer.Open(ctx, desc, src, tr.layerOptions(opener, m.store, blob)...)
 	if err != nil {
 		blob.Close()
 		if errors.Is(err, layer.ErrUnsupported) {
@@ -64,8 +78,9 @@ func (m *Manager) open(ctx context.Context, dl described) (*sharedLayer, error) 
 		return nil, err
 	}
 	bg, cancel := context.WithCancel(context.Background())
-	sl := &sharedLayer{desc: desc, blob: blob, l: l, cancel: cancel,
+	sl := &sharedLayer{desc: desc, image: dl.image, trust: tr, blob: blob, cancel: cancel,
 		used: make(chan struct{}), mounted: make(chan struct{}), filled: make(chan struct{})}
+	sl.l = sl.guard(l)
 	if l.Ranges != nil {
 		sl.readers = prefetch.NewReaders(m.sched.SpanSize(), m.opt.maxReadAhead)
 	}
@@ -74,13 +89,50 @@ func (m *Manager) open(ctx context.Context, dl described) (*sharedLayer, error) 
 		sl.segment()
 	}
 	src.startReadAhead()
-	slog.Debug("layer opened", "layer", desc.Digest, "image", dl.image, "index", indexed.Sub(t0), "segments", time.Since(indexed))
-	if m.opt.backgroundFill && !l.Streamed {
-		go m.fillWhenUsed(bg, sl)
-	} else {
-		close(sl.filled)
-	}
+	slog.Debug("layer opened", "layer", desc.Digest, "image", dl.image, "verification", tr.label(), "index", indexed.Sub(t0), "segments", time.Since(indexed))
+	metrics.LayersOpened.WithLabelValues(tr.label()).Inc()
+	m.startBackground(bg, sl)
 	return sl, nil
+}
+
+// startBackground starts what runs for sl until it closes: the fill of
+// its blob, and, for a layer served before it verified, the check that
+// fails it if it does not.
+func (m *Manager) startBackground(ctx context.Context, sl *sharedLayer) {
+	unverified := sl.trust.lazy()
+	switch {
+	case sl.l.Streamed && unverified:
+		// The stream checks the blob and the DiffID at its end; the
+		// index is complete once it ended.
+		go func() {
+			defer close(sl.filled)
+			if _, err := sl.l.ReadDir(ctx, ""); err != nil && ctx.Err() == nil {
+				m.failLayer(sl, err)
+			}
+		}()
+	case sl.l.Streamed, !m.opt.backgroundFill && !unverified:
+		close(sl.filled)
+	default: // what is served unverified is filled and checked, always
+		go m.fillWhenUsed(ctx, sl)
+	}
+}
+
+// openBlob opens the blob of dl, refusing one whose size the manifest
+// and the registry disagree on, or that the cache could never hold, before
+// anything is allocated for it.
+func (m *Manager) openBlob(ctx context.Context, dl described) (*remote.Blob, error) {
+	desc := dl.desc
+	if c := m.store.Capacity(); desc.Size > c {
+		return nil, fmt.Errorf("%w: layer %s of %s: its manifest says %d bytes, more than the cache holds (%d)", layer.ErrCorrupt, desc.Digest, dl.image, desc.Size, c)
+	}
+	rb, err := m.reg.OpenBlob(ctx, dl.repo, desc.Digest, -1) // -1: ask the registry
+	if err != nil {
+		return nil, err
+	}
+	if rb.Size() != desc.Size {
+		return nil, fmt.Errorf("%w: layer %s of %s: its manifest says %d bytes, the registry %d", layer.ErrCorrupt, desc.Digest, dl.image, desc.Size, rb.Size())
+	}
+	return rb, nil
 }
 
 // fetchFunc is how the cache fetches the missing chunks of rb.
@@ -159,11 +211,18 @@ func (m *Manager) closeLayer(_ layerKey, sl *sharedLayer) {
 	sl.blob.Close()
 }
 
-// streamStore adapts the cache's concrete Stream to layer.StreamStore.
-type streamStore struct{ s *cache.Store }
+// streamStore adapts the cache's Streams to layer.StreamStore. Streams of
+// unverified bytes are kept under a key of their source's (namespace).
+type streamStore struct {
+	s         *cache.Store
+	namespace string
+}
 
-func (s streamStore) Stream(key digest.Digest) (layer.Stream, bool, error) {
-	st, w, err := s.s.Stream(key)
+func (s streamStore) Stream(key, content digest.Digest) (layer.Stream, bool, error) {
+	if s.namespace != "" {
+		key = digest.FromString(s.namespace + "@" + key.String())
+	}
+	st, w, err := s.s.Stream(key, cache.WithStreamDigest(content))
 	if err != nil {
 		return nil, false, err
 	}

@@ -74,6 +74,7 @@ type mount interface {
 	Unmount() error
 	Done() <-chan struct{}
 	Mountpoint() string
+	Invalidate()
 }
 
 type layerMount struct {

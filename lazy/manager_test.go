@@ -8,8 +8,10 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -20,7 +22,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
+	ggcrremote "github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/weightsnap/weightsnap/cache"
@@ -39,6 +44,9 @@ type gatedRegistry struct {
 	open    chan struct{} // closed: GETs pass
 	waiting chan struct{} // receives once per GET that waits
 	blobGET atomic.Int32
+	// corrupt, set before use, makes every 'h' of a blob past its first
+	// KiB (its first tar header) an 'X', as a lying mirror would.
+	corrupt bool
 }
 
 func newGatedRegistry(t *testing.T) *gatedRegistry {
@@ -62,10 +70,38 @@ func newGatedRegistry(t *testing.T) *gatedRegistry {
 				}
 			}
 		}
+		if g.corrupt && strings.Contains(r.URL.Path, "/blobs/") {
+			w = &corruptWriter{ResponseWriter: w, off: rangeStart(r)}
+		}
 		reg.ServeHTTP(w, r)
 	}))
 	t.Cleanup(g.srv.Close)
 	return g
+}
+
+// corruptWriter writes a blob's bytes, from offset off, with every 'h'
+// past the first KiB made an 'X'.
+type corruptWriter struct {
+	http.ResponseWriter
+	off int64
+}
+
+func (c *corruptWriter) Write(p []byte) (int, error) {
+	q := bytes.Clone(p)
+	for i := range q {
+		if c.off+int64(i) >= 1024 && q[i] == 'h' {
+			q[i] = 'X'
+		}
+	}
+	c.off += int64(len(p))
+	return c.ResponseWriter.Write(q)
+}
+
+// rangeStart is where the blob range a request asks for starts.
+func rangeStart(r *http.Request) int64 {
+	var start int64
+	fmt.Sscanf(r.Header.Get("Range"), "bytes=%d-", &start)
+	return start
 }
 
 func (g *gatedRegistry) addr() string { return strings.TrimPrefix(g.srv.URL, "http://") }
@@ -116,8 +152,10 @@ type fakeMount struct {
 	l        *layer.Opened
 	fails    atomic.Int32 // Unmount fails this many times first
 	unmounts atomic.Int32
-	done     chan struct{}
-	once     sync.Once
+	// invalidations counts Invalidate calls.
+	invalidations atomic.Int32
+	done          chan struct{}
+	once          sync.Once
 }
 
 func (f *fakeMount) Unmount() error {
@@ -130,6 +168,7 @@ func (f *fakeMount) Unmount() error {
 }
 
 func (f *fakeMount) Done() <-chan struct{} { return f.done }
+func (f *fakeMount) Invalidate()           { f.invalidations.Add(1) }
 func (f *fakeMount) Mountpoint() string    { return f.mp }
 
 // fakeServe records the mounts a Manager makes.
@@ -397,9 +436,10 @@ func TestImagesDoNotShareWhatTheySayOfABlob(t *testing.T) {
 	g := newGatedRegistry(t)
 	tarb := tarOf(t, "models/f", "weights")
 	honest := testutil.EncodeLayers(t, [][]byte{tarb}, testutil.FormatTar)
+	lieAnnotations := maps.Clone(honest[0].Annotations)
+	lieAnnotations["org.opencontainers.image.title"] = "lie"
 	liar := []testutil.LayerBlob{{Blob: tarb, MediaType: honest[0].MediaType,
-		DiffID:      digest.FromString("another layer").String(),
-		Annotations: map[string]string{"org.opencontainers.image.title": "lie"}}}
+		DiffID: digest.FromString("another layer").String(), Annotations: lieAnnotations}}
 	refLiar := testutil.PushImage(t, g.addr(), "liar:v1", liar)
 	refHonest := testutil.PushImage(t, g.addr(), "honest:v1", honest)
 	d := digest.Digest(honest[0].Digest())
@@ -420,7 +460,62 @@ func TestImagesDoNotShareWhatTheySayOfABlob(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if dl.desc.DiffID.String() != honest[0].DiffID || len(dl.desc.Annotations) != 0 {
+	if dl.desc.DiffID.String() != honest[0].DiffID || dl.desc.Annotations["org.opencontainers.image.title"] != "" {
 		t.Fatalf("the honest image's layer is described as %+v", dl.desc)
 	}
 }
+
+// A manifest that claims a layer size its blob does not have is refused
+// before the cache allocates anything for it (a sparse file of a
+// petabyte mounts on XFS or tmpfs).
+func TestManifestSizeLieIsRefused(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 1)
+	for name, size := range map[string]int64{"petabyte": 1 << 50, "one more": -1} {
+		t.Run(name, func(t *testing.T) {
+			lying := pushWithLayerSize(t, ref, g.addr()+"/liar:"+strings.ReplaceAll(name, " ", "-"), size)
+			m, fake := newTestManager(t)
+			err := m.Mount(t.Context(), filepath.Join(t.TempDir(), "mp"), lying, ds[0])
+			if !errors.Is(err, layer.ErrCorrupt) {
+				t.Fatalf("Mount: %v, want layer.ErrCorrupt", err)
+			}
+			if len(fake.live()) != 0 || m.store.Usage() != 0 {
+				t.Fatalf("a refused layer left %d mounts, %d cached bytes", len(fake.live()), m.store.Usage())
+			}
+		})
+	}
+}
+
+// pushWithLayerSize pushes the image ref with its first layer's size in
+// the manifest replaced (-1: one more than the real size) as dst.
+func pushWithLayerSize(t *testing.T, ref, dst string, size int64) string {
+	t.Helper()
+	r, _ := name.ParseReference(ref, name.Insecure)
+	desc, err := ggcrremote.Get(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mf map[string]any
+	if err := json.Unmarshal(desc.Manifest, &mf); err != nil {
+		t.Fatal(err)
+	}
+	l := mf["layers"].([]any)[0].(map[string]any)
+	if size < 0 {
+		size = int64(l["size"].(float64)) + 1
+	}
+	l["size"] = size
+	raw, _ := json.Marshal(mf)
+	d, _ := name.ParseReference(dst, name.Insecure)
+	if err := ggcrremote.Put(d, rawManifest{raw, desc.MediaType}); err != nil {
+		t.Fatal(err)
+	}
+	return dst
+}
+
+type rawManifest struct {
+	b  []byte
+	mt types.MediaType
+}
+
+func (m rawManifest) RawManifest() ([]byte, error)        { return m.b, nil }
+func (m rawManifest) MediaType() (types.MediaType, error) { return m.mt, nil }

@@ -41,6 +41,7 @@ type options struct {
 	backgroundFill bool
 	passthrough    bool
 	warmHold       time.Duration
+	unverified     Unverified
 }
 
 // WithPrefetch configures the node-wide read-ahead and fill scheduler.
@@ -63,6 +64,10 @@ func WithPassthrough(on bool) Option { return func(o *options) { o.passthrough =
 // WithWarmHold sets how long a layer opened by Warm stays open, waiting
 // for its mount (default one minute).
 func WithWarmHold(d time.Duration) Option { return func(o *options) { o.warmHold = d } }
+
+// WithUnverifiedLayers sets what is done with a layer that only its blob
+// digest covers (default UnverifiedRefuse).
+func WithUnverifiedLayers(u Unverified) Option { return func(o *options) { o.unverified = u } }
 
 func makeOptions(opts []Option) options {
 	o := options{backgroundFill: true, passthrough: true}

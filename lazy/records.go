@@ -50,12 +50,19 @@ type described struct {
 	desc  layer.Descriptor
 }
 
-// key is what layers are shared by: the blob, and every fact of the
-// manifest that changes how the blob is read. Two images that say the
+// key is what layers are shared by: the blob, every fact of the manifest
+// that changes how the blob is read, and for a blob nothing but its digest
+// covers, the repository it is fetched from. Two images that say the
 // same of a blob share its opened layer; one that says otherwise gets one
 // of its own, and cannot change what the other's pods read.
 func (d described) key() layerKey {
-	b, _ := json.Marshal([]any{d.desc.MediaType, d.desc.Size, d.desc.DiffID, sortedAnnotations(d.desc.Annotations)})
+	facts := []any{d.desc.MediaType, d.desc.Size, d.desc.DiffID, sortedAnnotations(d.desc.Annotations)}
+	if v, _ := verificationOf(d.desc); v == byBlob {
+		// Served before it verified, if at all, from its repository
+		// only (trust.go).
+		facts = append(facts, d.repo)
+	}
+	b, _ := json.Marshal(facts)
 	sum := sha256.Sum256(b)
 	return layerKey{digest: d.desc.Digest, facts: hex.EncodeToString(sum[:8])}
 }

@@ -80,6 +80,23 @@ var (
 		Help: "1 once a layer is cached whole and verified against its digest.",
 	}, []string{"layer"})
 
+	// LayersOpened counts the layers opened lazily, by how their bytes are
+	// checked before they are served: "chunks" (a chunk table), "toc"
+	// (eStargz chunk digests), "blob-fetched" (fetched whole and verified
+	// first) or "blob-lazy" (served before the blob digest is known, by the
+	// operator's choice: unverified_layers = "lazy").
+	LayersOpened = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: ns, Name: "layers_opened_total",
+		Help: "Layers opened lazily, by how their bytes are verified.",
+	}, []string{"verification"})
+	// UnverifiedLayerMismatches counts layers served before they verified
+	// whose blob then did not match its digest: each read of them fails
+	// from then on.
+	UnverifiedLayerMismatches = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: ns, Name: "unverified_layer_mismatches_total",
+		Help: "Layers served unverified whose blob did not match its digest.",
+	})
+
 	// TimeToFirstRead is the time from mount to the first file read, per
 	// mountpoint; the series goes with the mount.
 	TimeToFirstRead = prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -94,6 +111,7 @@ var Registry = prometheus.NewRegistry()
 func init() {
 	Registry.MustRegister(RegistryBytes, RegistryRequests, CacheBytes, CacheEvictedBytes,
 		ReadLatency, FileOpens, OpenFiles, LayerFetchedBytes, LayerSizeBytes, LayerVerified, TimeToFirstRead,
+		LayersOpened, UnverifiedLayerMismatches,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 }
 

@@ -32,7 +32,7 @@ const usage = `usage: weightsnap <command> [flags]
 commands:
   pack  [--threshold SIZE] [--plain-http] DIR REF   turn a model directory into an image made for lazy loading
   convert [--plain-http] SRC DST                  push SRC as DST with a chunk table on every layer (no blob is uploaded)
-  mount [--plain-http] [--cache-dir DIR] REF MOUNTPOINT
+  mount [--plain-http] [--cache-dir DIR] [--unverified-layers full|lazy] REF MOUNTPOINT
                                                   mount an image lazily; unmounts and exits on SIGINT/SIGTERM
   demo  [--size SIZE]                             the main job on an embedded registry and a generated model
 `
@@ -144,6 +144,7 @@ func runMount(ctx context.Context, args []string) error {
 	cacheDir := fl.String("cache-dir", "/var/lib/weightsnap/cache", "node cache directory")
 	cacheMax := fl.String("cache-max", "0", "cache size bound (e.g. 100GiB); 0 = unbounded")
 	metricsAddr := fl.String("metrics-address", "", "serve Prometheus metrics on HOST:PORT")
+	unverified := fl.String("unverified-layers", "full", `layers without chunk digests: "full" (fetch and verify them whole, then mount) or "lazy" (serve them before they verified)`)
 	if err := fl.Parse(args); err != nil {
 		return err
 	}
@@ -156,6 +157,14 @@ func runMount(ctx context.Context, args []string) error {
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		return fmt.Errorf("no FUSE on this machine: %w", err)
+	}
+	policy := lazy.UnverifiedFetch
+	switch *unverified {
+	case "full":
+	case "lazy":
+		policy = lazy.UnverifiedLazy
+	default:
+		return fmt.Errorf("--unverified-layers %q: want full or lazy", *unverified)
 	}
 	max, err := bytesize.Parse(*cacheMax)
 	if err != nil {
@@ -171,7 +180,7 @@ func runMount(ctx context.Context, args []string) error {
 		return err
 	}
 	defer store.Close()
-	mgr := lazy.New(store, remote.New(remote.WithPlainHTTP(*plainHTTP)))
+	mgr := lazy.New(store, remote.New(remote.WithPlainHTTP(*plainHTTP)), lazy.WithUnverifiedLayers(policy))
 	defer mgr.Close()
 	work, err := os.MkdirTemp(filepath.Join(*cacheDir, ".."), "mount-")
 	if err != nil {

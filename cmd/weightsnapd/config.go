@@ -7,6 +7,7 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/prefetch"
 )
 
@@ -27,6 +28,27 @@ type Config struct {
 	Cache    CacheConfig    `toml:"cache"`
 	Fetch    FetchConfig    `toml:"fetch"`
 	Registry RegistryConfig `toml:"registry"`
+	Verify   VerifyConfig   `toml:"verify"`
+}
+
+// VerifyConfig says what is served before it is verified.
+type VerifyConfig struct {
+	// UnverifiedLayers is what happens to a layer that nothing but its
+	// blob digest covers (no chunk table, no eStargz TOC digest): "full"
+	// leaves it to containerd, which downloads and verifies it whole;
+	// "lazy" serves it before it verified (see deploy/README.md).
+	UnverifiedLayers string `toml:"unverified_layers"`
+}
+
+// unverified is the lazy layer policy of UnverifiedLayers.
+func (v VerifyConfig) unverified() (lazy.Unverified, error) {
+	switch v.UnverifiedLayers {
+	case "full":
+		return lazy.UnverifiedRefuse, nil
+	case "lazy":
+		return lazy.UnverifiedLazy, nil
+	}
+	return 0, fmt.Errorf("verify.unverified_layers = %q: want \"full\" or \"lazy\"", v.UnverifiedLayers)
 }
 
 // FetchConfig tunes read-ahead and background fill.
@@ -80,6 +102,7 @@ func defaultConfig() Config {
 		LogLevel: "info",
 		Registry: RegistryConfig{ConfigPath: "/etc/containerd/certs.d"},
 		Cache:    CacheConfig{Passthrough: true},
+		Verify:   VerifyConfig{UnverifiedLayers: "full"},
 		Fetch: FetchConfig{
 			Workers:           prefetch.DefaultWorkers,
 			SpanBytes:         prefetch.DefaultSpanSize,
@@ -105,6 +128,9 @@ func loadConfig(path string) (Config, error) {
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&cfg); err != nil {
 		return cfg, fmt.Errorf("parsing config %s: %w", path, err)
+	}
+	if _, err := cfg.Verify.unverified(); err != nil {
+		return cfg, fmt.Errorf("config %s: %w", path, err)
 	}
 	return cfg, nil
 }

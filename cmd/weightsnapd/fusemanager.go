@@ -157,7 +157,7 @@ func runFuseManager(args []string) error {
 	if m := hostsMirrors(ctx, cfg.Registry.ConfigPath); m != nil {
 		ropts = append(ropts, remote.WithMirrors(m))
 	}
-	m, closeMounter, err := newMounter(ctx, filepath.Join(cfg.Root, "cache"), cfg.Cache, cfg.Fetch, ropts)
+	m, closeMounter, err := newMounter(ctx, filepath.Join(cfg.Root, "cache"), cfg, ropts)
 	if err != nil {
 		return err
 	}

@@ -16,7 +16,12 @@ var _ snapshot.Warmer = (*lazy.Manager)(nil)
 
 // newMounter opens the node cache in cacheDir and returns the lazy layer
 // mounter over it, and what closes both.
-func newMounter(ctx context.Context, cacheDir string, cc CacheConfig, fc FetchConfig, ropts []remote.Option) (snapshot.LayerMounter, func() error, error) {
+func newMounter(ctx context.Context, cacheDir string, cfg Config, ropts []remote.Option) (snapshot.LayerMounter, func() error, error) {
+	cc, fc := cfg.Cache, cfg.Fetch
+	unverified, err := cfg.Verify.unverified()
+	if err != nil {
+		return nil, nil, err
+	}
 	store, err := cache.Open(cacheDir, cache.WithMaxBytes(cc.MaxBytes))
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening cache %s: %w", cacheDir, err)
@@ -31,6 +36,7 @@ func newMounter(ctx context.Context, cacheDir string, cc CacheConfig, fc FetchCo
 		lazy.WithMaxReadAhead(fc.MaxReadAheadBytes),
 		lazy.WithBackgroundFill(fc.BackgroundFill),
 		lazy.WithPassthrough(cc.Passthrough),
+		lazy.WithUnverifiedLayers(unverified),
 	)
 	return m, func() error {
 		err := m.Close()

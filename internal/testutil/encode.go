@@ -14,6 +14,8 @@ import (
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/weightsnap/weightsnap/chunks"
 )
 
 // Format is a layer blob format.
@@ -64,7 +66,7 @@ var encodeCache sync.Map // encodeKey → LayerBlob
 
 // Encode converts an uncompressed tar layer into format f and returns the
 // blob, its media type, its annotations (for eStargz the TOC digest and the
-// uncompressed size, else nil) and its diff ID. eStargz is gzip-compressed
+// uncompressed size, else the chunk table) and its diff ID. eStargz is gzip-compressed
 // with chunks of EStargzChunkSize; its diff ID is that of its own tar stream,
 // which adds the TOC entry to the original tar. The caller owns the results.
 func Encode(t testing.TB, tarLayer []byte, f Format) (blob []byte, mediaType string, annotations map[string]string, diffID string) {
@@ -94,7 +96,40 @@ func EncodeLayers(t testing.TB, tarLayers [][]byte, f Format) []LayerBlob {
 	return out
 }
 
+// TableChunkSize is the chunk size of the tables Encode gives, small so
+// that the fixtures' larger files span several chunks.
+const TableChunkSize = 1 << 20
+
+// encode encodes tarLayer as f. Every format but eStargz (whose TOC
+// carries chunk digests of its own) gets a chunk table, as pack and
+// convert give a layer: see WithoutTables for layers as other builders
+// make them.
 func encode(tarLayer []byte, f Format) (LayerBlob, error) {
+	l, err := encodeBlob(tarLayer, f)
+	if err != nil || f == FormatEStargz {
+		return l, err
+	}
+	t, err := chunks.Compute(bytes.NewReader(l.Blob), int64(len(l.Blob)), TableChunkSize)
+	if err != nil {
+		return LayerBlob{}, err
+	}
+	l.Annotations = map[string]string{chunks.Annotation: t.Encode()}
+	return l, nil
+}
+
+// WithoutTables returns layers without their chunk tables, as docker or
+// buildah would have built them.
+func WithoutTables(layers []LayerBlob) []LayerBlob {
+	out := make([]LayerBlob, len(layers))
+	for i, l := range layers {
+		l.Annotations = maps.Clone(l.Annotations)
+		delete(l.Annotations, chunks.Annotation)
+		out[i] = l
+	}
+	return out
+}
+
+func encodeBlob(tarLayer []byte, f Format) (LayerBlob, error) {
 	diffID := sha256Digest(tarLayer)
 	switch f {
 	case FormatTar:

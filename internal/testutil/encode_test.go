@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/weightsnap/weightsnap/chunks"
+
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
@@ -66,8 +68,15 @@ func TestEncodeRoundTrip(t *testing.T) {
 					if !bytes.Equal(plain, l) {
 						t.Errorf("layer %d: decompressed %d bytes differ from the %d-byte tar", i, len(plain), len(l))
 					}
-					if len(ann) != 0 {
-						t.Errorf("layer %d: unexpected annotations %v", i, ann)
+					tab, err := chunks.Parse(ann[chunks.Annotation], int64(len(blob)))
+					if err != nil || len(ann) != 1 {
+						t.Fatalf("layer %d: annotations %v: want only a chunk table (%v)", i, ann, err)
+					}
+					for c := range tab.Len() {
+						off, n := tab.Range(c)
+						if err := tab.Check(c, blob[off:off+n]); err != nil {
+							t.Fatalf("layer %d: %v", i, err)
+						}
 					}
 					continue
 				}

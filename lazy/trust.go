@@ -1,0 +1,260 @@
+package lazy
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/chunks"
+	"github.com/weightsnap/weightsnap/layer"
+	"github.com/weightsnap/weightsnap/metrics"
+	"github.com/weightsnap/weightsnap/remote"
+)
+
+// How a layer's bytes are checked before they are served. Every check is
+// pinned by the manifest of the image being mounted, which the pod named
+// (by digest, or by a tag containerd resolved to one).
+type verification string
+
+const (
+	// byChunks: the layer carries a chunk table (chunks.Annotation); every
+	// range is checked against it before it is cached or served.
+	byChunks verification = "chunks"
+	// byTOC: an eStargz or zstd:chunked layer whose TOC digest the
+	// manifest gives; every file chunk is checked against the TOC.
+	byTOC verification = "toc"
+	// byBlob: nothing but the blob's digest, known once the whole blob has
+	// been read. What is served before that is the Unverified policy's.
+	byBlob verification = "blob"
+)
+
+// verificationOf says how the layer desc describes can be checked, with
+// its chunk table when it has one. A table that does not parse or does not
+// fit the blob counts as none.
+func verificationOf(desc layer.Descriptor) (verification, *chunks.Table) {
+	if s, ok := desc.Annotations[chunks.Annotation]; ok {
+		if t, err := chunks.Parse(s, desc.Size); err == nil {
+			return byChunks, t
+		}
+	}
+	// zstd:chunked is left out: its TOC is not yet checked against its
+	// manifest annotation.
+	if desc.Annotations[estargz.TOCJSONDigestAnnotation] != "" {
+		return byTOC, nil
+	}
+	return byBlob, nil
+}
+
+// Unverified says what the Manager does with a layer that only its blob
+// digest covers (no chunk table, no TOC digest): that digest can be
+// checked only once the whole blob has been read.
+type Unverified int
+
+const (
+	// UnverifiedRefuse does not serve such a layer lazily: Mount fails
+	// with ErrUnsupported, and the caller downloads and verifies it as it
+	// would without weightsnap (containerd pulls it). The default.
+	UnverifiedRefuse Unverified = iota
+	// UnverifiedFetch fetches such a layer whole and verifies it before it
+	// is mounted: no wait is saved, but every byte served is checked.
+	UnverifiedFetch
+	// UnverifiedLazy serves such a layer before it is verified. Its bytes
+	// are kept apart per registry repository until the blob verified, are
+	// not served again after a restart before that, and background fill
+	// reads and checks the whole blob; a mismatch turns every read of the
+	// layer into EIO and drops what the kernel cached of it.
+	UnverifiedLazy
+)
+
+func (u Unverified) String() string {
+	switch u {
+	case UnverifiedFetch:
+		return "fetch"
+	case UnverifiedLazy:
+		return "lazy"
+	}
+	return "refuse"
+}
+
+// trust is how one opened layer is checked: decided at open from its
+// image's manifest and the Manager's policy.
+type trust struct {
+	v      verification
+	table  *chunks.Table
+	policy Unverified
+	desc   layer.Descriptor
+	// key is where the blob is cached: its digest, or for bytes served
+	// unverified a key of their repository's, so that they reach no other
+	// repository's pods before the blob verified.
+	key       digest.Digest
+	namespace string
+}
+
+// trustOf decides how the layer dl describes is checked, refusing it when
+// only its blob digest covers it and the policy is UnverifiedRefuse.
+func (m *Manager) trustOf(dl described) (trust, error) {
+	v, table := verificationOf(dl.desc)
+	tr := trust{v: v, table: table, policy: m.opt.unverified, desc: dl.desc, key: dl.desc.Digest}
+	switch {
+	case v == byBlob && tr.policy == UnverifiedRefuse:
+		return tr, fmt.Errorf("%w: layer %s of %s has no chunk table and no TOC digest, so no range of it can be checked before the whole blob is read; it is downloaded and verified whole (unverified_layers = full)", ErrUnsupported, dl.desc.Digest, dl.image)
+	case tr.lazy():
+		tr.namespace = "unverified " + dl.repo
+		tr.key = digest.FromString(tr.namespace + "@" + dl.desc.Digest.String())
+	}
+	return tr, nil
+}
+
+// lazy reports whether the layer's bytes are served before they verify.
+func (tr trust) lazy() bool { return tr.v == byBlob && tr.policy == UnverifiedLazy }
+
+// label names the layer's verification in metrics and logs.
+func (tr trust) label() string {
+	switch {
+	case tr.v != byBlob:
+		return string(tr.v)
+	case tr.policy == UnverifiedFetch:
+		return "blob-fetched"
+	}
+	return "blob-lazy"
+}
+
+func (tr trust) blobOptions() []cache.BlobOption {
+	switch {
+	case tr.v == byChunks:
+		return []cache.BlobOption{cache.WithTable(tr.table)}
+	case tr.lazy():
+		return []cache.BlobOption{cache.WithContentDigest(tr.desc.Digest), cache.WithReuseAfterVerify()}
+	}
+	return nil
+}
+
+// before runs before anything of the blob is served: a layer the policy
+// fetches first is fetched whole and verified.
+func (tr trust) before(ctx context.Context, blob *cache.Blob) error {
+	if tr.v != byBlob || tr.policy != UnverifiedFetch {
+		return nil
+	}
+	if err := blob.Fetch(remote.WithReason(ctx, "ondemand"), 0, blob.Size()); err != nil {
+		return fmt.Errorf("fetching the whole blob to verify it: %w", err)
+	}
+	return blob.Verify(ctx)
+}
+
+// opener is how a streamed layer reads its blob: from the registry, or
+// from the cache when it was fetched and verified first.
+func (tr trust) opener(rb *remote.Blob, blob *cache.Blob) func(context.Context) (io.ReadCloser, error) {
+	if tr.v == byBlob && tr.policy == UnverifiedFetch {
+		return func(ctx context.Context) (io.ReadCloser, error) {
+			return io.NopCloser(io.NewSectionReader(blobReaderAt{ctx, blob}, 0, blob.Size())), nil
+		}
+	}
+	return func(ctx context.Context) (io.ReadCloser, error) {
+		return rb.Open(remote.WithReason(ctx, "stream"), 0)
+	}
+}
+
+type blobReaderAt struct {
+	ctx  context.Context
+	blob *cache.Blob
+}
+
+func (r blobReaderAt) ReadAt(p []byte, off int64) (int, error) { return r.blob.ReadAt(r.ctx, p, off) }
+
+func (tr trust) layerOptions(opener func(context.Context) (io.ReadCloser, error), store *cache.Store, blob *cache.Blob) []layer.Option {
+	opts := []layer.Option{
+		layer.WithStreams(opener, streamStore{s: store, namespace: tr.namespace}),
+		layer.WithMeta(store),
+	}
+	if tr.v == byChunks {
+		opts = append(opts, layer.WithTable(tr.table))
+	}
+	if blob.Complete() {
+		opts = append(opts, layer.WithVerifiedSource())
+	}
+	return opts
+}
+
+// guard returns l failing every lookup and read once sl is found wrong.
+func (sl *sharedLayer) guard(l *layer.Opened) *layer.Opened {
+	g := *l
+	g.Layer = guardedLayer{Layer: l.Layer, sl: sl}
+	if l.Files != nil {
+		g.Files = guardedFiles{FileReader: l.Files, sl: sl}
+	}
+	return &g
+}
+
+func (sl *sharedLayer) failure() error {
+	if p := sl.failed.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+type guardedLayer struct {
+	layer.Layer
+	sl *sharedLayer
+}
+
+func (g guardedLayer) Lookup(ctx context.Context, name string) (*layer.Entry, error) {
+	if err := g.sl.failure(); err != nil {
+		return nil, err
+	}
+	return g.Layer.Lookup(ctx, name)
+}
+
+func (g guardedLayer) ReadDir(ctx context.Context, dir string) ([]*layer.Entry, error) {
+	if err := g.sl.failure(); err != nil {
+		return nil, err
+	}
+	return g.Layer.ReadDir(ctx, dir)
+}
+
+func (g guardedLayer) ReadAt(ctx context.Context, e *layer.Entry, p []byte, off int64) (int, error) {
+	if err := g.sl.failure(); err != nil {
+		return 0, err
+	}
+	return g.Layer.ReadAt(ctx, e, p, off)
+}
+
+type guardedFiles struct {
+	layer.FileReader
+	sl *sharedLayer
+}
+
+func (g guardedFiles) ReadFile(ctx context.Context, e *layer.Entry, off int64, n int) (*os.File, int64, int, func(), error) {
+	if err := g.sl.failure(); err != nil {
+		return nil, 0, 0, nil, err
+	}
+	return g.FileReader.ReadFile(ctx, e, off, n)
+}
+
+// failLayer marks sl, served before it verified, as wrong: every later
+// lookup and read of it fails, and the kernel drops what it cached of
+// every mount of it. Said once, with the image and the blob.
+func (m *Manager) failLayer(sl *sharedLayer, err error) {
+	err = fmt.Errorf("%w: layer %s of %s was served before it verified and does not match its digest: %v", layer.ErrVerify, sl.desc.Digest, sl.image, err)
+	if !sl.failed.CompareAndSwap(nil, &err) {
+		return
+	}
+	slog.Error("unverified layer did not verify: every read of it fails from now on", "layer", sl.desc.Digest, "image", sl.image, "err", err)
+	metrics.UnverifiedLayerMismatches.Inc()
+	m.mu.Lock()
+	var mounts []mount
+	for _, lm := range m.mounts {
+		if lm.ref.Value() == sl {
+			mounts = append(mounts, lm.mount)
+		}
+	}
+	m.mu.Unlock()
+	for _, mnt := range mounts {
+		mnt.Invalidate()
+	}
+}
