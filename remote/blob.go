@@ -154,6 +154,9 @@ type resumingReader struct {
 	end    int64
 	rc     io.ReadCloser // current response, nil between connections
 	closed bool
+	// slow counts responses cut off as too slow (WithMinRate). Resuming
+	// after one is no fresh start: a dribble, resumed, is still one.
+	slow int
 }
 
 var errClosed = errors.New("read of closed blob reader")
@@ -190,6 +193,11 @@ func (r *resumingReader) Read(p []byte) (int, error) {
 			if err != nil {
 				r.rc.Close()
 				r.rc = nil
+				if errors.Is(err, errTooSlow) {
+					if r.slow++; r.slow >= r.b.src.o.attempts {
+						return false, permanent(err)
+					}
+				}
 				if n > 0 {
 					// Deliver what arrived; the next Read reconnects.
 					return true, nil

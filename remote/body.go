@@ -24,11 +24,13 @@ type body struct {
 func (b *body) Read(p []byte) (int, error) {
 	n, err := b.resp.Body.Read(p)
 	if n > 0 {
-		b.wd.progress()
+		b.wd.progress(n)
 		b.bytes.Add(float64(n))
 	}
-	if err != nil && errors.Is(context.Cause(b.ctx), errStalled) {
-		err = fmt.Errorf("%w: reading %s: %v", errStalled, b.resp.Request.URL.Host, err)
+	if err != nil {
+		if cause := context.Cause(b.ctx); errors.Is(cause, errStalled) || errors.Is(cause, errTooSlow) {
+			err = fmt.Errorf("%w: reading %s: %v", cause, b.resp.Request.URL.Host, err)
+		}
 	}
 	return n, err
 }
@@ -41,21 +43,31 @@ func (b *body) Close() error {
 	return err
 }
 
-// watchdog cancels an attempt when no progress was seen for stall. It
-// checks lazily when its timer fires instead of resetting a timer on every
-// read.
+// watchdog cancels an attempt when no progress was seen for stall, or
+// when, over a window of that length, fewer bytes came than minRate asks:
+// a registry that dribbles a byte now and then would otherwise hold a
+// fetch worker for ever. Together they bound an attempt: one moving n
+// bytes lasts at most about stall × (1 + n / (minRate × stall)). It checks
+// lazily when its timer fires instead of resetting a timer on every read.
 type watchdog struct {
-	stall   time.Duration
-	start   time.Time
-	last    atomic.Int64 // nanoseconds since start of the last progress
-	stopped atomic.Bool
-	timer   *time.Timer
-	cancel  context.CancelCauseFunc
+	stall     time.Duration
+	minWindow int64 // bytes a window must bring; 0: no rate check
+	start     time.Time
+	last      atomic.Int64 // nanoseconds since start of the last progress
+	bytes     atomic.Int64
+	stopped   atomic.Bool
+	timer     *time.Timer
+	cancel    context.CancelCauseFunc
+
+	windowEnd   time.Duration // since start; touched by fire only
+	windowBytes int64         // bytes seen when the window began
 }
 
-func startWatchdog(stall time.Duration, cancel context.CancelCauseFunc) *watchdog {
+func startWatchdog(stall time.Duration, minRate int64, cancel context.CancelCauseFunc) *watchdog {
 	w := &watchdog{stall: stall, start: time.Now(), cancel: cancel}
 	if stall > 0 {
+		w.minWindow = int64(float64(minRate) * stall.Seconds())
+		w.windowEnd = stall
 		w.timer = time.AfterFunc(stall, w.fire)
 	}
 	return w
@@ -65,17 +77,27 @@ func (w *watchdog) fire() {
 	if w.stopped.Load() {
 		return
 	}
-	idle := time.Since(w.start) - time.Duration(w.last.Load())
+	now := time.Since(w.start)
+	idle := now - time.Duration(w.last.Load())
 	if idle >= w.stall {
 		w.cancel(errStalled)
 		return
 	}
-	w.timer.Reset(w.stall - idle)
+	if now >= w.windowEnd {
+		got := w.bytes.Load()
+		if got-w.windowBytes < w.minWindow {
+			w.cancel(errTooSlow)
+			return
+		}
+		w.windowBytes, w.windowEnd = got, now+w.stall
+	}
+	w.timer.Reset(min(w.stall-idle, w.windowEnd-now))
 }
 
-func (w *watchdog) progress() {
+func (w *watchdog) progress(n int) {
 	if w.timer != nil {
 		w.last.Store(int64(time.Since(w.start)))
+		w.bytes.Add(int64(n))
 	}
 }
 

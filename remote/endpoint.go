@@ -89,13 +89,13 @@ func (e *endpoint) url(kind, ref string) string {
 // close the returned body, which also releases the watchdog.
 func (e *endpoint) roundTrip(ctx context.Context, method, rawURL string, hdr http.Header) (*http.Response, *body, error) {
 	actx, cancel := context.WithCancelCause(ctx)
-	wd := startWatchdog(e.o.stall, cancel)
+	wd := startWatchdog(e.o.stall, e.o.minRate, cancel)
 	fail := func(err error) error {
 		wd.stop()
-		stalled := errors.Is(context.Cause(actx), errStalled)
+		cause := context.Cause(actx)
 		cancel(nil)
-		if stalled {
-			return fmt.Errorf("%w: %s %s: %v", errStalled, method, e.host, err)
+		if errors.Is(cause, errStalled) || errors.Is(cause, errTooSlow) {
+			return fmt.Errorf("%w: %s %s: %v", cause, method, e.host, err)
 		}
 		return err
 	}
@@ -114,7 +114,7 @@ func (e *endpoint) roundTrip(ctx context.Context, method, rawURL string, hdr htt
 	if err != nil {
 		return nil, nil, fail(refusal(err))
 	}
-	wd.progress()
+	wd.progress(0)
 	return resp, &body{resp: resp, ctx: actx, cancel: cancel, wd: wd, bytes: metrics.RegistryBytes.WithLabelValues(reasonOf(ctx))}, nil
 }
 

@@ -38,6 +38,9 @@ var (
 
 	// errStalled is the cause of an attempt aborted by the stall watchdog.
 	errStalled = errors.New("registry response stalled")
+	// errTooSlow is the cause of an attempt aborted because it moved fewer
+	// bytes than the minimum rate asks (WithMinRate).
+	errTooSlow = errors.New("registry response slower than the minimum rate")
 )
 
 // httpError is an unexpected HTTP status, with the registry's own error
@@ -165,7 +168,8 @@ func (o *options) retry(ctx context.Context, failFast bool, fn func(context.Cont
 			return context.Cause(ctx)
 		}
 		transient, wait, unreachable := classify(err)
-		if progress {
+		// A dribble is not progress: it would restart the count for ever.
+		if progress && !errors.Is(err, errTooSlow) {
 			attempt = 0
 		}
 		if !transient || attempt+1 >= o.attempts || (failFast && unreachable) {

@@ -48,6 +48,7 @@ type options struct {
 	attempts  int
 	base      time.Duration
 	stall     time.Duration
+	minRate   int64
 	platform  v1.Platform
 	mirrors   func(registry string) []Endpoint
 }
@@ -56,6 +57,10 @@ const (
 	defaultAttempts = 6
 	defaultBase     = 100 * time.Millisecond
 	defaultStall    = 30 * time.Second
+	// defaultMinRate is the slowest a response may be, measured over each
+	// stall window: 64 KiB/s, far below any registry a GPU node pulls
+	// weights from, far above a dribble meant to hold workers.
+	defaultMinRate = 64 << 10
 	// maxBackoff caps both the exponential backoff and a registry's
 	// Retry-After, so that a reader blocked on the registry learns about a
 	// persistent failure in bounded time.
@@ -69,6 +74,7 @@ func newOptions(opts []Option) *options {
 		attempts:  defaultAttempts,
 		base:      defaultBase,
 		stall:     defaultStall,
+		minRate:   defaultMinRate,
 		platform:  v1.Platform{OS: runtime.GOOS, Architecture: runtime.GOARCH},
 	}
 	for _, opt := range opts {
@@ -123,6 +129,14 @@ func WithRetry(attempts int, base time.Duration) Option {
 // disables stall detection.
 func WithStallTimeout(d time.Duration) Option {
 	return func(o *options) { o.stall = max(d, 0) }
+}
+
+// WithMinRate sets the slowest a response may be, in bytes per second,
+// measured over each stall window (WithStallTimeout): a slower attempt is
+// aborted and retried, without restarting the count of attempts. Zero
+// disables the check.
+func WithMinRate(bytesPerSecond int64) Option {
+	return func(o *options) { o.minRate = max(bytesPerSecond, 0) }
 }
 
 // WithPlatform sets the platform whose manifest is chosen from a

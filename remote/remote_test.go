@@ -7,9 +7,11 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"net/http/httptest"
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -357,5 +359,56 @@ func TestRetryAfter(t *testing.T) {
 	}
 	if d := retryAfter(time.Now().Add(time.Hour).UTC().Format(http.TimeFormat)); d != maxBackoff {
 		t.Errorf("Retry-After date = %v, want the cap", d)
+	}
+}
+
+// A registry that dribbles its bytes (each one in time to beat the stall
+// timeout) loses the request to the minimum rate: the read fails after
+// its attempts instead of holding a worker for as long as it likes, and
+// the dribble does not count as progress that restarts the attempts.
+func TestDribblingRegistryIsCutOff(t *testing.T) {
+	var gets atomic.Int32
+	img := randomImage(t, 64<<10, 1)
+	ls, _ := img.Layers()
+	slow, _ := ls[0].Digest()
+	reg := newTestRegistry(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method != http.MethodGet || !strings.HasSuffix(r.URL.Path, "/blobs/"+slow.String()) {
+				h.ServeHTTP(w, r)
+				return
+			}
+			gets.Add(1)
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, r)
+			for k, v := range rec.Header() {
+				w.Header()[k] = v
+			}
+			w.WriteHeader(rec.Code)
+			for _, b := range rec.Body.Bytes() {
+				if _, err := w.Write([]byte{b}); err != nil {
+					return
+				}
+				w.(http.Flusher).Flush()
+				select {
+				case <-r.Context().Done():
+					return
+				case <-time.After(5 * time.Millisecond):
+				}
+			}
+		})
+	})
+	ref := reg.pushImage(t, "slow/model:v1", img)
+	c := New(WithRetry(3, time.Millisecond), WithStallTimeout(100*time.Millisecond), WithMinRate(64<<10))
+	got, err := c.Resolve(t.Context(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := got.Layers[0]
+	_, err = l.Blob.ReadAt(t.Context(), make([]byte, 32<<10), 0)
+	if !errors.Is(err, errTooSlow) {
+		t.Fatalf("read from a dribbling registry: %v, want errTooSlow", err)
+	}
+	if n := gets.Load(); n != 3 {
+		t.Fatalf("%d blob GETs, want the 3 attempts", n)
 	}
 }
