@@ -69,7 +69,7 @@ func (m *Manager) open(ctx context.Context, dl described) (*sharedLayer, error) 
 	src := &readAround{Blob: blob, sched: m.sched, deferring: true}
 	opener := tr.opener(rb, blob)
 	t0 := time.Now()
-	l, err := layer.Open(ctx, desc, src, tr.layerOptions(opener, m.store, blob)...)
+	l, err := layer.Open(ctx, desc, src, tr.layerOptions(opener, m.store, blob, m.opt)...)
 	if err != nil {
 		blob.Close()
 		if errors.Is(err, layer.ErrUnsupported) {

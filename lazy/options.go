@@ -42,6 +42,8 @@ type options struct {
 	passthrough    bool
 	warmHold       time.Duration
 	unverified     Unverified
+	expansion      int64 // layer.WithMaxExpansion's ratio; 0: its default
+	streamMax      int64 // and its limit; 0: half the cache
 }
 
 // WithPrefetch configures the node-wide read-ahead and fill scheduler.
@@ -68,6 +70,14 @@ func WithWarmHold(d time.Duration) Option { return func(o *options) { o.warmHold
 // WithUnverifiedLayers sets what is done with a layer that only its blob
 // digest covers (default UnverifiedRefuse).
 func WithUnverifiedLayers(u Unverified) Option { return func(o *options) { o.unverified = u } }
+
+// WithMaxExpansion bounds what a streamed gzip or zstd layer may
+// decompress to: ratio times its blob, and limit bytes in all (0: the
+// layer package's default ratio; half the cache's capacity), so that a
+// small bomb cannot evict every cached model.
+func WithMaxExpansion(ratio, limit int64) Option {
+	return func(o *options) { o.expansion, o.streamMax = ratio, limit }
+}
 
 func makeOptions(opts []Option) options {
 	o := options{backgroundFill: true, passthrough: true}

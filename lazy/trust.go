@@ -167,10 +167,15 @@ type blobReaderAt struct {
 
 func (r blobReaderAt) ReadAt(p []byte, off int64) (int, error) { return r.blob.ReadAt(r.ctx, p, off) }
 
-func (tr trust) layerOptions(opener func(context.Context) (io.ReadCloser, error), store *cache.Store, blob *cache.Blob) []layer.Option {
+func (tr trust) layerOptions(opener func(context.Context) (io.ReadCloser, error), store *cache.Store, blob *cache.Blob, o options) []layer.Option {
+	limit := o.streamMax
+	if limit <= 0 {
+		limit = store.Capacity() / 2
+	}
 	opts := []layer.Option{
 		layer.WithStreams(opener, streamStore{s: store, namespace: tr.namespace}),
 		layer.WithMeta(store),
+		layer.WithMaxExpansion(o.expansion, limit),
 	}
 	if tr.v == byChunks {
 		opts = append(opts, layer.WithTable(tr.table))

@@ -38,6 +38,11 @@ type VerifyConfig struct {
 	// leaves it to containerd, which downloads and verifies it whole;
 	// "lazy" serves it before it verified (see deploy/README.md).
 	UnverifiedLayers string `toml:"unverified_layers"`
+	// MaxExpansion bounds what a streamed gzip or zstd layer decompresses
+	// to, as a multiple of its blob's size; 0: 100.
+	MaxExpansion int64 `toml:"max_expansion"`
+	// MaxStreamBytes bounds it in bytes; 0: half the cache's capacity.
+	MaxStreamBytes int64 `toml:"max_stream_bytes"`
 }
 
 // unverified is the lazy layer policy of UnverifiedLayers.

@@ -37,6 +37,7 @@ func newMounter(ctx context.Context, cacheDir string, cfg Config, ropts []remote
 		lazy.WithBackgroundFill(fc.BackgroundFill),
 		lazy.WithPassthrough(cc.Passthrough),
 		lazy.WithUnverifiedLayers(unverified),
+		lazy.WithMaxExpansion(cfg.Verify.MaxExpansion, cfg.Verify.MaxStreamBytes),
 	)
 	return m, func() error {
 		err := m.Close()
