@@ -241,11 +241,12 @@ func (g guardedFiles) ReadFile(ctx context.Context, e *layer.Entry, off int64, n
 	return g.FileReader.ReadFile(ctx, e, off, n)
 }
 
-// failLayer marks sl, served before it verified, as wrong: every later
-// lookup and read of it fails, and the kernel drops what it cached of
-// every mount of it. Said once, with the image and the blob.
+// failLayer marks sl, served before it verified, as wrong (its blob did
+// not match its digest, or its stream ended before it could be checked):
+// every later lookup and read of it fails, and the kernel drops what it
+// cached of every mount of it. Said once, with the image and the blob.
 func (m *Manager) failLayer(sl *sharedLayer, err error) {
-	err = fmt.Errorf("%w: layer %s of %s was served before it verified and does not match its digest: %v", layer.ErrVerify, sl.desc.Digest, sl.image, err)
+	err = fmt.Errorf("%w: layer %s of %s was served before it verified, and did not verify: %v", layer.ErrVerify, sl.desc.Digest, sl.image, err)
 	if !sl.failed.CompareAndSwap(nil, &err) {
 		return
 	}
