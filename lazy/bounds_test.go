@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 
+	ggcrremote "github.com/google/go-containerregistry/pkg/v1/remote"
+
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/weightsnap/weightsnap/layer"
