@@ -147,6 +147,20 @@ func buildStargz(t testing.TB, tarb []byte, opts ...estargz.Option) *estargz.Blo
 	return blob
 }
 
+// buildZstdChunked builds a zstd:chunked blob of tarb and returns it with
+// the annotations its compressor gives it: the manifest checksum (the
+// digest of the compressed TOC as stored, not of its JSON) and position.
+func buildZstdChunked(t testing.TB, tarb []byte, opts ...estargz.Option) (*estargz.Blob, map[string]string) {
+	t.Helper()
+	ann := map[string]string{}
+	zc := zstdChunked{&zstdchunked.Compressor{CompressionLevel: zstd.SpeedFastest, Metadata: ann}, &zstdchunked.Decompressor{}}
+	blob := buildStargz(t, tarb, append(opts, estargz.WithCompression(zc))...)
+	if ann[zstdchunked.ManifestChecksumAnnotation] == "" {
+		t.Fatalf("the compressor gave no manifest checksum: %v", ann)
+	}
+	return blob, ann
+}
+
 func openVia(t *testing.T, ctx context.Context, mediaType string, blob []byte, diffID digest.Digest, ann map[string]string) Layer {
 	d := Descriptor{Digest: sha(blob), Size: int64(len(blob)), MediaType: mediaType, DiffID: diffID, Annotations: ann}
 	op, err := Open(ctx, d, &memSource{b: blob}, WithStreams(opener(blob), newMemStreams()), WithMeta(newMemMeta()))
@@ -209,12 +223,11 @@ var formats = []format{
 		return l
 	}},
 	{name: "zstdchunked", secondsMT: true, open: func(t *testing.T, ctx context.Context, tarb []byte) Layer {
-		blob := buildStargz(t, tarb, estargz.WithCompression(zstdChunked{&zstdchunked.Compressor{CompressionLevel: zstd.SpeedFastest}, &zstdchunked.Decompressor{}}))
+		blob, ann := buildZstdChunked(t, tarb)
 		b, err := io.ReadAll(blob)
 		if err != nil {
 			t.Fatal(err)
 		}
-		ann := map[string]string{zstdchunked.ManifestChecksumAnnotation: blob.TOCDigest().String()}
 		l := openVia(t, ctx, mtZstd, b, blob.DiffID(), ann)
 		if _, ok := l.(*stargzLayer); !ok {
 			t.Fatalf("Open chose %T", l)

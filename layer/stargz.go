@@ -54,9 +54,10 @@ func stargzIndexName(dgst string) string {
 }
 
 // openStargz opens an eStargz or zstd:chunked blob: the TOC is read from
-// the blob's end (and checked against the layer's TOC digest annotation
-// when there is one); file chunks are fetched on demand and verified
-// against their chunk digests. The index is saved in meta.
+// the blob's end (and checked against the layer's TOC digest or
+// zstd:chunked manifest checksum annotation when it has one); file chunks
+// are fetched on demand and verified against their chunk digests. The
+// index is saved in meta.
 //
 // The TOC is parsed with estargz's decompressors rather than estargz.Open
 // because the index needs the raw names and the TOC order: estargz.Open

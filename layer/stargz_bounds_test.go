@@ -31,14 +31,23 @@ func withTOC(t testing.TB, format string, n int64, writeJSON func(io.Writer)) []
 	t.Helper()
 	tarb := buildTar(t, []tarFile{{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "f", Mode: 0o644}, data: []byte("x")}})
 	var opts []estargz.Option
-	var dc estargz.Decompressor = new(estargz.GzipDecompressor)
 	if format == "zstdchunked" {
 		opts = append(opts, estargz.WithCompression(zstdChunked{&zstdchunked.Compressor{CompressionLevel: zstd.SpeedFastest}, &zstdchunked.Decompressor{}}))
-		dc = new(zstdchunked.Decompressor)
 	}
 	blob, err := io.ReadAll(buildStargz(t, tarb, opts...))
 	if err != nil {
 		t.Fatal(err)
+	}
+	return replaceTOC(t, format, blob, n, writeJSON)
+}
+
+// replaceTOC returns blob, an eStargz (or zstd:chunked) blob, with its TOC
+// replaced by n bytes of JSON written by writeJSON.
+func replaceTOC(t testing.TB, format string, blob []byte, n int64, writeJSON func(io.Writer)) []byte {
+	t.Helper()
+	var dc estargz.Decompressor = new(estargz.GzipDecompressor)
+	if format == "zstdchunked" {
+		dc = new(zstdchunked.Decompressor)
 	}
 	footer := bytes.Clone(blob[len(blob)-int(dc.FooterSize()):])
 	_, tocOff, _, err := dc.ParseFooter(footer)

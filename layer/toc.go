@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"strings"
 
@@ -32,7 +33,9 @@ func tocDecompressors() []estargz.Decompressor {
 
 // readTOC finds the footer at the end of src and reads the TOC it points
 // to. A blob without a footer is errNoTOC; a footer pointing to a bad or
-// oversized TOC is ErrCorrupt.
+// oversized TOC is ErrCorrupt; a TOC that d's annotations do not match
+// (eStargz's TOC digest, of the JSON; zstd:chunked's manifest checksum, of
+// the TOC as stored) is ErrVerify.
 func readTOC(ctx context.Context, d Descriptor, src Source) (*estargz.JTOC, int64, error) {
 	size := src.Size()
 	decs := tocDecompressors()
@@ -70,7 +73,11 @@ func readTOC(ctx context.Context, d Descriptor, src Source) (*estargz.JTOC, int6
 		if tocOff > size || tocSize <= 0 || tocSize > size-tocOff || tocSize > maxTOCSize {
 			return nil, 0, fmt.Errorf("%w: TOC at %d size %d in a %d byte blob", ErrCorrupt, tocOff, tocSize, size)
 		}
-		toc, tocDgst, err := decodeTOC(ctx, dc, src, tocOff, tocSize)
+		stored, err := manifestChecksum(d, dc)
+		if err != nil {
+			return nil, 0, err
+		}
+		toc, tocDgst, err := decodeTOC(ctx, dc, src, tocOff, tocSize, stored)
 		if err != nil {
 			return nil, 0, err
 		}
@@ -82,13 +89,50 @@ func readTOC(ctx context.Context, d Descriptor, src Source) (*estargz.JTOC, int6
 	return nil, 0, fmt.Errorf("%w: %v", errNoTOC, errors.Join(errs...))
 }
 
+// manifestChecksum is the digest that d's zstd:chunked manifest checksum
+// annotation gives for the TOC as stored: its compressed bytes, where the
+// footer says they are. It is "" without the annotation. On a blob whose
+// footer is not zstd:chunked's the annotation could not be checked, so
+// the blob is refused rather than served as if it had been.
+func manifestChecksum(d Descriptor, dc estargz.Decompressor) (digest.Digest, error) {
+	s := d.Annotations[zstdchunked.ManifestChecksumAnnotation]
+	if s == "" {
+		return "", nil
+	}
+	if _, ok := dc.(*zstdchunked.Decompressor); !ok {
+		return "", fmt.Errorf("%w: zstd:chunked manifest checksum annotation on a blob with an eStargz footer", ErrVerify)
+	}
+	want, err := digest.Parse(s)
+	if err != nil {
+		return "", fmt.Errorf("%w: zstd:chunked manifest checksum annotation %q: %v", ErrVerify, s, err)
+	}
+	return want, nil
+}
+
 // decodeTOC decompresses and decodes the TOC at [off, off+n) of src and
 // returns it with the digest of its JSON. The JSON is read through a
 // bound and decoded an entry at a time, so that an oversized TOC fails
-// before its size is held in memory.
-func decodeTOC(ctx context.Context, dc estargz.Decompressor, src Source, off, n int64) (*estargz.JTOC, digest.Digest, error) {
+// before its size is held in memory. When stored is not "", the n bytes
+// as read, the ones decompressed and any after them, must have that
+// digest, or the TOC is refused (ErrVerify): reading them again could
+// give other bytes than the ones decoded.
+func decodeTOC(ctx context.Context, dc estargz.Decompressor, src Source, off, n int64, stored digest.Digest) (*estargz.JTOC, digest.Digest, error) {
 	r := &seekReader{ctx: ctx, readAt: src.ReadAt, size: off + n, pos: off, step: tocReadSize}
-	toc, dgst, err := decodeTOCFrom(dc, r)
+	var in io.Reader = r
+	var h hash.Hash
+	if stored != "" {
+		h = stored.Algorithm().Hash()
+		in = io.TeeReader(r, h)
+	}
+	toc, dgst, err := decodeTOCFrom(dc, in)
+	if err == nil && h != nil {
+		// The decompressor may stop short of the end; r stops at it.
+		if _, err = io.Copy(h, r); err == nil {
+			if got := digest.NewDigest(stored.Algorithm(), h); got != stored {
+				err = fmt.Errorf("%w: TOC as stored is %s, zstd:chunked manifest checksum annotation says %s", ErrVerify, got, stored)
+			}
+		}
+	}
 	if err != nil && r.err != nil {
 		// A read error of the Source, not a corrupt TOC, although it
 		// reached us through the decompressor.

@@ -8,6 +8,7 @@ import (
 	"os"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/weightsnap/weightsnap/cache"
@@ -43,9 +44,9 @@ func verificationOf(desc layer.Descriptor) (verification, *chunks.Table) {
 			return byChunks, t
 		}
 	}
-	// zstd:chunked is left out: its TOC is not yet checked against its
-	// manifest annotation.
-	if desc.Annotations[estargz.TOCJSONDigestAnnotation] != "" {
+	// layer.Open checks the TOC against either annotation before using it
+	// (the JSON's digest; zstd:chunked's, of the TOC as stored).
+	if desc.Annotations[estargz.TOCJSONDigestAnnotation] != "" || desc.Annotations[zstdchunked.ManifestChecksumAnnotation] != "" {
 		return byTOC, nil
 	}
 	return byBlob, nil
