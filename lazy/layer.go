@@ -70,6 +70,12 @@ func (m *Manager) open(ctx context.Context, dl described) (*sharedLayer, error) 
 	opener := tr.opener(rb, blob)
 	t0 := time.Now()
 	l, err := layer.Open(ctx, desc, src, tr.layerOptions(opener, m.store, blob, m.opt)...)
+	if err == nil && tr.v == byTOC && l.Streamed {
+		// Its manifest promised a TOC with chunk digests; the blob has
+		// none, and a stream is checked only at its end.
+		l.Close()
+		err = fmt.Errorf("%w: layer %s of %s: its manifest gives a TOC digest, but the blob has no usable TOC", layer.ErrUnsupported, desc.Digest, dl.image)
+	}
 	if err != nil {
 		blob.Close()
 		if errors.Is(err, layer.ErrUnsupported) {

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/opencontainers/go-digest"
 
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
@@ -147,5 +148,24 @@ func TestChunkTableCatchesACorruptRange(t *testing.T) {
 	}
 	if bytes.Contains(got, []byte("X")) {
 		t.Fatal("a corrupt byte was served")
+	}
+}
+
+// A manifest that promises a TOC the blob does not have gets no lazy
+// mount: without the TOC's chunk digests the blob would be streamed and
+// checked only at its end.
+func TestPromisedTOCThatIsNotThereIsRefused(t *testing.T) {
+	g := newGatedRegistry(t)
+	tarb := tarOf(t, "models/w", "weights")
+	layers := testutil.WithoutTables(testutil.EncodeLayers(t, [][]byte{tarb}, testutil.FormatGzip))
+	layers[0].Annotations = map[string]string{estargz.TOCJSONDigestAnnotation: digest.FromString("a TOC").String()}
+	ref := testutil.PushImage(t, g.addr(), "liar:v1", layers)
+	m, fake := newTestManager(t, WithUnverifiedLayers(UnverifiedLazy))
+	err := m.Mount(t.Context(), filepath.Join(t.TempDir(), "mp"), ref, digest.Digest(layers[0].Digest()))
+	if !errors.Is(err, ErrUnsupported) {
+		t.Fatalf("Mount: %v, want ErrUnsupported", err)
+	}
+	if len(fake.live()) != 0 {
+		t.Fatal("mounted")
 	}
 }
