@@ -223,21 +223,13 @@ func BenchmarkModelPull(b *testing.B) {
 	// volume; the clock starts at PullImage.
 	drop()
 	volFiles := ma.modelFiles("/models-volume")
-	cold, err := runReaderPodPulling(b, ctx, rt, logs, tools.Ref, "bench-a", "cold", refA, volFiles, func() error {
-		t0 = time.Now()
-		if _, err := is.PullImage(ctx, &criapi.PullImageRequest{Image: &criapi.ImageSpec{Image: refA}}); err != nil {
-			return fmt.Errorf("CRI PullImage %s: %w", refA, err)
-		}
-		pulled = time.Now()
-		return nil
-	})
+	cold, err := coldPod(b, ctx, ws, rt, is, logs, tools.Ref, "bench-a", refA, volFiles, "chunks")
 	if err != nil {
 		b.Fatal(err)
 	}
-	removePod(b, rt, cold.pod)
 	wsCold := podPath("ws-cold", "weightsnap CRI, cold",
-		"RunPodSandbox, then (clock starts) CRI PullImage, CreateContainer with the image volume, StartContainer, tool read; weightsnap cache empty, caches dropped",
-		t0, pulled, cold)
+		fmt.Sprintf("RunPodSandbox, then (clock starts) CRI PullImage, CreateContainer with the image volume, StartContainer, tool read; weightsnap cache empty, caches dropped; %d of %d layers opened with their chunk table, every fetched range checked before it is served", cold.opened, len(layersA)),
+		cold.pullStart, cold.pulled, cold.readerPod)
 	paths = append(paths, wsCold)
 
 	// 5. A second pod while everything is warm, and a third after the
