@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"reflect"
+	"strings"
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -126,5 +127,32 @@ func TestBenchWithoutChunkTables(t *testing.T) {
 		if _, err := stripped.LayerByDigest(l.Digest); err != nil {
 			t.Errorf("layer %s: %v", l.Digest, err)
 		}
+	}
+}
+
+// TestBenchChunkVerificationLine checks the line after the targets and
+// that it is left out when a run has no path without chunk tables.
+func TestBenchChunkVerificationLine(t *testing.T) {
+	r := benchResult{Paths: []benchPath{
+		{Key: "ws-cold", Name: "weightsnap CRI, cold", FirstMiB: 0.45, EndToEndMBps: 400},
+		{Key: "ws-cold-notable", Name: "weightsnap CRI, cold, no chunk table", FirstMiB: 0.4, EndToEndMBps: 500},
+	}}
+	r.Verification = chunkVerification(r.Paths, "ws-cold", "ws-cold-notable")
+	if v := r.Verification; v.Ratio != 0.8 || v.FirstMiBS != 0.45 || v.FirstMiBSWithout != 0.4 {
+		t.Errorf("verification %+v", v)
+	}
+	var out strings.Builder
+	writeTable(&out, r)
+	const want = "chunk verification: cold read 400 vs 500 MB/s without (0.80×), time to first read 0.450 vs 0.400 s\n"
+	if !strings.Contains(out.String(), want) {
+		t.Errorf("table has no line %q:\n%s", want, out.String())
+	}
+
+	r.Paths = r.Paths[:1]
+	r.Verification = chunkVerification(r.Paths, "ws-cold", "ws-cold-notable")
+	out.Reset()
+	writeTable(&out, r)
+	if strings.Contains(out.String(), "chunk verification") {
+		t.Errorf("a line on chunk verification without its path:\n%s", out.String())
 	}
 }
