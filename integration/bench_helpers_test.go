@@ -285,11 +285,18 @@ func fillRandom(ctx context.Context, f *os.File, off, end int64, seed uint64) er
 }
 
 // packAndPush builds m's directory into an image (pack's layout: one
-// uncompressed layer per large file) and pushes it to ref.
-func packAndPush(ctx context.Context, m benchModel, ref string) ([]v1.Descriptor, error) {
+// uncompressed layer per large file, each with its chunk table), applies
+// edits in turn, and pushes it to ref. It returns the pushed manifest's
+// layers.
+func packAndPush(ctx context.Context, m benchModel, ref string, edits ...func(v1.Image) (v1.Image, error)) ([]v1.Descriptor, error) {
 	img, err := pack.Build(ctx, m.dir, pack.Options{Prefix: "/"})
 	if err != nil {
 		return nil, err
+	}
+	for _, edit := range edits {
+		if img, err = edit(img); err != nil {
+			return nil, err
+		}
 	}
 	if err := pack.Push(ctx, img, ref, true, nil); err != nil {
 		return nil, err

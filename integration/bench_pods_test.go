@@ -83,6 +83,46 @@ func runReaderPodPulling(tb testing.TB, ctx context.Context, rt criapi.RuntimeSe
 	}
 }
 
+// coldReader is a reader pod of an image it pulled.
+type coldReader struct {
+	readerPod
+	pullStart, pulled time.Time
+	// opened is how many layers weightsnapd opened with the verification
+	// asked for ("chunks", "blob-lazy", …) while the pod ran.
+	opened int
+}
+
+// coldPod runs a reader pod (ns, name "cold") of modelRef, not yet
+// pulled, in kubelet's order: RunPodSandbox, then CRI PullImage, then
+// the container with the image volume. It removes the pod once its reader
+// exited, and counts the layers ws opened with verification meanwhile.
+func coldPod(tb testing.TB, ctx context.Context, ws *weightsnapd, rt criapi.RuntimeServiceClient, is criapi.ImageServiceClient, logDir, toolsRef, ns, modelRef string, files []string, verification string) (coldReader, error) {
+	var c coldReader
+	series := fmt.Sprintf("weightsnap_layers_opened_total{verification=%q}", verification)
+	before, err := ws.metric(ctx, series)
+	if err != nil {
+		return c, err
+	}
+	c.readerPod, err = runReaderPodPulling(tb, ctx, rt, logDir, toolsRef, ns, "cold", modelRef, files, func() error {
+		c.pullStart = time.Now()
+		if _, err := is.PullImage(ctx, &criapi.PullImageRequest{Image: &criapi.ImageSpec{Image: modelRef}}); err != nil {
+			return fmt.Errorf("CRI PullImage %s: %w", modelRef, err)
+		}
+		c.pulled = time.Now()
+		return nil
+	})
+	if err != nil {
+		return c, err
+	}
+	removePod(tb, rt, c.pod)
+	after, err := ws.metric(ctx, series)
+	if err != nil {
+		return c, err
+	}
+	c.opened = int(after - before)
+	return c, nil
+}
+
 // runSandbox runs a pod sandbox (host network) in namespace ns, removed
 // in tb.Cleanup, and returns its config and id.
 func runSandbox(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, ns, name string) (*criapi.PodSandboxConfig, string, error) {

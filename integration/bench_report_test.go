@@ -64,6 +64,10 @@ func writeTable(w io.Writer, r benchResult) {
 		fmt.Fprintf(tw, "%s\t%s\t%.4g\t%.4g\t%s\t%s\n", t.Name, t.Want, t.Value, t.Limit, res, t.Note)
 	}
 	tw.Flush()
+	if v := r.Verification; v.WithPath != "" {
+		fmt.Fprintf(w, "\nchunk verification: cold read %.0f vs %.0f MB/s without (%.2f×), time to first read %.3f vs %.3f s\n",
+			v.ColdMBps, v.ColdMBpsWithout, v.Ratio, v.FirstMiBS, v.FirstMiBSWithout)
+	}
 	fmt.Fprintln(w)
 }
 
@@ -92,7 +96,7 @@ func writeJSON(path string, r benchResult) error {
 var chartStyle = map[string]string{
 	"get-cold": "#4e79a7", "get-warm": "#a0cbe8", "get-proxy-cold": "#76b7b2",
 	"local-cold": "#79706e", "local-warm": "#bab0ac",
-	"overlayfs": "#f28e2b", "ws-cold": "#e15759", "ws-warm": "#59a14f", "ws-cached": "#b07aa1", "ws-host-warm": "#8cd17d",
+	"overlayfs": "#f28e2b", "ws-cold": "#e15759", "ws-cold-notable": "#ff9da7", "ws-warm": "#59a14f", "ws-cached": "#b07aa1", "ws-host-warm": "#8cd17d",
 }
 
 // writeSVG draws every path's bytes read over time, each from its own

@@ -129,6 +129,8 @@ type benchResult struct {
 	Cache      benchCache         `json:"cache"`
 	Targets    []benchTarget      `json:"targets"`
 	Setup      map[string]float64 `json:"setup_s"`
+	// Verification is what checking ranges against chunk tables costs.
+	Verification benchVerification `json:"chunk_verification"`
 }
 
 type benchModelInfo struct {
@@ -167,4 +169,49 @@ type benchCache struct {
 	ApparentBytes  int64   `json:"apparent_bytes"`
 	DataBytes      int64   `json:"data_bytes"`
 	Ratio          float64 `json:"ratio"`
+}
+
+// benchVerification compares the cold CRI path (a chunk table on every
+// layer: each fetched range checked before it is served) with the same
+// path for a model of the same shape without tables, which weightsnapd
+// serves unchecked (unverified_layers = "lazy"), in the same run.
+type benchVerification struct {
+	WithPath    string `json:"with_table_path"`
+	WithoutPath string `json:"without_table_path"`
+	// ColdMBps and ColdMBpsWithout are the paths' end-to-end MB/s (bytes
+	// over the time from PullImage to the last byte); Ratio is their
+	// quotient, with over without.
+	ColdMBps        float64 `json:"cold_e2e_MBps"`
+	ColdMBpsWithout float64 `json:"cold_e2e_MBps_without_table"`
+	Ratio           float64 `json:"ratio"`
+	// FirstMiBS and FirstMiBSWithout are the seconds from PullImage to the
+	// first MiB read.
+	FirstMiBS        float64 `json:"first_mib_s"`
+	FirstMiBSWithout float64 `json:"first_mib_s_without_table"`
+}
+
+// chunkVerification compares the paths keyed with and without in paths;
+// the zero value if either is missing.
+func chunkVerification(paths []benchPath, with, without string) benchVerification {
+	var w, wo *benchPath
+	for i := range paths {
+		switch paths[i].Key {
+		case with:
+			w = &paths[i]
+		case without:
+			wo = &paths[i]
+		}
+	}
+	if w == nil || wo == nil {
+		return benchVerification{}
+	}
+	v := benchVerification{
+		WithPath: with, WithoutPath: without,
+		ColdMBps: w.EndToEndMBps, ColdMBpsWithout: wo.EndToEndMBps,
+		FirstMiBS: w.FirstMiB, FirstMiBSWithout: wo.FirstMiB,
+	}
+	if wo.EndToEndMBps > 0 {
+		v.Ratio = round3(w.EndToEndMBps / wo.EndToEndMBps)
+	}
+	return v
 }

@@ -39,13 +39,24 @@ const benchOverlayUnpack = `
 // apart from CRI's.
 const benchNamespace = "bench"
 
+// benchUnverifiedLazy makes weightsnapd serve layers without a chunk table
+// before they verified, for the path that measures what the table's checks
+// cost. It changes nothing for a layer with a table: every other image of
+// the run has them.
+const benchUnverifiedLazy = `
+[verify]
+unverified_layers = "lazy"
+`
+
 // BenchmarkModelPull is `make bench`: it builds a model image, starts a
 // registry (behind a byte-counting proxy), weightsnapd and containerd, and
 // in one run measures reading the whole model by every path: a raw
 // registry GET (the physical limit), a local file, a full pull through
 // containerd's overlayfs snapshotter, and weightsnap through CRI image
-// volumes (cold, warm, and eight pods sharing a model). It prints a table
-// and writes bench.json and bench.svg. Targets are reported, not asserted.
+// volumes (cold, warm, and eight pods sharing a model). A second model of
+// the same shape, pushed without chunk tables, is read cold too: what
+// checking every range costs. It prints a table and writes bench.json and
+// bench.svg. Targets are reported, not asserted.
 // Knobs: WEIGHTSNAP_BENCH_SIZE, WEIGHTSNAP_BENCH_SHARDS, WEIGHTSNAP_BENCH_OUT.
 // Run it once: -run '^$' -bench BenchmarkModelPull -benchtime 1x.
 func BenchmarkModelPull(b *testing.B) {
@@ -101,7 +112,7 @@ func BenchmarkModelPull(b *testing.B) {
 	}
 	toolLayer := tarLayer(b, map[string][]byte{"tool": tool}, map[string]int64{"tool": 0o755})
 	tools := pushImage(b, origin.Addr, "tools:v1", []string{"/tool", "sleep"}, toolLayer)
-	ws := startWeightsnapd(b, filepath.Join(dir, "wsd"), hosts)
+	ws := startWeightsnapdWithConfig(b, filepath.Join(dir, "wsd"), hosts, benchUnverifiedLazy)
 	ctd := startContainerdWithConfig(b, mkdir(b, filepath.Join(dir, "ctd")), ws.sock, hosts, tools.Ref,
 		fmt.Sprintf(benchOverlayUnpack, "linux/"+runtime.GOARCH))
 	rt, is := ctd.cri(b)
@@ -223,22 +234,15 @@ func BenchmarkModelPull(b *testing.B) {
 	// volume; the clock starts at PullImage.
 	drop()
 	volFiles := ma.modelFiles("/models-volume")
-	cold, err := runReaderPodPulling(b, ctx, rt, logs, tools.Ref, "bench-a", "cold", refA, volFiles, func() error {
-		t0 = time.Now()
-		if _, err := is.PullImage(ctx, &criapi.PullImageRequest{Image: &criapi.ImageSpec{Image: refA}}); err != nil {
-			return fmt.Errorf("CRI PullImage %s: %w", refA, err)
-		}
-		pulled = time.Now()
-		return nil
-	})
+	cold, err := coldPod(b, ctx, ws, rt, is, logs, tools.Ref, "bench-a", refA, volFiles, "chunks")
 	if err != nil {
 		b.Fatal(err)
 	}
-	removePod(b, rt, cold.pod)
 	wsCold := podPath("ws-cold", "weightsnap CRI, cold",
-		"RunPodSandbox, then (clock starts) CRI PullImage, CreateContainer with the image volume, StartContainer, tool read; weightsnap cache empty, caches dropped",
-		t0, pulled, cold)
+		fmt.Sprintf("RunPodSandbox, then (clock starts) CRI PullImage, CreateContainer with the image volume, StartContainer, tool read; weightsnap cache empty, caches dropped; %d of %d layers opened with their chunk table, every fetched range checked before it is served", cold.opened, len(layersA)),
+		cold.pullStart, cold.pulled, cold.readerPod)
 	paths = append(paths, wsCold)
+	coldAt := len(paths) - 1
 
 	// 5. A second pod while everything is warm, and a third after the
 	// page cache was dropped (weightsnap's cache holds the model on disk).
@@ -321,15 +325,54 @@ func BenchmarkModelPull(b *testing.B) {
 	paths = append(paths, newBenchPath("ws-ctr-warm", "weightsnap ctr run, warm",
 		fmt.Sprintf("ctr run of the model image on weightsnap's layers (image present), as the overlayfs path; clock from the reader's start; page cache warm; %.0f file opens passed through", after-opens),
 		tr.start, tr))
-	r.Paths = paths
 
-	// 6. Eight pods in two namespaces through two tags of another model
-	// (the same weights; the tags' manifests differ in config.json), its
-	// layers new to weightsnap's cache, all at once. Model A's files are
-	// no longer needed: make room for model B's.
+	// 6. What the chunk table's checks cost a cold read: model C, of A's
+	// size and shape but its own seed (none of it cached), pushed with the
+	// chunk tables stripped from its manifest (the same blobs), read cold
+	// as model A was. weightsnapd serves its layers before they verified
+	// (benchUnverifiedLazy): no range is checked as it arrives, background
+	// fill checks each blob whole. Model A's files are no longer needed:
+	// make room for C's, and for B's after them.
 	if err := os.RemoveAll(ma.dir); err != nil {
 		b.Fatal(err)
 	}
+	t0 = time.Now()
+	mc, err := writeBenchModel(ctx, filepath.Join(data, "c"), tool, cfg.size, cfg.shards, 3, "no-table")
+	if err != nil {
+		b.Fatal(err)
+	}
+	refC := reg.Addr + "/bench/model-no-table:c"
+	layersC, err := packAndPush(ctx, mc, refC, withoutChunkTables)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := os.RemoveAll(mc.dir); err != nil {
+		b.Fatal(err)
+	}
+	step("generate, pack and push the model without chunk tables", t0)
+	drop()
+	coldC, err := coldPod(b, ctx, ws, rt, is, logs, tools.Ref, "bench-c", refC, mc.modelFiles("/models-volume"), "blob-lazy")
+	if err != nil {
+		b.Fatal(err)
+	}
+	if coldC.opened == 0 {
+		b.Fatalf("no layer of %s was opened unverified (unverified_layers = lazy): the path would not measure reads without chunk tables", refC)
+	}
+	paths = slices.Insert(paths, coldAt+1, podPath("ws-cold-notable", "weightsnap CRI, cold, no chunk table",
+		fmt.Sprintf("as weightsnap CRI, cold, for another model of the same size and shape pushed without chunk tables; weightsnapd's unverified_layers = \"lazy\": %d of %d layers opened unverified, served before their blob verified (background fill checks it whole); weightsnap cache empty for it, caches dropped", coldC.opened, len(layersC)),
+		coldC.pullStart, coldC.pulled, coldC.readerPod))
+	r.Paths = paths
+	r.Verification = chunkVerification(paths, "ws-cold", "ws-cold-notable")
+	// Its background fill ends before the next case starts.
+	t0 = time.Now()
+	if err := ws.waitVerified(ctx, weightDigests(layersC)); err != nil {
+		b.Fatal(err)
+	}
+	step("layers without chunk tables verified after their cold read", t0)
+
+	// 7. Eight pods in two namespaces through two tags of another model
+	// (the same weights; the tags' manifests differ in config.json), its
+	// layers new to weightsnap's cache, all at once.
 	t0 = time.Now()
 	var refsB []string
 	var mb benchModel
@@ -399,7 +442,7 @@ func BenchmarkModelPull(b *testing.B) {
 	r.Shared.Ratio = round4(float64(r.Shared.RegistryBytes) / float64(r.Shared.ModelBytes))
 	r.Shared.AggregateMBps = round3(float64(total) / lastMax.Seconds() / 1e6)
 
-	// 7. Peak RSS and the cache on disk, with every layer fetched.
+	// 8. Peak RSS and the cache on disk, with every layer fetched.
 	if ws.proc.cmd.Process != nil {
 		if v, err := vmHWM(ws.proc.cmd.Process.Pid); err == nil {
 			r.RSS.WeightsnapdBytes = v
@@ -424,6 +467,11 @@ func BenchmarkModelPull(b *testing.B) {
 	dataLayers := map[string]v1.Descriptor{}
 	for _, l := range slices.Concat(layersA, sharedLayers, tools.Layers) {
 		dataLayers[l.Digest.String()] = l
+	}
+	// Bytes served unverified are cached under a key of their repository's,
+	// apart from the same blob from elsewhere.
+	for _, l := range layersC {
+		dataLayers["unverified "+l.Digest.String()] = l
 	}
 	r.Cache = benchCache{Dir: cacheDir, AllocatedBytes: alloc, ApparentBytes: apparent, DataBytes: layersSize(slices.Collect(maps.Values(dataLayers)))}
 	r.Cache.Ratio = round4(float64(alloc) / float64(r.Cache.DataBytes))
@@ -482,6 +530,9 @@ func reportMetrics(b *testing.B, r benchResult) {
 		b.ReportMetric(p.LastByte, p.Key+"-last-byte-s")
 		b.ReportMetric(p.ReadMBps, p.Key+"-read-MB/s")
 		b.ReportMetric(p.EndToEndMBps, p.Key+"-e2e-MB/s")
+	}
+	if r.Verification.Ratio > 0 {
+		b.ReportMetric(r.Verification.Ratio, "cold-e2e-chunk-table/none")
 	}
 	b.ReportMetric(r.Shared.Ratio, "8pods-registry-bytes/model")
 	b.ReportMetric(r.Cache.Ratio, "cache-bytes/data")

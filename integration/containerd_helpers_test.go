@@ -206,6 +206,13 @@ type weightsnapd struct {
 // registry hosts from hostsDir.
 func startWeightsnapd(t testing.TB, root, hostsDir string) *weightsnapd {
 	t.Helper()
+	return startWeightsnapdWithConfig(t, root, hostsDir, "")
+}
+
+// startWeightsnapdWithConfig is startWeightsnapd with extra appended to
+// weightsnapd's config (after its [registry] table).
+func startWeightsnapdWithConfig(t testing.TB, root, hostsDir, extra string) *weightsnapd {
+	t.Helper()
 	mkdir(t, root)
 	w := &weightsnapd{
 		bin:    weightsnapdBinary(t),
@@ -215,7 +222,7 @@ func startWeightsnapd(t testing.TB, root, hostsDir string) *weightsnapd {
 		log:    filepath.Join(root, "weightsnapd.log"),
 	}
 	w.metrics = freeLoopbackAddr(t)
-	cfg := fmt.Sprintf("log_level = \"debug\"\nmetrics_address = %q\n[registry]\nconfig_path = %q\n", w.metrics, hostsDir)
+	cfg := fmt.Sprintf("log_level = \"debug\"\nmetrics_address = %q\n[registry]\nconfig_path = %q\n", w.metrics, hostsDir) + extra
 	if err := os.WriteFile(w.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
