@@ -3,7 +3,7 @@ GO            ?= go
 CONTAINERD    ?= v2.4.2
 BIN           := $(CURDIR)/bin
 TOOLS         := $(CURDIR)/.bin
-DEBIAN_PKGS   := docker-registry runc
+DEBIAN_PKGS   := docker-registry runc buildah
 export PATH   := $(TOOLS):/usr/local/go/bin:$(PATH)
 
 .PHONY: all build demo test deps debs containerd vet bench clean
