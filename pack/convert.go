@@ -11,6 +11,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/partial"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/weightsnap/weightsnap/chunks"
@@ -40,7 +41,7 @@ func Convert(ctx context.Context, src, dst string, plainHTTP bool) (name.Digest,
 	if err != nil {
 		return name.Digest{}, fmt.Errorf("convert %s: %w", src, err)
 	}
-	out, err := withChunkTables(img)
+	out, err := withChunkTables(img, srcRef)
 	if err != nil {
 		return name.Digest{}, fmt.Errorf("convert %s: %w", src, err)
 	}
@@ -54,9 +55,9 @@ func Convert(ctx context.Context, src, dst string, plainHTTP bool) (name.Digest,
 	return dstRef.Context().Digest(d.String()), nil
 }
 
-// withChunkTables returns img with a chunk table on every layer descriptor
-// of its manifest; nothing else changes.
-func withChunkTables(img v1.Image) (v1.Image, error) {
+// withChunkTables returns img, read from src, with a chunk table on every
+// layer descriptor of its manifest; nothing else changes.
+func withChunkTables(img v1.Image, src name.Reference) (v1.Image, error) {
 	m, err := img.Manifest()
 	if err != nil {
 		return nil, err
@@ -86,7 +87,7 @@ func withChunkTables(img v1.Image) (v1.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &manifestImage{Image: img, raw: raw, m: m}, nil
+	return &manifestImage{Image: img, src: src, raw: raw, m: m}, nil
 }
 
 // layerTable reads the blob of desc and returns its chunk table. The blob
@@ -116,8 +117,20 @@ func layerTable(img v1.Image, desc v1.Descriptor) (*chunks.Table, error) {
 // manifestImage is an image with its manifest replaced.
 type manifestImage struct {
 	v1.Image
+	src name.Reference // where its blobs are, to mount them from
 	raw []byte
 	m   *v1.Manifest
+}
+
+// ConfigLayer is the config as a blob to mount from the source, not to
+// upload again: go-containerregistry mounts a layer across repositories
+// only when it knows where it came from.
+func (i *manifestImage) ConfigLayer() (v1.Layer, error) {
+	l, err := partial.ConfigLayer(i.Image)
+	if err != nil {
+		return nil, err
+	}
+	return &remote.MountableLayer{Layer: l, Reference: i.src}, nil
 }
 
 func (i *manifestImage) RawManifest() ([]byte, error) { return i.raw, nil }

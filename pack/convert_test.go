@@ -167,7 +167,7 @@ func TestPackWritesChunkTables(t *testing.T) {
 		checkTable(t, img, desc)
 	}
 	// Convert leaves a packed image as it is.
-	out, err := withChunkTables(img)
+	out, err := withChunkTables(img, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

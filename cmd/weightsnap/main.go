@@ -106,7 +106,7 @@ func runConvert(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Println(d.String())
+	fmt.Printf("%s@%s\n", fl.Arg(1), d.DigestStr()) // as pack prints its push
 	return nil
 }
 
