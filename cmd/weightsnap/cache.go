@@ -217,9 +217,9 @@ func cachePrune(w io.Writer, dir string, all bool) error {
 		removed++
 		fmt.Fprintf(w, "removed %s %s (%s of data)\n", e.Kind, e.Key, formatBytes(n))
 	}
-	what := "named by no image record"
+	what := "what no image record names"
 	if all {
-		what = "all data"
+		what = "everything"
 	}
 	fmt.Fprintf(w, "pruned %s: %d removed, %s freed on disk; %d kept\n", what, removed, formatBytes(freed), kept)
 	return nil
@@ -297,7 +297,7 @@ func cacheVerify(ctx context.Context, w io.Writer, dir string, keys []string) er
 	}
 	fmt.Fprintf(w, "verified %d ok, %d failed, %d skipped\n", ok, bad, skipped)
 	if bad > 0 {
-		return fmt.Errorf("%d blobs failed verification", bad)
+		return fmt.Errorf("%d blob(s) failed verification", bad)
 	}
 	return nil
 }
@@ -327,6 +327,10 @@ func verifyBlob(ctx context.Context, s *cache.Store, e cache.EntryInfo, content 
 		n, err := h.ReadAt(ctx, buf, off)
 		hash.Write(buf[:n])
 		off += int64(n)
+		if errors.Is(err, errNotOnDisk) {
+			// The blob was whole: the chunk was dropped.
+			return fmt.Errorf("a chunk at or after offset %d does not match the checksum stored with it", off)
+		}
 		if err != nil && !(errors.Is(err, io.EOF) && off == e.Size) {
 			return err
 		}
