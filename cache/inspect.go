@@ -198,9 +198,9 @@ func ReadMeta(dir, prefix string) (map[string][]byte, error) {
 }
 
 // Remove deletes what the store holds under kind and key, and returns the
-// bytes of content it held. A key that a handle has open is not removed
-// (ErrInUse); one the store does not hold is an error wrapping
-// fs.ErrNotExist.
+// bytes of content it held. A key that a handle, or the background
+// verification a whole blob gets, has open is not removed (ErrInUse); one
+// the store does not hold is an error wrapping fs.ErrNotExist.
 func (s *Store) Remove(kind Kind, key digest.Digest) (int64, error) {
 	k := entryKey{kind: kindBlob, key: key}
 	switch kind {

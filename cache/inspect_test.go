@@ -160,6 +160,7 @@ func TestRemove(t *testing.T) {
 	data, key := content(1, 4*testChunk)
 	b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch)
 	readAll(t, b, data, testChunk)
+	verify(t, b) // so that no verification run holds the blob after Close
 	stData, stKey := content(2, 100)
 	st := openStream(t, s, stKey, true)
 	st.Write(stData)
