@@ -1,7 +1,7 @@
 // Command weightsnap is the operator's CLI: pack a model directory into an
 // image made for lazy loading, convert an existing image into one whose
 // every range can be checked, mount an image lazily without containerd,
-// and run the demo.
+// look after a node's cache, and run the demo.
 package main
 
 import (
@@ -35,6 +35,11 @@ commands:
   mount [--plain-http] [--cache-dir DIR] [--unverified-layers full|lazy] REF MOUNTPOINT
                                                   mount an image lazily; unmounts and exits on SIGINT/SIGTERM
   demo  [--size SIZE]                             the main job on an embedded registry and a generated model
+  cache [--cache-dir DIR] list                    what the node cache holds: each blob and stream, its images, how much is present, verified
+  cache [--cache-dir DIR] [--max-bytes SIZE] usage
+                                                  bytes of data and on disk, against the bound if given
+  cache [--cache-dir DIR] [--all] prune           remove what no image record names (--all: everything); refuses while the cache is open
+  cache [--cache-dir DIR] verify [DIGEST...]      hash whole blobs from disk (fetching nothing); a mismatch is removed
 `
 
 func main() {
@@ -55,6 +60,8 @@ func main() {
 		err = runMount(ctx, args)
 	case "demo":
 		err = runDemo(ctx, args)
+	case "cache":
+		err = runCache(ctx, args)
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 		return
