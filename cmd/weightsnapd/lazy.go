@@ -22,7 +22,7 @@ func newMounter(ctx context.Context, cacheDir string, cfg Config, ropts []remote
 	if err != nil {
 		return nil, nil, err
 	}
-	store, err := cache.Open(cacheDir, cache.WithMaxBytes(cc.MaxBytes))
+	store, err := cache.Open(cacheDir, cc.MaxBytes.maxOption(), cc.MinFreeBytes.minFreeOption())
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening cache %s: %w", cacheDir, err)
 	}
