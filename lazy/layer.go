@@ -36,6 +36,10 @@ type sharedLayer struct {
 	mounted     chan struct{} // closed at the first mount
 	mountedOnce sync.Once
 	filled      chan struct{} // closed when background fill has returned
+	// unwanted is set when its last mount was unmounted (containerd
+	// removed the snapshot: the image is going), and cleared by a new
+	// mount: a layer that closes unwanted is the cache's first to evict.
+	unwanted atomic.Bool
 }
 
 // open opens the layer dl describes: its blob in the cache, checked as
@@ -202,10 +206,17 @@ func (m *Manager) onRead(sl *sharedLayer, e *layer.Entry, off, n int64) {
 }
 
 // closeLayer stops sl's background work and releases what it holds; the
-// refmap calls it when the last reference goes.
+// refmap calls it when the last reference goes. The cached bytes of a
+// layer unmounted for good are evicted before anything else.
 func (m *Manager) closeLayer(_ layerKey, sl *sharedLayer) {
 	sl.cancel()
 	<-sl.filled
+	if sl.unwanted.Load() {
+		// Its blob and, if it was streamed, its stream share the key;
+		// the demotion holds once their last handles, below, are closed.
+		m.store.Demote(sl.trust.key)
+		slog.Debug("layer no longer wanted", "layer", sl.desc.Digest, "image", sl.image)
+	}
 	label := sl.desc.Digest.String()
 	metrics.LayerSizeBytes.DeleteLabelValues(label)
 	metrics.LayerFetchedBytes.DeleteLabelValues(label)
