@@ -226,6 +226,19 @@ func (m *Manager) Check(ctx context.Context, mountpoint string) error {
 	return err
 }
 
+// CachedBytes returns the bytes the node cache holds for the layer mounted
+// at mountpoint: what it takes on the cache's disk, which grows as it is
+// read and filled. Layers mounted at several places share those bytes.
+func (m *Manager) CachedBytes(ctx context.Context, mountpoint string) (int64, error) {
+	m.mu.Lock()
+	lm := m.mounts[filepath.Clean(mountpoint)]
+	m.mu.Unlock()
+	if lm == nil {
+		return 0, fmt.Errorf("no layer mounted at %s: %w", mountpoint, iofs.ErrNotExist)
+	}
+	return lm.ref.Value().cachedBytes(), nil
+}
+
 // Unmount unmounts the layer at mountpoint and releases it. If the
 // unmount fails, the layer stays mounted and a later Unmount tries again.
 //

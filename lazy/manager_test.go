@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	iofs "io/fs"
 	"maps"
 	"net/http"
 	"net/http/httptest"
@@ -510,6 +511,12 @@ func TestUnmountedForGoodIsEvictedFirst(t *testing.T) {
 	mp0 := mount(0)
 	if u := m.store.Usage(); u != blobSize {
 		t.Fatalf("cache usage %d after the first layer, want %d", u, blobSize)
+	}
+	if n, err := m.CachedBytes(t.Context(), mp0); n != blobSize || err != nil {
+		t.Fatalf("CachedBytes = %d, %v; want %d", n, err, blobSize)
+	}
+	if _, err := m.CachedBytes(t.Context(), mnt); !errors.Is(err, iofs.ErrNotExist) {
+		t.Fatalf("CachedBytes of no mount: %v", err)
 	}
 	if err := m.unmount(mp0, false); err != nil {
 		t.Fatal(err)

@@ -11,8 +11,12 @@ import (
 	"github.com/weightsnap/weightsnap/snapshot"
 )
 
-// The FUSE manager forwards warm-up hints to the lazy layer Manager.
-var _ snapshot.Warmer = (*lazy.Manager)(nil)
+// The FUSE manager forwards warm-up hints and cache usage questions to the
+// lazy layer Manager.
+var (
+	_ snapshot.Warmer        = (*lazy.Manager)(nil)
+	_ snapshot.CacheReporter = (*lazy.Manager)(nil)
+)
 
 // newMounter opens the node cache in cacheDir and returns the lazy layer
 // mounter over it, and what closes both.
