@@ -22,7 +22,7 @@ import (
 //	blob.mu → Store.mu, Store.dirtyMu
 //	Stream.mu → stream.mu
 //
-// Store.mu, Store.dirtyMu and stream.mu take no other lock. Whoever holds
+// Store.mu, Store.dirtyMu, Store.freeMu and stream.mu take no other lock. Whoever holds
 // blob.pin for reading (a reader, or the caller of ReadFile until it
 // releases the range) takes no lock of that blob, closes neither its last
 // handle nor the Store, until it lets go of the pin.
@@ -61,6 +61,9 @@ import (
 // Nothing is queued once a blob is closed, so a flush after shutdown
 // touches no file.
 //
+// Store.freeMu guards the estimate of the file system's free space
+// (bound.go); the statfs that refreshes it runs without it.
+//
 // Store.dirtyMu guards the set of blobs with records for the flusher;
 // stream.mu a stream's writing state (see stream.go); Stream.mu a
 // handle's read-only file.
@@ -78,7 +81,8 @@ import (
 //   - the storage's dirty flags are set by those writes and swapped by the
 //     flush, so it syncs every file written before its records were queued.
 //   - Store.usage grows and shrinks with fetches, drops and stream writes,
-//     which do not take Store.mu; eviction reads it before taking Store.mu.
+//     which do not take Store.mu; eviction reads it (and the free space
+//     estimate) before taking Store.mu.
 //   - stream.written, size and failure let stream readers go without
 //     stream.mu.
 //   - Blob.closed and Stream.closed make Close idempotent and later calls

@@ -1,21 +1,21 @@
 package cache
 
-import (
-	"math"
+import "math"
 
-	"golang.org/x/sys/unix"
-)
-
-// Capacity is the most the store can hold: its bound, or without one the
-// size of the file system it lives on. Content larger than that can never
-// be cached whole, whatever a manifest claims.
+// Capacity is the most the store can hold: the size of the file system it
+// lives on less its free space floor, and at most its bound. Content
+// larger than that can never be cached whole, whatever a manifest claims.
 func (s *Store) Capacity() int64 {
-	if s.max > 0 {
-		return s.max
-	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(s.dir, &st); err != nil {
+	st, err := s.statfs(s.dir)
+	if err != nil {
+		if s.max > 0 {
+			return s.max
+		}
 		return math.MaxInt64 // unknown; the writes will tell
 	}
-	return int64(st.Blocks) * st.Bsize
+	c := max(0, st.size-s.minFree)
+	if s.max > 0 {
+		c = min(c, s.max)
+	}
+	return c
 }

@@ -36,7 +36,10 @@ type entry struct {
 	// bytes is the data the key holds on disk while closed; an open
 	// blob or stream keeps its own count, and leaves it here when closed.
 	bytes   int64
-	lastUse uint64
+	lastUse uint64 // 0: demoted and closed, the first to be evicted
+	// demoted: the key is no longer wanted (Store.Demote); cleared when
+	// it is used again.
+	demoted bool
 	busy    chan struct{}
 	refs    int // handles (and verification runs) of the open blob or stream
 	b       *blob
@@ -74,13 +77,19 @@ func (s *Store) waitBusyLocked(e *entry) bool {
 
 // settle ends the busy state of e, whose value was just closed, leaving
 // the given bytes on disk: a key without any is removed, the others get
-// an mtime at path that orders them for LRU after a restart.
+// an mtime at path that orders them for LRU after a restart (a demoted
+// key the oldest there is, as its place here).
 func (s *Store) settle(e *entry, bytes int64, path string) {
 	defer s.wg.Done()
 	s.mu.Lock()
 	e.bytes = bytes
-	s.touchLocked(e)
-	stamp := s.nextStampLocked()
+	stamp := coldStamp
+	if e.demoted {
+		e.lastUse = 0
+	} else {
+		s.touchLocked(e)
+		stamp = s.nextStampLocked()
+	}
 	s.mu.Unlock()
 	if bytes == 0 {
 		s.removeFiles(e.entryKey)
@@ -96,10 +105,52 @@ func (s *Store) settle(e *entry, bytes int64, path string) {
 	s.evict()
 }
 
-// touchLocked marks e as just used.
+// touchLocked marks e as just used, and so wanted again.
 func (s *Store) touchLocked(e *entry) {
 	s.clock++
 	e.lastUse = s.clock
+	e.demoted = false
+}
+
+// coldStamp is the mtime of a demoted key's file: older than any other.
+var coldStamp = time.Unix(1, 0)
+
+// Demote marks key, a Blob's or a Stream's, as no longer wanted: once no
+// handle holds it, its data is the first to be evicted, before any key
+// that was not demoted however long ago it was used, in this process and
+// after a restart. Opening the key again undoes it. Demote of a key the
+// store does not have does nothing.
+func (s *Store) Demote(key digest.Digest) {
+	var paths []string
+	s.mu.Lock()
+	for _, k := range []entryKey{{kindBlob, key}, {kindStream, key}} {
+		e := s.entries[k]
+		if e == nil {
+			continue
+		}
+		e.demoted = true
+		if e.b == nil && e.st == nil && e.busy == nil {
+			// Closed: settle will not run for it before it is
+			// opened again.
+			e.lastUse = 0
+			paths = append(paths, s.stampPath(k))
+		}
+	}
+	s.mu.Unlock()
+	for _, p := range paths {
+		// Only the order after a restart depends on it. A key evicted
+		// meanwhile has no file left to stamp.
+		os.Chtimes(p, coldStamp, coldStamp)
+	}
+	s.evict()
+}
+
+// stampPath is the file whose mtime orders key k after a restart.
+func (s *Store) stampPath(k entryKey) string {
+	if k.kind == kindStream {
+		return s.streamPath(k.key)
+	}
+	return s.blobPath(k.key) + ".rec"
 }
 
 // nextStampLocked returns the mtime for a key released now. Stamps
@@ -115,9 +166,9 @@ func (s *Store) nextStampLocked() time.Time {
 }
 
 // evict removes least-recently-used closed keys until usage is within the
-// bound, or nothing more can be evicted.
+// bound and the free space floor is kept, or nothing more can be evicted.
 func (s *Store) evict() {
-	for s.max > 0 && s.usage.Load() > s.max {
+	for s.excess() > 0 {
 		s.mu.Lock()
 		e := s.victimLocked()
 		if e == nil {

@@ -2,6 +2,7 @@ package cache
 
 import (
 	"fmt"
+	"time"
 
 	digest "github.com/opencontainers/go-digest"
 
@@ -12,14 +13,25 @@ import (
 type Option func(*options)
 
 type options struct {
-	maxBytes  int64
-	chunkSize int64
-	maxFetch  int64
+	maxBytes     int64
+	maxShare     float64
+	minFree      int64
+	minFreeShare float64
+	chunkSize    int64
+	maxFetch     int64
+	// statfs and statfsEvery are replaced by tests: they say what the
+	// file system holding the store looks like, without needing one.
+	statfs      func(dir string) (fsStat, error)
+	statfsEvery time.Duration
 }
 
 const (
 	defaultChunkSize = 1 << 20
 	defaultMaxFetch  = 8 << 20
+	// defaultStatfsEvery is how long a look at the file system's free
+	// space is trusted, corrected by what the store wrote and removed
+	// since: others' writes are seen that late.
+	defaultStatfsEvery = time.Second
 )
 
 // WithMaxBytes bounds the data kept on disk; 0, the default, means
@@ -28,6 +40,29 @@ const (
 // bound can be exceeded while it is.
 func WithMaxBytes(n int64) Option {
 	return func(o *options) { o.maxBytes = n }
+}
+
+// WithMaxShare bounds the data kept on disk to share (0 < share ≤ 1) of
+// the size of the file system the store lives on, as found at Open. With
+// WithMaxBytes too, the smaller bound holds. Eviction is as WithMaxBytes's.
+func WithMaxShare(share float64) Option {
+	return func(o *options) { o.maxShare = share }
+}
+
+// WithMinFree keeps at least n bytes free on the file system the store
+// lives on: when less is free, whoever filled it, data no open Blob or
+// Stream holds is evicted, least-recently-used first, until n bytes are
+// free again or nothing more can go. The free space is looked at after
+// writes and every statfsEvery. 0, the default, keeps no floor.
+func WithMinFree(n int64) Option {
+	return func(o *options) { o.minFree = n }
+}
+
+// WithMinFreeShare is WithMinFree of share (0 < share ≤ 1) of the file
+// system's size, as found at Open. With WithMinFree too, the larger floor
+// holds.
+func WithMinFreeShare(share float64) Option {
+	return func(o *options) { o.minFreeShare = share }
 }
 
 // WithChunkSize sets the unit of presence tracking and fetching; default
@@ -54,8 +89,17 @@ func newOptions(opts []Option) (options, error) {
 	if o.maxFetch == 0 {
 		o.maxFetch = max(defaultMaxFetch, o.chunkSize)
 	}
-	if o.chunkSize < 0 || o.maxBytes < 0 || o.maxFetch < o.chunkSize {
-		return o, fmt.Errorf("cache: invalid options: max bytes %d, chunk size %d, max fetch %d", o.maxBytes, o.chunkSize, o.maxFetch)
+	if o.statfs == nil {
+		o.statfs = statfs
+	}
+	if o.statfsEvery == 0 {
+		o.statfsEvery = defaultStatfsEvery
+	}
+	if o.chunkSize < 0 || o.maxBytes < 0 || o.maxFetch < o.chunkSize || o.minFree < 0 {
+		return o, fmt.Errorf("cache: invalid options: max bytes %d, min free %d, chunk size %d, max fetch %d", o.maxBytes, o.minFree, o.chunkSize, o.maxFetch)
+	}
+	if !validShare(o.maxShare) || !validShare(o.minFreeShare) {
+		return o, fmt.Errorf("cache: invalid options: max share %v, min free share %v: want a fraction in [0, 1]", o.maxShare, o.minFreeShare)
 	}
 	return o, nil
 }

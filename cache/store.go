@@ -59,7 +59,8 @@ var (
 // Store is a cache directory opened by one process.
 type Store struct {
 	dir       string
-	max       int64
+	max       int64 // 0: unbounded
+	minFree   int64 // bytes kept free on the file system; 0: none
 	chunkSize int64
 	maxRun    int // chunks per FetchFunc call
 	bufs      sync.Pool
@@ -70,6 +71,15 @@ type Store struct {
 	lock   *os.File
 
 	usage atomic.Int64 // see the consistency scheme in blob.go
+
+	// The free space estimate (bound.go), guarded by freeMu.
+	statfs      func(dir string) (fsStat, error)
+	statfsEvery time.Duration
+	freeMu      sync.Mutex
+	freeAt      time.Time // of the last statfs; zero: look now
+	freeAvail   int64     // its available bytes
+	freeUsage   int64     // and usage then
+	freeErr     bool      // the last statfs failed (logged once)
 
 	mu      sync.Mutex // guards entries and their fields, clock, stamp and closed; no file I/O under it
 	entries map[entryKey]*entry
@@ -93,15 +103,26 @@ func Open(dir string, opts ...Option) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
+	var fs fsStat
+	if opt.needsStatfs() {
+		if fs, err = opt.statfs(dir); err != nil {
+			lock.Close()
+			return nil, err
+		}
+	}
+	maxBytes, minFree := opt.bounds(fs.size)
 	s := &Store{
-		dir:       dir,
-		max:       opt.maxBytes,
-		chunkSize: opt.chunkSize,
-		maxRun:    int(opt.maxFetch / opt.chunkSize),
-		lock:      lock,
-		entries:   make(map[entryKey]*entry),
-		dirty:     make(map[*blob]struct{}),
-		flushCh:   make(chan struct{}, 1),
+		dir:         dir,
+		max:         maxBytes,
+		minFree:     minFree,
+		statfs:      opt.statfs,
+		statfsEvery: opt.statfsEvery,
+		chunkSize:   opt.chunkSize,
+		maxRun:      int(opt.maxFetch / opt.chunkSize),
+		lock:        lock,
+		entries:     make(map[entryKey]*entry),
+		dirty:       make(map[*blob]struct{}),
+		flushCh:     make(chan struct{}, 1),
 	}
 	bufSize := s.chunkSize * int64(s.maxRun)
 	s.bufs.New = func() any { b := make([]byte, bufSize); return &b }
@@ -113,6 +134,10 @@ func Open(dir string, opts ...Option) (*Store, error) {
 	}
 	s.wg.Add(1)
 	go s.flusher()
+	if s.minFree > 0 {
+		s.wg.Add(1)
+		go s.watchFree()
+	}
 	s.evict()
 	return s, nil
 }
@@ -175,7 +200,7 @@ func (s *Store) Close() error {
 }
 
 // Usage returns the bytes of cached data on disk (Blob chunks present and
-// Stream bytes written), the quantity WithMaxBytes bounds.
+// Stream bytes written), the quantity WithMaxBytes and WithMaxShare bound.
 func (s *Store) Usage() int64 { return s.usage.Load() }
 
 func (s *Store) blobPath(key digest.Digest) string {

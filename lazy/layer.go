@@ -27,6 +27,7 @@ type sharedLayer struct {
 	trust   trust
 	failed  atomic.Pointer[error] // set once, when found wrong (trust.go)
 	blob    *cache.Blob
+	stream  *cache.Stream // the decompressed tar of a streamed layer; nil if none
 	l       *layer.Opened
 	readers *prefetch.Readers // nil unless file contents are blob ranges
 	cancel  context.CancelFunc
@@ -36,6 +37,10 @@ type sharedLayer struct {
 	mounted     chan struct{} // closed at the first mount
 	mountedOnce sync.Once
 	filled      chan struct{} // closed when background fill has returned
+	// unwanted is set when its last mount was unmounted (containerd
+	// removed the snapshot: the image is going), and cleared by a new
+	// mount: a layer that closes unwanted is the cache's first to evict.
+	unwanted atomic.Bool
 }
 
 // open opens the layer dl describes: its blob in the cache, checked as
@@ -69,7 +74,8 @@ func (m *Manager) open(ctx context.Context, dl described) (*sharedLayer, error) 
 	src := &readAround{Blob: blob, sched: m.sched, deferring: true}
 	opener := tr.opener(rb, blob)
 	t0 := time.Now()
-	l, err := layer.Open(ctx, desc, src, tr.layerOptions(opener, m.store, blob, m.opt)...)
+	var stream atomic.Pointer[cache.Stream]
+	l, err := layer.Open(ctx, desc, src, tr.layerOptions(opener, m.store, &stream, blob, m.opt)...)
 	if err == nil && tr.v == byTOC && l.Streamed {
 		// Its manifest promised a TOC with chunk digests; the blob has
 		// none, and a stream is checked only at its end.
@@ -84,7 +90,7 @@ func (m *Manager) open(ctx context.Context, dl described) (*sharedLayer, error) 
 		return nil, err
 	}
 	bg, cancel := context.WithCancel(context.Background())
-	sl := &sharedLayer{desc: desc, image: dl.image, trust: tr, blob: blob, cancel: cancel,
+	sl := &sharedLayer{desc: desc, image: dl.image, trust: tr, blob: blob, stream: stream.Load(), cancel: cancel,
 		used: make(chan struct{}), mounted: make(chan struct{}), filled: make(chan struct{})}
 	sl.l = sl.guard(l)
 	if l.Ranges != nil {
@@ -202,10 +208,17 @@ func (m *Manager) onRead(sl *sharedLayer, e *layer.Entry, off, n int64) {
 }
 
 // closeLayer stops sl's background work and releases what it holds; the
-// refmap calls it when the last reference goes.
+// refmap calls it when the last reference goes. The cached bytes of a
+// layer unmounted for good are evicted before anything else.
 func (m *Manager) closeLayer(_ layerKey, sl *sharedLayer) {
 	sl.cancel()
 	<-sl.filled
+	if sl.unwanted.Load() {
+		// Its blob and, if it was streamed, its stream share the key;
+		// the demotion holds once their last handles, below, are closed.
+		m.store.Demote(sl.trust.key)
+		slog.Debug("layer no longer wanted", "layer", sl.desc.Digest, "image", sl.image)
+	}
 	label := sl.desc.Digest.String()
 	metrics.LayerSizeBytes.DeleteLabelValues(label)
 	metrics.LayerFetchedBytes.DeleteLabelValues(label)
@@ -217,11 +230,23 @@ func (m *Manager) closeLayer(_ layerKey, sl *sharedLayer) {
 	sl.blob.Close()
 }
 
+// cachedBytes is what the node cache holds for sl: the chunks of its blob
+// present, and the bytes of its stream written.
+func (sl *sharedLayer) cachedBytes() int64 {
+	n := sl.blob.CachedBytes()
+	if sl.stream != nil {
+		n += sl.stream.Written()
+	}
+	return n
+}
+
 // streamStore adapts the cache's Streams to layer.StreamStore. Streams of
 // unverified bytes are kept under a key of their source's (namespace).
+// The stream a layer opens is kept in opened, for its usage.
 type streamStore struct {
 	s         *cache.Store
 	namespace string
+	opened    *atomic.Pointer[cache.Stream]
 }
 
 func (s streamStore) Stream(key, content digest.Digest) (layer.Stream, bool, error) {
@@ -231,6 +256,9 @@ func (s streamStore) Stream(key, content digest.Digest) (layer.Stream, bool, err
 	st, w, err := s.s.Stream(key, cache.WithStreamDigest(content))
 	if err != nil {
 		return nil, false, err
+	}
+	if s.opened != nil {
+		s.opened.Store(st)
 	}
 	return st, w, nil
 }

@@ -169,6 +169,7 @@ func (m *Manager) Mount(ctx context.Context, mountpoint, imageRef string, d dige
 		return err
 	}
 	sl := ref.Value()
+	sl.unwanted.Store(false)
 	sl.mountedOnce.Do(func() { close(sl.mounted) })
 	return nil
 }
@@ -225,9 +226,35 @@ func (m *Manager) Check(ctx context.Context, mountpoint string) error {
 	return err
 }
 
+// CachedBytes returns the bytes the node cache holds for the layer mounted
+// at mountpoint: what it takes on the cache's disk, which grows as it is
+// read and filled. Layers mounted at several places share those bytes.
+func (m *Manager) CachedBytes(ctx context.Context, mountpoint string) (int64, error) {
+	m.mu.Lock()
+	lm := m.mounts[filepath.Clean(mountpoint)]
+	m.mu.Unlock()
+	if lm == nil {
+		return 0, fmt.Errorf("no layer mounted at %s: %w", mountpoint, iofs.ErrNotExist)
+	}
+	return lm.ref.Value().cachedBytes(), nil
+}
+
 // Unmount unmounts the layer at mountpoint and releases it. If the
 // unmount fails, the layer stays mounted and a later Unmount tries again.
+//
+// containerd unmounts a layer when it removes its snapshot (the image is
+// removed, by kubelet's image GC or by hand): once the last mount of a
+// layer is gone, the layer closes (its background fill stops) as soon as
+// nothing else holds it, and its cached bytes are the first the cache
+// evicts.
 func (m *Manager) Unmount(ctx context.Context, mountpoint string) error {
+	return m.unmount(mountpoint, true)
+}
+
+// unmount unmounts mountpoint; forGood marks its layer unwanted if no
+// other mount of it is left (not so when the Manager closes: the node
+// still has the image).
+func (m *Manager) unmount(mountpoint string, forGood bool) error {
 	mountpoint = filepath.Clean(mountpoint)
 	m.mu.Lock()
 	lm := m.mounts[mountpoint]
@@ -241,6 +268,20 @@ func (m *Manager) Unmount(ctx context.Context, mountpoint string) error {
 		m.mounts[mountpoint] = lm
 		m.mu.Unlock()
 		return err
+	}
+	if forGood {
+		m.mu.Lock()
+		sl, last := lm.ref.Value(), true
+		for _, other := range m.mounts {
+			if other.ref.Value() == sl {
+				last = false
+				break
+			}
+		}
+		if last {
+			sl.unwanted.Store(true)
+		}
+		m.mu.Unlock()
 	}
 	m.releaseWhenDone(lm.ref, lm.mount)
 	return nil
@@ -283,7 +324,7 @@ func (m *Manager) Close() error {
 		m.mu.Lock()
 		lm := m.mounts[p]
 		m.mu.Unlock()
-		if err := m.Unmount(context.Background(), p); err != nil {
+		if err := m.unmount(p, false); err != nil {
 			errs = append(errs, err)
 			continue
 		}

@@ -10,9 +10,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	iofs "io/fs"
 	"maps"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -203,7 +205,13 @@ func (s *fakeServe) live() []*fakeMount {
 }
 
 func newTestManager(t *testing.T, opts ...Option) (*Manager, *fakeServe) {
-	store, err := cache.Open(t.TempDir())
+	return newTestManagerOn(t, t.TempDir(), nil, opts...)
+}
+
+// newTestManagerOn is newTestManager with its cache in dir, opened with
+// copts.
+func newTestManagerOn(t *testing.T, dir string, copts []cache.Option, opts ...Option) (*Manager, *fakeServe) {
+	store, err := cache.Open(dir, copts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -380,7 +388,7 @@ func TestFailedUnmountCanBeRetried(t *testing.T) {
 	}
 }
 
-func TestWarmHoldsLayersUntilClose(t *testing.T) {
+func TestWarmHoldsLayersUntilMountOrClose(t *testing.T) {
 	g := newGatedRegistry(t)
 	ref, ds := pushModel(t, g, 3)
 	m, _ := newTestManager(t, WithWarmHold(time.Hour))
@@ -390,7 +398,8 @@ func TestWarmHoldsLayersUntilClose(t *testing.T) {
 	for range ds {
 		<-warmed
 	}
-	// A mount and unmount of a warmed layer leaves it open: Warm holds it.
+	// The mount of a warmed layer ends Warm's hold of it: once unmounted
+	// it closes. Warm holds the others.
 	mp := filepath.Join(t.TempDir(), "mp")
 	if err := m.Mount(t.Context(), mp, ref, ds[0]); err != nil {
 		t.Fatal(err)
@@ -398,14 +407,25 @@ func TestWarmHoldsLayersUntilClose(t *testing.T) {
 	if err := m.Unmount(t.Context(), mp); err != nil {
 		t.Fatal(err)
 	}
-	if got := m.OpenLayers(); len(got) != 3 {
-		t.Fatalf("open layers %v, want all 3 held by Warm", got)
+	waitFor(t, func() bool { return len(m.OpenLayers()) == 2 })
+	if got := m.OpenLayers(); slices.Contains(got, ds[0]) {
+		t.Fatalf("open layers %v, want the 2 not mounted, held by Warm", got)
 	}
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
 	}
 	if got := m.OpenLayers(); len(got) != 0 {
 		t.Fatalf("open layers after Close: %v", got)
+	}
+}
+
+// waitFor waits up to 5 s for cond.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("timed out")
+		}
 	}
 }
 
@@ -458,5 +478,62 @@ func TestImagesDoNotShareWhatTheySayOfABlob(t *testing.T) {
 	}
 	if dl.desc.DiffID.String() != honest[0].DiffID || dl.desc.Annotations["org.opencontainers.image.title"] != "" {
 		t.Fatalf("the honest image's layer is described as %+v", dl.desc)
+	}
+}
+
+// A layer whose last snapshot containerd removed (its image is going) is
+// closed at once, whatever Warm opened it for, and is evicted before a
+// layer that closed earlier but was not removed.
+func TestUnmountedForGoodIsEvictedFirst(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 3)
+	const blobSize = 4608 // a tar of one 3000-byte file
+	dir := t.TempDir()
+	m, _ := newTestManagerOn(t, dir, []cache.Option{cache.WithMaxBytes(2*blobSize + blobSize/2)}, WithWarmHold(time.Hour))
+	warmed := make(chan digest.Digest, 1)
+	m.warmed = func(d digest.Digest) { warmed <- d }
+	mnt := t.TempDir()
+	mount := func(i int) string {
+		t.Helper()
+		mp := filepath.Join(mnt, fmt.Sprint(i))
+		if err := m.Mount(t.Context(), mp, ref, ds[i]); err != nil {
+			t.Fatal(err)
+		}
+		return mp
+	}
+	onDisk := func(i int) bool {
+		_, err := os.Stat(filepath.Join(dir, "blobs", "sha256", ds[i].Encoded()+".rec"))
+		return err == nil
+	}
+
+	// Layer 0 is used, then closed as at a restart: the node still has
+	// its image.
+	mp0 := mount(0)
+	if u := m.store.Usage(); u != blobSize {
+		t.Fatalf("cache usage %d after the first layer, want %d", u, blobSize)
+	}
+	if n, err := m.CachedBytes(t.Context(), mp0); n != blobSize || err != nil {
+		t.Fatalf("CachedBytes = %d, %v; want %d", n, err, blobSize)
+	}
+	if _, err := m.CachedBytes(t.Context(), mnt); !errors.Is(err, iofs.ErrNotExist) {
+		t.Fatalf("CachedBytes of no mount: %v", err)
+	}
+	if err := m.unmount(mp0, false); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return len(m.OpenLayers()) == 0 })
+
+	// Layer 1, warmed then mounted, is unmounted: containerd removed it.
+	m.Warm(ref, ds[1:2])
+	<-warmed
+	if err := m.Unmount(t.Context(), mount(1)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return len(m.OpenLayers()) == 0 })
+
+	// Layer 2 needs room: layer 1 goes, though layer 0 was used before it.
+	mount(2)
+	if !onDisk(0) || onDisk(1) || !onDisk(2) {
+		t.Fatalf("layers on disk: %v %v %v; want the removed one evicted", onDisk(0), onDisk(1), onDisk(2))
 	}
 }

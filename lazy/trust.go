@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"sync/atomic"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
@@ -168,13 +169,13 @@ type blobReaderAt struct {
 
 func (r blobReaderAt) ReadAt(p []byte, off int64) (int, error) { return r.blob.ReadAt(r.ctx, p, off) }
 
-func (tr trust) layerOptions(opener func(context.Context) (io.ReadCloser, error), store *cache.Store, blob *cache.Blob, o options) []layer.Option {
+func (tr trust) layerOptions(opener func(context.Context) (io.ReadCloser, error), store *cache.Store, stream *atomic.Pointer[cache.Stream], blob *cache.Blob, o options) []layer.Option {
 	limit := o.streamMax
 	if limit <= 0 {
 		limit = store.Capacity() / 2
 	}
 	opts := []layer.Option{
-		layer.WithStreams(opener, streamStore{s: store, namespace: tr.namespace}),
+		layer.WithStreams(opener, streamStore{s: store, namespace: tr.namespace, opened: stream}),
 		layer.WithMeta(store),
 		layer.WithMaxExpansion(o.expansion, limit),
 	}

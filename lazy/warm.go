@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"slices"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/errgroup"
@@ -64,16 +65,32 @@ func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
 	}()
 }
 
-// warmLayer opens layer d and holds it open for the warm hold. It returns
-// once the layer is open, giving its place among the layers opening at
-// once to the next.
+// warmLayer opens layer d and holds it open for the warm hold, or until
+// its first mount, which holds it from then on: so that the layer closes,
+// and its fill stops, when its last mount goes. It returns once the layer
+// is open, giving its place among the layers opening at once to the next.
 func (m *Manager) warmLayer(ctx context.Context, dl described) {
 	ref, err := m.acquire(ctx, dl)
 	if err != nil {
 		slog.Debug("warming layer", "layer", dl.desc.Digest, "image", dl.image, "err", err)
 		return
 	}
-	ref.ReleaseAfter(m.opt.warmHold)
+	hold, done, err := m.begin(context.Background())
+	if err != nil {
+		ref.Release()
+		return
+	}
+	go func() {
+		defer done()
+		defer ref.Release()
+		t := time.NewTimer(m.opt.warmHold)
+		defer t.Stop()
+		select {
+		case <-ref.Value().mounted:
+		case <-t.C:
+		case <-hold.Done(): // Close
+		}
+	}()
 	if m.warmed != nil {
 		m.warmed(dl.desc.Digest)
 	}

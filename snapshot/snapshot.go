@@ -7,7 +7,8 @@
 // The remote-snapshot protocol, the overlay snapshots and the restore of
 // lazy mounts after a restart are stargz-snapshotter's snapshot package,
 // which has run in production for years; this package adapts weightsnap's
-// layer mounts to it and fixes what it leaves out (Usage of lazy layers).
+// layer mounts to it and fixes what it leaves out (Usage of lazy layers:
+// the bytes the node cache holds for them).
 package snapshot
 
 import (
@@ -77,6 +78,15 @@ type Warmer interface {
 	Warm(imageRef string, layers []digest.Digest)
 }
 
+// CacheReporter is optionally implemented by a LayerMounter whose layers
+// take disk space as they are read: Usage then reports that space rather
+// than the size of the layer's files.
+type CacheReporter interface {
+	// CachedBytes returns the bytes the node cache holds for the layer
+	// mounted at mountpoint.
+	CachedBytes(ctx context.Context, mountpoint string) (int64, error)
+}
+
 // Options configure New.
 type Options struct {
 	// KeepMounts says the LayerMounter's mounts outlived the previous
@@ -101,7 +111,8 @@ func New(ctx context.Context, root string, m LayerMounter, opts Options) (snapsh
 	if err != nil {
 		return nil, fmt.Errorf("opening snapshotter at %s: %w", root, err)
 	}
-	return &snapshotter{Snapshotter: sn}, nil
+	cr, _ := m.(CacheReporter)
+	return &snapshotter{Snapshotter: sn, cache: cr}, nil
 }
 
 // layerFS adapts a LayerMounter to stargz-snapshotter's FileSystem, which
@@ -178,9 +189,10 @@ func layerOf(labels map[string]string) (string, digest.Digest, error) {
 // walk (and so wait for the index of) the layer.
 type snapshotter struct {
 	snapshots.Snapshotter
+	cache CacheReporter // nil if the LayerMounter is not one
 
-	// usage memoizes the usage of lazy layers, which never change, by
-	// name and creation time (a name can be reused after Remove).
+	// usage memoizes what never changes of a lazy layer, by name and
+	// creation time (a name can be reused after Remove): a lazyLayer.
 	usage sync.Map
 }
 
@@ -189,9 +201,19 @@ type usageKey struct {
 	created int64
 }
 
+// lazyLayer is what Usage knows of a committed lazy layer.
+type lazyLayer struct {
+	files      snapshots.Usage // its files' sizes and inodes
+	mountpoint string
+}
+
 // Usage returns the resources taken by the snapshot key. For a lazy layer
-// that is the size and inode count of the layer's files (what a download
-// would take), computed once from the mount's metadata without reading any
+// that is the disk space the node cache holds for it, which grows as it is
+// read and filled (containerd sums Usage into the image file system's
+// used bytes, which kubelet's image GC and eviction act on), and the
+// inode count of its files. Without a CacheReporter, or if it fails, the
+// size is that of the layer's files, what a download would take. The
+// files are walked once, from the mount's metadata, without reading any
 // file content.
 func (s *snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, error) {
 	u, err := s.Snapshotter.Usage(ctx, key)
@@ -206,18 +228,30 @@ func (s *snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 		return u, nil
 	}
 	k := usageKey{info.Name, info.Created.UnixNano()}
+	var l lazyLayer
 	if v, ok := s.usage.Load(k); ok {
-		return v.(snapshots.Usage), nil
+		l = v.(lazyLayer)
+	} else {
+		if l, err = s.lazyLayer(ctx, info.Name); err != nil {
+			return snapshots.Usage{}, fmt.Errorf("usage of lazy layer %s: %w", key, err)
+		}
+		s.usage.Store(k, l)
 	}
-	u, err = s.lazyUsage(ctx, info.Name)
-	if err != nil {
-		return snapshots.Usage{}, fmt.Errorf("usage of lazy layer %s: %w", key, err)
+	u = l.files
+	if s.cache != nil {
+		n, err := s.cache.CachedBytes(ctx, l.mountpoint)
+		if err != nil {
+			log.G(ctx).WithError(err).WithField("key", key).Debug("cache usage of a lazy layer unknown: giving its files' size")
+			return u, nil
+		}
+		u.Size = n
 	}
-	s.usage.Store(k, u)
 	return u, nil
 }
 
-// Remove removes the snapshot key and forgets a lazy layer's usage.
+// Remove removes the snapshot key and forgets what Usage knew of it. The
+// unmount of a lazy layer's last snapshot tells the LayerMounter that the
+// layer is no longer wanted (lazy.Manager.Unmount).
 func (s *snapshotter) Remove(ctx context.Context, key string) error {
 	if err := s.Snapshotter.Remove(ctx, key); err != nil {
 		return err
@@ -231,14 +265,14 @@ func (s *snapshotter) Remove(ctx context.Context, key string) error {
 	return nil
 }
 
-// lazyUsage walks the mount of the committed lazy layer name. stargz keeps
-// a snapshot's directory to itself, but a View of a single committed
-// layer is a bind mount of exactly that directory.
-func (s *snapshotter) lazyUsage(ctx context.Context, name string) (snapshots.Usage, error) {
+// lazyLayer walks the mount of the committed lazy layer name. stargz
+// keeps a snapshot's directory to itself, but a View of a single committed
+// layer is a bind mount of exactly that directory, the layer's mountpoint.
+func (s *snapshotter) lazyLayer(ctx context.Context, name string) (lazyLayer, error) {
 	viewKey := fmt.Sprintf("weightsnap-usage-%d-%s", time.Now().UnixNano(), name)
 	mounts, err := s.Snapshotter.View(ctx, viewKey, name)
 	if err != nil {
-		return snapshots.Usage{}, err
+		return lazyLayer{}, err
 	}
 	defer func() {
 		if err := s.Snapshotter.Remove(ctx, viewKey); err != nil {
@@ -246,9 +280,10 @@ func (s *snapshotter) lazyUsage(ctx context.Context, name string) (snapshots.Usa
 		}
 	}()
 	if len(mounts) != 1 || mounts[0].Type != "bind" {
-		return snapshots.Usage{}, fmt.Errorf("unexpected view mounts %+v", mounts)
+		return lazyLayer{}, fmt.Errorf("unexpected view mounts %+v", mounts)
 	}
-	return treeUsage(ctx, mounts[0].Source)
+	u, err := treeUsage(ctx, mounts[0].Source)
+	return lazyLayer{files: u, mountpoint: mounts[0].Source}, err
 }
 
 // treeUsage sums the sizes and counts the inodes of the tree at root,

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -154,6 +155,42 @@ func TestRemotePrepareCommitsLazily(t *testing.T) {
 	}
 	if n := m.mountCount(); n != 1 {
 		t.Errorf("mounts after the extraction key was removed = %d, want the committed layer's 1", n)
+	}
+}
+
+// cachingMounter is a fakeMounter whose layers hold cached bytes.
+type cachingMounter struct {
+	*fakeMounter
+	cached atomic.Int64
+}
+
+func (c *cachingMounter) CachedBytes(ctx context.Context, mountpoint string) (int64, error) {
+	if err := c.Check(ctx, mountpoint); err != nil {
+		return 0, err
+	}
+	return c.cached.Load(), nil
+}
+
+// Usage of a lazy layer is what the cache holds for it, as it grows: the
+// image file system's usage containerd reports to kubelet is the sum.
+func TestUsageIsCachedBytes(t *testing.T) {
+	ctx := testContext()
+	m := &cachingMounter{fakeMounter: newFakeMounter()}
+	sn := newTestSnapshotter(t, t.TempDir(), m)
+	t.Cleanup(func() { sn.Close() })
+	const chainID = "sha256:chain1"
+	if _, err := sn.Prepare(ctx, "extract-1 "+chainID, "", snapshots.WithLabels(remoteLabels(chainID))); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare of a remote layer = %v, want ErrAlreadyExists", err)
+	}
+	for _, cached := range []int64{0, 512, 1 << 20} {
+		m.cached.Store(cached)
+		u, err := sn.Usage(ctx, chainID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := (snapshots.Usage{Size: cached, Inodes: 4}); u != want {
+			t.Errorf("Usage = %+v, want %+v", u, want)
+		}
 	}
 }
 

@@ -4,9 +4,13 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"strconv"
+	"strings"
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/internal/bytesize"
 	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/prefetch"
 )
@@ -79,11 +83,71 @@ type FetchConfig struct {
 type CacheConfig struct {
 	// MaxBytes bounds the cache; least recently used data no open file
 	// needs is evicted beyond it. 0 means unbounded.
-	MaxBytes int64 `toml:"max_bytes"`
+	MaxBytes DiskSize `toml:"max_bytes"`
+	// MinFreeBytes is kept free on the cache's file system: below it,
+	// least recently used data no open file needs is evicted, whoever
+	// filled the disk. 0 keeps no floor.
+	MinFreeBytes DiskSize `toml:"min_free_bytes"`
 	// Passthrough lets the kernel read large files the cache holds whole
 	// and verified straight from the cache (FUSE passthrough, Linux ≥ 6.9),
 	// without a round trip through the daemon.
 	Passthrough bool `toml:"passthrough"`
+}
+
+// DiskSize is an amount of the cache's file system: bytes, or a share of
+// its size. In TOML, an integer of bytes, a size with a unit ("200GiB")
+// or a percentage ("50%").
+type DiskSize struct {
+	Bytes int64   `json:",omitempty"`
+	Share float64 `json:",omitempty"` // 0 < Share <= 1 when set
+}
+
+// UnmarshalTOML reads a DiskSize; see toml's unstable.Unmarshaler.
+func (d *DiskSize) UnmarshalTOML(raw []byte) error {
+	var v struct{ V any }
+	if err := toml.Unmarshal(append([]byte("V = "), raw...), &v); err != nil {
+		return err
+	}
+	switch x := v.V.(type) {
+	case int64:
+		if x < 0 {
+			return fmt.Errorf("size %d: want a non-negative number of bytes", x)
+		}
+		*d = DiskSize{Bytes: x}
+		return nil
+	case string:
+		if p, ok := strings.CutSuffix(strings.TrimSpace(x), "%"); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(p), 64)
+			if err != nil || !(f >= 0 && f <= 100) {
+				return fmt.Errorf("size %q: want a percentage from 0%% to 100%%", x)
+			}
+			*d = DiskSize{Share: f / 100}
+			return nil
+		}
+		n, err := bytesize.Parse(x)
+		if err != nil {
+			return err
+		}
+		*d = DiskSize{Bytes: n}
+		return nil
+	}
+	return fmt.Errorf("size %s: want bytes, a size such as \"200GiB\" or a percentage such as \"50%%\"", raw)
+}
+
+// maxOption is the cache option bounding it to d.
+func (d DiskSize) maxOption() cache.Option {
+	if d.Share > 0 {
+		return cache.WithMaxShare(d.Share)
+	}
+	return cache.WithMaxBytes(d.Bytes)
+}
+
+// minFreeOption is the cache option keeping d free.
+func (d DiskSize) minFreeOption() cache.Option {
+	if d.Share > 0 {
+		return cache.WithMinFreeShare(d.Share)
+	}
+	return cache.WithMinFree(d.Bytes)
 }
 
 // RegistryConfig configures registry access.
@@ -106,8 +170,17 @@ func defaultConfig() Config {
 		Address:  "/run/weightsnap/weightsnap.sock",
 		LogLevel: "info",
 		Registry: RegistryConfig{ConfigPath: "/etc/containerd/certs.d"},
-		Cache:    CacheConfig{Passthrough: true},
-		Verify:   VerifyConfig{UnverifiedLayers: "full"},
+		Cache: CacheConfig{
+			// Half the disk leaves room for images, logs and pods.
+			MaxBytes: DiskSize{Share: 0.5},
+			// kubelet starts image GC at 85% used (imageGCHighThreshold-
+			// Percent) and evicts pods under 15% free (imagefs.available):
+			// the cache gives way first, down to the 80% used that
+			// kubelet's GC aims at, whatever size the disk.
+			MinFreeBytes: DiskSize{Share: 0.2},
+			Passthrough:  true,
+		},
+		Verify: VerifyConfig{UnverifiedLayers: "full"},
 		Fetch: FetchConfig{
 			Workers:           prefetch.DefaultWorkers,
 			SpanBytes:         prefetch.DefaultSpanSize,
@@ -131,6 +204,7 @@ func loadConfig(path string) (Config, error) {
 	}
 	dec := toml.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
+	dec.EnableUnmarshalerInterface() // DiskSize
 	if err := dec.Decode(&cfg); err != nil {
 		return cfg, fmt.Errorf("parsing config %s: %w", path, err)
 	}

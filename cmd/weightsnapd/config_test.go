@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -88,7 +89,7 @@ func TestFlagsOverrideFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Root != "/from/flag" || cfg.LogLevel != "debug" || cfg.Cache.MaxBytes != 1024 || cfg.Address != defaultConfig().Address {
+	if cfg.Root != "/from/flag" || cfg.LogLevel != "debug" || cfg.Cache.MaxBytes != (DiskSize{Bytes: 1024}) || cfg.Address != defaultConfig().Address {
 		t.Errorf("config = %+v", cfg)
 	}
 }
@@ -285,4 +286,43 @@ func TestHostsPrivateRegistryHTTPS(t *testing.T) {
 	if n := fakeNet.PlainConns(host); n != 0 {
 		t.Errorf("%d plain-HTTP connections to %s", n, host)
 	}
+}
+
+func TestCacheSizes(t *testing.T) {
+	for in, want := range map[string]DiskSize{
+		`214748364800`: {Bytes: 200 << 30},
+		`0`:            {},
+		`"200GiB"`:     {Bytes: 200 << 30},
+		`'512MiB'`:     {Bytes: 512 << 20},
+		`"50%"`:        {Share: 0.5},
+		`" 12.5 %"`:    {Share: 0.125},
+		`"100%"`:       {Share: 1},
+	} {
+		cfg, err := loadConfigText(t, "[cache]\nmax_bytes = "+in+"\nmin_free_bytes = "+in+"\n")
+		if err != nil || cfg.Cache.MaxBytes != want || cfg.Cache.MinFreeBytes != want {
+			t.Errorf("max_bytes = %s: %+v, %+v, %v; want %+v", in, cfg.Cache.MaxBytes, cfg.Cache.MinFreeBytes, err, want)
+		}
+	}
+	for _, in := range []string{`-1`, `"150%"`, `"-5%"`, `"lots"`, `true`, `1.5`, `"%"`} {
+		if cfg, err := loadConfigText(t, "[cache]\nmax_bytes = "+in+"\n"); err == nil {
+			t.Errorf("max_bytes = %s accepted: %+v", in, cfg.Cache.MaxBytes)
+		}
+	}
+	// The FUSE manager gets the configuration as JSON.
+	b, err := json.Marshal(defaultConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back Config
+	if err := json.Unmarshal(b, &back); err != nil || back.Cache != defaultConfig().Cache {
+		t.Fatalf("JSON round trip: %+v, %v", back.Cache, err)
+	}
+}
+
+func loadConfigText(t *testing.T, text string) (Config, error) {
+	p := filepath.Join(t.TempDir(), "weightsnapd.toml")
+	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return loadConfig(p)
 }

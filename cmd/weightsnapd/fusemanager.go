@@ -113,6 +113,19 @@ func (s *mountService) Check(mountpoint string, _ *struct{}) error {
 	return s.m.Check(context.Background(), mountpoint)
 }
 
+// CachedBytes reports what the cache holds for a mounted layer; see
+// snapshot.CacheReporter. A mounter that is not one reports an error, and
+// the snapshotter the layer's file sizes.
+func (s *mountService) CachedBytes(mountpoint string, n *int64) error {
+	cr, ok := s.m.(snapshot.CacheReporter)
+	if !ok {
+		return errors.New("the layer mounter does not report cache usage")
+	}
+	var err error
+	*n, err = cr.CachedBytes(context.Background(), mountpoint)
+	return err
+}
+
 // Unmount unmounts a layer; see snapshot.LayerMounter.
 func (s *mountService) Unmount(mountpoint string, _ *struct{}) error {
 	return s.m.Unmount(context.Background(), mountpoint)
@@ -253,14 +266,20 @@ type managerClient struct {
 }
 
 var (
-	_ snapshot.LayerMounter = (*managerClient)(nil)
-	_ snapshot.Warmer       = (*managerClient)(nil)
+	_ snapshot.LayerMounter  = (*managerClient)(nil)
+	_ snapshot.Warmer        = (*managerClient)(nil)
+	_ snapshot.CacheReporter = (*managerClient)(nil)
 )
 
 // call runs an RPC, giving up (but not cancelling it in the manager) when
 // ctx ends.
 func (c *managerClient) call(ctx context.Context, method string, args any) error {
-	call := c.c.Go(rpcService+"."+method, args, new(struct{}), nil)
+	return c.callReply(ctx, method, args, new(struct{}))
+}
+
+// callReply is call with a reply.
+func (c *managerClient) callReply(ctx context.Context, method string, args, reply any) error {
+	call := c.c.Go(rpcService+"."+method, args, reply, nil)
 	select {
 	case <-call.Done:
 		return call.Error
@@ -302,6 +321,13 @@ func (c *managerClient) Warm(imageRef string, layers []digest.Digest) {
 // Check implements snapshot.LayerMounter.
 func (c *managerClient) Check(ctx context.Context, mountpoint string) error {
 	return c.call(ctx, "Check", mountpoint)
+}
+
+// CachedBytes implements snapshot.CacheReporter.
+func (c *managerClient) CachedBytes(ctx context.Context, mountpoint string) (int64, error) {
+	var n int64
+	err := c.callReply(ctx, "CachedBytes", mountpoint, &n)
+	return n, err
 }
 
 // Unmount implements snapshot.LayerMounter. A mount still in use is

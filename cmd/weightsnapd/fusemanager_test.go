@@ -70,3 +70,21 @@ func TestMountAfterCallerGaveUpIsUndone(t *testing.T) {
 		t.Fatalf("unmounted %q", mp)
 	}
 }
+
+func (b *blockingMounter) CachedBytes(ctx context.Context, mountpoint string) (int64, error) {
+	if mountpoint != "/mnt/layer" {
+		return 0, errors.New("not mounted")
+	}
+	return 12345, nil
+}
+
+// The snapshotter asks the manager what the cache holds for a layer.
+func TestCachedBytesOverRPC(t *testing.T) {
+	c := serveMounter(t, &blockingMounter{})
+	if n, err := c.CachedBytes(t.Context(), "/mnt/layer"); n != 12345 || err != nil {
+		t.Fatalf("CachedBytes = %d, %v", n, err)
+	}
+	if _, err := c.CachedBytes(t.Context(), "/mnt/other"); err == nil {
+		t.Fatal("CachedBytes of no mount: no error")
+	}
+}

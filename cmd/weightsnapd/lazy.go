@@ -11,8 +11,12 @@ import (
 	"github.com/weightsnap/weightsnap/snapshot"
 )
 
-// The FUSE manager forwards warm-up hints to the lazy layer Manager.
-var _ snapshot.Warmer = (*lazy.Manager)(nil)
+// The FUSE manager forwards warm-up hints and cache usage questions to the
+// lazy layer Manager.
+var (
+	_ snapshot.Warmer        = (*lazy.Manager)(nil)
+	_ snapshot.CacheReporter = (*lazy.Manager)(nil)
+)
 
 // newMounter opens the node cache in cacheDir and returns the lazy layer
 // mounter over it, and what closes both.
@@ -22,7 +26,7 @@ func newMounter(ctx context.Context, cacheDir string, cfg Config, ropts []remote
 	if err != nil {
 		return nil, nil, err
 	}
-	store, err := cache.Open(cacheDir, cache.WithMaxBytes(cc.MaxBytes))
+	store, err := cache.Open(cacheDir, cc.MaxBytes.maxOption(), cc.MinFreeBytes.minFreeOption())
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening cache %s: %w", cacheDir, err)
 	}
