@@ -188,20 +188,30 @@ func openExclusive(dir string) (*cache.Store, error) {
 	return s, err
 }
 
-func cachePrune(w io.Writer, dir string, all bool) error {
+// openWithEntries opens the cache in dir for a change (see
+// openExclusive) with what it holds and the images that name it.
+func openWithEntries(dir string) (*cache.Store, images, []cache.EntryInfo, error) {
 	s, err := openExclusive(dir)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	refs, err := readImages(dir)
+	if err == nil {
+		var entries []cache.EntryInfo
+		if entries, err = s.Entries(); err == nil {
+			return s, refs, entries, nil
+		}
+	}
+	s.Close()
+	return nil, nil, nil, err
+}
+
+func cachePrune(w io.Writer, dir string, all bool) error {
+	s, refs, entries, err := openWithEntries(dir)
 	if err != nil {
 		return err
 	}
 	defer s.Close()
-	refs, err := readImages(dir)
-	if err != nil {
-		return err
-	}
-	entries, err := s.Entries()
-	if err != nil {
-		return err
-	}
 	var freed int64
 	var removed, kept int
 	for _, e := range entries {
@@ -238,19 +248,11 @@ func cacheVerify(ctx context.Context, w io.Writer, dir string, keys []string) er
 		}
 		want = append(want, d)
 	}
-	s, err := openExclusive(dir)
+	s, refs, entries, err := openWithEntries(dir)
 	if err != nil {
 		return err
 	}
 	defer s.Close()
-	refs, err := readImages(dir)
-	if err != nil {
-		return err
-	}
-	entries, err := s.Entries()
-	if err != nil {
-		return err
-	}
 	var ok, bad, skipped int
 	for _, d := range want {
 		if !slices.ContainsFunc(entries, func(e cache.EntryInfo) bool { return e.Kind == cache.KindBlob && e.Key == d }) {
