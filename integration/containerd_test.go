@@ -41,6 +41,13 @@ type stack struct {
 // registry's hosts.toml before the daemons start.
 func newStack(t *testing.T, mirrorsFor func(origin string) []string) *stack {
 	t.Helper()
+	return newStackWithConfig(t, mirrorsFor, nil)
+}
+
+// newStackWithConfig is newStack with wsExtra(dir, containerd's socket)
+// appended to weightsnapd's config; nil adds nothing.
+func newStackWithConfig(t *testing.T, mirrorsFor func(origin string) []string, wsExtra func(dir, containerdSock string) string) *stack {
+	t.Helper()
 	testutil.RequireFUSE(t)
 	testutil.RequireBinary(t, "containerd")
 	s := &stack{dir: shortTempDir(t, "ws")}
@@ -60,8 +67,13 @@ func newStack(t *testing.T, mirrorsFor func(origin string) []string) *stack {
 	s.tool = tarLayer(t, map[string][]byte{"tool": tool}, map[string]int64{"tool": 0o755})
 	s.tools = pushImage(t, s.origin.Addr, "tools:v1", []string{"/tool", "sleep"}, s.tool)
 
-	s.ws = startWeightsnapd(t, filepath.Join(s.dir, "wsd"), s.hosts)
-	s.ctd = startContainerd(t, mkdir(t, filepath.Join(s.dir, "ctd")), s.ws.sock, s.hosts, s.tools.Ref)
+	ctdDir := filepath.Join(s.dir, "ctd")
+	var extra string
+	if wsExtra != nil {
+		extra = wsExtra(s.dir, filepath.Join(ctdDir, "c.sock"))
+	}
+	s.ws = startWeightsnapdWithConfig(t, filepath.Join(s.dir, "wsd"), s.hosts, extra)
+	s.ctd = startContainerd(t, mkdir(t, ctdDir), s.ws.sock, s.hosts, s.tools.Ref)
 	return s
 }
 

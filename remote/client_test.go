@@ -84,6 +84,23 @@ func TestOneLoginPerRepository(t *testing.T) {
 	}
 }
 
+// A keychain is asked for the repository, so that credentials given for
+// one repository (kubelet's, from a CRI PullImage) serve it and no other.
+func TestCredentialsPerRepository(t *testing.T) {
+	auth := &bearerAuth{user: "alice", pass: "secret", token: "tok-r"}
+	reg := newTestRegistry(t, auth.wrap)
+	ref := reg.pushImage(t, "private/model:v1", randomImage(t, 4096, 1))
+	other := reg.pushImage(t, "private/other:v1", randomImage(t, 4096, 1))
+	c := New(fastRetry, WithKeychain(repoKeychain{reg.host() + "/private/model": {Username: "alice", Password: "secret"}}))
+
+	if _, err := c.Resolve(t.Context(), ref); err != nil {
+		t.Fatalf("the repository with credentials: %v", err)
+	}
+	if _, err := c.Resolve(t.Context(), other); !errors.Is(err, ErrUnauthorized) {
+		t.Fatalf("another repository: %v, want ErrUnauthorized", err)
+	}
+}
+
 func TestConcurrentFirstUseLogsInOnce(t *testing.T) {
 	auth := &bearerAuth{user: "alice", pass: "secret", token: "tok-2", delay: 50 * time.Millisecond}
 	reg := newTestRegistry(t, auth.wrap)

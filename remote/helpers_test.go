@@ -294,5 +294,16 @@ func (k staticKeychain) Resolve(r authn.Resource) (authn.Authenticator, error) {
 	return authn.Anonymous, nil
 }
 
+// repoKeychain gives the credentials of each repository (host/path) it
+// has, and anonymous access to the others.
+type repoKeychain map[string]authn.AuthConfig
+
+func (k repoKeychain) Resolve(r authn.Resource) (authn.Authenticator, error) {
+	if c, ok := k[r.String()]; ok {
+		return authn.FromConfig(c), nil
+	}
+	return authn.Anonymous, nil
+}
+
 // fastRetry keeps tests quick: many attempts, millisecond backoff.
 var fastRetry = WithRetry(10, time.Millisecond)

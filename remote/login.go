@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"sync"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 )
@@ -85,7 +86,10 @@ func (l *login) run(ctx context.Context, a *loginAttempt) (*http.Client, error) 
 
 func (l *login) authenticate(ctx context.Context) (*http.Client, error) {
 	host := l.reg.RegistryStr()
-	auth, err := l.o.keychain.Resolve(l.reg)
+	// The repository, not only its host: a keychain may hold credentials
+	// for one repository (kubelet's, from a CRI PullImage), and the docker
+	// config.json may too.
+	auth, err := authn.Resolve(ctx, l.o.keychain, l.repo)
 	if err != nil {
 		return nil, permanent(fmt.Errorf("credentials for %s: %w", host, err))
 	}

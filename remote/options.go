@@ -91,7 +91,8 @@ func WithPlainHTTP(plain bool) Option {
 }
 
 // WithKeychain sets where registry credentials come from; the default is
-// authn.DefaultKeychain (the docker config.json).
+// authn.DefaultKeychain (the docker config.json). It is asked for each
+// repository on each endpoint host (a name.Repository), mirrors included.
 func WithKeychain(k authn.Keychain) Option {
 	return func(o *options) {
 		if k != nil {

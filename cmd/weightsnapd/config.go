@@ -33,6 +33,22 @@ type Config struct {
 	Fetch    FetchConfig    `toml:"fetch"`
 	Registry RegistryConfig `toml:"registry"`
 	Verify   VerifyConfig   `toml:"verify"`
+
+	CRIKeychain CRIKeychainConfig `toml:"cri_keychain"`
+}
+
+// CRIKeychainConfig sets up the CRI image service weightsnapd serves in
+// front of containerd's, to keep the credentials kubelet passes with each
+// PullImage for the lazy layers of that image's repository.
+type CRIKeychainConfig struct {
+	// Enable serves the CRI image service on Listen; kubelet's
+	// imageServiceEndpoint must name it.
+	Enable bool `toml:"enable"`
+	// Listen is the unix socket of the CRI image service.
+	Listen string `toml:"listen"`
+	// ImageService is the unix socket of the CRI image service every call
+	// is forwarded to, unchanged: containerd's.
+	ImageService string `toml:"image_service"`
 }
 
 // VerifyConfig says what is served before it is verified.
@@ -181,6 +197,10 @@ func defaultConfig() Config {
 			Passthrough:  true,
 		},
 		Verify: VerifyConfig{UnverifiedLayers: "full"},
+		CRIKeychain: CRIKeychainConfig{
+			Listen:       "/run/weightsnap/cri.sock",
+			ImageService: "/run/containerd/containerd.sock",
+		},
 		Fetch: FetchConfig{
 			Workers:           prefetch.DefaultWorkers,
 			SpanBytes:         prefetch.DefaultSpanSize,

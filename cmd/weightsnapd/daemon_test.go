@@ -54,6 +54,7 @@ func TestServe(t *testing.T) {
 	cfg.Address = filepath.Join(dir, "ws.sock")
 	cfg.MetricsAddress = metricsAddr
 	cfg.Registry.ConfigPath = ""
+	cfg.CRIKeychain = CRIKeychainConfig{Enable: true, Listen: filepath.Join(dir, "cri.sock"), ImageService: filepath.Join(dir, "containerd.sock")}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan struct{})
@@ -109,6 +110,9 @@ func TestServe(t *testing.T) {
 	if _, err := os.Stat(managerPIDFile(cfg.Root)); err != nil {
 		t.Errorf("no FUSE manager: %v", err)
 	}
+	if _, err := os.Stat(cfg.CRIKeychain.Listen); err != nil {
+		t.Errorf("no CRI image service: %v", err)
+	}
 
 	cancel()
 	select {
@@ -119,7 +123,7 @@ func TestServe(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("serve did not return after cancel")
 	}
-	for _, p := range []string{cfg.Address, managerSocket(cfg.Root), managerPIDFile(cfg.Root)} {
+	for _, p := range []string{cfg.Address, cfg.CRIKeychain.Listen, managerSocket(cfg.Root), managerPIDFile(cfg.Root)} {
 		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("%s left after shutdown (%v)", p, err)
 		}

@@ -32,8 +32,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/weightsnap/weightsnap/credentials"
 	"github.com/weightsnap/weightsnap/fs"
 	"github.com/weightsnap/weightsnap/metrics"
 	"github.com/weightsnap/weightsnap/remote"
@@ -73,6 +75,7 @@ type MountArgs struct {
 // mountService is the RPC face of a snapshot.LayerMounter.
 type mountService struct {
 	m        snapshot.LayerMounter
+	keys     *credentials.Keychain // the registry client's
 	shutdown func() error
 	stopped  chan struct{} // closed once the manager has unmounted everything
 }
@@ -138,6 +141,20 @@ func (s *mountService) Wait(_ struct{}, _ *struct{}) error {
 	return nil
 }
 
+// CredentialsArgs are the arguments of Mounts.Credentials. They hold a
+// secret: never log them.
+type CredentialsArgs struct {
+	Registry   string
+	Repository string
+	Auth       authn.AuthConfig
+}
+
+// Credentials keeps registry credentials for a repository, in memory,
+// for the lazy layers read from it; see credentials.Keychain.
+func (s *mountService) Credentials(a CredentialsArgs, _ *struct{}) error {
+	return s.keys.Put(a.Registry, a.Repository, a.Auth)
+}
+
 // Shutdown unmounts every layer and stops the manager.
 func (s *mountService) Shutdown(_ struct{}, _ *struct{}) error {
 	return s.shutdown()
@@ -163,7 +180,10 @@ func runFuseManager(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
 
-	var ropts []remote.Option
+	// Credentials kubelet passed with a CRI PullImage (Mounts.Credentials)
+	// first, then the docker config.json.
+	keys := credentials.New(authn.DefaultKeychain)
+	ropts := []remote.Option{remote.WithKeychain(keys)}
 	if cfg.Registry.PlainHTTP {
 		ropts = append(ropts, remote.WithPlainHTTP(true))
 	}
@@ -219,7 +239,7 @@ func runFuseManager(args []string) error {
 		})
 		return stopErr
 	}
-	svc := &mountService{m: m, shutdown: shutdown, stopped: stopped}
+	svc := &mountService{m: m, keys: keys, shutdown: shutdown, stopped: stopped}
 	srv := rpc.NewServer()
 	if err := srv.RegisterName(rpcService, svc); err != nil {
 		_ = shutdown()
@@ -328,6 +348,12 @@ func (c *managerClient) CachedBytes(ctx context.Context, mountpoint string) (int
 	var n int64
 	err := c.callReply(ctx, "CachedBytes", mountpoint, &n)
 	return n, err
+}
+
+// keepCredentials gives the manager registry credentials for a
+// repository; see mountService.Credentials.
+func (c *managerClient) keepCredentials(ctx context.Context, registry, repository string, cfg authn.AuthConfig) error {
+	return c.call(ctx, "Credentials", CredentialsArgs{Registry: registry, Repository: repository, Auth: cfg})
 }
 
 // Unmount implements snapshot.LayerMounter. A mount still in use is

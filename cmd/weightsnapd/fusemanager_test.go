@@ -8,7 +8,11 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/weightsnap/weightsnap/credentials"
 )
 
 // blockingMounter is a LayerMounter whose mounts wait for a release.
@@ -33,8 +37,13 @@ func (b *blockingMounter) Unmount(ctx context.Context, mountpoint string) error 
 
 // serveMounter serves m as the manager does and returns a client of it.
 func serveMounter(t *testing.T, m *blockingMounter) *managerClient {
+	return serveService(t, &mountService{m: m, keys: credentials.New(authn.NewMultiKeychain()), stopped: make(chan struct{})})
+}
+
+// serveService serves svc as the manager does and returns a client of it.
+func serveService(t *testing.T, svc *mountService) *managerClient {
 	srv := rpc.NewServer()
-	if err := srv.RegisterName(rpcService, &mountService{m: m, stopped: make(chan struct{})}); err != nil {
+	if err := srv.RegisterName(rpcService, svc); err != nil {
 		t.Fatal(err)
 	}
 	lis, err := net.Listen("unix", filepath.Join(t.TempDir(), "m.sock"))
@@ -86,5 +95,30 @@ func TestCachedBytesOverRPC(t *testing.T) {
 	}
 	if _, err := c.CachedBytes(t.Context(), "/mnt/other"); err == nil {
 		t.Fatal("CachedBytes of no mount: no error")
+	}
+}
+
+// Credentials the snapshotter process keeps (from a CRI PullImage) reach
+// the manager's keychain, which its registry client reads.
+func TestCredentialsOverRPC(t *testing.T) {
+	keys := credentials.New(authn.NewMultiKeychain())
+	c := serveService(t, &mountService{m: &blockingMounter{}, keys: keys, stopped: make(chan struct{})})
+	cfg := authn.AuthConfig{Username: "alice", Password: "a-secret"}
+	if err := c.keepCredentials(t.Context(), "registry.test:5000", "models/llama", cfg); err != nil {
+		t.Fatal(err)
+	}
+	repo, err := name.NewRepository("registry.test:5000/models/llama")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := keys.Resolve(repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := a.Authorization(); err != nil || *got != cfg {
+		t.Errorf("the manager's keychain answers %+v, %v; want %+v", got, err, cfg)
+	}
+	if err := c.keepCredentials(t.Context(), "registry.test:5000", "Not A Repository", cfg); err == nil {
+		t.Error("credentials for an invalid repository were kept")
 	}
 }

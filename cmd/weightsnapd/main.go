@@ -162,6 +162,19 @@ func serve(ctx context.Context, cfg Config) (err error) {
 	snapshotsapi.RegisterSnapshotsServer(rpc, snapshotservice.FromSnapshotter(sn))
 	errc := make(chan error, 1)
 	go func() { errc <- rpc.Serve(lis) }()
+
+	var criErrc <-chan error // nil: never ready when the proxy is off
+	if cfg.CRIKeychain.Enable {
+		stopCRI, ec, cerr := serveCRI(cfg.CRIKeychain, mc.keepCredentials)
+		if cerr != nil {
+			stopGRPC(rpc)
+			_ = os.Remove(cfg.Address)
+			return cerr
+		}
+		defer stopCRI()
+		criErrc = ec
+		slog.Info("serving the CRI image service", "listen", cfg.CRIKeychain.Listen, "image_service", cfg.CRIKeychain.ImageService)
+	}
 	slog.Info("weightsnapd ready", "address", cfg.Address, "root", cfg.Root, "adopted_mounts", adopted)
 
 	select {
@@ -169,6 +182,8 @@ func serve(ctx context.Context, cfg Config) (err error) {
 		slog.Info("shutting down")
 	case err = <-errc:
 		err = fmt.Errorf("snapshots server stopped: %w", err)
+	case err = <-criErrc:
+		err = fmt.Errorf("CRI image service stopped: %w", err)
 	case <-mc.dead:
 		// Its mounts are gone: exit so that a restart starts a new
 		// manager and remounts every lazy layer.

@@ -1,0 +1,136 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	criapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// basicAuthGate is a registry front that answers 401 to any request
+// without its user and password, and forwards the others.
+type basicAuthGate struct {
+	user, pass string
+	next       http.Handler
+	addr       string
+	// authorizedBlob counts authorized requests for the blob named.
+	blob           string
+	authorizedBlob atomic.Int64
+}
+
+func startBasicAuthGate(t *testing.T, user, pass, upstream string) *basicAuthGate {
+	t.Helper()
+	u, err := url.Parse(upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &basicAuthGate{user: user, pass: pass, next: httputil.NewSingleHostReverseProxy(u)}
+	srv := httptest.NewServer(g)
+	t.Cleanup(srv.Close)
+	g.addr = strings.TrimPrefix(srv.URL, "http://")
+	return g
+}
+
+func (g *basicAuthGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if u, p, ok := r.BasicAuth(); !ok || u != g.user || p != g.pass {
+		w.Header().Set("WWW-Authenticate", `Basic realm="weightsnap-test"`)
+		http.Error(w, "unauthorized", http.StatusUnauthorized)
+		return
+	}
+	if g.blob != "" && strings.HasSuffix(r.URL.Path, "/blobs/"+g.blob) {
+		g.authorizedBlob.Add(1)
+	}
+	g.next.ServeHTTP(w, r)
+}
+
+// TestCRIKeychainPrivateModel pulls a model image from a registry that
+// wants a password through weightsnapd's CRI image service, the password
+// given as the pull's auth (as kubelet passes an image pull secret), not in
+// any docker config.json: the pull is lazy, a pod reads the weights
+// through weightsnap's mount, which read them from the registry with that
+// password, and the password appears in no log or file of weightsnapd.
+func TestCRIKeychainPrivateModel(t *testing.T) {
+	var criSock string
+	s := newStackWithConfig(t, nil, func(dir, containerdSock string) string {
+		criSock = filepath.Join(dir, "cri.sock")
+		return fmt.Sprintf("[cri_keychain]\nenable = true\nlisten = %q\nimage_service = %q\n", criSock, containerdSock)
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	defer cancel()
+
+	secret := make([]byte, 12)
+	rand.Read(secret)
+	user, pass := "alice", "pw-"+hex.EncodeToString(secret)
+	gate := startBasicAuthGate(t, user, pass, s.origin.URL())
+	writeHostsToml(t, s.hosts, gate.addr)
+
+	m := s.pushModel(t, s.origin.Addr, "private/model:v1", 32<<20, 11)
+	gate.blob = m.weight
+	ref := gate.addr + "/private/model:v1"
+
+	conn, err := grpc.NewClient("unix://"+criSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	is := criapi.NewImageServiceClient(conn)
+	rt, _ := s.ctd.cri(t)
+
+	// The registry is private: without the auth the pull fails.
+	if _, err := is.PullImage(ctx, &criapi.PullImageRequest{Image: &criapi.ImageSpec{Image: ref}}); err == nil {
+		t.Fatal("PullImage without credentials succeeded: the registry is not private")
+	}
+	auth := &criapi.AuthConfig{Username: user, Password: pass}
+	if _, err := is.PullImage(ctx, &criapi.PullImageRequest{Image: &criapi.ImageSpec{Image: ref}, Auth: auth}); err != nil {
+		t.Fatalf("PullImage with credentials through weightsnapd: %v", err)
+	}
+	s.requireLazy(t, ctx, criNamespace, m)
+	// Other calls pass through the same socket.
+	pullImage(t, ctx, is, s.tools.Ref)
+	if st, err := is.ImageStatus(ctx, &criapi.ImageStatusRequest{Image: &criapi.ImageSpec{Image: ref}}); err != nil || st.GetImage() == nil {
+		t.Fatalf("ImageStatus through weightsnapd: %v, %v", st, err)
+	}
+
+	p := s.runPod(t, ctx, rt, "team-a", "infer", ref)
+	if got := sumInPod(t, ctx, rt, p); got != m.sum {
+		t.Fatalf("pod read sha256 %s, want %s", got, m.sum)
+	}
+	if gate.authorizedBlob.Load() == 0 {
+		t.Error("no authorized request for the weights layer reached the registry: weightsnap did not read it with kubelet's credentials")
+	}
+	removePod(t, rt, p)
+
+	basic := base64.StdEncoding.EncodeToString([]byte(user + ":" + pass))
+	for _, secret := range []string{pass, basic} {
+		if logHas(s.ws.log, secret) {
+			t.Errorf("weightsnapd's log holds the credentials (%q)", secret[:6]+"…")
+		}
+		_ = filepath.WalkDir(filepath.Dir(s.ws.root), func(path string, d fs.DirEntry, err error) error {
+			if err != nil || !d.Type().IsRegular() {
+				return nil
+			}
+			b, err := os.ReadFile(path)
+			if err == nil && bytes.Contains(b, []byte(secret)) {
+				t.Errorf("%s holds the credentials", path)
+			}
+			return nil
+		})
+	}
+}
