@@ -332,8 +332,8 @@ type readTrace struct {
 	}
 }
 
-// parseToolOutput parses the lines of the tool's "read" mode (readFiles
-// in toolSource); other lines are ignored.
+// parseToolOutput parses the lines of the tool's "read" and "load" modes
+// (readFiles and loadFiles in toolSource); other lines are ignored.
 func parseToolOutput(lines []string) (readTrace, error) {
 	var tr readTrace
 	for _, l := range lines {
@@ -443,7 +443,8 @@ func timedGet(ctx context.Context, base, repo string, digests []string) (readTra
 	return tr, nil
 }
 
-// runTool runs the tool on the host and parses its "read" output.
+// runTool runs the tool on the host and parses its output (the events of
+// "read" and "load").
 func runTool(ctx context.Context, tool string, args ...string) (readTrace, error) {
 	cmd := exec.CommandContext(ctx, tool, args...)
 	var stderr bytes.Buffer
@@ -459,12 +460,13 @@ func runTool(ctx context.Context, tool string, args ...string) (readTrace, error
 // tens of milliseconds, where one descheduling of the reader shows.
 const warmRuns = 5
 
-// runToolWarm runs the tool's read of files on the host warmRuns times and
-// returns the run with the median read throughput.
-func runToolWarm(ctx context.Context, tool string, files []string) (readTrace, error) {
+// runToolWarm runs the tool on the host with args ("read FILE...", "load
+// FILE...") warmRuns times and returns the run with the median read
+// throughput.
+func runToolWarm(ctx context.Context, tool string, args ...string) (readTrace, error) {
 	var runs []readTrace
 	for range warmRuns {
-		tr, err := runTool(ctx, tool, append([]string{"read"}, files...)...)
+		tr, err := runTool(ctx, tool, args...)
 		if err != nil {
 			return readTrace{}, err
 		}

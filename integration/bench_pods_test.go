@@ -28,13 +28,14 @@ type readerPod struct {
 // The pod is removed in tb.Cleanup (callers may remove it earlier). It
 // returns errors rather than failing, so that pods can run in parallel.
 func runReaderPod(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, toolsRef, ns, name, modelRef string, files []string) (readerPod, error) {
-	return runReaderPodPulling(tb, ctx, rt, logDir, toolsRef, ns, name, modelRef, files, nil)
+	return runReaderPodPulling(tb, ctx, rt, logDir, toolsRef, ns, name, modelRef, append([]string{"read"}, files...), nil)
 }
 
-// runReaderPodPulling is runReaderPod with pull, if not nil, called between
-// RunPodSandbox and CreateContainer: kubelet's order, which pulls a pod's
-// image volumes after creating its sandbox.
-func runReaderPodPulling(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, toolsRef, ns, name, modelRef string, files []string, pull func() error) (readerPod, error) {
+// runReaderPodPulling is runReaderPod running the tool with toolArgs ("read
+// FILE...", "load -threads 4 FILE...") and with pull, if not nil, called
+// between RunPodSandbox and CreateContainer: kubelet's order, which pulls a
+// pod's image volumes after creating its sandbox.
+func runReaderPodPulling(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, toolsRef, ns, name, modelRef string, toolArgs []string, pull func() error) (readerPod, error) {
 	rp := readerPod{sandboxStart: time.Now()}
 	cfg, id, err := runSandbox(tb, ctx, rt, logDir, ns, name)
 	if err != nil {
@@ -47,7 +48,7 @@ func runReaderPodPulling(tb testing.TB, ctx context.Context, rt criapi.RuntimeSe
 			return rp, err
 		}
 	}
-	cc, err := rt.CreateContainer(ctx, readerContainer(id, cfg, toolsRef, modelRef, append([]string{"/tool", "read"}, files...)))
+	cc, err := rt.CreateContainer(ctx, readerContainer(id, cfg, toolsRef, modelRef, append([]string{"/tool"}, toolArgs...)))
 	if err != nil {
 		return rp, fmt.Errorf("CreateContainer %s/%s with image volume %s: %w", ns, name, modelRef, err)
 	}
@@ -94,16 +95,17 @@ type coldReader struct {
 
 // coldPod runs a reader pod (ns, name "cold") of modelRef, not yet
 // pulled, in kubelet's order: RunPodSandbox, then CRI PullImage, then
-// the container with the image volume. It removes the pod once its reader
-// exited, and counts the layers ws opened with verification meanwhile.
-func coldPod(tb testing.TB, ctx context.Context, ws *weightsnapd, rt criapi.RuntimeServiceClient, is criapi.ImageServiceClient, logDir, toolsRef, ns, modelRef string, files []string, verification string) (coldReader, error) {
+// the container with the image volume, running the tool with toolArgs. It
+// removes the pod once its reader exited, and counts the layers ws opened
+// with verification meanwhile.
+func coldPod(tb testing.TB, ctx context.Context, ws *weightsnapd, rt criapi.RuntimeServiceClient, is criapi.ImageServiceClient, logDir, toolsRef, ns, modelRef string, toolArgs []string, verification string) (coldReader, error) {
 	var c coldReader
 	series := fmt.Sprintf("weightsnap_layers_opened_total{verification=%q}", verification)
 	before, err := ws.metric(ctx, series)
 	if err != nil {
 		return c, err
 	}
-	c.readerPod, err = runReaderPodPulling(tb, ctx, rt, logDir, toolsRef, ns, "cold", modelRef, files, func() error {
+	c.readerPod, err = runReaderPodPulling(tb, ctx, rt, logDir, toolsRef, ns, "cold", modelRef, toolArgs, func() error {
 		c.pullStart = time.Now()
 		if _, err := is.PullImage(ctx, &criapi.PullImageRequest{Image: &criapi.ImageSpec{Image: modelRef}}); err != nil {
 			return fmt.Errorf("CRI PullImage %s: %w", modelRef, err)

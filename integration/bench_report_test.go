@@ -42,8 +42,12 @@ func writeTable(w io.Writer, r benchResult) {
 	tw.Flush()
 	fmt.Fprintln(w, "\n  Seconds from each path's start; reader s: the reading process started; read MB/s: bytes over the")
 	fmt.Fprintln(w, "  reader's own time; e2e MB/s: bytes over the time from the path's start to its last byte.")
+	width := 0
 	for _, p := range r.Paths {
-		fmt.Fprintf(w, "  %-38s %s\n", p.Name+":", p.Note)
+		width = max(width, len(p.Name)+1)
+	}
+	for _, p := range r.Paths {
+		fmt.Fprintf(w, "  %-*s %s\n", width, p.Name+":", p.Note)
 	}
 
 	s := r.Shared
@@ -97,6 +101,7 @@ var chartStyle = map[string]string{
 	"get-cold": "#4e79a7", "get-warm": "#a0cbe8", "get-proxy-cold": "#76b7b2",
 	"local-cold": "#79706e", "local-warm": "#bab0ac",
 	"overlayfs": "#f28e2b", "ws-cold": "#e15759", "ws-cold-notable": "#ff9da7", "ws-warm": "#59a14f", "ws-cached": "#b07aa1", "ws-host-warm": "#8cd17d",
+	"ws-cold-load": "#edc948", "ws-cold-load4": "#9c755f",
 }
 
 // writeSVG draws every path's bytes read over time, each from its own
@@ -109,7 +114,7 @@ func writeSVG(path, title string, all []benchPath) error {
 		}
 	}
 	const (
-		width, height          = 1000, 520
+		width, height          = 1000, 600
 		left, right, top, bot  = 70, 300, 50, 60
 		plotW, plotH           = width - left - right, height - top - bot
 		legendX, legendY, rowH = width - right + 20, top + 10, 34

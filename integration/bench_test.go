@@ -55,7 +55,9 @@ unverified_layers = "lazy"
 // containerd's overlayfs snapshotter, and weightsnap through CRI image
 // volumes (cold, warm, and eight pods sharing a model). A second model of
 // the same shape, pushed without chunk tables, is read cold too: what
-// checking every range costs. It prints a table and writes bench.json and
+// checking every range costs; and two more are loaded cold as
+// safetensors-based servers load (mmap, tensors in header order), from one
+// thread and from four, with the same loader warm on the host. It prints a table and writes bench.json and
 // bench.svg. Targets are reported, not asserted.
 // Knobs: WEIGHTSNAP_BENCH_SIZE, WEIGHTSNAP_BENCH_SHARDS, WEIGHTSNAP_BENCH_OUT.
 // Run it once: -run '^$' -bench BenchmarkModelPull -benchtime 1x.
@@ -184,7 +186,7 @@ func BenchmarkModelPull(b *testing.B) {
 			drop()
 			tr, err = runTool(ctx, toolPath, append([]string{"read"}, ma.modelFiles(ma.dir)...)...)
 		} else {
-			tr, err = runToolWarm(ctx, toolPath, ma.modelFiles(ma.dir))
+			tr, err = runToolWarm(ctx, toolPath, append([]string{"read"}, ma.modelFiles(ma.dir)...)...)
 		}
 		if err != nil {
 			b.Fatal(err)
@@ -199,6 +201,16 @@ func BenchmarkModelPull(b *testing.B) {
 		}
 		paths = append(paths, newBenchPath(key, name, note, tr.start, tr))
 	}
+	// The loader (header order, mmap) on the same files, warm: what the
+	// loader on weightsnap's mount and the full pull's pull + load are
+	// held to.
+	tr, err := runToolWarm(ctx, toolPath, append([]string{"load"}, ma.modelFiles(ma.dir)...)...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	paths = append(paths, newBenchPath("local-load-warm", "local file, warm, loader",
+		fmt.Sprintf("tool load on the host: headers read, files mapped, one byte of every page of each tensor touched in header order; clock from the loader's start; page cache warm; the median of %d runs", warmRuns),
+		tr.start, tr))
 
 	// 3. A full pull through containerd's overlayfs snapshotter, then a
 	// container of the model image reading it.
@@ -214,7 +226,7 @@ func BenchmarkModelPull(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	tr, err := parseToolOutput(strings.Split(out, "\n"))
+	tr, err = parseToolOutput(strings.Split(out, "\n"))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -234,7 +246,7 @@ func BenchmarkModelPull(b *testing.B) {
 	// volume; the clock starts at PullImage.
 	drop()
 	volFiles := ma.modelFiles("/models-volume")
-	cold, err := coldPod(b, ctx, ws, rt, is, logs, tools.Ref, "bench-a", refA, volFiles, "chunks")
+	cold, err := coldPod(b, ctx, ws, rt, is, logs, tools.Ref, "bench-a", refA, append([]string{"read"}, volFiles...), "chunks")
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -290,7 +302,7 @@ func BenchmarkModelPull(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	tr, err = runToolWarm(ctx, toolPath, hostFiles)
+	tr, err = runToolWarm(ctx, toolPath, append([]string{"read"}, hostFiles...)...)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -300,6 +312,17 @@ func BenchmarkModelPull(b *testing.B) {
 	}
 	paths = append(paths, newBenchPath("ws-host-warm", "weightsnap mount, warm (host)",
 		fmt.Sprintf("the layer mounts weightsnapd made for the image, read by the tool on the host as the local file; clock from the reader's start; page cache warm; the median of %d runs; %.0f file opens passed through", warmRuns, after-opens),
+		tr.start, tr))
+	// And the loader, as on the local file.
+	opens = after
+	if tr, err = runToolWarm(ctx, toolPath, append([]string{"load"}, hostFiles...)...); err != nil {
+		b.Fatal(err)
+	}
+	if after, err = ws.metric(ctx, passthroughOpensSeries); err != nil {
+		b.Fatal(err)
+	}
+	paths = append(paths, newBenchPath("ws-host-load-warm", "weightsnap mount, warm, loader (host)",
+		fmt.Sprintf("tool load on the host through weightsnapd's layer mounts, as local file, warm, loader; clock from the loader's start; page cache warm; the median of %d runs; %.0f file opens passed through", warmRuns, after-opens),
 		tr.start, tr))
 	// The same container as the overlayfs path (ctr run, the model image
 	// as root file system), on weightsnap's layers: the in-container
@@ -351,7 +374,7 @@ func BenchmarkModelPull(b *testing.B) {
 	}
 	step("generate, pack and push the model without chunk tables", t0)
 	drop()
-	coldC, err := coldPod(b, ctx, ws, rt, is, logs, tools.Ref, "bench-c", refC, mc.modelFiles("/models-volume"), "blob-lazy")
+	coldC, err := coldPod(b, ctx, ws, rt, is, logs, tools.Ref, "bench-c", refC, append([]string{"read"}, mc.modelFiles("/models-volume")...), "blob-lazy")
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -361,7 +384,6 @@ func BenchmarkModelPull(b *testing.B) {
 	paths = slices.Insert(paths, coldAt+1, podPath("ws-cold-notable", "weightsnap CRI, cold, no chunk table",
 		fmt.Sprintf("as weightsnap CRI, cold, for another model of the same size and shape pushed without chunk tables; weightsnapd's unverified_layers = \"lazy\": %d of %d layers opened unverified, served before their blob verified (background fill checks it whole); weightsnap cache empty for it, caches dropped", coldC.opened, len(layersC)),
 		coldC.pullStart, coldC.pulled, coldC.readerPod))
-	r.Paths = paths
 	r.Verification = chunkVerification(paths, "ws-cold", "ws-cold-notable")
 	// Its background fill ends before the next case starts.
 	t0 = time.Now()
@@ -370,7 +392,58 @@ func BenchmarkModelPull(b *testing.B) {
 	}
 	step("layers without chunk tables verified after their cold read", t0)
 
-	// 7. Eight pods in two namespaces through two tags of another model
+	// The layers whose bytes weightsnap's cache ends up holding.
+	dataLayers := map[string]v1.Descriptor{}
+
+	// 7. The loader, cold: as safetensors-based servers load (headers,
+	// mmap, every tensor's pages in header order), from one thread and
+	// from four as sharded loaders do. Each reads a model of A's size and
+	// shape but its own seed, with chunk tables, so that nothing of it is
+	// cached; its files are deleted once pushed.
+	for i, c := range []struct {
+		key, name string
+		seed      uint64
+		threads   int
+	}{
+		{"ws-cold-load", "weightsnap CRI, cold, loader (mmap, header order)", 4, 1},
+		{"ws-cold-load4", "weightsnap CRI, cold, loader, 4 threads", 5, 4},
+	} {
+		t0 = time.Now()
+		m, err := writeBenchModel(ctx, filepath.Join(data, c.key), tool, cfg.size, cfg.shards, c.seed, c.key)
+		if err != nil {
+			b.Fatal(err)
+		}
+		ref := fmt.Sprintf("%s/bench/model-%s:v1", reg.Addr, c.key)
+		layers, err := packAndPush(ctx, m, ref)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := os.RemoveAll(m.dir); err != nil {
+			b.Fatal(err)
+		}
+		step("generate, pack and push the model for "+c.key, t0)
+		drop()
+		args := append([]string{"load", "-threads", fmt.Sprint(c.threads)}, m.modelFiles("/models-volume")...)
+		cl, err := coldPod(b, ctx, ws, rt, is, logs, tools.Ref, "bench-"+c.key, ref, args, "chunks")
+		if err != nil {
+			b.Fatal(err)
+		}
+		paths = slices.Insert(paths, coldAt+2+i, podPath(c.key, c.name,
+			fmt.Sprintf("as weightsnap CRI, cold, for another model of the same size and shape (its own seed, nothing of it cached), the reader being tool load -threads %d: headers read, files mapped, one byte of every page of each tensor touched in header order, each thread taking the next tensor; %d of %d layers opened with their chunk table; caches dropped", c.threads, cl.opened, len(layers)),
+			cl.pullStart, cl.pulled, cl.readerPod))
+		for _, l := range layers {
+			dataLayers[l.Digest.String()] = l
+		}
+		// Its background fill ends before the next case starts.
+		t0 = time.Now()
+		if err := ws.waitVerified(ctx, weightDigests(layers)); err != nil {
+			b.Fatal(err)
+		}
+		step("layers of "+c.key+" verified after their cold read", t0)
+	}
+	r.Paths = paths
+
+	// 8. Eight pods in two namespaces through two tags of another model
 	// (the same weights; the tags' manifests differ in config.json), its
 	// layers new to weightsnap's cache, all at once.
 	t0 = time.Now()
@@ -442,7 +515,7 @@ func BenchmarkModelPull(b *testing.B) {
 	r.Shared.Ratio = round4(float64(r.Shared.RegistryBytes) / float64(r.Shared.ModelBytes))
 	r.Shared.AggregateMBps = round3(float64(total) / lastMax.Seconds() / 1e6)
 
-	// 8. Peak RSS and the cache on disk, with every layer fetched.
+	// 9. Peak RSS and the cache on disk, with every layer fetched.
 	if ws.proc.cmd.Process != nil {
 		if v, err := vmHWM(ws.proc.cmd.Process.Pid); err == nil {
 			r.RSS.WeightsnapdBytes = v
@@ -464,7 +537,6 @@ func BenchmarkModelPull(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	dataLayers := map[string]v1.Descriptor{}
 	for _, l := range slices.Concat(layersA, sharedLayers, tools.Layers) {
 		dataLayers[l.Digest.String()] = l
 	}
@@ -497,6 +569,9 @@ func benchTargets(r benchResult) []benchTarget {
 		p[x.Key] = x
 	}
 	mib256 := float64(256 << 20)
+	// What a full pull costs a loader: the pull and the container until
+	// the reader started, then the load from a local file.
+	fullPullLoad := p["overlayfs"].Steps["reader"] + p["local-load-warm"].LastByte
 	return []benchTarget{
 		atMost("time to first read", "≤ 0.02 × full pull's", p["ws-cold"].FirstMiB, 0.02*p["overlayfs"].FirstMiB,
 			fmt.Sprintf("%.3f s vs %.2f s (%.4f×); weightsnap: pull %.2f s, pod and container until the reader ran %.2f s, first MiB %.3f s; overlayfs: pull %.2f s, container %.2f s; flatness in size needs runs at several sizes",
@@ -512,6 +587,19 @@ func benchTargets(r benchResult) []benchTarget {
 			fmt.Sprintf("%.0f vs %.0f MB/s (%.2f×), the same reader on the host, page cache warm; in containers: weightsnap %.0f (CRI pod) and %.0f (ctr run), overlayfs %.0f MB/s (ctr run; %.2f×)",
 				p["ws-host-warm"].ReadMBps, p["local-warm"].ReadMBps, p["ws-host-warm"].ReadMBps/p["local-warm"].ReadMBps,
 				p["ws-warm"].ReadMBps, p["ws-ctr-warm"].ReadMBps, p["overlayfs"].ReadMBps, p["ws-ctr-warm"].ReadMBps/p["overlayfs"].ReadMBps)),
+		atMost("cold load, header order", "≤ 1.1 × cold sequential read", p["ws-cold-load"].LastByte, 1.1*p["ws-cold"].LastByte,
+			fmt.Sprintf("%.2f s vs %.2f s (%.2f×), each from PullImage to the last byte, different models of one size and shape; %.0f vs %.0f MB/s end to end",
+				p["ws-cold-load"].LastByte, p["ws-cold"].LastByte, p["ws-cold-load"].LastByte/p["ws-cold"].LastByte, p["ws-cold-load"].EndToEndMBps, p["ws-cold"].EndToEndMBps)),
+		atMost("cold load, 4 threads", "≤ 1.1 × cold sequential read", p["ws-cold-load4"].LastByte, 1.1*p["ws-cold"].LastByte,
+			fmt.Sprintf("%.2f s vs %.2f s (%.2f×); %.0f vs %.0f MB/s end to end",
+				p["ws-cold-load4"].LastByte, p["ws-cold"].LastByte, p["ws-cold-load4"].LastByte/p["ws-cold"].LastByte, p["ws-cold-load4"].EndToEndMBps, p["ws-cold"].EndToEndMBps)),
+		atMost("cold load vs full pull + load", "≤ full pull's pull + load", p["ws-cold-load"].LastByte, fullPullLoad,
+			fmt.Sprintf("%.2f s vs %.2f s: the full pull until its reader started (%.2f s) plus the loader on the local file, warm (%.2f s), as after an unpack; 4 threads: %.2f s",
+				p["ws-cold-load"].LastByte, fullPullLoad, p["overlayfs"].Steps["reader"], p["local-load-warm"].LastByte, p["ws-cold-load4"].LastByte)),
+		atMost("warm load", "≤ 1.1 × local file's", p["ws-host-load-warm"].LastByte, 1.1*p["local-load-warm"].LastByte,
+			fmt.Sprintf("%.3f s vs %.3f s (%.2f×), %.0f vs %.0f MB/s, the loader on the host through weightsnap's mount (passthrough) and on the local file, page cache warm, the median of %d runs each",
+				p["ws-host-load-warm"].LastByte, p["local-load-warm"].LastByte, p["ws-host-load-warm"].LastByte/p["local-load-warm"].LastByte,
+				p["ws-host-load-warm"].ReadMBps, p["local-load-warm"].ReadMBps, warmRuns)),
 		atMost("registry bytes, 8 pods", "≤ 1.02 × model", r.Shared.Ratio, 1.02,
 			fmt.Sprintf("%s served for %s", gib(r.Shared.RegistryBytes), gib(r.Shared.ModelBytes))),
 		atMost("cache on disk", "≤ 1.02 × data", r.Cache.Ratio, 1.02,

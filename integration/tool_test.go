@@ -10,8 +10,10 @@ import (
 
 // toolSource is the one program the test images run: "sleep" waits for
 // SIGTERM (the pod sandbox and long-running containers), "sum FILE" prints
-// the file's sha256, "read FILE..." reads model files as a loader does and
-// reports its progress (see readFiles). Images FROM scratch have no shell.
+// the file's sha256, "read FILE..." reads model files sequentially and
+// reports its progress (see readFiles), "load [-threads N] [-plan] FILE..."
+// maps them and touches their tensors in header order as safetensors-based
+// servers do (see loadFiles). Images FROM scratch have no shell.
 const toolSource = `package main
 
 import (
@@ -23,14 +25,16 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: tool sleep | sum FILE | read FILE...")
+		fmt.Fprintln(os.Stderr, "usage: tool sleep | sum FILE | read FILE... | load [-threads N] [-plan] FILE...")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -55,9 +59,44 @@ func main() {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
+	case "load":
+		threads, plan, files := 1, false, os.Args[2:]
+		for len(files) > 0 && strings.HasPrefix(files[0], "-") {
+			switch {
+			case files[0] == "-plan":
+				plan, files = true, files[1:]
+			case files[0] == "-threads" && len(files) > 1:
+				n, err := strconv.Atoi(files[1])
+				if err != nil || n < 1 {
+					fmt.Fprintln(os.Stderr, "load: -threads wants a positive count")
+					os.Exit(2)
+				}
+				threads, files = n, files[2:]
+			default:
+				fmt.Fprintln(os.Stderr, "load: unknown flag", files[0])
+				os.Exit(2)
+			}
+		}
+		if err := loadFiles(files, threads, plan); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
 	default:
 		os.Exit(2)
 	}
+}
+
+// splitWeights separates *.safetensors files from the others, keeping the
+// order of each.
+func splitWeights(files []string) (weights, others []string) {
+	for _, f := range files {
+		if strings.HasSuffix(f, ".safetensors") {
+			weights = append(weights, f)
+		} else {
+			others = append(others, f)
+		}
+	}
+	return weights, others
 }
 
 // readFiles reads the files like a model loader and prints one line per
@@ -70,14 +109,7 @@ func main() {
 func readFiles(files []string) error {
 	emit := func(ev string, n int64) { fmt.Printf("%s %d %d\n", ev, time.Now().UnixNano(), n) }
 	emit("start", 0)
-	var weights, others []string
-	for _, f := range files {
-		if strings.HasSuffix(f, ".safetensors") {
-			weights = append(weights, f)
-		} else {
-			others = append(others, f)
-		}
-	}
+	weights, others := splitWeights(files)
 	if len(weights) == 0 {
 		return fmt.Errorf("no *.safetensors file among %v", files)
 	}
@@ -133,27 +165,197 @@ func readFiles(files []string) error {
 
 // readHeader reads and parses the JSON header of a safetensors file.
 func readHeader(path string) error {
+	_, _, err := headerTensors(path)
+	return err
+}
+
+// tensor is a tensor of a mapped file: its name, and its data's span in
+// the file (data offsets plus the header's).
+type tensor struct {
+	name       string
+	file       int // index into the load's files
+	start, end int64
+}
+
+// headerTensors reads the 8-byte length and the JSON header of a
+// safetensors file and returns its tensors in the order the header lists
+// them (json.Unmarshal into a map would lose it), and where data begins.
+func headerTensors(path string) ([]tensor, int64, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return err
+		return nil, 0, err
 	}
 	defer f.Close()
 	var size [8]byte
 	if _, err := io.ReadFull(f, size[:]); err != nil {
-		return fmt.Errorf("%s: header length: %w", path, err)
+		return nil, 0, fmt.Errorf("%s: header length: %w", path, err)
 	}
 	n := binary.LittleEndian.Uint64(size[:])
 	if n > 100<<20 {
-		return fmt.Errorf("%s: header of %d bytes", path, n)
+		return nil, 0, fmt.Errorf("%s: header of %d bytes", path, n)
 	}
 	hdr := make([]byte, n)
 	if _, err := io.ReadFull(f, hdr); err != nil {
-		return fmt.Errorf("%s: header: %w", path, err)
+		return nil, 0, fmt.Errorf("%s: header: %w", path, err)
 	}
-	var m map[string]json.RawMessage
-	if err := json.Unmarshal(hdr, &m); err != nil {
-		return fmt.Errorf("%s: header: %w", path, err)
+	base := 8 + int64(n)
+	bad := func(err error) ([]tensor, int64, error) { return nil, 0, fmt.Errorf("%s: header: %w", path, err) }
+	d := json.NewDecoder(strings.NewReader(string(hdr)))
+	if tok, err := d.Token(); err != nil {
+		return bad(err)
+	} else if tok != json.Delim('{') {
+		return bad(fmt.Errorf("not an object"))
 	}
+	var ts []tensor
+	for d.More() {
+		tok, err := d.Token()
+		if err != nil {
+			return bad(err)
+		}
+		name, _ := tok.(string)
+		if name == "__metadata__" {
+			var skip json.RawMessage
+			if err := d.Decode(&skip); err != nil {
+				return bad(err)
+			}
+			continue
+		}
+		var t struct {
+			Offsets [2]int64 ` + "`json:\"data_offsets\"`" + `
+		}
+		if err := d.Decode(&t); err != nil {
+			return bad(fmt.Errorf("tensor %s: %w", name, err))
+		}
+		if t.Offsets[0] < 0 || t.Offsets[1] < t.Offsets[0] {
+			return bad(fmt.Errorf("tensor %s: data_offsets %v", name, t.Offsets))
+		}
+		ts = append(ts, tensor{name: name, start: base + t.Offsets[0], end: base + t.Offsets[1]})
+	}
+	return ts, base, nil
+}
+
+// loadFiles loads the files as safetensors-based servers do, and prints
+// the events of readFiles: "start"; "headers" once every other file was
+// read whole and every *.safetensors file's 8-byte length and JSON header
+// parsed; then, with the files mapped (mmap, shared, read-only), their
+// tensors are touched one byte per page, file after file and within a
+// file in the order its header lists them (which need not be the order of
+// the data), by threads workers that each take the next tensor in that
+// order, as sharded loaders do: "first" once 1 MiB of tensor data was
+// touched, "progress" every 64 MiB and "done" at the end, BYTES counting
+// tensor data. With plan, it prints the order ("tensor FILE NAME" lines)
+// and touches nothing.
+func loadFiles(files []string, threads int, plan bool) error {
+	emit := func(ev string, n int64) { fmt.Printf("%s %d %d\n", ev, time.Now().UnixNano(), n) }
+	emit("start", 0)
+	weights, others := splitWeights(files)
+	if len(weights) == 0 {
+		return fmt.Errorf("no *.safetensors file among %v", files)
+	}
+	for _, o := range others {
+		if _, err := os.ReadFile(o); err != nil {
+			return err
+		}
+	}
+	var order []tensor
+	for i, w := range weights {
+		ts, _, err := headerTensors(w)
+		if err != nil {
+			return err
+		}
+		for _, t := range ts {
+			t.file = i
+			order = append(order, t)
+		}
+	}
+	emit("headers", 0)
+	if plan {
+		for _, t := range order {
+			fmt.Printf("tensor %s %s\n", weights[t.file], t.name)
+		}
+		return nil
+	}
+	maps := make([][]byte, len(weights))
+	for i, w := range weights {
+		f, err := os.Open(w)
+		if err != nil {
+			return err
+		}
+		fi, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return err
+		}
+		if fi.Size() > 0 {
+			maps[i], err = syscall.Mmap(int(f.Fd()), 0, int(fi.Size()), syscall.PROT_READ, syscall.MAP_SHARED)
+		}
+		f.Close() // the mapping holds the file
+		if err != nil {
+			return fmt.Errorf("mmap %s: %w", w, err)
+		}
+		defer syscall.Munmap(maps[i])
+	}
+	for _, t := range order {
+		if t.end > int64(len(maps[t.file])) {
+			return fmt.Errorf("%s: tensor %s ends at %d, past the file's %d bytes", weights[t.file], t.name, t.end, len(maps[t.file]))
+		}
+	}
+
+	var mu sync.Mutex // orders the events and guards the counters
+	var total int64
+	next, first := int64(64<<20), false
+	add := func(n int64) {
+		mu.Lock()
+		defer mu.Unlock()
+		total += n
+		if !first && total >= 1<<20 {
+			first = true
+			emit("first", total)
+		}
+		for total >= next {
+			emit("progress", total)
+			next += 64 << 20
+		}
+	}
+	page := int64(os.Getpagesize())
+	var taken int
+	var sum uint64
+	var wg sync.WaitGroup
+	for range threads {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var s uint64
+			for {
+				mu.Lock()
+				i := taken
+				taken++
+				mu.Unlock()
+				if i >= len(order) {
+					break
+				}
+				t, m := order[i], maps[order[i].file]
+				// One byte of every page (the tensor's first, then one at
+				// each page boundary) faults the tensor in; progress
+				// counts in 1 MiB steps.
+				p := t.start
+				for at := t.start; at < t.end; {
+					end := min(at+1<<20, t.end)
+					for ; p < end; p += page - p%page {
+						s += uint64(m[p])
+					}
+					add(end - at)
+					at = end
+				}
+			}
+			mu.Lock()
+			sum += s
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	emit("done", total)
+	fmt.Printf("touched %x\n", sum)
 	return nil
 }
 `
