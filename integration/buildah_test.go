@@ -1,6 +1,8 @@
 package integration
 
-// buildah, run as a user of docker build would, in a private mount namespace so that nothing it writes reaches the host; and a registry front that counts what is uploaded.
+// buildah, run as a user of docker build would, in a private mount
+// namespace so that nothing it writes reaches the host; and a registry
+// front that counts what is uploaded.
 
 import (
 	"bytes"
