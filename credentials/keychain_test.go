@@ -1,9 +1,13 @@
 package credentials
 
 import (
+	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -140,3 +144,90 @@ func TestAuthenticatorDoesNotPrintCredentials(t *testing.T) {
 }
 
 const sixtyFour = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+// refuse tells the authenticator of repo that the registry refused what it
+// gave last, as remote does, and returns what it gives next.
+func TestKeychainSourcesInOrderAndRefusalMovesOn(t *testing.T) {
+	dir := t.TempDir()
+	testPlugin(t, dir, "eu-provider")
+	testPlugin(t, dir, "other")
+	alice := authn.AuthConfig{Username: "alice", Password: "kubelet-secret"}
+	bob := authn.AuthConfig{Username: "bob", Password: "plugin-secret"}
+	carol := authn.AuthConfig{Username: "carol", Password: "docker-secret"}
+	respond(t, dir, "eu-provider", response("Registry", "", map[string]authn.AuthConfig{"*.registry.test": bob}))
+	p, now := loadTestPlugins(t, dir, twoProviders)
+	k := New(hostKeychain{"eu.registry.test": carol}, WithPlugins(p))
+	put(t, k, "eu.registry.test/models/llama", alice)
+
+	r, _ := name.NewRepository("eu.registry.test/models/llama")
+	a, err := k.Resolve(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := func(want authn.AuthConfig) {
+		t.Helper()
+		got, err := a.Authorization()
+		if err != nil || *got != want {
+			t.Fatalf("Authorization = %v, %v; want %v", got, err, want)
+		}
+	}
+	refused := a.(interface{ Refused(context.Context) bool })
+	next(alice)
+	if !refused.Refused(context.Background()) {
+		t.Fatal("Refused of kubelet's credential says there is nothing after it")
+	}
+	next(bob)
+	if n := len(runs(t, dir, "eu-provider")); n != 1 {
+		t.Fatalf("plugin ran %d times, want 1", n)
+	}
+	// The refused plugin answer is dropped: the plugin runs again, and as
+	// it gives the same refused password, the docker config's comes next.
+	if !refused.Refused(context.Background()) {
+		t.Fatal("Refused of the plugin's credential says there is nothing after it")
+	}
+	next(carol)
+	if n := len(runs(t, dir, "eu-provider")); n != 2 {
+		t.Fatalf("plugin ran %d times, want 2 (its refused answer dropped)", n)
+	}
+	// Once the plugin's answer expired, its renewed password is taken
+	// before the docker config's.
+	dave := authn.AuthConfig{Username: "bob", Password: "renewed"}
+	respond(t, dir, "eu-provider", response("Registry", "", map[string]authn.AuthConfig{"*.registry.test": dave}))
+	*now = now.Add(11 * time.Minute)
+	if !refused.Refused(context.Background()) {
+		t.Fatal("Refused of the docker config's credential says there is nothing after it")
+	}
+	next(dave)
+	// Everything refused: start over from the first source.
+	if refused.Refused(context.Background()) {
+		t.Fatal("Refused says there is more after every source was refused")
+	}
+	next(alice)
+}
+
+func TestKeychainRereadsDockerConfig(t *testing.T) {
+	home, dcfg := t.TempDir(), t.TempDir()
+	t.Setenv("HOME", home)
+	t.Setenv("DOCKER_CONFIG", dcfg)
+	write := func(user, pass string) {
+		t.Helper()
+		b := fmt.Sprintf(`{"auths":{"registry.test":{"username":%q,"password":%q}}}`, user, pass)
+		if err := os.WriteFile(filepath.Join(dcfg, "config.json"), []byte(b), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("carol", "old")
+	k := New(nil)
+	r, _ := name.NewRepository("registry.test/models/llama")
+	a, err := k.Resolve(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := a.Authorization(); got.Password != "old" {
+		t.Fatalf("password %q, want old", got.Password)
+	}
+	write("carol", "rotated")
+	if got, _ := a.Authorization(); got.Password != "rotated" {
+		t.Fatalf("password %q after the config changed, want rotated", got.Password)
+	}
+}

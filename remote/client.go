@@ -77,7 +77,7 @@ func (c *Client) login(scheme string, reg name.Registry, repo name.Repository, h
 		if scheme == "https" {
 			rt = httpsOnly{registry: reg.RegistryStr(), next: h}
 		}
-		l = &login{reg: reg, repo: repo, o: c.o, rt: rt, checkRedirect: h.guard.checkRedirect}
+		l = newLogin(reg, repo, c.o, rt, h.guard.checkRedirect)
 		c.logins[k] = l
 	}
 	return l

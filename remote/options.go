@@ -93,6 +93,9 @@ func WithPlainHTTP(plain bool) Option {
 // WithKeychain sets where registry credentials come from; the default is
 // authn.DefaultKeychain (the docker config.json). It is asked for each
 // repository on each endpoint host (a name.Repository), mirrors included.
+// An authenticator it gives that has a method Refused(context.Context) bool
+// is told when the registry refused its credentials, and is asked again
+// while it reports it has others (see credentials.Keychain).
 func WithKeychain(k authn.Keychain) Option {
 	return func(o *options) {
 		if k != nil {

@@ -10,6 +10,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/credentials"
 	"github.com/weightsnap/weightsnap/internal/bytesize"
 	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/prefetch"
@@ -34,7 +35,28 @@ type Config struct {
 	Registry RegistryConfig `toml:"registry"`
 	Verify   VerifyConfig   `toml:"verify"`
 
-	CRIKeychain CRIKeychainConfig `toml:"cri_keychain"`
+	CRIKeychain         CRIKeychainConfig         `toml:"cri_keychain"`
+	CredentialProviders CredentialProvidersConfig `toml:"credential_providers"`
+}
+
+// CredentialProvidersConfig names kubelet's credential provider plugins,
+// which the FUSE manager runs as kubelet does to renew registry
+// credentials on its own (see credentials.Plugins).
+type CredentialProvidersConfig struct {
+	// Config is kubelet's CredentialProviderConfig file
+	// (--image-credential-provider-config); empty: no plugins.
+	Config string `toml:"config"`
+	// BinDir is the directory of the plugins
+	// (--image-credential-provider-bin-dir).
+	BinDir string `toml:"bin_dir"`
+}
+
+// plugins loads the configured plugins; nil when there are none.
+func (c CredentialProvidersConfig) plugins() (*credentials.Plugins, error) {
+	if c.Config == "" {
+		return nil, nil
+	}
+	return credentials.LoadPlugins(c.Config, c.BinDir)
 }
 
 // CRIKeychainConfig sets up the CRI image service weightsnapd serves in
@@ -229,6 +251,9 @@ func loadConfig(path string) (Config, error) {
 		return cfg, fmt.Errorf("parsing config %s: %w", path, err)
 	}
 	if _, err := cfg.Verify.unverified(); err != nil {
+		return cfg, fmt.Errorf("config %s: %w", path, err)
+	}
+	if _, err := cfg.CredentialProviders.plugins(); err != nil {
 		return cfg, fmt.Errorf("config %s: %w", path, err)
 	}
 	return cfg, nil

@@ -326,3 +326,17 @@ func loadConfigText(t *testing.T, text string) (Config, error) {
 	}
 	return loadConfig(p)
 }
+
+// TestCredentialProvidersConfigIsChecked fails a config whose plugin
+// config cannot be loaded at start, not at the first private pull.
+func TestCredentialProvidersConfigIsChecked(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "weightsnapd.toml")
+	conf := "[credential_providers]\nconfig = \"" + filepath.Join(dir, "missing.yaml") + "\"\nbin_dir = \"" + dir + "\"\n"
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadConfig(path); err == nil || !strings.Contains(err.Error(), "credential provider config") {
+		t.Fatalf("loadConfig with a missing plugin config: %v", err)
+	}
+}

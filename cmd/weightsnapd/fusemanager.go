@@ -181,8 +181,17 @@ func runFuseManager(args []string) error {
 	defer stop()
 
 	// Credentials kubelet passed with a CRI PullImage (Mounts.Credentials)
-	// first, then the docker config.json.
-	keys := credentials.New(authn.DefaultKeychain)
+	// first, then kubelet's credential provider plugins, then the docker
+	// config.json.
+	plugins, err := cfg.CredentialProviders.plugins()
+	if err != nil {
+		return err
+	}
+	var kopts []credentials.Option
+	if plugins != nil {
+		kopts = append(kopts, credentials.WithPlugins(plugins))
+	}
+	keys := credentials.New(authn.DefaultKeychain, kopts...)
 	ropts := []remote.Option{remote.WithKeychain(keys)}
 	if cfg.Registry.PlainHTTP {
 		ropts = append(ropts, remote.WithPlainHTTP(true))
