@@ -6,7 +6,7 @@ TOOLS         := $(CURDIR)/.bin
 DEBIAN_PKGS   := docker-registry runc buildah
 export PATH   := $(TOOLS):/usr/local/go/bin:$(PATH)
 
-.PHONY: all build demo test deps debs containerd vet bench clean
+.PHONY: all build demo test deps debs containerd vet bench image clean
 
 all: build
 
@@ -61,6 +61,26 @@ containerd:
 # WEIGHTSNAP_BENCH_OUT (out/bench). Not part of `make test`.
 bench: deps
 	$(GO) test ./integration -run '^$$' -bench BenchmarkModelPull -benchtime 1x -timeout 60m
+
+# image: weightsnapd's OCI image, built without a container engine (see
+# cmd/weightsnap-image): a static binary (CGO_ENABLED=0, -trimpath) in one
+# layer, written as an OCI layout to out/image. The same source gives the
+# same digest. IMAGE=host/repo:tag also pushes it (docker config.json
+# credentials; loopback registries over plain HTTP, others too with
+# IMAGE_PLAIN_HTTP=1) and prints the reference by digest to put in
+# deploy/daemonset.yaml. IMAGE_ARCH picks the architecture; IMAGE_CA_CERTS
+# the CA bundle copied into the image (empty: none, mount one instead).
+IMAGE          ?=
+IMAGE_ARCH     ?= $(shell $(GO) env GOARCH)
+IMAGE_CA_CERTS ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+IMAGE_OUT      := $(CURDIR)/out/image
+IMAGE_REV      := $(shell git rev-parse HEAD 2>/dev/null)$(shell git diff --quiet HEAD -- 2>/dev/null || echo -dirty)
+image:
+	CGO_ENABLED=0 GOOS=linux GOARCH=$(IMAGE_ARCH) $(GO) build -trimpath -o $(CURDIR)/out/image-bin/weightsnapd ./cmd/weightsnapd
+	$(GO) run ./cmd/weightsnap-image --binary $(CURDIR)/out/image-bin/weightsnapd --arch $(IMAGE_ARCH) \
+	  --out $(IMAGE_OUT) --revision '$(IMAGE_REV)' \
+	  $(if $(IMAGE_CA_CERTS),--ca-certs $(IMAGE_CA_CERTS)) \
+	  $(if $(IMAGE),--ref-name $(IMAGE) --push $(IMAGE)) $(if $(IMAGE_PLAIN_HTTP),--plain-http)
 
 clean:
 	rm -rf $(BIN)

@@ -113,6 +113,11 @@ func TestServe(t *testing.T) {
 	if _, err := os.Stat(cfg.CRIKeychain.Listen); err != nil {
 		t.Errorf("no CRI image service: %v", err)
 	}
+	hctx, hcancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer hcancel()
+	if pid, err := checkHealth(hctx, cfg.Root, cfg.Address); err != nil || pid <= 0 {
+		t.Errorf("health of a running daemon: pid %d, %v", pid, err)
+	}
 
 	cancel()
 	select {
@@ -127,5 +132,9 @@ func TestServe(t *testing.T) {
 		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("%s left after shutdown (%v)", p, err)
 		}
+	}
+	if _, err := checkHealth(hctx, cfg.Root, cfg.Address); err == nil ||
+		!strings.Contains(err.Error(), "snapshots API") || !strings.Contains(err.Error(), "fuse manager") {
+		t.Errorf("health of a stopped daemon: %v, want both processes named", err)
 	}
 }

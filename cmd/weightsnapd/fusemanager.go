@@ -155,6 +155,18 @@ func (s *mountService) Credentials(a CredentialsArgs, _ *struct{}) error {
 	return s.keys.Put(a.Registry, a.Repository, a.Auth)
 }
 
+// PingReply is the answer of Mounts.Ping.
+type PingReply struct {
+	PID int // the manager's
+}
+
+// Ping answers at once, for health checks (weightsnapd health): a reply
+// shows that the manager runs and serves its socket.
+func (s *mountService) Ping(_ struct{}, r *PingReply) error {
+	r.PID = os.Getpid()
+	return nil
+}
+
 // Shutdown unmounts every layer and stops the manager.
 func (s *mountService) Shutdown(_ struct{}, _ *struct{}) error {
 	return s.shutdown()

@@ -41,9 +41,17 @@ const (
 
 func main() {
 	var err error
-	if len(os.Args) > 1 && os.Args[1] == fuseManagerCommand {
+	switch {
+	case len(os.Args) > 1 && os.Args[1] == fuseManagerCommand:
 		err = runFuseManager(os.Args[2:])
-	} else {
+	case len(os.Args) > 1 && os.Args[1] == healthCommand:
+		// Plain text: kubelet shows a probe's output in the pod's events.
+		if err := runHealth(os.Args[2:]); err != nil {
+			fmt.Fprintln(os.Stderr, "weightsnapd health:", err)
+			os.Exit(1)
+		}
+		return
+	default:
 		err = run(os.Args[1:])
 	}
 	if err != nil {
