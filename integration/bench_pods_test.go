@@ -36,6 +36,12 @@ func runReaderPod(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceCl
 // between RunPodSandbox and CreateContainer: kubelet's order, which pulls a
 // pod's image volumes after creating its sandbox.
 func runReaderPodPulling(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, toolsRef, ns, name, modelRef string, toolArgs []string, pull func() error) (readerPod, error) {
+	return runReaderPodEdited(tb, ctx, rt, logDir, toolsRef, ns, name, modelRef, toolArgs, pull, nil)
+}
+
+// runReaderPodEdited is runReaderPodPulling with edit, if not nil, called
+// on the container's config before CreateContainer.
+func runReaderPodEdited(tb testing.TB, ctx context.Context, rt criapi.RuntimeServiceClient, logDir, toolsRef, ns, name, modelRef string, toolArgs []string, pull func() error, edit func(*criapi.ContainerConfig)) (readerPod, error) {
 	rp := readerPod{sandboxStart: time.Now()}
 	cfg, id, err := runSandbox(tb, ctx, rt, logDir, ns, name)
 	if err != nil {
@@ -48,7 +54,11 @@ func runReaderPodPulling(tb testing.TB, ctx context.Context, rt criapi.RuntimeSe
 			return rp, err
 		}
 	}
-	cc, err := rt.CreateContainer(ctx, readerContainer(id, cfg, toolsRef, modelRef, append([]string{"/tool"}, toolArgs...)))
+	req := readerContainer(id, cfg, toolsRef, modelRef, append([]string{"/tool"}, toolArgs...))
+	if edit != nil {
+		edit(req.Config)
+	}
+	cc, err := rt.CreateContainer(ctx, req)
 	if err != nil {
 		return rp, fmt.Errorf("CreateContainer %s/%s with image volume %s: %w", ns, name, modelRef, err)
 	}
