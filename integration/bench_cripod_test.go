@@ -179,6 +179,13 @@ func BenchmarkCRIPodRead(b *testing.B) {
 	add("host-b-first", "host, layer mount of model B, the first open since the layers verified", hostReads(b, ctx, toolPath, hostB, 1)...)
 	add("host-b", "host, layer mount of model B", hostReads(b, ctx, toolPath, hostB, warmRuns)...)
 
+	if wl, err := os.ReadFile(ws.log); err == nil {
+		for l := range strings.SplitSeq(string(wl), "\n") {
+			if strings.Contains(l, "dropped pages") {
+				b.Log(l)
+			}
+		}
+	}
 	fmt.Printf("%-14s %6s %12s %12s %14s  %s\n", "variant", "runs", "first MiB s", "read MB/s", "seq MB/s", "what")
 	for _, v := range vs {
 		slices.SortFunc(v.runs, func(x, y readTrace) int { return int(x.readMBps() - y.readMBps()) })

@@ -75,6 +75,7 @@ type mount interface {
 	Done() <-chan struct{}
 	Mountpoint() string
 	Invalidate()
+	DropPassthroughPages()
 }
 
 type layerMount struct {

@@ -167,6 +167,7 @@ func (f *fakeMount) Unmount() error {
 
 func (f *fakeMount) Done() <-chan struct{} { return f.done }
 func (f *fakeMount) Invalidate()           { f.invalidations.Add(1) }
+func (f *fakeMount) DropPassthroughPages() {}
 func (f *fakeMount) Mountpoint() string    { return f.mp }
 
 // fakeServe records the mounts a Manager makes.

@@ -254,15 +254,20 @@ func (m *Manager) failLayer(sl *sharedLayer, err error) {
 	}
 	slog.Error("unverified layer did not verify: every read of it fails from now on", "layer", sl.desc.Digest, "image", sl.image, "err", err)
 	metrics.UnverifiedLayerMismatches.Inc()
+	for _, mnt := range m.mountsOf(sl) {
+		mnt.Invalidate()
+	}
+}
+
+// mountsOf returns the mounts serving sl.
+func (m *Manager) mountsOf(sl *sharedLayer) []mount {
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	var mounts []mount
 	for _, lm := range m.mounts {
 		if lm.ref.Value() == sl {
 			mounts = append(mounts, lm.mount)
 		}
 	}
-	m.mu.Unlock()
-	for _, mnt := range mounts {
-		mnt.Invalidate()
-	}
+	return mounts
 }
