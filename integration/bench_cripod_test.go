@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -45,28 +44,9 @@ func BenchmarkCRIPodRead(b *testing.B) {
 
 	dir := shortTempDir(b, "wsc")
 	reg := testutil.StartRegistry(b)
-	hosts := filepath.Join(dir, "certs.d")
-	writeHostsToml(b, hosts, reg.Addr)
-	toolPath := toolBinary(b)
-	tool, err := os.ReadFile(toolPath)
-	if err != nil {
-		b.Fatal(err)
-	}
-	toolLayer := tarLayer(b, map[string][]byte{"tool": tool}, map[string]int64{"tool": 0o755})
-	tools := pushImage(b, reg.Addr, "tools:v1", []string{"/tool", "sleep"}, toolLayer)
-	ws := startWeightsnapdWithConfig(b, filepath.Join(dir, "wsd"), hosts, "")
-	ctd := startContainerdWithConfig(b, mkdir(b, filepath.Join(dir, "ctd")), ws.sock, hosts, tools.Ref,
-		fmt.Sprintf(benchOverlayUnpack, "linux/"+runtime.GOARCH))
-	rt, is := ctd.cri(b)
-	if _, err := is.PullImage(ctx, &criapi.PullImageRequest{Image: &criapi.ImageSpec{Image: tools.Ref}}); err != nil {
-		b.Fatalf("CRI PullImage %s: %v", tools.Ref, err)
-	}
-	logs := filepath.Join(dir, "logs")
-	if _, id, err := runSandbox(b, ctx, rt, logs, "bench-warmup", "warmup"); err != nil {
-		b.Fatal(err)
-	} else {
-		removePod(b, rt, pod{sandbox: id})
-	}
+	st := startBenchStack(b, ctx, dir, reg.Addr, "", reg.Addr)
+	hosts, toolPath, tool, tools := st.hosts, st.toolPath, st.tool, st.tools
+	ws, ctd, rt, is, logs := st.ws, st.ctd, st.rt, st.is, st.logs
 
 	data := mkdir(b, filepath.Join(dir, "data"))
 	model := func(name string, seed uint64) (benchModel, string, []string) {

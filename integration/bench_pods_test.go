@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -208,4 +209,52 @@ func criLogLines(path string) ([]string, error) {
 		}
 	}
 	return lines, nil
+}
+
+// benchStack is the node the benchmarks read on: a registry's hosts,
+// weightsnapd, containerd with its CRI and overlayfs for ctr's pulls, and
+// the tools image pulled, after a first pod paid containerd's one-time
+// costs (the sandbox image's snapshot, the first shim), as on a node that
+// has run pods.
+type benchStack struct {
+	hosts    string // containerd's and weightsnapd's hosts directory
+	toolPath string // the reader program, built for the host
+	tool     []byte // and its bytes
+	tools    image  // the image running it
+	ws       *weightsnapd
+	ctd      *containerd
+	rt       criapi.RuntimeServiceClient
+	is       criapi.ImageServiceClient
+	logs     string // the pods' log directory
+}
+
+// startBenchStack starts a benchStack under dir, with the tools image
+// pushed to toolsAddr, wsConfig added to weightsnapd's config and a
+// hosts.toml for each of hostsAddrs.
+func startBenchStack(b *testing.B, ctx context.Context, dir, toolsAddr, wsConfig string, hostsAddrs ...string) benchStack {
+	st := benchStack{hosts: filepath.Join(dir, "certs.d"), logs: filepath.Join(dir, "logs")}
+	for _, addr := range hostsAddrs {
+		writeHostsToml(b, st.hosts, addr)
+	}
+	st.toolPath = toolBinary(b)
+	tool, err := os.ReadFile(st.toolPath)
+	if err != nil {
+		b.Fatal(err)
+	}
+	st.tool = tool
+	toolLayer := tarLayer(b, map[string][]byte{"tool": tool}, map[string]int64{"tool": 0o755})
+	st.tools = pushImage(b, toolsAddr, "tools:v1", []string{"/tool", "sleep"}, toolLayer)
+	st.ws = startWeightsnapdWithConfig(b, filepath.Join(dir, "wsd"), st.hosts, wsConfig)
+	st.ctd = startContainerdWithConfig(b, mkdir(b, filepath.Join(dir, "ctd")), st.ws.sock, st.hosts, st.tools.Ref,
+		fmt.Sprintf(benchOverlayUnpack, "linux/"+runtime.GOARCH))
+	st.rt, st.is = st.ctd.cri(b)
+	if _, err := st.is.PullImage(ctx, &criapi.PullImageRequest{Image: &criapi.ImageSpec{Image: st.tools.Ref}}); err != nil {
+		b.Fatalf("CRI PullImage %s: %v", st.tools.Ref, err)
+	}
+	if _, id, err := runSandbox(b, ctx, st.rt, st.logs, "bench-warmup", "warmup"); err != nil {
+		b.Fatal(err)
+	} else {
+		removePod(b, st.rt, pod{sandbox: id})
+	}
+	return st
 }

@@ -13,7 +13,6 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -104,31 +103,9 @@ func BenchmarkModelPull(b *testing.B) {
 	dir := shortTempDir(b, "wsb")
 	reg := testutil.StartRegistry(b)
 	origin := testutil.StartProxy(b, reg.URL(), testutil.Faults{})
-	hosts := filepath.Join(dir, "certs.d")
-	writeHostsToml(b, hosts, origin.Addr)
-	writeHostsToml(b, hosts, reg.Addr)
-	toolPath := toolBinary(b)
-	tool, err := os.ReadFile(toolPath)
-	if err != nil {
-		b.Fatal(err)
-	}
-	toolLayer := tarLayer(b, map[string][]byte{"tool": tool}, map[string]int64{"tool": 0o755})
-	tools := pushImage(b, origin.Addr, "tools:v1", []string{"/tool", "sleep"}, toolLayer)
-	ws := startWeightsnapdWithConfig(b, filepath.Join(dir, "wsd"), hosts, benchUnverifiedLazy)
-	ctd := startContainerdWithConfig(b, mkdir(b, filepath.Join(dir, "ctd")), ws.sock, hosts, tools.Ref,
-		fmt.Sprintf(benchOverlayUnpack, "linux/"+runtime.GOARCH))
-	rt, is := ctd.cri(b)
-	if _, err := is.PullImage(ctx, &criapi.PullImageRequest{Image: &criapi.ImageSpec{Image: tools.Ref}}); err != nil {
-		b.Fatalf("CRI PullImage %s: %v", tools.Ref, err)
-	}
-	// A first pod sandbox pays containerd's one-time costs (the sandbox
-	// image's snapshot, the first shim), as on a node that has run pods.
-	logs := filepath.Join(dir, "logs")
-	if _, id, err := runSandbox(b, ctx, rt, logs, "bench-warmup", "warmup"); err != nil {
-		b.Fatal(err)
-	} else {
-		removePod(b, rt, pod{sandbox: id})
-	}
+	st := startBenchStack(b, ctx, dir, origin.Addr, benchUnverifiedLazy, origin.Addr, reg.Addr)
+	hosts, toolPath, tool, tools := st.hosts, st.toolPath, st.tool, st.tools
+	ws, ctd, rt, is, logs := st.ws, st.ctd, st.rt, st.is, st.logs
 	step("stack", t0)
 
 	// Model A: the one every path reads.
