@@ -26,19 +26,7 @@ import (
 // verification on the host too. Knobs: WEIGHTSNAP_BENCH_SIZE.
 // Run: -run '^$' -bench BenchmarkCRIPodRead -benchtime 1x.
 func BenchmarkCRIPodRead(b *testing.B) {
-	if b.N != 1 {
-		b.Fatalf("use -benchtime 1x (b.N is %d)", b.N)
-	}
-	repoRoot, err := testutil.RepoRoot()
-	if err != nil {
-		b.Fatal(err)
-	}
-	cfg, err := benchConfigFromEnv(repoRoot)
-	if err != nil {
-		b.Fatal(err)
-	}
-	testutil.RequireFUSE(b)
-	testutil.RequireBinary(b, "containerd")
+	cfg := benchPrerequisites(b)
 	ctx, cancel := context.WithTimeout(b.Context(), 30*time.Minute)
 	defer cancel()
 

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/weightsnap/weightsnap/internal/testutil"
 	criapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
@@ -257,4 +258,23 @@ func startBenchStack(b *testing.B, ctx context.Context, dir, toolsAddr, wsConfig
 		removePod(b, st.rt, pod{sandbox: id})
 	}
 	return st
+}
+
+// benchPrerequisites is what a benchmark of minutes needs before it starts:
+// one run (-benchtime 1x), root, FUSE and containerd, and its knobs.
+func benchPrerequisites(b *testing.B) benchConfig {
+	if b.N != 1 {
+		b.Fatalf("%s measures one run of minutes: use -benchtime 1x (b.N is %d)", b.Name(), b.N)
+	}
+	repoRoot, err := testutil.RepoRoot()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg, err := benchConfigFromEnv(repoRoot)
+	if err != nil {
+		b.Fatal(err)
+	}
+	testutil.RequireFUSE(b)
+	testutil.RequireBinary(b, "containerd")
+	return cfg
 }

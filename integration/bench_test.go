@@ -61,19 +61,7 @@ unverified_layers = "lazy"
 // Knobs: WEIGHTSNAP_BENCH_SIZE, WEIGHTSNAP_BENCH_SHARDS, WEIGHTSNAP_BENCH_OUT.
 // Run it once: -run '^$' -bench BenchmarkModelPull -benchtime 1x.
 func BenchmarkModelPull(b *testing.B) {
-	if b.N != 1 {
-		b.Fatalf("BenchmarkModelPull measures one run of minutes: use -benchtime 1x (b.N is %d)", b.N)
-	}
-	repoRoot, err := testutil.RepoRoot()
-	if err != nil {
-		b.Fatal(err)
-	}
-	cfg, err := benchConfigFromEnv(repoRoot)
-	if err != nil {
-		b.Fatal(err)
-	}
-	testutil.RequireFUSE(b)
-	testutil.RequireBinary(b, "containerd")
+	cfg := benchPrerequisites(b)
 	ctx, cancel := context.WithTimeout(b.Context(), 55*time.Minute)
 	defer cancel()
 	r := benchResult{
