@@ -134,15 +134,16 @@ func (m *Manager) startBackground(ctx context.Context, sl *sharedLayer) {
 // anything is allocated for it.
 func (m *Manager) openBlob(ctx context.Context, dl described) (*remote.Blob, error) {
 	desc := dl.desc
-	if c := m.store.Capacity(); desc.Size > c {
-		return nil, fmt.Errorf("%w: layer %s of %s: its manifest says %d bytes, more than the cache holds (%d)", layer.ErrCorrupt, desc.Digest, dl.image, desc.Size, c)
-	}
 	rb, err := m.reg.OpenBlob(ctx, dl.repo, desc.Digest, -1) // -1: ask the registry
 	if err != nil {
 		return nil, err
 	}
 	if rb.Size() != desc.Size {
 		return nil, fmt.Errorf("%w: layer %s of %s: its manifest says %d bytes, the registry %d", layer.ErrCorrupt, desc.Digest, dl.image, desc.Size, rb.Size())
+	}
+	// Not corrupt, maybe, but never cacheable: containerd may download it.
+	if c := m.store.Capacity(); desc.Size > c {
+		return nil, fmt.Errorf("%w: layer %s of %s: %d bytes, more than the cache holds (%d)", ErrUnsupported, desc.Digest, dl.image, desc.Size, c)
 	}
 	return rb, nil
 }
@@ -198,11 +199,11 @@ func (m *Manager) onRead(sl *sharedLayer, e *layer.Entry, off, n int64) {
 	if sl.readers == nil {
 		return
 	}
-	r, ok := sl.l.Ranges.DataRange(e)
-	if !ok {
-		return
+	file := func() (prefetch.Range, bool) {
+		r, ok := sl.l.Ranges.DataRange(e)
+		return prefetch.Range{Off: r.Off, Len: r.Len}, ok
 	}
-	if ahead, ok := sl.readers.Observe(e.Ino, prefetch.Range{Off: r.Off, Len: r.Len}, off, n); ok {
+	if ahead, ok := sl.readers.Observe(e.Ino, off, n, file); ok {
 		m.sched.ReadAhead(sl.blob, ahead)
 	}
 }

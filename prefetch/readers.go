@@ -30,17 +30,22 @@ func NewReaders(span, maxWindow int64) *Readers {
 	return &Readers{span: span, maxWindow: maxWindow, byFile: make(map[uint64][]*reader)}
 }
 
-// Observe records a read of n bytes at off of the file identified by id,
-// whose bytes are the blob range file, and returns the blob range to read
-// ahead, if any (see Sequential.Observe).
-func (rs *Readers) Observe(id uint64, file Range, off, n int64) (ahead Range, ok bool) {
+// Observe records a read of n bytes at off of the file identified by id
+// and returns the blob range to read ahead, if any (see
+// Sequential.Observe). file, the blob range holding the file's bytes, is
+// asked for only when the read starts a new reader: it is on the path of
+// every read. ok is false when file has no range.
+func (rs *Readers) Observe(id uint64, off, n int64, file func() (Range, bool)) (ahead Range, ok bool) {
 	rs.mu.Lock()
-	q := rs.readerLocked(id, file, off)
+	q := rs.readerLocked(id, off, file)
 	rs.mu.Unlock()
+	if q == nil {
+		return Range{}, false
+	}
 	return q.Observe(off, n)
 }
 
-func (rs *Readers) readerLocked(id uint64, file Range, off int64) *Sequential {
+func (rs *Readers) readerLocked(id uint64, off int64, file func() (Range, bool)) *Sequential {
 	rs.clock++
 	readers := rs.byFile[id]
 	for _, r := range readers {
@@ -49,7 +54,11 @@ func (rs *Readers) readerLocked(id uint64, file Range, off int64) *Sequential {
 			return r.q
 		}
 	}
-	r := &reader{q: NewSequential(file, rs.span, rs.maxWindow), lastUse: rs.clock}
+	fr, ok := file()
+	if !ok {
+		return nil
+	}
+	r := &reader{q: NewSequential(fr, rs.span, rs.maxWindow), lastUse: rs.clock}
 	if len(readers) < maxReaders {
 		rs.byFile[id] = append(readers, r)
 		return r.q
