@@ -13,6 +13,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/layer"
 )
 
@@ -70,3 +71,19 @@ type rawManifest struct {
 
 func (m rawManifest) RawManifest() ([]byte, error)        { return m.b, nil }
 func (m rawManifest) MediaType() (types.MediaType, error) { return m.mt, nil }
+
+// A layer larger than the cache can ever hold is not served lazily (it
+// could never be cached whole, nor verified), and nothing is allocated
+// for it: the caller downloads it its own way.
+func TestLayerLargerThanTheCacheIsRefused(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 1)
+	m, fake := newTestManagerOn(t, t.TempDir(), []cache.Option{cache.WithMaxBytes(1 << 10)})
+	err := m.Mount(t.Context(), filepath.Join(t.TempDir(), "mp"), ref, ds[0])
+	if !errors.Is(err, ErrUnsupported) {
+		t.Fatalf("Mount: %v, want ErrUnsupported", err)
+	}
+	if len(fake.live()) != 0 || m.store.Usage() != 0 {
+		t.Fatalf("a refused layer left %d mounts, %d cached bytes", len(fake.live()), m.store.Usage())
+	}
+}
