@@ -26,6 +26,8 @@ type fakeLayer struct {
 	reads []readRecord // every ReadAt, for tests that look at the read path
 	// readErr, keyed by entry name, is returned by ReadAt for that file.
 	readErr map[string]error
+	// beforeRead, if set, is called by every ReadAt first.
+	beforeRead func(e *layer.Entry)
 }
 
 type readRecord struct {
@@ -136,6 +138,9 @@ func (f *fakeLayer) ReadAt(ctx context.Context, e *layer.Entry, p []byte, off in
 	f.mu.Unlock()
 	if err != nil {
 		return 0, err
+	}
+	if f.beforeRead != nil {
+		f.beforeRead(e)
 	}
 	c, ok := f.content[e.Ino]
 	if !ok {

@@ -10,10 +10,8 @@ import (
 	"log/slog"
 	"os"
 	"sync"
-	"syscall"
 	"time"
 
-	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 
@@ -46,6 +44,7 @@ type options struct {
 	debug       bool
 	onRead      func(e *layer.Entry, off, n int64)
 	passthrough func(e *layer.Entry) (*os.File, bool)
+	openTable   string
 }
 
 // WithName sets the name shown as the FUSE file system's source (e.g.
@@ -72,10 +71,17 @@ func WithPassthrough(fn func(e *layer.Entry) (*os.File, bool)) Option {
 	return func(o *options) { o.passthrough = fn }
 }
 
-// Mount is a layer served by Serve.
+// WithOpenTable keeps the mount's open table (see openTable) in the file
+// at path, so that a process taking the connection over (Resume) knows how
+// the files it did not open are open. Without it, a mount cannot be
+// resumed safely where files are passed through.
+func WithOpenTable(path string) Option { return func(o *options) { o.openTable = path } }
+
+// Mount is a layer served by Serve or Resume.
 type Mount struct {
 	server     *fuse.Server
-	root       *node
+	fs         *fsys
+	conn       Conn
 	mountpoint string
 	// dev is the mount's st_dev, taken while it was reachable.
 	dev uint64
@@ -90,6 +96,32 @@ type Mount struct {
 // mounts directly (it must run as root, no fusermount). ctx bounds the
 // lookup of the layer's root; the layer itself is not closed by Unmount.
 func Serve(ctx context.Context, l *layer.Opened, mountpoint string, opts ...Option) (*Mount, error) {
+	f, opt, err := prepare(ctx, l, mountpoint, opts)
+	if err != nil {
+		return nil, err
+	}
+	dev, err := mountFUSE(mountpoint, opt.name)
+	if err != nil {
+		return nil, fmt.Errorf("mount layer %s at %s: %w", opt.name, mountpoint, err)
+	}
+	// The server owns dev from here on (it closes it on failure too).
+	server, err := fuse.NewServer(f, fmt.Sprintf("/dev/fd/%d", dev), mountOptions(opt))
+	if err != nil {
+		_ = unmountOrDetach(mountpoint, unix.MNT_FORCE)
+		return nil, fmt.Errorf("mount layer %s at %s: %w", opt.name, mountpoint, err)
+	}
+	// The Mount keeps a descriptor of its own, for a successor (Conn).
+	conn, err := newConn(dev, server.KernelSettings())
+	if err != nil {
+		_ = unmountOrDetach(mountpoint, unix.MNT_FORCE)
+		go server.Serve() // to end with the connection
+		return nil, fmt.Errorf("mount layer %s: %w", opt.name, err)
+	}
+	return start(f, server, conn, mountpoint)
+}
+
+// prepare checks l's root and builds the file system serving it.
+func prepare(ctx context.Context, l *layer.Opened, mountpoint string, opts []Option) (*fsys, options, error) {
 	var opt options
 	for _, o := range opts {
 		o(&opt)
@@ -99,71 +131,59 @@ func Serve(ctx context.Context, l *layer.Opened, mountpoint string, opts ...Opti
 	}
 	rootEntry, err := l.Lookup(ctx, "")
 	if err != nil {
-		return nil, fmt.Errorf("mount layer %s: look up root: %w", opt.name, err)
+		return nil, opt, fmt.Errorf("mount layer %s: look up root: %w", opt.name, err)
 	}
 	if rootEntry.Type != layer.TypeDir {
-		return nil, fmt.Errorf("mount layer %s: root is not a directory", opt.name)
+		return nil, opt, fmt.Errorf("mount layer %s: root is not a directory", opt.name)
 	}
-	log := slog.Default().With("layer", opt.name)
-	state := &fsys{layer: l.Layer, files: l.Files, name: opt.name, mountpoint: mountpoint, onRead: opt.onRead, passthrough: opt.passthrough, log: log}
-	root := &node{fs: state, e: rootEntry}
+	f := newFsys(l, rootEntry, opt)
+	f.mountpoint = mountpoint
+	if f.opens, err = loadOpenTable(opt.openTable); err != nil {
+		return nil, opt, fmt.Errorf("mount layer %s: %w", opt.name, err)
+	}
+	f.mounted = time.Now()
+	return f, opt, nil
+}
 
-	timeout := cacheTimeout
-	options := &gofs.Options{
-		MountOptions: fuse.MountOptions{
-			AllowOther: true,
-			// default_permissions makes the kernel enforce the entries'
-			// modes and owners, as it would for a disk file system.
-			Options:           []string{"default_permissions"},
-			DirectMountStrict: true,
-			DirectMountFlags:  syscall.MS_RDONLY | syscall.MS_NOSUID | syscall.MS_NODEV,
-			FsName:            opt.name,
-			Name:              fuseSubtype,
-			MaxWrite:          maxRequest,
-			MaxReadAhead:      maxRequest,
-			// The kernel's asynchronous reads (its read-ahead) are capped
-			// by max_background; go-fuse's default of 12 starves a
-			// sequential reader whose bytes come from the network.
-			MaxBackground:        64,
-			EnableSymlinkCaching: true,
-			// Splice moves reads answered from a file (the node
-			// cache) into the kernel without a copy in this process;
-			// reads answered from memory gain nothing from its pipes.
-			DisableSplice: state.files == nil,
-			Debug:         opt.debug,
-		},
-		EntryTimeout:    &timeout,
-		AttrTimeout:     &timeout,
-		NegativeTimeout: &timeout,
-		// Permissions come verbatim from the layer; go-fuse must not
-		// replace a 0000 mode with a default.
-		NullPermissions: true,
-		RootStableAttr:  &gofs.StableAttr{Ino: rootEntry.Ino},
-	}
-
-	state.mounted = time.Now()
-	server, err := gofs.Mount(mountpoint, root, options)
-	if err != nil {
-		return nil, fmt.Errorf("mount layer %s at %s: %w", opt.name, mountpoint, err)
-	}
-	m := &Mount{server: server, root: root, mountpoint: mountpoint, log: log, done: make(chan struct{})}
+// start serves f on server, once the connection is set up.
+func start(f *fsys, server *fuse.Server, conn Conn, mountpoint string) (*Mount, error) {
+	m := &Mount{server: server, fs: f, conn: conn, mountpoint: mountpoint, log: f.log, done: make(chan struct{})}
 	go func() {
-		server.Wait()
+		server.Serve()
 		close(m.done)
 	}()
-
 	var st unix.Stat_t
 	if err := unix.Stat(mountpoint, &st); err != nil {
 		m.Unmount()
-		return nil, fmt.Errorf("mount layer %s: stat %s: %w", opt.name, mountpoint, err)
+		return nil, fmt.Errorf("mount layer %s: stat %s: %w", f.name, mountpoint, err)
 	}
 	m.dev = st.Dev
 	m.raiseReadAhead()
-	if state.passthrough != nil && server.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH == 0 {
-		log.Info("kernel has no FUSE passthrough; cached files are served through the daemon")
-		state.noPassthrough.Store(true)
+	if f.passthrough != nil && server.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH == 0 {
+		f.log.Info("kernel has no FUSE passthrough; cached files are served through the daemon")
+		f.noPassthrough.Store(true)
 	}
 	return m, nil
+}
+
+// mountOptions are go-fuse's settings for every mount. A process resuming
+// a connection must use the same, since the kernel keeps what was agreed
+// at its INIT.
+func mountOptions(opt options) *fuse.MountOptions {
+	return &fuse.MountOptions{
+		MaxWrite:     maxRequest,
+		MaxReadAhead: maxRequest,
+		// The kernel's asynchronous reads (its read-ahead) are capped
+		// by max_background; go-fuse's default of 12 starves a
+		// sequential reader whose bytes come from the network.
+		MaxBackground:        64,
+		EnableSymlinkCaching: true,
+		// READDIRPLUS would hand out node IDs with lookup counts from
+		// a listing; plain READDIR and LOOKUP are enough for a tree
+		// that never changes and whose entries the kernel caches.
+		DisableReadDirPlus: true,
+		Debug:              opt.debug,
+	}
 }
 
 // raiseReadAhead widens the kernel read-ahead of the mount's backing
@@ -180,15 +200,12 @@ func (m *Mount) raiseReadAhead() {
 // After a layer's content is found wrong, the next access of any of it
 // comes to this process again (and gets the error the layer gives now).
 func (m *Mount) Invalidate() {
-	invalidate(&m.root.Inode)
-}
-
-func invalidate(n *gofs.Inode) {
-	for name, child := range n.Children() {
-		invalidate(child)
-		n.NotifyEntry(name)
+	for _, n := range m.fs.known() {
+		if n.parent != 0 {
+			m.server.EntryNotify(n.parent, n.name)
+		}
+		m.server.InodeNotify(n.e.Ino, 0, 0) // 0 bytes from 0: the whole file
 	}
-	n.NotifyContent(0, 0) // 0 bytes from 0: the whole file
 }
 
 // DropPassthroughPages has the kernel drop the pages it cached of every
@@ -199,22 +216,17 @@ func invalidate(n *gofs.Inode) {
 // 0.1 s per GiB cached. Called once the files can be passed through, it
 // takes that cost off the reader's path and frees the memory at once.
 func (m *Mount) DropPassthroughPages() {
-	if m.root.fs.passthrough == nil || m.root.fs.noPassthrough.Load() {
+	f := m.fs
+	if f.passthrough == nil || f.noPassthrough.Load() {
 		return
 	}
-	dropPassthroughPages(&m.root.Inode)
-}
-
-func dropPassthroughPages(in *gofs.Inode) {
-	for _, child := range in.Children() {
-		dropPassthroughPages(child)
-	}
-	n, ok := in.Operations().(*node)
-	if !ok || n.e.Type != layer.TypeReg {
-		return
-	}
-	if _, ok := n.fs.passthrough(n.e); ok {
-		in.NotifyContent(0, 0) // 0 bytes from 0: the whole file
+	for _, n := range f.known() {
+		if n.e.Type != layer.TypeReg {
+			continue
+		}
+		if _, ok := f.passthrough(n.e); ok {
+			m.server.InodeNotify(n.e.Ino, 0, 0)
+		}
 	}
 }
 
@@ -235,6 +247,8 @@ func (m *Mount) Unmount() error {
 		return err
 	}
 	m.unmounted = true
+	m.fs.opens.remove()
+	m.conn.Close()
 	// The series would otherwise outlive the mount, one per mount ever
 	// made.
 	metrics.TimeToFirstRead.DeleteLabelValues(m.mountpoint)

@@ -35,6 +35,10 @@ func TestMain(m *testing.M) {
 		runHelperDaemon(mp)
 		return
 	}
+	if mp := os.Getenv(resumeChildEnv); mp != "" {
+		runResumeChild(mp)
+		return
+	}
 	if p := os.Getenv(mmapEnv); p != "" {
 		if err := catMmap(p); err != nil {
 			fmt.Fprintln(os.Stderr, err)

@@ -1,0 +1,173 @@
+package fs
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"sync"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+)
+
+// openTable counts, per inode, the open handles of each kind, and holds
+// the passthrough backing ID the kernel reads from while passthrough
+// handles are open.
+//
+// The kernel fails (EIO) the open of a file in passthrough mode while it
+// is open in caching mode and the other way round, and every passthrough
+// open of an inode must name the same backing file, so every open follows
+// the kind of those still open. These counts are the one part of a mount's
+// state that the layer does not give: a process taking over a connection
+// (Resume) reads them from the file the former process kept them in,
+// written before each open or release is answered. The file needs no
+// fsync: it must survive the process, not the machine, whose crash ends
+// the connection too.
+type openTable struct {
+	mu    sync.Mutex
+	path  string // "" keeps nothing
+	byIno map[uint64]*openState
+}
+
+type openState struct {
+	Cached  int   `json:"c,omitempty"`
+	Pass    int   `json:"p,omitempty"`
+	Backing int32 `json:"b,omitempty"`
+}
+
+// backingFiles registers and closes passthrough backing files;
+// *fuse.Server is one.
+type backingFiles interface {
+	RegisterBackingFd(*fuse.BackingMap) (int32, syscall.Errno)
+	UnregisterBackingFd(id int32) syscall.Errno
+}
+
+// loadOpenTable returns the table kept at path, empty if there is none.
+func loadOpenTable(path string) (*openTable, error) {
+	t := &openTable{path: path, byIno: map[uint64]*openState{}}
+	if path == "" {
+		return t, nil
+	}
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return t, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open table: %w", err)
+	}
+	var m map[string]*openState
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("open table %s: %w", path, err)
+	}
+	for k, s := range m {
+		ino, err := strconv.ParseUint(k, 10, 64)
+		if err != nil || s == nil {
+			return nil, fmt.Errorf("open table %s: bad entry %q", path, k)
+		}
+		t.byIno[ino] = s
+	}
+	return t, nil
+}
+
+// open counts an open of ino and returns the backing ID to pass it
+// through with, or 0 to serve it through Read. file, if not nil, gives
+// the local file holding ino's content when it is all there.
+func (t *openTable) open(ino uint64, file func() (*os.File, bool), bf backingFiles) (int32, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := t.byIno[ino]
+	if s == nil {
+		s = &openState{}
+		t.byIno[ino] = s
+	}
+	switch {
+	case s.Pass > 0:
+		s.Pass++
+	case s.Cached > 0 || file == nil:
+		s.Cached++
+	default:
+		s.Backing = register(file, bf)
+		if s.Backing != 0 {
+			s.Pass++
+		} else {
+			s.Cached++
+		}
+	}
+	return s.Backing, t.save()
+}
+
+// register registers ino's local file as a backing file; 0 if there is
+// none or the kernel refuses it.
+func register(file func() (*os.File, bool), bf backingFiles) int32 {
+	f, ok := file()
+	if !ok || bf == nil {
+		return 0
+	}
+	id, errno := bf.RegisterBackingFd(&fuse.BackingMap{Fd: int32(f.Fd())})
+	if errno != 0 {
+		return 0
+	}
+	return id
+}
+
+// release counts down an open handle of ino; the last passthrough handle
+// closes the backing ID. A release that finds no open of its kind (the
+// table of a process that died before writing it) changes nothing.
+func (t *openTable) release(ino uint64, pass bool, bf backingFiles) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := t.byIno[ino]
+	if s == nil {
+		return nil
+	}
+	var err error
+	switch {
+	case pass && s.Pass > 0:
+		s.Pass--
+		if s.Pass == 0 && s.Backing != 0 && bf != nil {
+			if errno := bf.UnregisterBackingFd(s.Backing); errno != 0 {
+				err = fmt.Errorf("close backing file %d: %w", s.Backing, errno)
+			}
+			s.Backing = 0
+		}
+	case !pass && s.Cached > 0:
+		s.Cached--
+	}
+	if s.Pass == 0 && s.Cached == 0 {
+		delete(t.byIno, ino)
+	}
+	return errors.Join(err, t.save())
+}
+
+// save writes the table to its file, atomically.
+func (t *openTable) save() error {
+	if t.path == "" {
+		return nil
+	}
+	m := make(map[string]*openState, len(t.byIno))
+	for ino, s := range t.byIno {
+		m[strconv.FormatUint(ino, 10)] = s
+	}
+	b, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	tmp := t.path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("open table: %w", err)
+	}
+	if err := os.Rename(tmp, t.path); err != nil {
+		return fmt.Errorf("open table: %w", err)
+	}
+	return nil
+}
+
+// remove deletes the table's file, once the mount is gone.
+func (t *openTable) remove() {
+	if t.path != "" {
+		_ = os.Remove(t.path)
+		_ = os.Remove(t.path + ".tmp")
+	}
+}
