@@ -1,12 +1,13 @@
 # weightsnap — see README.md.
 GO            ?= go
 CONTAINERD    ?= v2.4.2
+KUBELET       ?= v1.36.3
 BIN           := $(CURDIR)/bin
 TOOLS         := $(CURDIR)/.bin
 DEBIAN_PKGS   := docker-registry runc buildah
 export PATH   := $(TOOLS):/usr/local/go/bin:$(PATH)
 
-.PHONY: all build demo test deps debs containerd vet bench image clean
+.PHONY: all build demo test deps debs containerd kubelet vet bench image clean
 
 all: build
 
@@ -26,7 +27,7 @@ vet:
 	@test -z "$$(gofmt -l .)" || { gofmt -l .; echo "gofmt needed"; exit 1; }
 	$(GO) vet ./...
 
-deps: debs containerd
+deps: debs containerd kubelet
 	$(GO) mod download
 
 # Debian packages the integration tests run for real; installed only when
@@ -49,6 +50,16 @@ containerd:
 	    github.com/containerd/containerd/v2/cmd/containerd@$(CONTAINERD) \
 	    github.com/containerd/containerd/v2/cmd/ctr@$(CONTAINERD) \
 	    github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$(CONTAINERD); \
+	fi
+
+# kubelet, pinned, built from the Go module proxy (k8s.io/kubernetes with its
+# staging modules required at their published versions; .ci/build-kubelet),
+# for the end-to-end test with a real kubelet. About 10 minutes on 2 cores;
+# skipped while .bin/kubelet reports the pinned version.
+kubelet:
+	@if ! $(TOOLS)/kubelet --version 2>/dev/null | grep -qx "Kubernetes $(KUBELET)"; then \
+	  echo "building kubelet $(KUBELET) into $(TOOLS)"; \
+	  GO=$(GO) $(CURDIR)/.ci/build-kubelet $(KUBELET) $(TOOLS)/kubelet; \
 	fi
 
 # bench: time to first read and full-read throughput of every path (raw

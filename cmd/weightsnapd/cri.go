@@ -46,14 +46,21 @@ var _ runtimeapi.ImageServiceServer = (*criProxy)(nil)
 // to keep it does not fail the pull: its lazy layers are then read with
 // the docker config.json's credentials, or fall back to containerd.
 func (p *criProxy) PullImage(ctx context.Context, req *runtimeapi.PullImageRequest) (*runtimeapi.PullImageResponse, error) {
+	image := req.GetImage().GetImage()
 	if a := req.GetAuth(); a != nil {
-		image := req.GetImage().GetImage()
 		if err := p.keepAuth(ctx, image, a); err != nil {
 			// err names the image, never the credentials.
 			slog.WarnContext(ctx, "keeping the credentials of a pull", "image", image, "err", err)
 		}
 	}
-	return p.upstream.PullImage(ctx, req)
+	resp, err := p.upstream.PullImage(ctx, req)
+	if err != nil {
+		// The node's log says which image and registry refused and why
+		// (containerd's error: 401, 403, not found), as kubelet's pod
+		// status does; containerd's errors carry no credentials.
+		slog.WarnContext(ctx, "pull failed", "image", image, "with_credentials", req.GetAuth() != nil, "err", err)
+	}
+	return resp, err
 }
 
 func (p *criProxy) keepAuth(ctx context.Context, image string, a *runtimeapi.AuthConfig) error {

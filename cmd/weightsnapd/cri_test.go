@@ -1,11 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 
@@ -233,3 +237,78 @@ func TestCRIProxy(t *testing.T) {
 }
 
 const sixtyFourHex = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+// TestCRIProxyLogsFailedPull: a pull the upstream refuses is logged with
+// the image and the upstream's error, so that the node's log says which
+// image and registry refused and why, and never with the pull's
+// credentials.
+func TestCRIProxyLogsFailedPull(t *testing.T) {
+	dir, err := os.MkdirTemp("", "wscri")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	var logged bytes.Buffer
+	var logMu sync.Mutex
+	old := slog.Default()
+	slog.SetDefault(slog.New(slog.NewJSONHandler(lockedWriter{&logMu, &logged}, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	t.Cleanup(func() { slog.SetDefault(old) })
+
+	upstream := filepath.Join(dir, "upstream.sock")
+	lis, err := net.Listen("unix", upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	us := grpc.NewServer()
+	runtimeapi.RegisterImageServiceServer(us, &fakeImageService{keptNow: func() int { return 0 }})
+	go us.Serve(lis)
+	t.Cleanup(us.Stop)
+	listen := filepath.Join(dir, "cri.sock")
+	keep := func(context.Context, string, string, authn.AuthConfig) error { return nil }
+	stop, _, err := serveCRI(CRIKeychainConfig{Enable: true, Listen: listen, ImageService: "unix://" + upstream}, keep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	conn, err := grpc.NewClient("unix://"+listen, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	c := runtimeapi.NewImageServiceClient(conn)
+
+	const image = "registry.test/missing:v1"
+	_, err = c.PullImage(t.Context(), &runtimeapi.PullImageRequest{
+		Image: &runtimeapi.ImageSpec{Image: image},
+		Auth:  &runtimeapi.AuthConfig{Username: "alice", Password: "a-secret"},
+	})
+	if status.Code(err) != codes.NotFound {
+		t.Fatalf("PullImage of a missing image: %v, want NotFound", err)
+	}
+	logMu.Lock()
+	out := logged.String()
+	logMu.Unlock()
+	var found bool
+	for line := range strings.SplitSeq(out, "\n") {
+		if strings.Contains(line, `"msg":"pull failed"`) && strings.Contains(line, image) && strings.Contains(line, "no such image") {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("no log line says that the pull of %s failed and why:\n%s", image, out)
+	}
+	if strings.Contains(out, "a-secret") {
+		t.Errorf("the log holds the pull's password:\n%s", out)
+	}
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
