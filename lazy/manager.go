@@ -53,8 +53,10 @@ type Manager struct {
 	opt    options
 	sched  *prefetch.Scheduler
 	layers *refmap.Map[layerKey, *sharedLayer]
-	// serve mounts a layer; tests without FUSE replace it.
-	serve func(ctx context.Context, l *layer.Opened, mountpoint string, opts ...fs.Option) (mount, error)
+	// serve mounts a layer and resume serves a held connection again;
+	// tests without FUSE replace them.
+	serve  func(ctx context.Context, l *layer.Opened, mountpoint string, opts ...fs.Option) (mount, error)
+	resume func(ctx context.Context, l *layer.Opened, mountpoint string, c fs.Conn, opts ...fs.Option) (mount, error)
 	// warmed, if set by a test, is told of each layer Warm has opened.
 	warmed func(digest.Digest)
 
@@ -76,6 +78,7 @@ type mount interface {
 	Mountpoint() string
 	Invalidate()
 	DropPassthroughPages()
+	Conn() (fs.Conn, error)
 }
 
 type layerMount struct {
@@ -92,6 +95,13 @@ func New(store *cache.Store, reg Registry, opts ...Option) *Manager {
 		mounts: make(map[string]*layerMount),
 		serve: func(ctx context.Context, l *layer.Opened, mp string, opts ...fs.Option) (mount, error) {
 			return fs.Serve(ctx, l, mp, opts...)
+		},
+		resume: func(ctx context.Context, l *layer.Opened, mp string, c fs.Conn, opts ...fs.Option) (mount, error) {
+			mnt, err := fs.Resume(ctx, l, mp, c, opts...)
+			if mnt == nil {
+				return nil, err // not a typed nil in the interface
+			}
+			return mnt, err
 		},
 	}
 	m.sched = prefetch.New(m.opt.prefetch...)
@@ -172,6 +182,7 @@ func (m *Manager) Mount(ctx context.Context, mountpoint, imageRef string, d dige
 	sl := ref.Value()
 	sl.unwanted.Store(false)
 	sl.mountedOnce.Do(func() { close(sl.mounted) })
+	m.hold(mountpoint, sl, mnt)
 	return nil
 }
 
@@ -179,17 +190,24 @@ func (m *Manager) serveLayer(ctx context.Context, sl *sharedLayer, mountpoint st
 	if err := os.MkdirAll(mountpoint, 0o755); err != nil {
 		return nil, err
 	}
+	t0 := time.Now()
+	mnt, err := m.serve(ctx, sl.l, mountpoint, m.fsOptions(sl, mountpoint)...)
+	slog.Debug("layer mounted", "layer", sl.desc.Digest, "mountpoint", mountpoint, "took", time.Since(t0), "err", err)
+	return mnt, err
+}
+
+// fsOptions are the options of every mount of sl at mountpoint, served
+// or resumed.
+func (m *Manager) fsOptions(sl *sharedLayer, mountpoint string) []fs.Option {
 	opts := []fs.Option{
 		fs.WithName("weightsnap:" + sl.desc.Digest.String()),
 		fs.WithOnRead(func(e *layer.Entry, off, n int64) { m.onRead(sl, e, off, n) }),
+		fs.WithOpenTable(m.openTable(mountpoint)),
 	}
 	if m.opt.passthrough {
 		opts = append(opts, fs.WithPassthrough(sl.passthroughFile))
 	}
-	t0 := time.Now()
-	mnt, err := m.serve(ctx, sl.l, mountpoint, opts...)
-	slog.Debug("layer mounted", "layer", sl.desc.Digest, "mountpoint", mountpoint, "took", time.Since(t0), "err", err)
-	return mnt, err
+	return opts
 }
 
 // register records a finished mount, unless the caller gave up, the
@@ -270,6 +288,7 @@ func (m *Manager) unmount(mountpoint string, forGood bool) error {
 		m.mu.Unlock()
 		return err
 	}
+	m.unhold(mountpoint)
 	if forGood {
 		m.mu.Lock()
 		sl, last := lm.ref.Value(), true

@@ -154,6 +154,7 @@ type fakeMount struct {
 	invalidations atomic.Int32
 	done          chan struct{}
 	once          sync.Once
+	resumedInit   string // the INIT a resumed mount was given
 }
 
 func (f *fakeMount) Unmount() error {
@@ -169,6 +170,12 @@ func (f *fakeMount) Done() <-chan struct{} { return f.done }
 func (f *fakeMount) Invalidate()           { f.invalidations.Add(1) }
 func (f *fakeMount) DropPassthroughPages() {}
 func (f *fakeMount) Mountpoint() string    { return f.mp }
+
+// Conn gives a descriptor of /dev/null and an INIT naming the mount.
+func (f *fakeMount) Conn() (fs.Conn, error) {
+	file, err := os.Open(os.DevNull)
+	return fs.Conn{File: file, Init: []byte("init " + f.mp)}, err
+}
 
 // fakeServe records the mounts a Manager makes.
 type fakeServe struct {
@@ -186,6 +193,16 @@ func (s *fakeServe) serve(ctx context.Context, l *layer.Opened, mp string, _ ...
 	}
 	m := &fakeMount{mp: mp, l: l, done: make(chan struct{})}
 	m.fails.Store(s.failFirstUnmounts)
+	s.mu.Lock()
+	s.mounts = append(s.mounts, m)
+	s.mu.Unlock()
+	return m, nil
+}
+
+// resume records a resumed mount, with the INIT it was given.
+func (s *fakeServe) resume(ctx context.Context, l *layer.Opened, mp string, c fs.Conn, _ ...fs.Option) (mount, error) {
+	c.Close()
+	m := &fakeMount{mp: mp, l: l, done: make(chan struct{}), resumedInit: string(c.Init)}
 	s.mu.Lock()
 	s.mounts = append(s.mounts, m)
 	s.mu.Unlock()
@@ -219,7 +236,7 @@ func newTestManagerOn(t *testing.T, dir string, copts []cache.Option, opts ...Op
 	opts = append([]Option{WithBackgroundFill(false)}, opts...)
 	m := New(store, remote.New(remote.WithRetry(1, time.Millisecond)), opts...)
 	fake := &fakeServe{}
-	m.serve = fake.serve
+	m.serve, m.resume = fake.serve, fake.resume
 	t.Cleanup(func() {
 		if err := m.Close(); err != nil {
 			t.Errorf("close manager: %v", err)

@@ -1,6 +1,7 @@
 package lazy
 
 import (
+	"os"
 	"time"
 
 	"github.com/weightsnap/weightsnap/prefetch"
@@ -44,6 +45,22 @@ type options struct {
 	unverified     Unverified
 	expansion      int64 // layer.WithMaxExpansion's ratio; 0: its default
 	streamMax      int64 // and its limit; 0: half the cache
+	holder         Holder
+	stateDir       string
+}
+
+// Holder keeps the FUSE connections of mounts alive across restarts of
+// the process serving them; *holder.Client is one.
+type Holder interface {
+	Put(key string, meta []byte, f *os.File) error
+	Drop(key string) error
+}
+
+// WithHolder hands the connection of every mount to h, under its
+// mountpoint, so that a successor of this process can Resume it; the
+// open tables of the mounts (see fs.WithOpenTable) are kept in stateDir.
+func WithHolder(h Holder, stateDir string) Option {
+	return func(o *options) { o.holder, o.stateDir = h, stateDir }
 }
 
 // WithPrefetch configures the node-wide read-ahead and fill scheduler.

@@ -97,6 +97,20 @@ var (
 		Help: "Layers served unverified whose blob did not match its digest.",
 	})
 
+	// HolderErrors counts mounts whose connection the holder could not
+	// take or let go of: such a mount does not survive its server.
+	HolderErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: ns, Name: "holder_errors_total",
+		Help: "Mounts whose FUSE connection could not be handed to, or dropped from, the holder.",
+	})
+
+	// MountsResumed counts mounts served again after a restart of the
+	// process serving them, by result (ok, error).
+	MountsResumed = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: ns, Name: "mounts_resumed_total",
+		Help: "Mounts taken over from a former FUSE manager, by result.",
+	}, []string{"result"})
+
 	// TimeToFirstRead is the time from mount to the first file read, per
 	// mountpoint; the series goes with the mount.
 	TimeToFirstRead = prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -111,7 +125,7 @@ var Registry = prometheus.NewRegistry()
 func init() {
 	Registry.MustRegister(RegistryBytes, RegistryRequests, CacheBytes, CacheEvictedBytes,
 		ReadLatency, FileOpens, OpenFiles, LayerFetchedBytes, LayerSizeBytes, LayerVerified, TimeToFirstRead,
-		LayersOpened, UnverifiedLayerMismatches,
+		LayersOpened, UnverifiedLayerMismatches, HolderErrors, MountsResumed,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 }
 
