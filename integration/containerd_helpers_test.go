@@ -200,6 +200,7 @@ type weightsnapd struct {
 	bin, root, sock, config, log string
 	metrics                      string // host:port of /metrics
 	proc                         *process
+	env                          []string // added to the next start's environment
 }
 
 // startWeightsnapd starts weightsnapd with its state in root, reading
@@ -226,17 +227,11 @@ func startWeightsnapdWithConfig(t testing.TB, root, hostsDir, extra string) *wei
 	if err := os.WriteFile(w.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	// Registered first, so it runs after weightsnapd has been stopped: a
-	// clean stop takes the FUSE manager and every mount with it.
-	t.Cleanup(func() {
-		if pid := w.managerPID(); pid > 0 && !waitExit(pid, stopGrace) {
-			t.Errorf("the FUSE manager (pid %d) outlived weightsnapd's SIGTERM", pid)
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-		if left := mountsUnder(t, w.root); len(left) > 0 {
-			t.Errorf("mounts left after weightsnapd stopped: %v", left)
-		}
-	})
+	// Registered first, so it runs after weightsnapd has been stopped
+	// (SIGTERM, which leaves the FUSE manager serving) and after
+	// containerd and the pods: `weightsnapd shutdown` then stops the
+	// manager and the holder, taking every mount with them.
+	t.Cleanup(func() { w.shutdown(t) })
 	// One cleanup for every incarnation, so that a restarted weightsnapd
 	// is still stopped after containerd and the pods.
 	t.Cleanup(func() {
@@ -325,18 +320,11 @@ func httpGet(ctx context.Context, url string) (string, error) {
 }
 
 // managerPID returns the pid of weightsnapd's FUSE manager, or 0.
-func (w *weightsnapd) managerPID() int {
-	b, err := os.ReadFile(filepath.Join(w.root, "fusemanager.pid"))
-	if err != nil {
-		return 0
-	}
-	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	return pid
-}
+func (w *weightsnapd) managerPID() int { return pidFile(filepath.Join(w.root, "fusemanager.pid")) }
 
 func (w *weightsnapd) start(t testing.TB) {
 	t.Helper()
-	w.proc = spawn(t, "weightsnapd", w.log, nil, w.bin, "--config", w.config, "--root", w.root, "--address", w.sock)
+	w.proc = spawn(t, "weightsnapd", w.log, w.env, w.bin, "--config", w.config, "--root", w.root, "--address", w.sock)
 	waitSocket(t, w.proc, w.sock)
 }
 
@@ -347,8 +335,42 @@ func (w *weightsnapd) killAndRestart(t testing.TB) {
 	w.start(t)
 }
 
+// holderPID returns the pid of weightsnapd's holder, or 0.
+func (w *weightsnapd) holderPID() int { return pidFile(filepath.Join(w.root, "holder.pid")) }
+
+func pidFile(p string) int {
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return 0
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
+}
+
+// shutdown runs `weightsnapd shutdown`, and checks that it stopped the
+// FUSE manager and the holder and left no mount.
+func (w *weightsnapd) shutdown(t testing.TB) {
+	t.Helper()
+	pids := []int{w.managerPID(), w.holderPID()}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, w.bin, "shutdown", "--root", w.root).CombinedOutput(); err != nil {
+		t.Errorf("weightsnapd shutdown: %v\n%s", err, out)
+	}
+	for _, pid := range pids {
+		if pid > 0 && !waitExit(pid, stopGrace) {
+			t.Errorf("process %d of weightsnapd outlived weightsnapd shutdown", pid)
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	if left := mountsUnder(t, w.root); len(left) > 0 {
+		t.Errorf("mounts left after weightsnapd shutdown: %v", left)
+	}
+}
+
 // restart stops weightsnapd with SIGTERM, checks that it exited cleanly
-// and took its FUSE manager and every mount with it, and starts it again.
+// and left its FUSE manager serving, and starts it again: the new one
+// adopts the manager.
 func (w *weightsnapd) restart(t testing.TB) {
 	t.Helper()
 	pid := w.managerPID()
@@ -356,14 +378,88 @@ func (w *weightsnapd) restart(t testing.TB) {
 	if !w.proc.exitedCleanly() {
 		t.Errorf("weightsnapd exited with %v after SIGTERM\n%s", w.proc.err, tailFile(w.log, 20))
 	}
-	if pid > 0 && !waitExit(pid, stopGrace) {
-		t.Errorf("the FUSE manager (pid %d) outlived weightsnapd's SIGTERM", pid)
+	w.start(t)
+	if got := w.managerPID(); pid <= 0 || got != pid || !alive(pid) {
+		t.Errorf("after a restart of weightsnapd the FUSE manager is pid %d, want the same %d, running", got, pid)
 	}
-	if left := mountsUnder(t, w.root); len(left) > 0 {
-		t.Errorf("mounts left after weightsnapd stopped: %v", left)
+}
+
+// upgrade stops weightsnapd with SIGTERM and starts a new binary (a copy
+// of it, another file): the new weightsnapd has the running FUSE manager
+// hand its mounts over to a manager of the new binary.
+func (w *weightsnapd) upgrade(t testing.TB) {
+	t.Helper()
+	old := w.managerPID()
+	w.proc.stop(t)
+	b, err := os.ReadFile(w.bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.bin = filepath.Join(t.TempDir(), "weightsnapd")
+	if err := os.WriteFile(w.bin, b, 0o755); err != nil {
+		t.Fatal(err)
 	}
 	w.start(t)
+	if !waitExit(old, stopGrace) {
+		t.Fatalf("the old FUSE manager (pid %d) still runs after the upgrade", old)
+	}
+	if got := w.managerPID(); got <= 0 || got == old || !alive(got) {
+		t.Fatalf("after the upgrade the FUSE manager is pid %d, want a new one", got)
+	}
 }
+
+// killManager kills the FUSE manager with SIGKILL and waits until
+// weightsnapd has started another.
+func (w *weightsnapd) killManager(t testing.TB) {
+	t.Helper()
+	old := w.managerPID()
+	if old <= 0 {
+		t.Fatal("no FUSE manager pid")
+	}
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if !waitExit(old, stopGrace) {
+		t.Fatalf("the FUSE manager (pid %d) survived SIGKILL", old)
+	}
+	w.awaitManager(t, old)
+}
+
+// killBoth kills weightsnapd and its FUSE manager with SIGKILL, and starts
+// weightsnapd again, which starts a new manager.
+func (w *weightsnapd) killBoth(t testing.TB) {
+	t.Helper()
+	old := w.managerPID()
+	w.proc.kill(t)
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if !waitExit(old, stopGrace) {
+		t.Fatalf("the FUSE manager (pid %d) survived SIGKILL", old)
+	}
+	w.start(t)
+	w.awaitManager(t, old)
+}
+
+// awaitManager waits until a FUSE manager other than old runs and answers.
+func (w *weightsnapd) awaitManager(t testing.TB, old int) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if pid := w.managerPID(); pid > 0 && pid != old && alive(pid) {
+			if _, err := w.health(t); err == nil {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no new FUSE manager a minute after pid %d died\n%s", old, tailFile(w.log, 30))
+		}
+		time.Sleep(50 * time.Millisecond) // polling a condition, with a deadline
+	}
+}
+
+// alive reports whether process pid exists.
+func alive(pid int) bool { return syscall.Kill(pid, 0) == nil }
 
 // containerd is a running containerd with weightsnap as its snapshotter.
 type containerd struct {

@@ -115,6 +115,40 @@ func TestCRIKeychainPrivateModel(t *testing.T) {
 	if gate.authorizedBlob.Load() == 0 {
 		t.Error("no authorized request for the weights layer reached the registry: weightsnap did not read it with kubelet's credentials")
 	}
+
+	// Both processes die: the new manager does not have kubelet's
+	// credentials. With them in the docker config.json, it resumes the
+	// pod's mounts without a new pull.
+	dockerDir := t.TempDir()
+	s.ws.env = []string{"DOCKER_CONFIG=" + dockerDir}
+	config := fmt.Sprintf(`{"auths":{%q:{"auth":%q}}}`, gate.addr, base64.StdEncoding.EncodeToString([]byte(user+":"+pass)))
+	if err := os.WriteFile(filepath.Join(dockerDir, "config.json"), []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.ws.killBoth(t)
+	s.awaitSnapshotter(t, ctx)
+	if got := sumFileInPod(t, ctx, rt, p, extraPath); got != m.extraSum {
+		t.Errorf("after both processes were killed, with credentials in config.json: sha256 of %s %s, want %s", extraPath, got, m.extraSum)
+	}
+
+	// Without any: the mounts are ended, a read fails at once (not a
+	// hang), and the log says which image and registry refused.
+	if err := os.Remove(filepath.Join(dockerDir, "config.json")); err != nil {
+		t.Fatal(err)
+	}
+	s.ws.killBoth(t)
+	s.awaitSnapshotter(t, ctx)
+	r, err := rt.ExecSync(ctx, &criapi.ExecSyncRequest{ContainerId: p.container, Cmd: []string{"/tool", "sum", "/models-volume/" + modelPath}, Timeout: 120})
+	if err != nil {
+		t.Fatalf("ExecSync: %v", err)
+	}
+	if r.ExitCode == 0 {
+		t.Errorf("a read of a private layer no credential opens succeeded after the restart")
+	}
+	t.Logf("the pod's read without credentials: exit %d: %s", r.ExitCode, strings.TrimSpace(string(r.Stderr)))
+	if !logHas(s.ws.log, "cannot serve a mount again", gate.addr+"/private/model", "401") {
+		t.Errorf("weightsnapd's log does not say the mount of %s/private/model ended on a 401\n%s", gate.addr, tailFile(s.ws.log, 20))
+	}
 	removePod(t, rt, p)
 
 	basic := base64.StdEncoding.EncodeToString([]byte(user + ":" + pass))

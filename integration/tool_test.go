@@ -34,7 +34,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: tool sleep | sum FILE | read FILE... | load [-threads N] [-plan] FILE...")
+		fmt.Fprintln(os.Stderr, "usage: tool sleep | sum FILE | msum FILE | read FILE... | load [-threads N] [-plan] FILE...")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -54,6 +54,11 @@ func main() {
 			os.Exit(1)
 		}
 		fmt.Println(hex.EncodeToString(h.Sum(nil)))
+	case "msum":
+		if err := mmapSum(os.Args[2]); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
 	case "read":
 		if err := readFiles(os.Args[2:]); err != nil {
 			fmt.Fprintln(os.Stderr, err)
@@ -84,6 +89,29 @@ func main() {
 	default:
 		os.Exit(2)
 	}
+}
+
+// mmapSum prints the sha256 of a file read through a shared mapping, as
+// a loader that maps its weights reads them: by page faults.
+func mmapSum(name string) error {
+	f, err := os.Open(name)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	m, err := syscall.Mmap(int(f.Fd()), 0, int(fi.Size()), syscall.PROT_READ, syscall.MAP_SHARED)
+	if err != nil {
+		return err
+	}
+	defer syscall.Munmap(m)
+	h := sha256.New()
+	h.Write(m)
+	fmt.Println(hex.EncodeToString(h.Sum(nil)))
+	return nil
 }
 
 // splitWeights separates *.safetensors files from the others, keeping the

@@ -146,6 +146,17 @@ func (m *Manager) OpenLayers() []digest.Digest {
 	return ds
 }
 
+// Mountpoints lists where layers are mounted.
+func (m *Manager) Mountpoints() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	ps := make([]string, 0, len(m.mounts))
+	for p := range m.mounts {
+		ps = append(ps, p)
+	}
+	return ps
+}
+
 // Mount mounts layer d of image imageRef lazily at mountpoint. If ctx
 // ends or the Manager is closed before the mount is done, nothing stays
 // mounted.

@@ -20,22 +20,27 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 )
 
-// TestMain lets the test binary be the FUSE manager that serve spawns
-// (os.Executable is the test binary here).
+// TestMain lets the test binary be the FUSE manager and the holder that
+// serve spawns (os.Executable is the test binary here).
 func TestMain(m *testing.M) {
-	if len(os.Args) > 1 && os.Args[1] == fuseManagerCommand {
-		if err := runFuseManager(os.Args[2:]); err != nil {
-			os.Stderr.WriteString(err.Error() + "\n")
-			os.Exit(1)
+	if len(os.Args) > 1 {
+		run := map[string]func([]string) error{fuseManagerCommand: runFuseManager, holderCommand: runHolder}[os.Args[1]]
+		if run != nil {
+			if err := run(os.Args[2:]); err != nil {
+				os.Stderr.WriteString(err.Error() + "\n")
+				os.Exit(1)
+			}
+			os.Exit(0)
 		}
-		os.Exit(0)
 	}
 	os.Exit(m.Run())
 }
 
 // TestServe runs the daemon in-process: containerd's snapshots API works
-// on the socket, the FUSE manager serves metrics, and cancelling (as
-// SIGTERM does) stops both and removes the sockets.
+// on the socket, the FUSE manager serves metrics; cancelling (as SIGTERM
+// does) stops the daemon and leaves the manager serving, and
+// `weightsnapd shutdown` stops the manager and the holder, removing their
+// sockets.
 func TestServe(t *testing.T) {
 	dir, err := os.MkdirTemp("", "wsd") // short: unix socket paths are limited
 	if err != nil {
@@ -64,9 +69,10 @@ func TestServe(t *testing.T) {
 		close(done)
 	}()
 	t.Cleanup(func() {
-		// If the test failed before stopping it, stop the manager too.
+		// If the test failed before stopping them, stop all three.
 		cancel()
 		<-done
+		_ = runShutdown([]string{"--root", cfg.Root})
 	})
 
 	conn, err := grpc.NewClient("unix://"+cfg.Address, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -128,9 +134,20 @@ func TestServe(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("serve did not return after cancel")
 	}
-	for _, p := range []string{cfg.Address, cfg.CRIKeychain.Listen, managerSocket(cfg.Root), managerPIDFile(cfg.Root)} {
+	for _, p := range []string{cfg.Address, cfg.CRIKeychain.Listen} {
 		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
-			t.Errorf("%s left after shutdown (%v)", p, err)
+			t.Errorf("%s left after the daemon stopped (%v)", p, err)
+		}
+	}
+	if _, err := pingManager(hctx, cfg.Root); err != nil {
+		t.Errorf("the FUSE manager does not answer after the daemon stopped: %v", err)
+	}
+	if err := runShutdown([]string{"--root", cfg.Root}); err != nil {
+		t.Errorf("weightsnapd shutdown: %v", err)
+	}
+	for _, p := range []string{managerSocket(cfg.Root), managerPIDFile(cfg.Root), holderSocket(cfg.Root), holderPIDFile(cfg.Root)} {
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left after weightsnapd shutdown (%v)", p, err)
 		}
 	}
 	if _, err := checkHealth(hctx, cfg.Root, cfg.Address); err == nil ||

@@ -24,7 +24,6 @@ import (
 	"net/http"
 	"net/rpc"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
@@ -37,6 +36,8 @@ import (
 
 	"github.com/weightsnap/weightsnap/credentials"
 	"github.com/weightsnap/weightsnap/fs"
+	"github.com/weightsnap/weightsnap/holder"
+	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/metrics"
 	"github.com/weightsnap/weightsnap/remote"
 	"github.com/weightsnap/weightsnap/snapshot"
@@ -77,7 +78,9 @@ type mountService struct {
 	m        snapshot.LayerMounter
 	keys     *credentials.Keychain // the registry client's
 	shutdown func() error
+	handover func()        // exits, leaving the mounts to the next manager
 	stopped  chan struct{} // closed once the manager has unmounted everything
+	resumed  int           // mounts taken over at start
 }
 
 // Mount mounts a layer; see snapshot.LayerMounter.
@@ -157,13 +160,23 @@ func (s *mountService) Credentials(a CredentialsArgs, _ *struct{}) error {
 
 // PingReply is the answer of Mounts.Ping.
 type PingReply struct {
-	PID int // the manager's
+	PID     int // the manager's
+	Resumed int // mounts it took over from a former manager at start
 }
 
 // Ping answers at once, for health checks (weightsnapd health): a reply
 // shows that the manager runs and serves its socket.
 func (s *mountService) Ping(_ struct{}, r *PingReply) error {
 	r.PID = os.Getpid()
+	r.Resumed = s.resumed
+	return nil
+}
+
+// Handover exits the manager at once without unmounting: the holder keeps
+// its mounts for the next manager (an upgrade). Its caller learns the end
+// from its connection closing.
+func (s *mountService) Handover(_ struct{}, _ *struct{}) error {
+	s.handover()
 	return nil
 }
 
@@ -211,10 +224,19 @@ func runFuseManager(args []string) error {
 	if m := hostsMirrors(ctx, cfg.Registry.ConfigPath); m != nil {
 		ropts = append(ropts, remote.WithMirrors(m))
 	}
-	m, closeMounter, err := newMounter(ctx, filepath.Join(cfg.Root, "cache"), cfg, ropts)
+	hc := connectHolder(cfg.Root)
+	var lopts []lazy.Option
+	if hc != nil {
+		defer hc.Close()
+		lopts = append(lopts, lazy.WithHolder(hc, filepath.Join(cfg.Root, "mounts")))
+	}
+	m, closeMounter, err := newMounter(ctx, filepath.Join(cfg.Root, "cache"), cfg, ropts, lopts...)
 	if err != nil {
 		return err
 	}
+	// Before taking calls: the snapshotter, seeing mounts resumed, keeps
+	// its mount points as they are.
+	resumed := resumeHeld(ctx, m, hc)
 	sock := managerSocket(cfg.Root)
 	lis, err := listenUnix(sock)
 	if err != nil {
@@ -260,7 +282,20 @@ func runFuseManager(args []string) error {
 		})
 		return stopErr
 	}
-	svc := &mountService{m: m, keys: keys, shutdown: shutdown, stopped: stopped}
+	// Handing over exits at once, leaving every mount to the holder and
+	// the next manager: not closing the cache, which a request still
+	// being served would then fail on, and which survives a kill anyway.
+	handover := func() {
+		slog.Info("fuse manager exiting; its mounts wait for the next one", "mounts", len(m.Mountpoints()))
+		lis.Close()
+		os.Remove(sock)
+		os.Remove(pidFile)
+		os.Exit(0)
+	}
+	if hc == nil {
+		handover = func() { _ = shutdown(); os.Exit(0) }
+	}
+	svc := &mountService{m: m, keys: keys, shutdown: shutdown, handover: handover, stopped: stopped, resumed: resumed}
 	srv := rpc.NewServer()
 	if err := srv.RegisterName(rpcService, svc); err != nil {
 		_ = shutdown()
@@ -282,234 +317,57 @@ func runFuseManager(args []string) error {
 		slog.Info("serving metrics", "address", mlis.Addr().String())
 	}
 
-	if f := os.NewFile(readyFD, "ready"); f != nil {
-		_, _ = f.WriteString("ready\n")
-		f.Close()
-	}
+	signalReady()
 	slog.Info("fuse manager ready", "socket", sock)
 	select {
-	case <-ctx.Done(): // SIGTERM
-		return shutdown()
+	case <-ctx.Done(): // SIGTERM: an upgrade or a restart
+		handover()
+		return nil
 	case <-stopped: // Shutdown RPC; the client learns the end from its connection closing
 		return stopErr
 	}
 }
 
-// managerClient is a snapshot.LayerMounter served by the manager process.
-type managerClient struct {
-	c *rpc.Client
-	// dead is closed when the manager has unmounted everything or its
-	// connection broke.
-	dead chan struct{}
-	// exited is closed when a manager this process started has been
-	// reaped; nil for an adopted manager.
-	exited chan struct{}
-}
-
-var (
-	_ snapshot.LayerMounter  = (*managerClient)(nil)
-	_ snapshot.Warmer        = (*managerClient)(nil)
-	_ snapshot.CacheReporter = (*managerClient)(nil)
-)
-
-// call runs an RPC, giving up (but not cancelling it in the manager) when
-// ctx ends.
-func (c *managerClient) call(ctx context.Context, method string, args any) error {
-	return c.callReply(ctx, method, args, new(struct{}))
-}
-
-// callReply is call with a reply.
-func (c *managerClient) callReply(ctx context.Context, method string, args, reply any) error {
-	call := c.c.Go(rpcService+"."+method, args, reply, nil)
-	select {
-	case <-call.Done:
-		return call.Error
-	case <-ctx.Done():
-		return ctx.Err()
+// connectHolder connects to the holder weightsnapd started; without one,
+// the mounts of this manager end with it.
+func connectHolder(root string) *holder.Client {
+	hc, err := holder.Dial(holderSocket(root))
+	if err != nil {
+		slog.Warn("no holder: the mounts will not survive this process", "err", err)
+		return nil
 	}
+	return hc
 }
 
-// Mount implements snapshot.LayerMounter. If ctx ends first, the manager
-// still finishes the mount, which nobody would ever unmount: it is undone
-// as soon as it is done.
-func (c *managerClient) Mount(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error {
-	call := c.c.Go(rpcService+".Mount", MountArgs{Mountpoint: mountpoint, ImageRef: imageRef, Digest: d.String()}, new(struct{}), nil)
-	select {
-	case <-call.Done:
-		return call.Error
-	case <-ctx.Done():
+// resumeHeld serves again every mount a former manager left in the
+// holder, and returns how many. One that cannot be served is ended, so
+// that its readers get an error rather than wait forever, with the reason
+// (image, registry, error) in the log.
+func resumeHeld(ctx context.Context, m *lazy.Manager, hc *holder.Client) int {
+	if hc == nil {
+		return 0
 	}
-	go func() {
-		<-call.Done
-		if call.Error == nil {
-			slog.Info("undoing a mount finished after its caller gave up", "mountpoint", mountpoint, "layer", d)
-			c.c.Go(rpcService+".Unmount", mountpoint, new(struct{}), nil)
+	held, err := hc.List()
+	if err != nil {
+		slog.Error("listing the mounts to resume", "err", err)
+		return 0
+	}
+	n := 0
+	for _, h := range held {
+		if err := m.Resume(ctx, h.Key, h.Meta, fs.Conn{File: h.File}); err != nil {
+			metrics.MountsResumed.WithLabelValues("error").Inc()
+			slog.Error("cannot serve a mount again: ending it, its readers get errors", "mountpoint", h.Key, "err", err)
+			if err := fs.CleanupMount(h.Key); err != nil {
+				slog.Error("ending a mount", "mountpoint", h.Key, "err", err)
+			}
+			_ = hc.Drop(h.Key)
+			continue
 		}
-	}()
-	return ctx.Err()
-}
-
-// Warm implements snapshot.Warmer. It does not wait for the answer: the
-// manager only starts the work, and a lost hint costs nothing but time.
-func (c *managerClient) Warm(imageRef string, layers []digest.Digest) {
-	args := WarmArgs{ImageRef: imageRef}
-	for _, d := range layers {
-		args.Layers = append(args.Layers, d.String())
+		metrics.MountsResumed.WithLabelValues("ok").Inc()
+		n++
 	}
-	c.c.Go(rpcService+".Warm", args, new(struct{}), nil)
-}
-
-// Check implements snapshot.LayerMounter.
-func (c *managerClient) Check(ctx context.Context, mountpoint string) error {
-	return c.call(ctx, "Check", mountpoint)
-}
-
-// CachedBytes implements snapshot.CacheReporter.
-func (c *managerClient) CachedBytes(ctx context.Context, mountpoint string) (int64, error) {
-	var n int64
-	err := c.callReply(ctx, "CachedBytes", mountpoint, &n)
-	return n, err
-}
-
-// keepCredentials gives the manager registry credentials for a
-// repository; see mountService.Credentials.
-func (c *managerClient) keepCredentials(ctx context.Context, registry, repository string, cfg authn.AuthConfig) error {
-	return c.call(ctx, "Credentials", CredentialsArgs{Registry: registry, Repository: repository, Auth: cfg})
-}
-
-// Unmount implements snapshot.LayerMounter. A mount still in use is
-// detached and released by the manager when its last user goes, which can
-// take any time: the snapshotter does not wait for more than
-// unmountTimeout. Once the manager is gone, a mount it left is dead
-// (ENOTCONN): it is removed here, so that its directory can be.
-func (c *managerClient) Unmount(ctx context.Context, mountpoint string) error {
-	select {
-	case <-c.dead:
-		return fs.CleanupMount(mountpoint)
-	default:
+	if len(held) > 0 {
+		slog.Info("resumed the mounts of a former fuse manager", "resumed", n, "held", len(held))
 	}
-	ctx, cancel := context.WithTimeout(ctx, unmountTimeout)
-	defer cancel()
-	return c.call(ctx, "Unmount", mountpoint)
-}
-
-// shutdown stops the manager, which unmounts every layer, and waits until
-// it has exited. The manager may exit before its reply is sent: the
-// connection closing is the answer then.
-func (c *managerClient) shutdown(ctx context.Context) error {
-	call := c.c.Go(rpcService+".Shutdown", struct{}{}, new(struct{}), nil)
-	select {
-	case <-call.Done:
-		var serr rpc.ServerError
-		if errors.As(call.Error, &serr) {
-			return serr
-		}
-	case <-ctx.Done():
-		return fmt.Errorf("waiting for the fuse manager to stop: %w", ctx.Err())
-	}
-	select {
-	case <-c.dead:
-	case <-ctx.Done():
-		return fmt.Errorf("waiting for the fuse manager to stop: %w", ctx.Err())
-	}
-	if c.exited != nil {
-		select {
-		case <-c.exited:
-		case <-ctx.Done():
-			return fmt.Errorf("waiting for the fuse manager to exit: %w", ctx.Err())
-		}
-	}
-	return nil
-}
-
-// dial connects to a running manager.
-func dialManager(root string) (*managerClient, error) {
-	conn, err := net.Dial("unix", managerSocket(root))
-	if err != nil {
-		return nil, err
-	}
-	c := &managerClient{c: rpc.NewClient(conn), dead: make(chan struct{})}
-	wait := c.c.Go(rpcService+".Wait", struct{}{}, new(struct{}), nil)
-	go func() {
-		<-wait.Done
-		close(c.dead)
-	}()
-	return c, nil
-}
-
-// connectManager connects to the manager serving cfg.Root, starting one if
-// none runs. adopted reports that it was already running, so its mounts
-// are alive and must be kept.
-func connectManager(ctx context.Context, cfg Config) (c *managerClient, adopted bool, err error) {
-	if c, err := dialManager(cfg.Root); err == nil {
-		slog.Info("adopting running fuse manager", "socket", managerSocket(cfg.Root))
-		return c, true, nil
-	}
-	exited, err := spawnManager(ctx, cfg)
-	if err != nil {
-		return nil, false, err
-	}
-	c, err = dialManager(cfg.Root)
-	if err != nil {
-		return nil, false, fmt.Errorf("connecting to the fuse manager: %w", err)
-	}
-	c.exited = exited
-	return c, false, nil
-}
-
-// spawnManager starts the manager in its own session (so that a signal to
-// weightsnapd or its process group does not reach it) and waits until it
-// is ready. The returned channel is closed once it has exited and been
-// reaped (if weightsnapd dies first, init reaps it).
-func spawnManager(ctx context.Context, cfg Config) (exited chan struct{}, err error) {
-	self, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
-	b, err := json.Marshal(cfg)
-	if err != nil {
-		return nil, err
-	}
-	r, w, err := os.Pipe()
-	if err != nil {
-		return nil, err
-	}
-	defer r.Close()
-	cmd := exec.Command(self, fuseManagerCommand, string(b))
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	cmd.ExtraFiles = []*os.File{w} // readyFD
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		w.Close()
-		return nil, fmt.Errorf("starting fuse manager: %w", err)
-	}
-	w.Close()
-	exited = make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		close(exited)
-	}()
-
-	ready := make(chan error, 1)
-	go func() {
-		buf := make([]byte, 16)
-		n, err := r.Read(buf)
-		if n == 0 {
-			ready <- fmt.Errorf("fuse manager exited before it was ready: %v", err)
-			return
-		}
-		ready <- nil
-	}()
-	select {
-	case err = <-ready:
-	case <-time.After(managerStartTimeout):
-		err = errors.New("fuse manager did not become ready")
-	case <-ctx.Done():
-		err = ctx.Err()
-	}
-	if err != nil {
-		_ = cmd.Process.Kill()
-		return nil, err
-	}
-	return exited, nil
+	return n
 }

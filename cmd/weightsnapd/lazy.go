@@ -19,8 +19,8 @@ var (
 )
 
 // newMounter opens the node cache in cacheDir and returns the lazy layer
-// mounter over it, and what closes both.
-func newMounter(ctx context.Context, cacheDir string, cfg Config, ropts []remote.Option) (snapshot.LayerMounter, func() error, error) {
+// mounter over it, and what closes both (unmounting every layer).
+func newMounter(ctx context.Context, cacheDir string, cfg Config, ropts []remote.Option, extra ...lazy.Option) (*lazy.Manager, func() error, error) {
 	cc, fc := cfg.Cache, cfg.Fetch
 	unverified, err := cfg.Verify.unverified()
 	if err != nil {
@@ -30,7 +30,7 @@ func newMounter(ctx context.Context, cacheDir string, cfg Config, ropts []remote
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening cache %s: %w", cacheDir, err)
 	}
-	m := lazy.New(store, remote.New(ropts...),
+	opts := append([]lazy.Option{
 		lazy.WithPrefetch(
 			prefetch.WithWorkers(fc.Workers),
 			prefetch.WithBackgroundWorkers(fc.BackgroundWorkers),
@@ -42,7 +42,8 @@ func newMounter(ctx context.Context, cacheDir string, cfg Config, ropts []remote
 		lazy.WithPassthrough(cc.Passthrough),
 		lazy.WithUnverifiedLayers(unverified),
 		lazy.WithMaxExpansion(cfg.Verify.MaxExpansion, cfg.Verify.MaxStreamBytes),
-	)
+	}, extra...)
+	m := lazy.New(store, remote.New(ropts...), opts...)
 	return m, func() error {
 		err := m.Close()
 		if cerr := store.Close(); cerr != nil && err == nil {

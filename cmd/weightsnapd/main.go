@@ -23,7 +23,6 @@ import (
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
-	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/log"
 	"google.golang.org/grpc"
 
@@ -44,6 +43,10 @@ func main() {
 	switch {
 	case len(os.Args) > 1 && os.Args[1] == fuseManagerCommand:
 		err = runFuseManager(os.Args[2:])
+	case len(os.Args) > 1 && os.Args[1] == holderCommand:
+		err = runHolder(os.Args[2:])
+	case len(os.Args) > 1 && os.Args[1] == shutdownCommand:
+		err = runShutdown(os.Args[2:])
 	case len(os.Args) > 1 && os.Args[1] == healthCommand:
 		// Plain text: kubelet shows a probe's output in the pod's events.
 		if err := runHealth(os.Args[2:]); err != nil {
@@ -122,42 +125,35 @@ func setupLogging(level string) error {
 	return log.SetFormat(log.JSONFormat)
 }
 
-// serve runs the daemon until ctx is done, then shuts it down: the gRPC
-// server stops taking calls, and the FUSE manager unmounts every lazy
-// layer and exits.
+// serve runs the daemon until ctx is done, then stops serving: the gRPC
+// server stops taking calls, and weightsnapd exits. The FUSE manager keeps
+// serving the lazy layers, and the next weightsnapd adopts it (or, if it
+// is of another binary, has it hand over to a new one: an upgrade);
+// `weightsnapd shutdown` stops it for good.
 func serve(ctx context.Context, cfg Config) (err error) {
 	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
 		return fmt.Errorf("creating root: %w", err)
+	}
+	if hc, err := dialHolder(ctx, cfg.Root); err != nil {
+		slog.Warn("no holder: lazy mounts will not survive a restart of the fuse manager", "err", err)
+	} else {
+		hc.Close()
 	}
 	mc, adopted, err := connectManager(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	var sn snapshots.Snapshotter
-	defer func() {
-		// The manager first: its Shutdown releases every layer in one
-		// go, within managerStopGrace, and exits, ending any FUSE
-		// connection still in use. The snapshotter's Close unmounts one
-		// snapshot after another, each through an RPC that may wait
-		// unmountTimeout for a layer in use: after the manager it only
-		// clears mount points and removes directories.
-		sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
-		defer cancel()
-		if serr := mc.shutdown(sctx); serr != nil {
-			err = errors.Join(err, fmt.Errorf("stopping the fuse manager: %w", serr))
-		}
-		if sn == nil {
-			return
-		}
-		if cerr := sn.Close(); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("closing snapshotter: %w", cerr))
-		}
-	}()
+	sup := newSupervisor(cfg, mc)
+	watchCtx, stopWatching := context.WithCancel(context.Background())
+	defer stopWatching()
+	go sup.watch(watchCtx)
 
 	// The snapshotter's state sits beside the cache. When the manager
-	// outlived a previous weightsnapd, its mounts are still served and
-	// still in use by containers: keep them rather than remount.
-	sn, err = snapshot.New(ctx, filepath.Join(cfg.Root, "snapshotter"), mc, snapshot.Options{KeepMounts: adopted})
+	// outlived a previous weightsnapd, or resumed its mounts, they are
+	// still served and in use by containers: keep them rather than
+	// remount. The snapshotter is not closed at the end: its Close would
+	// unmount every layer, and its metadata is committed call by call.
+	sn, err := snapshot.New(ctx, filepath.Join(cfg.Root, "snapshotter"), sup, snapshot.Options{KeepMounts: adopted})
 	if err != nil {
 		return err
 	}
@@ -173,7 +169,7 @@ func serve(ctx context.Context, cfg Config) (err error) {
 
 	var criErrc <-chan error // nil: never ready when the proxy is off
 	if cfg.CRIKeychain.Enable {
-		stopCRI, ec, cerr := serveCRI(cfg.CRIKeychain, mc.keepCredentials)
+		stopCRI, ec, cerr := serveCRI(cfg.CRIKeychain, sup.keepCredentials)
 		if cerr != nil {
 			stopGRPC(rpc)
 			_ = os.Remove(cfg.Address)
@@ -187,16 +183,15 @@ func serve(ctx context.Context, cfg Config) (err error) {
 
 	select {
 	case <-ctx.Done():
-		slog.Info("shutting down")
+		slog.Info("stopping; the fuse manager keeps serving the lazy layers")
 	case err = <-errc:
 		err = fmt.Errorf("snapshots server stopped: %w", err)
 	case err = <-criErrc:
 		err = fmt.Errorf("CRI image service stopped: %w", err)
-	case <-mc.dead:
-		// Its mounts are gone: exit so that a restart starts a new
-		// manager and remounts every lazy layer.
-		err = errors.New("the fuse manager exited")
+	case err = <-sup.failed:
+		err = fmt.Errorf("the fuse manager died and could not be started again: %w", err)
 	}
+	stopWatching()
 	stopGRPC(rpc)
 	_ = os.Remove(cfg.Address)
 	return err

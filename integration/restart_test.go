@@ -1,0 +1,111 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	criapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// restartSpan is the fetch span of the restart test: what a killed
+// manager was fetching is lost with it and fetched again, at most a span.
+const restartSpan = 1 << 20
+
+// TestReadsSurviveRestartsAndUpgrades: a pod reads its model through a
+// CRI image volume, cold, and is held mid-file (the registry holds back a
+// range in the middle of the weights), when weightsnap's processes die or
+// are upgraded: kill -9 of the FUSE manager (weightsnapd starts another),
+// kill -9 of both (weightsnapd is started again), and an upgrade of both
+// (SIGTERM, then a new binary: the running manager hands over). Once the
+// range is let through, the pod's read(2) and mmap reads complete with the
+// right sha256, with no ENOTCONN, and the registry served the layer once
+// (plus at most the span a killed manager was fetching).
+func TestReadsSurviveRestartsAndUpgrades(t *testing.T) {
+	s := newStackWithConfig(t, nil, func(dir, sock string) string {
+		// Without background fill and with small spans, the bytes a
+		// pod has not read stay in the registry: the held range stays
+		// ahead of the reader.
+		return fmt.Sprintf("[fetch]\nbackground_fill = false\nspan_bytes = %d\n", restartSpan)
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+	defer cancel()
+	rt, is := s.ctd.cri(t)
+	pullImage(t, ctx, is, s.tools.Ref)
+
+	cases := []struct {
+		name    string
+		mmap    bool
+		disrupt func(testing.TB)
+	}{
+		{"kill -9 of the FUSE manager, read(2)", false, s.ws.killManager},
+		{"kill -9 of the FUSE manager, mmap", true, s.ws.killManager},
+		{"kill -9 of weightsnapd and the FUSE manager, read(2)", false, s.ws.killBoth},
+		{"upgrade of both, mmap", true, s.ws.upgrade},
+		{"upgrade of both, read(2)", false, s.ws.upgrade},
+	}
+	for i, c := range cases {
+		m := s.pushModel(t, s.origin.Addr, fmt.Sprintf("model%d:v1", i), 24<<20, uint64(700+i))
+		pullImage(t, ctx, is, m.Ref)
+		p := s.runPod(t, ctx, rt, fmt.Sprintf("team-%d", i), "infer", m.Ref)
+		from := m.size / 2
+		release := s.origin.Hold(m.weight, from, from+restartSpan)
+
+		cmd := "sum"
+		if c.mmap {
+			cmd = "msum"
+		}
+		res := make(chan *criapi.ExecSyncResponse, 1)
+		errc := make(chan error, 1)
+		go func() {
+			r, err := rt.ExecSync(ctx, &criapi.ExecSyncRequest{
+				ContainerId: p.container,
+				Cmd:         []string{"/tool", cmd, "/models-volume/" + modelPath},
+				Timeout:     300,
+			})
+			res <- r
+			errc <- err
+		}()
+		// The reader is mid-file: weightsnap fetched up to the held
+		// range, which the reader must pass to finish.
+		waitUntil(t, ctx, fmt.Sprintf("%s: the read reaching the middle of the weights", c.name), func() bool {
+			return s.origin.BlobBytes(m.weight) >= from
+		})
+		c.disrupt(t)
+		s.awaitSnapshotter(t, ctx)
+		release()
+
+		r, err := <-res, <-errc
+		if err != nil {
+			t.Fatalf("%s: ExecSync: %v", c.name, err)
+		}
+		if r.ExitCode != 0 || strings.TrimSpace(string(r.Stdout)) != m.sum {
+			t.Errorf("%s: the pod's read: exit %d, sha256 %q, want %s\n%s", c.name, r.ExitCode, strings.TrimSpace(string(r.Stdout)), m.sum, r.Stderr)
+		}
+		if got := s.origin.BlobBytes(m.weight); got > m.size+restartSpan {
+			t.Errorf("%s: the registry served %d bytes of the %d-byte weights layer, want it once (plus one span)", c.name, got, m.size)
+		}
+		// The layer is still served: a file the pod never read.
+		if got := sumFileInPod(t, ctx, rt, p, extraPath); got != m.extraSum {
+			t.Errorf("%s: after it, sha256 of %s %s, want %s", c.name, extraPath, got, m.extraSum)
+		}
+		removePod(t, rt, p)
+	}
+	if !logHas(s.ws.log, "resumed the mounts of a former fuse manager") {
+		t.Error("weightsnapd's log does not say a manager resumed mounts")
+	}
+}
+
+// waitUntil polls cond until it holds, failing the test at ctx's end.
+func waitUntil(t *testing.T, ctx context.Context, what string, cond func() bool) {
+	t.Helper()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("waiting for %s: %v", what, ctx.Err())
+		case <-time.After(20 * time.Millisecond): // polling a condition
+		}
+	}
+}
