@@ -116,8 +116,8 @@ func TestDaemonImageRunsInContainerd(t *testing.T) {
 	nodeRun := mkdir(t, filepath.Join(s.dir, "node", "run-weightsnap"))
 	const id = "weightsnapd-image"
 	t.Cleanup(func() {
-		// SIGTERM, as kubelet stops it: weightsnapd stops its manager and
-		// unmounts; then the task and container go.
+		// SIGTERM, as kubelet stops it, then the task and container go,
+		// and with them the FUSE manager and the holder (no mounts here).
 		cctx, ccancel := context.WithTimeout(context.Background(), time.Minute)
 		defer ccancel()
 		_, _ = s.ctd.ctr(t, cctx, "tasks", "kill", "--signal", "SIGTERM", id)

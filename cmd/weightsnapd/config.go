@@ -37,6 +37,17 @@ type Config struct {
 
 	CRIKeychain         CRIKeychainConfig         `toml:"cri_keychain"`
 	CredentialProviders CredentialProvidersConfig `toml:"credential_providers"`
+	Holder              HolderConfig              `toml:"holder"`
+}
+
+// HolderConfig configures the holder process (see holder.go).
+type HolderConfig struct {
+	// LeaveCgroup moves the holder out of the cgroup weightsnapd runs in,
+	// to the root of the node's (cgroup v1) hierarchies, so that a
+	// restart of weightsnapd's container does not end the lazy mounts.
+	// For the DaemonSet, with hostPID; not for systemd, which does not
+	// kill it (KillMode=process).
+	LeaveCgroup bool `toml:"leave_cgroup"`
 }
 
 // CredentialProvidersConfig names kubelet's credential provider plugins,

@@ -17,9 +17,11 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/weightsnap/weightsnap/holder"
+	"golang.org/x/sys/unix"
 )
 
 // holderCommand is the hidden subcommand running the holder.
@@ -32,13 +34,22 @@ func holderPIDFile(root string) string { return filepath.Join(root, "holder.pid"
 // weightsnapd shutdown) or sent SIGTERM; either way, letting go of the
 // connections ends every mount still held.
 func runHolder(args []string) error {
+	leave := len(args) == 2 && args[0] == leaveCgroupFlag
+	if leave {
+		args = args[1:]
+	}
 	if len(args) != 1 {
-		return errors.New("usage: weightsnapd holder ROOT")
+		return errors.New("usage: weightsnapd holder [" + leaveCgroupFlag + "] ROOT")
 	}
 	if err := setupLogging("info"); err != nil {
 		return err
 	}
 	slog.SetDefault(slog.Default().With("process", holderCommand))
+	if leave {
+		if err := leaveCgroup(os.Getpid()); err != nil {
+			slog.Warn("the holder stays in the container's cgroup: a restart of the container ends the lazy mounts", "err", err)
+		}
+	}
 	signal.Ignore(syscall.SIGINT, syscall.SIGHUP)
 	lis, err := holder.Listen(holderSocket(args[0]))
 	if err != nil {
@@ -68,13 +79,77 @@ func runHolder(args []string) error {
 	}
 }
 
-// dialHolder connects to the holder of root, starting one if none runs.
-func dialHolder(ctx context.Context, root string) (*holder.Client, error) {
+// dialHolder connects to the holder of root, starting one if none runs
+// (leaving the container's cgroup if leave is set).
+func dialHolder(ctx context.Context, root string, leave bool) (*holder.Client, error) {
 	if c, err := holder.Dial(holderSocket(root)); err == nil {
 		return c, nil
 	}
-	if _, err := spawnDetached(ctx, holderCommand, root); err != nil {
+	args := []string{holderCommand, root}
+	if leave {
+		args = []string{holderCommand, leaveCgroupFlag, root}
+	}
+	if _, err := spawnDetached(ctx, args...); err != nil {
 		return nil, fmt.Errorf("holder: %w", err)
 	}
 	return holder.Dial(holderSocket(root))
+}
+
+// leaveCgroupFlag has the holder leave the cgroup it was started in.
+const leaveCgroupFlag = "--leave-cgroup"
+
+// leaveCgroup moves process pid to the root cgroup of every hierarchy
+// the calling process is in, on a cgroup v1 node. A container runtime
+// stops a container sharing the host's PID namespace by killing every
+// process in the container's cgroup; in the DaemonSet, this keeps the
+// holder (and so the lazy mounts) alive across a restart or replacement
+// of weightsnapd's container. A container sees its own cgroup as the root
+// of /sys/fs/cgroup, so each hierarchy is mounted again, whole, for the
+// move (a v1 hierarchy mounted anew is the same tree). The root, not a
+// cgroup of its own: a new cpuset cgroup would need its CPUs and memory
+// nodes set first. On a cgroup v2 node a container has a cgroup namespace
+// of its own, which it cannot leave: there, it fails, and the mounts end
+// with the container.
+func leaveCgroup(pid int) error {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return err
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) == 1 && strings.HasPrefix(lines[0], "0::") {
+		return errors.New("cgroup v2: a container cannot leave its cgroup namespace")
+	}
+	dir, err := os.MkdirTemp("", "weightsnap-cgroup")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(dir)
+	var errs []error
+	for _, l := range lines {
+		f := strings.SplitN(l, ":", 3)
+		if len(f) != 3 {
+			continue
+		}
+		fstype, data := "cgroup", f[1]
+		switch {
+		case f[1] == "": // the unified hierarchy of a hybrid node
+			fstype, data = "cgroup2", ""
+		case strings.HasPrefix(f[1], "name="):
+			data = "none," + f[1]
+		}
+		if err := moveToRoot(dir, fstype, data, pid); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", l, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// moveToRoot mounts the hierarchy (fstype, data) at dir and moves pid to
+// its root cgroup.
+func moveToRoot(dir, fstype, data string, pid int) error {
+	if err := unix.Mount(fstype, dir, fstype, unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, data); err != nil {
+		return err
+	}
+	defer unix.Unmount(dir, unix.MNT_DETACH)
+	return os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0)
 }

@@ -134,7 +134,7 @@ func serve(ctx context.Context, cfg Config) (err error) {
 	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
 		return fmt.Errorf("creating root: %w", err)
 	}
-	if hc, err := dialHolder(ctx, cfg.Root); err != nil {
+	if hc, err := dialHolder(ctx, cfg.Root, cfg.Holder.LeaveCgroup); err != nil {
 		slog.Warn("no holder: lazy mounts will not survive a restart of the fuse manager", "err", err)
 	} else {
 		hc.Close()
