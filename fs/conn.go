@@ -80,6 +80,27 @@ func newConn(dev int, init *fuse.InitIn) (Conn, error) {
 	return Conn{File: os.NewFile(uintptr(fd), "/dev/fuse"), Init: initRequest(init)}, nil
 }
 
+// pollHackName is the name go-fuse answers, in any file system it serves,
+// with a file whose poll it refuses (ENOSYS).
+const pollHackName = ".go-fuse-epoll-hack"
+
+// stopPolls has the kernel learn, on a new connection, that this file
+// system does not implement poll, so that it never asks again. Otherwise
+// a file of the mount opened in this process (the Go runtime adds files
+// to its epoll set) sends the kernel into epoll_ctl, holding the epoll
+// lock, to ask this process for a POLL answer, which a server goroutine
+// waiting for that same lock never gives: go-fuse does this itself for
+// the mounts it makes, not for a descriptor it is handed.
+func stopPolls(mountpoint string) error {
+	fd, err := unix.Open(mountpoint+"/"+pollHackName, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	_, err = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLPRI | unix.POLLOUT}}, 0)
+	return err
+}
+
 // opInit is FUSE_INIT's opcode.
 const opInit = 26
 

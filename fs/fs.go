@@ -117,7 +117,14 @@ func Serve(ctx context.Context, l *layer.Opened, mountpoint string, opts ...Opti
 		go server.Serve() // to end with the connection
 		return nil, fmt.Errorf("mount layer %s: %w", opt.name, err)
 	}
-	return start(f, server, conn, mountpoint)
+	m, err := start(f, server, conn, mountpoint)
+	if err != nil {
+		return nil, err
+	}
+	if err := stopPolls(mountpoint); err != nil {
+		m.log.Warn("cannot turn FUSE poll off: opening the mount's files in this process may hang", "err", err)
+	}
+	return m, nil
 }
 
 // prepare checks l's root and builds the file system serving it.
