@@ -239,6 +239,11 @@ func (b *blob) flush() error {
 	return b.syncAndComplete()
 }
 
+// testHookSynced, when set by a test, is called by syncAndComplete after
+// the sync; testHookComplete, under b.mu, before it appends a complete
+// record.
+var testHookSynced, testHookComplete func(*blob)
+
 // syncAndComplete syncs the data, then appends the complete record if one
 // is due and no chunk was dropped meanwhile. Callers hold b.recMu, and
 // b.rec is open.
@@ -259,9 +264,15 @@ func (b *blob) syncAndComplete() error {
 	if err := b.st.sync(); err != nil {
 		return fmt.Errorf("cache: sync %s: %w", b.key, err)
 	}
+	if testHookSynced != nil {
+		testHookSynced(b)
+	}
 	b.mu.Lock()
 	due := b.completeDue && b.drops == drops && !b.recFailed
 	if due {
+		if testHookComplete != nil {
+			testHookComplete(b)
+		}
 		b.completeDue = false
 		b.appendLocked(appendRecord(nil, recComplete, b.completeSum()))
 		due = !b.recFailed
