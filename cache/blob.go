@@ -37,11 +37,14 @@ import (
 //
 // blob.mu guards the state of a blob: checksums, the table, fetches in
 // flight, the verification run, the byte count, complete, strict, drops,
-// closed and the records queued for the flusher. The bitmaps and the
-// segment list change only under it, and the segments' read-only handles
-// are opened under it. A read of servable bytes does not take it. What
-// file I/O it is held across is bounded: a hole punched, a segment made
-// (at most maxSegmentCopy chunks copied), a segment opened.
+// closed, whether a complete record is due and whether appending records
+// failed. The bitmaps and the segment list change only under it, and the
+// segments' read-only handles are opened under it; records are appended
+// under it, with the change they describe, so they land in its order. A
+// read of servable bytes does not take it. What file I/O it is held
+// across is bounded: a hole punched, a segment made (at most
+// maxSegmentCopy chunks copied), a segment opened, a record appended (a
+// write into the page cache, never a sync).
 //
 // blob.pin keeps bytes where the storage maps them and their files open.
 // Both read paths use it alike: ReadAt holds it for reading while it sees
@@ -55,16 +58,19 @@ import (
 // and perhaps fetched again, while they read, what they read counts for
 // nothing.
 //
-// blob.recMu orders the records file's appends and its closing: a flush
-// takes the queued records under blob.mu, makes the data they describe
-// durable and appends them, all under recMu, so batches land in order.
-// Nothing is queued once a blob is closed, so a flush after shutdown
-// touches no file.
+// blob.recMu orders the syncs of a blob's files and their closing: a
+// flush (the flusher's, Store.Flush's, the one after verification, the
+// one of shutdown) syncs the data and then, under blob.mu, appends the
+// complete record if one is due and no chunk was dropped since before the
+// sync (see syncAndComplete), all under recMu. So whoever's flush returns
+// has its data durable, even if another flush swapped the dirty flags,
+// and the files stay open for it. Nothing is appended once a blob is
+// closed, so a flush after shutdown touches no file.
 //
 // Store.freeMu guards the estimate of the file system's free space
 // (bound.go); the statfs that refreshes it runs without it.
 //
-// Store.dirtyMu guards the set of blobs with records for the flusher;
+// Store.dirtyMu guards the set of blobs with data for the flusher to sync;
 // stream.mu a stream's writing state (see stream.go); Stream.mu a
 // handle's read-only file.
 //
@@ -78,8 +84,9 @@ import (
 //   - storage.segs points to a list that is replaced, never changed: a
 //     fetch writes its chunks without a lock, and no segment is made over
 //     chunks in flight.
-//   - the storage's dirty flags are set by those writes and swapped by the
-//     flush, so it syncs every file written before its records were queued.
+//   - the storage's dirty flags are set by those writes and swapped by a
+//     flush, so it syncs every file written before it began, which covers
+//     the chunks present then.
 //   - Store.usage grows and shrinks with fetches, drops and stream writes,
 //     which do not take Store.mu; eviction reads it (and the free space
 //     estimate) before taking Store.mu.
@@ -170,10 +177,14 @@ type blob struct {
 	strict bool
 	// drops counts dropped chunks, so that a check that read bytes outside
 	// mu can tell whether one was dropped (and perhaps refetched) meanwhile.
-	drops   uint64
-	closed  bool
-	pending []byte // records awaiting flush, in the order of the state changes
-	syncRec bool   // pending holds a complete record: sync the records file too
+	drops  uint64
+	closed bool
+	// completeDue: the blob is complete and its complete record not
+	// appended yet; flush appends it once the data is durable.
+	completeDue bool
+	// recFailed: an append to the records file failed, and none is made
+	// any more (see queue).
+	recFailed bool
 
 	recMu sync.Mutex
 }
@@ -371,7 +382,8 @@ func (s *Store) hold(b *blob) bool {
 	return true
 }
 
-// shutdown persists pending records and closes the files.
+// shutdown makes the data durable, appends the complete record if it is
+// due, and closes the files.
 func (b *blob) shutdown() error {
 	b.recMu.Lock()
 	defer b.recMu.Unlock()
@@ -380,12 +392,11 @@ func (b *blob) shutdown() error {
 		b.mu.Unlock()
 		return nil
 	}
-	// Nothing is queued once closed, so a later flush finds nothing to
-	// write and leaves the closed files alone.
+	// Nothing is appended by others once closed, and no chunk dropped, so
+	// a later flush leaves the closed files alone.
 	b.closed = true
-	p, syncRec := b.takePendingLocked()
 	b.mu.Unlock()
-	err := b.writeRecords(p, syncRec)
+	err := b.syncAndComplete()
 	// Pinned readers, those of ranges handed out by ReadFile included,
 	// finish before the files are closed under them.
 	b.pin.Lock()

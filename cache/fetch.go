@@ -306,6 +306,6 @@ func (b *blob) dropLocked(i int) {
 	n := b.chunkLen(i)
 	b.cached -= n
 	b.s.usage.Add(-n)
-	b.complete = false
+	b.complete, b.completeDue = false, false
 	b.queue(appendRecord(nil, recDrop|uint64(i), 0))
 }

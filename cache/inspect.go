@@ -66,8 +66,10 @@ func (e EntryInfo) VerifiedAgainst(d digest.Digest) bool {
 
 // Inspect returns what the cache directory dir holds, sorted by kind and
 // key, reading its records without taking its lock or changing anything.
-// A process that has dir open appends records up to flushInterval after
-// the data they describe, so the newest chunks may be missing. Files the
+// A process that has dir open appends a chunk's record once its fetch
+// completed, but a complete record only once the data is synced, a
+// moment after the verification, so a blob just verified may not show
+// complete yet. Files the
 // Store would discard when it opens (records with a damaged header, data
 // without records, streams being written) are left out.
 func Inspect(dir string) ([]EntryInfo, error) {

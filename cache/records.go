@@ -20,13 +20,21 @@ import (
 // present) or recComplete (the whole content was verified). sum is the
 // crc32c of the chunk's bytes; in a complete record, that of the digest
 // the content was verified against, or 0 for the key (see completeSum).
-// Records are appended only after the data they describe was made
-// durable, so after a crash a record may be missing (the chunk is
-// refetched) but never describes data that was not written; a torn or
-// zero-filled tail fails its own checksum and ends the replay. The data
-// checksum catches the rest (bit rot, manual edits) the first time a
-// chunk is read in a process; a chunk table, when a handle has one,
-// checks stored bytes against what the image pins.
+// Records are appended in the order of the changes they describe.
+// Presence and drop records are appended as soon as the change is made,
+// without a sync: a killed process leaves them all behind, in the page
+// cache, with the data they describe. After a machine crash a record may
+// be missing (the chunk is refetched) or describe data that never reached
+// the disk: that chunk fails its check (its checksum, or its table chunk)
+// the first time it is needed in a process, and is dropped and fetched
+// again; nothing stored by an earlier process is served unchecked. A
+// complete record is the exception, as it lets the next process skip
+// hashing the whole content and trust checked chunks as verified: it is
+// appended only once the data of every chunk is durable, and synced. A
+// torn or zero-filled tail fails its own checksum and ends the replay.
+// The data checksum also catches bit rot and manual edits; a chunk
+// table, when a handle has one, checks stored bytes against what the
+// image pins.
 const (
 	recMagic    = "wsnapc1\n"
 	headerSize  = 32
@@ -181,56 +189,108 @@ func (m bitmap) all(lo, hi int) bool {
 	return true
 }
 
-// queue schedules records for the flusher. Callers hold b.mu, so records
-// are queued in the order of the state changes they describe.
+// queue appends records describing a state change, which callers make
+// under b.mu, so records land in the order of the changes. The append is
+// a write into the page cache, without a sync: it survives the death of
+// the process, which is what keeps a killed process's successor from
+// fetching its chunks again. That a machine crash may leave such a record
+// on disk without the data it describes is harmless: a chunk stored by an
+// earlier process is served only once checked (against its checksum, or
+// its table chunk read back), and one that fails is dropped and fetched
+// again. What is trusted without such a check, the complete record, is
+// not appended here but by flush, once the data is durable.
+//
+// After a failed append nothing more is appended for the blob: a record
+// lost in the middle (a drop, say) could make the ones after it lie.
+// Later changes are then forgotten at the next open, which only costs
+// fetches. The blob is marked dirty so that the flusher makes the data
+// durable soon, and a machine crash loses few of the chunks recorded.
 func (b *blob) queue(recs []byte) {
 	if b.closed {
 		return
 	}
-	b.pending = append(b.pending, recs...)
+	b.appendLocked(recs)
 	b.s.markDirty(b)
 }
 
-// takePendingLocked returns the records queued so far and whether the
-// records file must be synced after them. Callers hold b.mu.
-func (b *blob) takePendingLocked() ([]byte, bool) {
-	p, syncRec := b.pending, b.syncRec
-	b.pending, b.syncRec = nil, false
-	return p, syncRec
+// appendLocked appends recs to the records file unless an append failed
+// before. Callers hold b.mu (or own b, closed, under b.recMu).
+func (b *blob) appendLocked(recs []byte) {
+	if b.recFailed {
+		return
+	}
+	if _, err := b.rec.Write(recs); err != nil {
+		b.recFailed = true
+		slog.Warn("cache: appending records; the blob's later changes will not be kept", "key", b.key, "err", err)
+	}
 }
 
-// flush makes the data written so far durable and then appends the
-// records describing it.
+// flush makes the data written so far durable and then, if the blob is
+// complete and its complete record not on disk yet, appends it.
 func (b *blob) flush() error {
 	b.recMu.Lock()
 	defer b.recMu.Unlock()
 	b.mu.Lock()
-	p, syncRec := b.takePendingLocked()
+	if b.closed {
+		b.mu.Unlock()
+		return nil // shutdown flushed
+	}
 	b.mu.Unlock()
-	return b.writeRecords(p, syncRec)
+	return b.syncAndComplete()
 }
 
-// writeRecords appends records once the data they describe is durable.
-// Callers hold b.recMu.
-func (b *blob) writeRecords(p []byte, syncRec bool) error {
-	if len(p) == 0 {
-		return nil
-	}
+// testHookSynced, when set by a test, is called by syncAndComplete after
+// the sync; testHookComplete, under b.mu, before it appends a complete
+// record.
+var testHookSynced, testHookComplete func(*blob)
+
+// syncAndComplete syncs the data, then appends the complete record if one
+// is due and no chunk was dropped meanwhile. Callers hold b.recMu, and
+// b.rec is open.
+//
+// The record is appended under b.mu, where the other records are, so it
+// lands among them in the order of the state changes, and only if
+// b.drops did not move since before the sync. The sync covers the data
+// of every chunk present when the blob became complete; while no chunk is
+// dropped, no chunk of a complete blob is written again (none is
+// missing), so it covers all of them still when the record lands. A drop
+// clears the record that was due; if the blob became complete again since,
+// whoever completed it flushes again, with a sync that covers the chunks
+// fetched since.
+func (b *blob) syncAndComplete() error {
+	b.mu.Lock()
+	drops := b.drops
+	b.mu.Unlock()
 	if err := b.st.sync(); err != nil {
 		return fmt.Errorf("cache: sync %s: %w", b.key, err)
 	}
-	if _, err := b.rec.Write(p); err != nil {
-		return fmt.Errorf("cache: records of %s: %w", b.key, err)
+	if testHookSynced != nil {
+		testHookSynced(b)
 	}
-	if syncRec {
-		if err := b.rec.Sync(); err != nil {
-			return fmt.Errorf("cache: sync records of %s: %w", b.key, err)
+	b.mu.Lock()
+	due := b.completeDue && b.drops == drops && !b.recFailed
+	if due {
+		if testHookComplete != nil {
+			testHookComplete(b)
 		}
+		b.completeDue = false
+		b.appendLocked(appendRecord(nil, recComplete, b.completeSum()))
+		due = !b.recFailed
+	}
+	b.mu.Unlock()
+	if !due {
+		return nil
+	}
+	// Synced, so that a machine crash does not cost hashing it all again
+	// (and with it every record before it).
+	if err := b.rec.Sync(); err != nil {
+		return fmt.Errorf("cache: sync records of %s: %w", b.key, err)
 	}
 	return nil
 }
 
-// markDirty schedules b's pending records for the flusher.
+// markDirty schedules b for the flusher: its data was written, or its
+// complete record is due.
 func (s *Store) markDirty(b *blob) {
 	s.dirtyMu.Lock()
 	s.dirty[b] = struct{}{}
@@ -241,9 +301,9 @@ func (s *Store) markDirty(b *blob) {
 	}
 }
 
-// flusher persists presence records off the readers' path: one fdatasync
-// of a blob's data covers every chunk fetched since the last one, and only
-// then are their records appended.
+// flusher makes fetched data durable off the readers' path: one fdatasync
+// of a blob's data covers every chunk fetched since the last one, and a
+// complete record is appended only after it.
 func (s *Store) flusher() {
 	defer s.wg.Done()
 	for {
@@ -263,8 +323,10 @@ func (s *Store) flusher() {
 		}
 		// Batch the next round: an fdatasync per fetch would force
 		// writeback at the network's pace and cost CPU the readers need.
-		// A crash loses at most this much of records, which only means
-		// refetching those chunks.
+		// A machine crash loses the data of at most this much of
+		// fetches (and whatever of the records the kernel had not
+		// written back), which only means checking and refetching those
+		// chunks; a killed process loses nothing of either.
 		select {
 		case <-s.ctx.Done():
 			return
@@ -273,6 +335,6 @@ func (s *Store) flusher() {
 	}
 }
 
-// flushInterval is the least time between two rounds of persisting
-// presence records.
+// flushInterval is the least time between two rounds of syncing fetched
+// data.
 const flushInterval = 500 * time.Millisecond

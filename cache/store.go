@@ -199,6 +199,44 @@ func (s *Store) Close() error {
 	return errors.Join(errs...)
 }
 
+// Flush makes durable what was fetched so far, and records it as Close
+// would, without closing anything: for a process that exits without
+// closing the store (its FUSE mounts handed over to a successor), so that
+// a machine crash after it loses nothing the process fetched. Presence
+// records need no Flush to survive the process: they are in the records
+// file as soon as a fetch completes.
+func (s *Store) Flush() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	var blobs []*blob
+	var busy []chan struct{}
+	for _, e := range s.entries {
+		if e.b != nil {
+			blobs = append(blobs, e.b)
+		}
+		if e.busy != nil {
+			// A blob being closed by another goroutine: its shutdown
+			// syncs it.
+			busy = append(busy, e.busy)
+		}
+	}
+	s.mu.Unlock()
+	for _, ch := range busy {
+		<-ch
+	}
+	var errs []error
+	for _, b := range blobs {
+		// A blob the flusher is flushing: flush waits for it (recMu), so
+		// its sync is over when Flush returns. One closed meanwhile was
+		// synced by its shutdown.
+		errs = append(errs, b.flush())
+	}
+	return errors.Join(errs...)
+}
+
 // Usage returns the bytes of cached data on disk (Blob chunks present and
 // Stream bytes written), the quantity WithMaxBytes and WithMaxShare bound.
 func (s *Store) Usage() int64 { return s.usage.Load() }

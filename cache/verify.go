@@ -190,8 +190,11 @@ func (b *blob) verifyWhole(r *verifyRun) (complete bool) {
 				b.fresh.set(i)
 				b.verified.set(i)
 			}
-			b.queue(appendRecord(nil, recComplete, b.completeSum()))
-			b.syncRec = true
+			// Appended by the flush below, once the data is durable:
+			// the next process trusts it without hashing.
+			// The flusher retries if that flush fails.
+			b.completeDue = true
+			b.s.markDirty(b)
 			return true
 		}
 		// Every chunk matched its checksum, so the fetched content itself
