@@ -8,11 +8,17 @@ import (
 	"time"
 
 	criapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/weightsnap/weightsnap/chunks"
 )
 
-// restartSpan is the fetch span of the restart test: what a killed
-// manager was fetching is lost with it and fetched again, at most a span.
-const restartSpan = 1 << 20
+// restartSpan and restartWorkers are the fetch span and the number of
+// fetches at once of the restart test: what a killed manager was fetching
+// is lost with it and fetched again, at most a span per fetch.
+const (
+	restartSpan    = 1 << 20
+	restartWorkers = 2
+)
 
 // TestReadsSurviveRestartsAndUpgrades: a pod reads its model through a
 // CRI image volume, cold, and is held mid-file (the registry holds back a
@@ -21,14 +27,15 @@ const restartSpan = 1 << 20
 // kill -9 of both (weightsnapd is started again), and an upgrade of both
 // (SIGTERM, then a new binary: the running manager hands over). Once the
 // range is let through, the pod's read(2) and mmap reads complete with the
-// right sha256, with no ENOTCONN, and the registry served the layer once
-// (plus at most the span a killed manager was fetching).
+// right sha256, with no ENOTCONN, and the registry served the layer once,
+// plus at most what a killed manager was fetching (its fetches of a span
+// in flight): everything it had stored is kept.
 func TestReadsSurviveRestartsAndUpgrades(t *testing.T) {
 	s := newStackWithConfig(t, nil, func(dir, sock string) string {
 		// Without background fill and with small spans, the bytes a
 		// pod has not read stay in the registry: the held range stays
 		// ahead of the reader.
-		return fmt.Sprintf("[fetch]\nbackground_fill = false\nspan_bytes = %d\n", restartSpan)
+		return fmt.Sprintf("[fetch]\nbackground_fill = false\nspan_bytes = %d\nworkers = %d\n", restartSpan, restartWorkers)
 	})
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
 	defer cancel()
@@ -50,7 +57,10 @@ func TestReadsSurviveRestartsAndUpgrades(t *testing.T) {
 		m := s.pushModel(t, s.origin.Addr, fmt.Sprintf("model%d:v1", i), 24<<20, uint64(700+i))
 		pullImage(t, ctx, is, m.Ref)
 		p := s.runPod(t, ctx, rt, fmt.Sprintf("team-%d", i), "infer", m.Ref)
-		from := m.size / 2
+		// On a chunk boundary: the fetch the hold stops has sent
+		// nothing when a process dies, so what is fetched twice is
+		// only what a process lost.
+		from := (m.size / 2) &^ (chunks.DefaultChunkSize - 1)
 		release := s.origin.Hold(m.weight, from, from+restartSpan)
 
 		cmd := "sum"
@@ -74,8 +84,11 @@ func TestReadsSurviveRestartsAndUpgrades(t *testing.T) {
 			return s.origin.BlobBytes(m.weight) >= from
 		})
 		c.disrupt(t)
-		s.awaitSnapshotter(t, ctx)
+		// At once: a fetch stalled on the hold for long is cut by the
+		// client's minimum transfer rate and retried, sending its head
+		// again.
 		release()
+		s.awaitSnapshotter(t, ctx)
 
 		r, err := <-res, <-errc
 		if err != nil {
@@ -84,12 +97,15 @@ func TestReadsSurviveRestartsAndUpgrades(t *testing.T) {
 		if r.ExitCode != 0 || strings.TrimSpace(string(r.Stdout)) != m.sum {
 			t.Errorf("%s: the pod's read: exit %d, sha256 %q, want %s\n%s", c.name, r.ExitCode, strings.TrimSpace(string(r.Stdout)), m.sum, r.Stderr)
 		}
-		if got := s.origin.BlobBytes(m.weight); got > m.size+restartSpan {
-			t.Errorf("%s: the registry served %d bytes of the %d-byte weights layer, want it once (plus one span)", c.name, got, m.size)
-		}
 		// The layer is still served: a file the pod never read.
 		if got := sumFileInPod(t, ctx, rt, p, extraPath); got != m.extraSum {
 			t.Errorf("%s: after it, sha256 of %s %s, want %s", c.name, extraPath, got, m.extraSum)
+		}
+		// Both files read whole: every byte of the layer fetched.
+		if got, lost := s.origin.BlobBytes(m.weight), int64(restartWorkers*restartSpan); got > m.size+lost {
+			t.Errorf("%s: the registry served %d bytes of the %d-byte weights layer, want it once (plus at most %d in flight at the kill)", c.name, got, m.size, lost)
+		} else {
+			t.Logf("%s: the registry served %d bytes of the %d-byte weights layer", c.name, got, m.size)
 		}
 		removePod(t, rt, p)
 	}

@@ -230,7 +230,7 @@ func runFuseManager(args []string) error {
 		defer hc.Close()
 		lopts = append(lopts, lazy.WithHolder(hc, filepath.Join(cfg.Root, "mounts")))
 	}
-	m, closeMounter, err := newMounter(ctx, filepath.Join(cfg.Root, "cache"), cfg, ropts, lopts...)
+	m, closeMounter, flushCache, err := newMounter(ctx, filepath.Join(cfg.Root, "cache"), cfg, ropts, lopts...)
 	if err != nil {
 		return err
 	}
@@ -284,9 +284,13 @@ func runFuseManager(args []string) error {
 	}
 	// Handing over exits at once, leaving every mount to the holder and
 	// the next manager: not closing the cache, which a request still
-	// being served would then fail on, and which survives a kill anyway.
+	// being served would then fail on, and which survives a kill anyway;
+	// its fetched data is made durable first.
 	handover := func() {
 		slog.Info("fuse manager exiting; its mounts wait for the next one", "mounts", len(m.Mountpoints()))
+		if err := flushCache(); err != nil {
+			slog.Warn("flushing the cache before handing over", "err", err)
+		}
 		lis.Close()
 		os.Remove(sock)
 		os.Remove(pidFile)

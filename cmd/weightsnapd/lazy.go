@@ -19,16 +19,18 @@ var (
 )
 
 // newMounter opens the node cache in cacheDir and returns the lazy layer
-// mounter over it, and what closes both (unmounting every layer).
-func newMounter(ctx context.Context, cacheDir string, cfg Config, ropts []remote.Option, extra ...lazy.Option) (*lazy.Manager, func() error, error) {
+// mounter over it, and what closes both (unmounting every layer). flush
+// persists what the cache fetched so far, for a process that exits
+// without closing them (handing its mounts over).
+func newMounter(ctx context.Context, cacheDir string, cfg Config, ropts []remote.Option, extra ...lazy.Option) (m *lazy.Manager, closeAll, flush func() error, err error) {
 	cc, fc := cfg.Cache, cfg.Fetch
 	unverified, err := cfg.Verify.unverified()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	store, err := cache.Open(cacheDir, cc.MaxBytes.maxOption(), cc.MinFreeBytes.minFreeOption())
 	if err != nil {
-		return nil, nil, fmt.Errorf("opening cache %s: %w", cacheDir, err)
+		return nil, nil, nil, fmt.Errorf("opening cache %s: %w", cacheDir, err)
 	}
 	opts := append([]lazy.Option{
 		lazy.WithPrefetch(
@@ -43,12 +45,13 @@ func newMounter(ctx context.Context, cacheDir string, cfg Config, ropts []remote
 		lazy.WithUnverifiedLayers(unverified),
 		lazy.WithMaxExpansion(cfg.Verify.MaxExpansion, cfg.Verify.MaxStreamBytes),
 	}, extra...)
-	m := lazy.New(store, remote.New(ropts...), opts...)
-	return m, func() error {
+	m = lazy.New(store, remote.New(ropts...), opts...)
+	closeAll = func() error {
 		err := m.Close()
 		if cerr := store.Close(); cerr != nil && err == nil {
 			err = cerr
 		}
 		return err
-	}, nil
+	}
+	return m, closeAll, store.Flush, nil
 }
