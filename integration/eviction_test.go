@@ -116,6 +116,10 @@ func TestRemoveImageEvictsItsLayersFirst(t *testing.T) {
 	if got := s.snapshotUsage(t, ctx, a); got < aExtra || got >= aExtra+aModel {
 		t.Errorf("Usage of A's snapshot = %d bytes, want what the cache holds: at least %d (the file its pod read), less than %d (its files)", got, aExtra, aExtra+aModel)
 	}
+	aMetric := fmt.Sprintf("weightsnap_layer_size_bytes{layer=%q}", a)
+	if !s.hasMetric(t, ctx, aMetric) {
+		t.Fatalf("weightsnapd exports no %s while A's layer is open", aMetric)
+	}
 	evictedBefore := s.metricValue(t, ctx, "weightsnap_cache_evicted_bytes_total")
 
 	if _, err := is.RemoveImage(ctx, &criapi.RemoveImageRequest{Image: &criapi.ImageSpec{Image: aImg.Ref}}); err != nil {
@@ -123,11 +127,12 @@ func TestRemoveImageEvictsItsLayersFirst(t *testing.T) {
 	}
 	lazyWaitFor(t, "containerd to remove A's snapshots", func() bool { return !s.hasSnapshot(t, ctx, a) })
 	lazyWaitFor(t, "weightsnap to unmount A's layer", func() bool { return len(layerMounts(t, a)) == 0 })
-	// The fill's request, still waiting for the held bytes, is given up
-	// (nothing released it); the layer is closed, which is after its
-	// fill returned (its metrics go with it).
-	lazyWaitFor(t, "A's background fill to give up its registry request", func() bool { return s.origin.Held(a) == 0 })
-	lazyWaitFor(t, "A's layer to close", func() bool { return !s.hasMetric(t, ctx, fmt.Sprintf("weightsnap_layer_size_bytes{layer=%q}", a)) })
+	// The layer closes, which is after its fill returned (its metrics go
+	// with it), and the fill's request, still waiting for the held bytes
+	// (nothing released them), has been given up. (Held alone could drop
+	// to 0 between a stalled request and its retry.)
+	lazyWaitFor(t, "A's layer to close", func() bool { return !s.hasMetric(t, ctx, aMetric) })
+	lazyWaitFor(t, "A's closed layer's registry request to end", func() bool { return s.origin.Held(a) == 0 })
 	fetched := s.origin.BlobBytes(a)
 	release()
 	if !s.hasSnapshot(t, ctx, b.weight) || len(layerMounts(t, b.weight)) != 1 {
@@ -144,8 +149,8 @@ func TestRemoveImageEvictsItsLayersFirst(t *testing.T) {
 	if err := s.ws.waitVerified(ctx, []string{c.weight}); err != nil {
 		t.Fatal(err)
 	}
-	if got := s.origin.BlobBytes(a); got != fetched {
-		t.Errorf("the registry served %d bytes of A's layer after its removal (%d before, %d now)", got-fetched, fetched, got)
+	if got, held := s.origin.BlobBytes(a), s.origin.Held(a); got != fetched || held != 0 {
+		t.Errorf("after A's removal the registry served %d more bytes of A's layer (%d before, %d now), and %d requests for it wait", got-fetched, fetched, got, held)
 	}
 
 	list := cacheList(t, cacheDir)
