@@ -86,6 +86,7 @@ type Proxy struct {
 	rng       *rand.Rand
 	blobBytes map[string]int64
 	holds     map[string]*hold // by blob digest
+	waiting   map[string]int   // responses waiting at a hold, by blob digest
 
 	totalBlobBytes atomic.Int64
 	requests       atomic.Int64
@@ -130,6 +131,7 @@ func StartProxy(t testing.TB, target string, faults Faults) *Proxy {
 		closing:   make(chan struct{}),
 		blobBytes: map[string]int64{},
 		holds:     map[string]*hold{},
+		waiting:   map[string]int{},
 	}
 	if err := p.SetFaults(faults); err != nil {
 		ln.Close()
@@ -212,6 +214,16 @@ func (p *Proxy) Hold(digest string, from, to int64) (release func()) {
 	p.holds[digest] = h
 	p.mu.Unlock()
 	return func() { h.once.Do(func() { close(h.released) }) }
+}
+
+// Held returns how many responses carrying bytes of blob digest wait at
+// its hold now: a client's request is in flight there until the hold is
+// released or the client goes away (its request cancelled, its
+// connection closed).
+func (p *Proxy) Held(digest string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.waiting[digest]
 }
 
 // holdFor returns the hold of digest that is not yet released, or nil.
@@ -305,7 +317,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	out := countingWriter{w: w, count: func(n int) { p.addBlobBytes(digest, n) }}
 	if h := p.holdFor(digest); h != nil && h.covers(bodyStart(resp), resp.ContentLength) {
-		if err := p.sendHeld(r, w, out, body, h, bodyStart(resp)); err != nil {
+		if err := p.sendHeld(r, w, out, body, digest, h, bodyStart(resp)); err != nil {
 			return
 		}
 	}
@@ -324,13 +336,23 @@ func (h *hold) covers(start, n int64) bool {
 // sendHeld sends the part of body (which starts at blob offset start) that
 // lies before h.from, flushes it and waits for h's release. An error means
 // the client or the proxy went away.
-func (p *Proxy) sendHeld(r *http.Request, w http.ResponseWriter, out io.Writer, body io.Reader, h *hold, start int64) error {
+func (p *Proxy) sendHeld(r *http.Request, w http.ResponseWriter, out io.Writer, body io.Reader, digest string, h *hold, start int64) error {
 	if n := h.from - start; n > 0 {
 		if _, err := io.CopyN(out, body, n); err != nil {
 			return err
 		}
 	}
 	_ = http.NewResponseController(w).Flush()
+	p.mu.Lock()
+	p.waiting[digest]++
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		if p.waiting[digest]--; p.waiting[digest] == 0 {
+			delete(p.waiting, digest)
+		}
+		p.mu.Unlock()
+	}()
 	select {
 	case <-h.released:
 		return nil

@@ -273,6 +273,52 @@ func TestProxyHoldsBlobBytesUntilReleased(t *testing.T) {
 	release() // idempotent
 }
 
+// TestProxyHeldCountsWaitingResponses: Held counts a response while it
+// waits at the hold, and no longer once its client went away.
+func TestProxyHeldCountsWaitingResponses(t *testing.T) {
+	addr := inProcessRegistry(t)
+	blob, digest := pushRandomBlob(t, addr, "held", 100_000)
+	p := StartProxy(t, addr, Faults{})
+	release := p.Hold(digest, 10_000, 20_000)
+	defer release()
+	if got := p.Held(digest); got != 0 {
+		t.Fatalf("Held before any request = %d, want 0", got)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, blobURL(p, "held", digest), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	head := make([]byte, 10_000)
+	if _, err := io.ReadFull(resp.Body, head); err != nil || !bytes.Equal(head, blob[:10_000]) {
+		t.Fatalf("held GET: head: err %v", err)
+	}
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s", what)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	// The head is flushed before the proxy counts the response as
+	// waiting: poll.
+	waitFor("the response to wait at the hold", func() bool { return p.Held(digest) == 1 })
+	cancel()
+	waitFor("the held response to end after its client went away", func() bool { return p.Held(digest) == 0 })
+	if got := p.BlobBytes(digest); got != 10_000 {
+		t.Errorf("blob bytes sent = %d, want the 10000 before the hold", got)
+	}
+}
+
 func TestProxyCountsInjectedFaults(t *testing.T) {
 	addr := inProcessRegistry(t)
 	_, digest := pushRandomBlob(t, addr, "count-faults", 1000)
