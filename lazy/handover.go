@@ -75,8 +75,12 @@ func (m *Manager) unhold(mountpoint string) {
 
 // Resume serves again the mount at mountpoint whose connection c a former
 // process handed to the holder with meta, and takes c.File. Reads waiting
-// on the mount go on. On an error nothing is served: the caller ends the
-// connection (fs.CleanupMount), so that its readers fail rather than wait.
+// on the mount go on. The layer is opened from the cache's records without
+// the registry: a registry that is down or refuses the credentials this
+// process has fails only the reads of bytes the cache lacks (EIO, the
+// registry's answer in the log). On an error nothing is served: the caller
+// ends the connection (fs.CleanupMount), so that its readers fail rather
+// than wait.
 func (m *Manager) Resume(ctx context.Context, mountpoint string, meta []byte, c fs.Conn) error {
 	mountpoint = filepath.Clean(mountpoint)
 	var hm heldMount
@@ -96,6 +100,7 @@ func (m *Manager) Resume(ctx context.Context, mountpoint string, meta []byte, c 
 		c.Close()
 		return fmt.Errorf("resume layer %s of %s: %w", hm.Layer, hm.Image, err)
 	}
+	dl.opened = true
 	ref, err := m.acquire(ctx, dl)
 	if err != nil {
 		c.Close()

@@ -12,6 +12,7 @@ import (
 
 	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/fs"
+	"github.com/weightsnap/weightsnap/layer"
 	"github.com/weightsnap/weightsnap/remote"
 )
 
@@ -47,7 +48,8 @@ func (h *fakeHolder) get(key string) ([]byte, bool) {
 
 // TestHandOverAndResume: a mount's connection goes to the holder with
 // the pinned image, the layer and the INIT; a second Manager on the same
-// cache resumes it from that alone; an unmount takes it out of the holder.
+// cache resumes it from that alone, with the registry gone, and serves
+// what the first one had read; an unmount takes it out of the holder.
 func TestHandOverAndResume(t *testing.T) {
 	g := newGatedRegistry(t)
 	ref, ds := pushModel(t, g, 1)
@@ -58,10 +60,15 @@ func TestHandOverAndResume(t *testing.T) {
 		t.Fatal(err)
 	}
 	first := New(store, remote.New(), WithBackgroundFill(false), WithHolder(h, state))
-	first.serve = (&fakeServe{}).serve
+	firstFake := &fakeServe{}
+	first.serve = firstFake.serve
 	mp := filepath.Join(t.TempDir(), "mp")
 	if err := first.Mount(t.Context(), mp, ref, ds[0]); err != nil {
 		t.Fatal(err)
+	}
+	want := strings.Repeat("w", 3000) // models/f0, as pushModel makes it
+	if got := readFile(t, firstFake.live()[0].l, "models/f0"); got != want {
+		t.Fatalf("first manager read %q", got)
 	}
 	meta, ok := h.get(mp)
 	if !ok {
@@ -80,6 +87,7 @@ func TestHandOverAndResume(t *testing.T) {
 	store.Close()
 	h.Put(mp, meta, os.Stdin)
 
+	g.srv.Close() // what the pods read is in the cache
 	second, fake := newTestManagerOn(t, cacheDir, nil, WithHolder(h, state))
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
@@ -91,6 +99,9 @@ func TestHandOverAndResume(t *testing.T) {
 	live := fake.live()
 	if len(live) != 1 || live[0].resumedInit != "init "+mp {
 		t.Fatalf("resumed mounts %+v", live)
+	}
+	if got := readFile(t, live[0].l, "models/f0"); got != want {
+		t.Fatalf("the resumed layer, registry gone, read %q", got)
 	}
 	if err := second.Check(t.Context(), mp); err != nil {
 		t.Fatalf("Check after Resume: %v", err)
@@ -120,4 +131,18 @@ func TestResumeErrorsNameTheImage(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "private/model") || !strings.Contains(err.Error(), strings.Repeat("b", 64)) {
 		t.Fatalf("Resume of an unknown image: %v; want an error naming the image and layer", err)
 	}
+}
+
+// readFile reads the named file of l whole.
+func readFile(t *testing.T, l *layer.Opened, name string) string {
+	t.Helper()
+	e, err := l.Lookup(t.Context(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, e.Size)
+	if n, err := l.ReadAt(t.Context(), e, buf, 0); n != len(buf) {
+		t.Fatalf("read %s: %d of %d bytes, %v", name, n, len(buf), err)
+	}
+	return string(buf)
 }

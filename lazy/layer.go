@@ -134,7 +134,13 @@ func (m *Manager) startBackground(ctx context.Context, sl *sharedLayer) {
 // anything is allocated for it.
 func (m *Manager) openBlob(ctx context.Context, dl described) (*remote.Blob, error) {
 	desc := dl.desc
-	rb, err := m.reg.OpenBlob(ctx, dl.repo, desc.Digest, -1) // -1: ask the registry
+	size := int64(-1) // ask the registry
+	if dl.opened {
+		// Its pods are waiting: what the cache holds serves them whether
+		// the registry answers or not, and only bytes it lacks need it.
+		size = desc.Size
+	}
+	rb, err := m.reg.OpenBlob(ctx, dl.repo, desc.Digest, size)
 	if err != nil {
 		return nil, err
 	}

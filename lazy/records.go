@@ -48,6 +48,9 @@ type described struct {
 	image string // the image, pinned by its manifest digest
 	repo  string // where the blob is fetched: the image's repository
 	desc  layer.Descriptor
+	// opened says a former process opened the layer, checking its size
+	// with the registry: it is opened again without asking (Resume).
+	opened bool
 }
 
 // key is what layers are shared by: the blob, every fact of the manifest
