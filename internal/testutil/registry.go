@@ -217,3 +217,6 @@ func (b *syncBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.buf.String()
 }
+
+// Pid is the registry process's id, for measuring its CPU time.
+func (r *Registry) Pid() int { return r.cmd.Process.Pid }

@@ -1,0 +1,219 @@
+package integration
+
+// BenchmarkColdRead is the cold full read of the bench, small enough to
+// profile: a generated model (one uncompressed layer with a chunk table)
+// on Debian's docker-registry, read whole by dd through a lazy mount in
+// this process after the page cache is dropped, next to a raw GET of the
+// same blob by curl. It reports MB/s of both and the CPU seconds per GiB
+// of this process (the FUSE server), the registry and the reader.
+//
+//	sudo go test ./integration -run '^$' -bench BenchmarkColdRead -benchtime 3x
+//	  WEIGHTSNAP_COLD_SIZE=2GiB  WEIGHTSNAP_COLD_PROFILE=/tmp/cold.pprof
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime/pprof"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/internal/bytesize"
+	"github.com/weightsnap/weightsnap/internal/testutil"
+	"github.com/weightsnap/weightsnap/lazy"
+	"github.com/weightsnap/weightsnap/prefetch"
+	"github.com/weightsnap/weightsnap/remote"
+)
+
+func BenchmarkColdRead(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root (FUSE, drop_caches)")
+	}
+	testutil.RequireFUSE(b)
+	size := int64(1 << 30)
+	if v := os.Getenv("WEIGHTSNAP_COLD_SIZE"); v != "" {
+		n, err := bytesize.Parse(v)
+		if err != nil {
+			b.Fatal(err)
+		}
+		size = n
+	}
+	ctx := b.Context()
+	dir := b.TempDir()
+	reg := testutil.StartRegistry(b)
+	m, err := writeBenchModel(ctx, filepath.Join(dir, "model"), []byte("#!/bin/true\n"), size, 1, 1, "cold")
+	if err != nil {
+		b.Fatal(err)
+	}
+	ref := reg.Addr + "/bench/cold:v1"
+	layers, err := packAndPush(ctx, m, ref)
+	if err != nil {
+		b.Fatal(err)
+	}
+	os.RemoveAll(filepath.Join(dir, "model", "models"))
+	var weights v1.Descriptor
+	for _, l := range layers {
+		if l.Size > weights.Size {
+			weights = l
+		}
+	}
+
+	for i := range b.N {
+		b.StopTimer()
+		raw := coldGet(b, reg, "bench/cold", weights.Digest.String())
+		lz := coldLazy(b, reg, ref, filepath.Join(dir, fmt.Sprint("run", i)), m.weights[0], i)
+		b.Logf("run %d: raw GET %.0f MB/s (curl %.2f, registry %.2f CPU-s/GiB); lazy %.0f MB/s = %.2fx (daemon %.2f [to verified %.2f], registry %.2f, dd %.2f CPU-s/GiB)",
+			i, raw.mbps, raw.reader, raw.registry, lz.mbps, lz.mbps/raw.mbps, lz.daemon, lz.daemonAll, lz.registry, lz.reader)
+		b.ReportMetric(lz.mbps/raw.mbps, "ratio")
+		b.ReportMetric(lz.mbps, "lazyMB/s")
+		b.ReportMetric(raw.mbps, "rawMB/s")
+		b.ReportMetric(lz.daemon, "daemonCPUs/GiB")
+		b.ReportMetric(lz.registry, "regCPUs/GiB")
+	}
+}
+
+type coldResult struct {
+	mbps                                float64
+	daemon, daemonAll, registry, reader float64 // CPU seconds per GiB
+}
+
+// cpuSeconds is utime+stime of pid (0: this process).
+func cpuSeconds(b *testing.B, pid int) float64 {
+	p := "/proc/self/stat"
+	if pid > 0 {
+		p = fmt.Sprintf("/proc/%d/stat", pid)
+	}
+	s, err := os.ReadFile(p)
+	if err != nil {
+		b.Fatal(err)
+	}
+	f := strings.Fields(string(s[strings.LastIndexByte(string(s), ')')+2:]))
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / 100 // USER_HZ
+}
+
+func coldGet(b *testing.B, reg *testutil.Registry, repo, dgst string) coldResult {
+	if err := dropCaches(); err != nil {
+		b.Fatal(err)
+	}
+	r0 := cpuSeconds(b, reg.Pid())
+	t0 := time.Now()
+	cmd := exec.Command("curl", "-sf", "-o", "/dev/null", "-w", "%{size_download}", reg.URL()+"/v2/"+repo+"/blobs/"+dgst)
+	out, err := cmd.Output()
+	if err != nil {
+		b.Fatalf("curl: %v", err)
+	}
+	d := time.Since(t0)
+	n, _ := strconv.ParseFloat(string(out), 64)
+	gib := n / (1 << 30)
+	ps := cmd.ProcessState
+	return coldResult{
+		mbps:     n / d.Seconds() / 1e6,
+		registry: (cpuSeconds(b, reg.Pid()) - r0) / gib,
+		reader:   (ps.UserTime() + ps.SystemTime()).Seconds() / gib,
+	}
+}
+
+func coldLazy(b *testing.B, reg *testutil.Registry, ref, dir, file string, i int) coldResult {
+	ctx, cancel := context.WithTimeout(b.Context(), 5*time.Minute)
+	defer cancel()
+	n, done := coldNode(b, dir)
+	defer done()
+	target := filepath.Join(dir, "merged")
+	im, err := n.MountImage(ctx, ref, target, filepath.Join(dir, "layers"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer im.Unmount()
+	if err := dropCaches(); err != nil {
+		b.Fatal(err)
+	}
+	if p := os.Getenv("WEIGHTSNAP_COLD_PROFILE"); p != "" {
+		f, err := os.Create(fmt.Sprintf("%s.%d", p, i))
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer f.Close()
+		pprof.StartCPUProfile(f)
+		defer pprof.StopCPUProfile()
+	}
+	d0, r0 := cpuSeconds(b, 0), cpuSeconds(b, reg.Pid())
+	t0 := time.Now()
+	cmd := exec.Command("dd", "if="+filepath.Join(target, file), "of=/dev/null", "bs=1M", "status=none")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		b.Fatalf("dd: %v: %s", err, out)
+	}
+	d := time.Since(t0)
+	d1, r1 := cpuSeconds(b, 0), cpuSeconds(b, reg.Pid())
+	st, err := os.Stat(filepath.Join(target, file))
+	if err != nil {
+		b.Fatal(err)
+	}
+	// The background fill and the whole-blob hash after the read.
+	d2 := coldSettle(b)
+	gib := float64(st.Size()) / (1 << 30)
+	ps := cmd.ProcessState
+	return coldResult{
+		mbps:      float64(st.Size()) / d.Seconds() / 1e6,
+		daemon:    (d1 - d0) / gib,
+		daemonAll: (d2 - d0) / gib,
+		registry:  (r1 - r0) / gib,
+		reader:    (ps.UserTime() + ps.SystemTime()).Seconds() / gib,
+	}
+}
+
+// coldSettle waits until this process stops using CPU (its background
+// fill and whole-blob hash are over), at most 30 s, and returns its CPU
+// seconds then.
+func coldSettle(b *testing.B) float64 {
+	last := cpuSeconds(b, 0)
+	for range 150 {
+		time.Sleep(200 * time.Millisecond)
+		now := cpuSeconds(b, 0)
+		if now-last < 0.02 {
+			return now
+		}
+		last = now
+	}
+	return last
+}
+
+// coldNode is a Manager with weightsnapd's defaults over a cache in dir.
+func coldNode(b *testing.B, dir string) (*lazy.Manager, func()) {
+	store, err := cache.Open(filepath.Join(dir, "cache"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	var opts []lazy.Option
+	if v := os.Getenv("WEIGHTSNAP_COLD_SPAN"); v != "" {
+		n, err := bytesize.Parse(v)
+		if err != nil {
+			b.Fatal(err)
+		}
+		opts = append(opts, lazy.WithPrefetch(prefetch.WithSpanSize(n)))
+	}
+	if v := os.Getenv("WEIGHTSNAP_COLD_AHEAD"); v != "" {
+		n, err := bytesize.Parse(v)
+		if err != nil {
+			b.Fatal(err)
+		}
+		opts = append(opts, lazy.WithMaxReadAhead(n))
+	}
+	if os.Getenv("WEIGHTSNAP_COLD_NOFILL") != "" {
+		opts = append(opts, lazy.WithBackgroundFill(false))
+	}
+	m := lazy.New(store, remote.New(remote.WithPlainHTTP(true)), opts...)
+	return m, func() {
+		m.Close()
+		store.Close()
+		os.RemoveAll(dir)
+	}
+}
