@@ -125,7 +125,7 @@ var ErrNoResend = errors.New("the kernel cannot resend requests in flight (FUSE_
 // now. Resume takes c.File; the caller keeps c.Init. An ErrNoResend
 // error comes with a working Mount.
 func Resume(ctx context.Context, l *layer.Opened, mountpoint string, c Conn, opts ...Option) (*Mount, error) {
-	f, opt, err := prepare(ctx, l, mountpoint, opts)
+	f, opt, err := prepare(ctx, l, mountpoint, opts, true)
 	if err != nil {
 		return nil, err
 	}

@@ -96,7 +96,7 @@ type Mount struct {
 // mounts directly (it must run as root, no fusermount). ctx bounds the
 // lookup of the layer's root; the layer itself is not closed by Unmount.
 func Serve(ctx context.Context, l *layer.Opened, mountpoint string, opts ...Option) (*Mount, error) {
-	f, opt, err := prepare(ctx, l, mountpoint, opts)
+	f, opt, err := prepare(ctx, l, mountpoint, opts, false)
 	if err != nil {
 		return nil, err
 	}
@@ -127,8 +127,11 @@ func Serve(ctx context.Context, l *layer.Opened, mountpoint string, opts ...Opti
 	return m, nil
 }
 
-// prepare checks l's root and builds the file system serving it.
-func prepare(ctx context.Context, l *layer.Opened, mountpoint string, opts []Option) (*fsys, options, error) {
+// prepare checks l's root and builds the file system serving it. A
+// resumed connection continues the open table kept in its file; a new
+// one starts an empty table there, whatever a former mount at the same
+// place left (its backing IDs mean nothing on this connection).
+func prepare(ctx context.Context, l *layer.Opened, mountpoint string, opts []Option, resumed bool) (*fsys, options, error) {
 	var opt options
 	for _, o := range opts {
 		o(&opt)
@@ -145,7 +148,7 @@ func prepare(ctx context.Context, l *layer.Opened, mountpoint string, opts []Opt
 	}
 	f := newFsys(l, rootEntry, opt)
 	f.mountpoint = mountpoint
-	if f.opens, err = loadOpenTable(opt.openTable); err != nil {
+	if f.opens, err = openTableAt(opt.openTable, resumed); err != nil {
 		return nil, opt, fmt.Errorf("mount layer %s: %w", opt.name, err)
 	}
 	f.mounted = time.Now()

@@ -44,10 +44,17 @@ type backingFiles interface {
 	UnregisterBackingFd(id int32) syscall.Errno
 }
 
-// loadOpenTable returns the table kept at path, empty if there is none.
-func loadOpenTable(path string) (*openTable, error) {
+// openTableAt returns the table kept at path: the one there if load is
+// set (empty if there is none), else a new empty one, written over it.
+func openTableAt(path string, load bool) (*openTable, error) {
 	t := &openTable{path: path, byIno: map[uint64]*openState{}}
 	if path == "" {
+		return t, nil
+	}
+	if !load {
+		if err := t.save(); err != nil {
+			return nil, err
+		}
 		return t, nil
 	}
 	b, err := os.ReadFile(path)

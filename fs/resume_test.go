@@ -261,3 +261,29 @@ func (f *fakeLayer) readOf(name string) bool {
 	}
 	return false
 }
+
+// TestServeIgnoresStaleOpenTable: a new mount at a place where a former
+// one left its open table (a reboot, a holder that died) starts a table
+// of its own. The stale one says file a is passed through with backing
+// ID 1, which on the new connection is the ID of the first file
+// registered, here b: trusting it would serve a's reads from b's file.
+func TestServeIgnoresStaleOpenTable(t *testing.T) {
+	testutil.RequireFUSE(t)
+	dir := t.TempDir()
+	l := newFakeLayer()
+	a := l.file("a", randBytes(5, 1<<20))
+	b := l.file("b", randBytes(6, 1<<20))
+	for _, e := range []*layer.Entry{a, b} {
+		if err := os.WriteFile(filepath.Join(dir, e.Name), l.content[e.Ino], 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	table := filepath.Join(dir, "opens")
+	stale := fmt.Sprintf(`{"%d":{"p":1,"b":1}}`, a.Ino)
+	if err := os.WriteFile(table, []byte(stale), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	m := mountFake(t, l, WithPassthrough(passFiles(dir, "a", "b")), WithOpenTable(table))
+	openAndCheck(t, m.Mountpoint(), "b", l)
+	openAndCheck(t, m.Mountpoint(), "a", l)
+}
