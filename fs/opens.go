@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -29,7 +30,27 @@ type openTable struct {
 	mu    sync.Mutex
 	path  string // "" keeps nothing
 	byIno map[uint64]*openState
+	// applied are the requests (their unique IDs) last counted: a
+	// process that dies after writing the table and before its answer
+	// reaches the kernel has the request resent to its successor, which
+	// must not count it again.
+	applied []uint64
 }
+
+// tableFile is the open table's file.
+type tableFile struct {
+	Files   map[string]*openState `json:"files"`
+	Applied []uint64              `json:"applied,omitempty"`
+}
+
+const (
+	// resendBit marks a request the kernel sends again
+	// (FUSE_UNIQUE_RESEND).
+	resendBit = 1 << 63
+	// maxApplied bounds the requests remembered: only those a dead
+	// process was answering when it died can come back.
+	maxApplied = 256
+)
 
 type openState struct {
 	Cached  int   `json:"c,omitempty"`
@@ -64,11 +85,12 @@ func openTableAt(path string, load bool) (*openTable, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open table: %w", err)
 	}
-	var m map[string]*openState
-	if err := json.Unmarshal(b, &m); err != nil {
+	var tf tableFile
+	if err := json.Unmarshal(b, &tf); err != nil {
 		return nil, fmt.Errorf("open table %s: %w", path, err)
 	}
-	for k, s := range m {
+	t.applied = tf.Applied
+	for k, s := range tf.Files {
 		ino, err := strconv.ParseUint(k, 10, 64)
 		if err != nil || s == nil {
 			return nil, fmt.Errorf("open table %s: bad entry %q", path, k)
@@ -78,16 +100,33 @@ func openTableAt(path string, load bool) (*openTable, error) {
 	return t, nil
 }
 
-// open counts an open of ino and returns the backing ID to pass it
-// through with, or 0 to serve it through Read. file, if not nil, gives
-// the local file holding ino's content when it is all there.
-func (t *openTable) open(ino uint64, file func() (*os.File, bool), bf backingFiles) (int32, error) {
+// counted reports whether request unique, resent, was counted before;
+// if not, it is remembered as counted now.
+func (t *openTable) counted(unique uint64) bool {
+	u := unique &^ resendBit
+	if unique&resendBit != 0 && slices.Contains(t.applied, u) {
+		return true
+	}
+	t.applied = append(t.applied, u)
+	if len(t.applied) > maxApplied {
+		t.applied = t.applied[len(t.applied)-maxApplied:]
+	}
+	return false
+}
+
+// open counts an open of ino (request unique) and returns the backing ID
+// to pass it through with, or 0 to serve it through Read. file, if not
+// nil, gives the local file holding ino's content when it is all there.
+func (t *openTable) open(ino, unique uint64, file func() (*os.File, bool), bf backingFiles) (int32, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	s := t.byIno[ino]
 	if s == nil {
 		s = &openState{}
 		t.byIno[ino] = s
+	}
+	if t.counted(unique) {
+		return s.Backing, nil
 	}
 	switch {
 	case s.Pass > 0:
@@ -119,14 +158,15 @@ func register(file func() (*os.File, bool), bf backingFiles) int32 {
 	return id
 }
 
-// release counts down an open handle of ino; the last passthrough handle
-// closes the backing ID. A release that finds no open of its kind (the
-// table of a process that died before writing it) changes nothing.
-func (t *openTable) release(ino uint64, pass bool, bf backingFiles) error {
+// release counts down an open handle of ino (request unique); the last
+// passthrough handle closes the backing ID. A release that finds no open
+// of its kind (the table of a process that died before writing it)
+// changes nothing.
+func (t *openTable) release(ino, unique uint64, pass bool, bf backingFiles) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	s := t.byIno[ino]
-	if s == nil {
+	if s == nil || t.counted(unique) {
 		return nil
 	}
 	var err error
@@ -153,11 +193,11 @@ func (t *openTable) save() error {
 	if t.path == "" {
 		return nil
 	}
-	m := make(map[string]*openState, len(t.byIno))
+	tf := tableFile{Files: make(map[string]*openState, len(t.byIno)), Applied: t.applied}
 	for ino, s := range t.byIno {
-		m[strconv.FormatUint(ino, 10)] = s
+		tf.Files[strconv.FormatUint(ino, 10)] = s
 	}
-	b, err := json.Marshal(m)
+	b, err := json.Marshal(tf)
 	if err != nil {
 		return err
 	}

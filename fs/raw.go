@@ -374,7 +374,7 @@ func (f *fsys) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) 
 	if n.e.Type != layer.TypeReg {
 		return fuse.EINVAL
 	}
-	backing, err := f.opens.open(n.e.Ino, f.passFile(n.e), f.server)
+	backing, err := f.opens.open(n.e.Ino, in.Unique, f.passFile(n.e), f.server)
 	if err != nil {
 		// Only a process taking over this connection would miss it.
 		f.log.Warn("keeping the open table", "file", n.e.Name, "err", err)
@@ -406,7 +406,7 @@ func (f *fsys) passFile(e *layer.Entry) func() (*os.File, bool) {
 // Release ends an open handle, of this process or of one it took over
 // from.
 func (f *fsys) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
-	if err := f.opens.release(in.NodeId, in.Fh == fhPassthrough, f.server); err != nil {
+	if err := f.opens.release(in.NodeId, in.Unique, in.Fh == fhPassthrough, f.server); err != nil {
 		f.log.Warn("release", "node", in.NodeId, "err", err)
 	}
 	if in.Fh == fhPassthrough {

@@ -279,7 +279,7 @@ func TestServeIgnoresStaleOpenTable(t *testing.T) {
 		}
 	}
 	table := filepath.Join(dir, "opens")
-	stale := fmt.Sprintf(`{"%d":{"p":1,"b":1}}`, a.Ino)
+	stale := fmt.Sprintf(`{"files":{"%d":{"p":1,"b":1}}}`, a.Ino)
 	if err := os.WriteFile(table, []byte(stale), 0o600); err != nil {
 		t.Fatal(err)
 	}
