@@ -100,6 +100,10 @@ func (s *Server) Close() {
 
 func (s *Server) serveConn(c *net.UnixConn) {
 	defer c.Close()
+	if err := sameUser(c); err != nil {
+		slog.Warn("holder: refused a client", "err", err)
+		return
+	}
 	buf, oob := make([]byte, maxMessage), make([]byte, unix.CmsgSpace(4))
 	for {
 		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
@@ -270,6 +274,30 @@ func (s *Server) dropFile(h Held) {
 		cur.File.Close()
 		delete(s.held, h.Key)
 	}
+}
+
+// sameUser checks that the peer of c runs as this process's user (root):
+// the socket's mode says so too, but a descriptor of it could be passed
+// on.
+func sameUser(c *net.UnixConn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return err
+	}
+	if cerr != nil {
+		return cerr
+	}
+	if int(cred.Uid) != os.Geteuid() {
+		return fmt.Errorf("peer pid %d runs as uid %d", cred.Pid, cred.Uid)
+	}
+	return nil
 }
 
 func send(c *net.UnixConn, r reply, f *os.File) error {

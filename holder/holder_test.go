@@ -149,3 +149,16 @@ func TestStop(t *testing.T) {
 		t.Fatalf("read after stop: %d, %v; want EOF", n, err)
 	}
 }
+
+// TestSocketIsPrivate: the socket that hands out every mount's
+// connection is for its owner only.
+func TestSocketIsPrivate(t *testing.T) {
+	_, sock := startHolder(t)
+	fi, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if perm := fi.Mode().Perm(); perm != 0o600 {
+		t.Fatalf("holder socket mode %o, want 600", perm)
+	}
+}

@@ -202,6 +202,9 @@ func runFuseManager(args []string) error {
 	// SIGINT is ignored: the manager must not die with a terminal's ^C
 	// aimed at weightsnapd.
 	signal.Ignore(syscall.SIGINT)
+	// It outlives weightsnapd, the first reader of its stderr: losing a
+	// log line is better than dying of SIGPIPE.
+	signal.Ignore(syscall.SIGPIPE)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
 

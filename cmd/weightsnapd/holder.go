@@ -29,6 +29,7 @@ const holderCommand = "holder"
 
 func holderSocket(root string) string  { return filepath.Join(root, "holder.sock") }
 func holderPIDFile(root string) string { return filepath.Join(root, "holder.pid") }
+func holderLogFile(root string) string { return filepath.Join(root, "holder.log") }
 
 // runHolder is the holder process. It serves until told to stop (by
 // weightsnapd shutdown) or sent SIGTERM; either way, letting go of the
@@ -40,6 +41,15 @@ func runHolder(args []string) error {
 	}
 	if len(args) != 1 {
 		return errors.New("usage: weightsnapd holder [" + leaveCgroupFlag + "] ROOT")
+	}
+	// It outlives weightsnapd, and with it the reader of the stderr it was
+	// given (in a container, the runtime's pipe): a write there would
+	// kill it with SIGPIPE. It writes to a file of its own instead.
+	signal.Ignore(syscall.SIGPIPE)
+	if logf, err := os.OpenFile(holderLogFile(args[0]), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600); err == nil {
+		_ = unix.Dup2(int(logf.Fd()), 1)
+		_ = unix.Dup2(int(logf.Fd()), 2)
+		logf.Close()
 	}
 	if err := setupLogging("info"); err != nil {
 		return err
