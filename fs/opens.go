@@ -23,7 +23,8 @@ import (
 // the kind of those still open. These counts are the one part of a mount's
 // state that the layer does not give: a process taking over a connection
 // (Resume) reads them from the file the former process kept them in,
-// written before each open or release is answered. The file needs no
+// written before each open or release is answered (a failed write is
+// logged, not fatal: this process serves on). The file needs no
 // fsync: it must survive the process, not the machine, whose crash ends
 // the connection too.
 type openTable struct {

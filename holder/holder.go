@@ -3,7 +3,7 @@
 // /dev/fuse file closes, so while a small process holds one, the process
 // serving it can die or be replaced, and the kernel keeps its requests
 // waiting for the next server instead of failing them with ENOTCONN (see
-// fs.Resume). The holder does nothing else: it reads no request, parses no
+// fs.Resume). The holder does nothing else: it reads no FUSE request, parses no
 // image, talks to no registry, and so has no reason to crash or to be
 // upgraded.
 //
@@ -167,11 +167,15 @@ func (s *Server) put(h Held) {
 
 func (s *Server) drop(key string) {
 	s.mu.Lock()
-	if old, ok := s.held[key]; ok {
+	old, ok := s.held[key]
+	if ok {
 		old.File.Close()
 		delete(s.held, key)
 	}
 	s.mu.Unlock()
+	if ok {
+		slog.Info("holder: dropped a connection", "key", key)
+	}
 	s.wake()
 }
 

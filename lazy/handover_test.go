@@ -1,12 +1,15 @@
 package lazy
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -145,4 +148,34 @@ func readFile(t *testing.T, l *layer.Opened, name string) string {
 		t.Fatalf("read %s: %d of %d bytes, %v", name, n, len(buf), err)
 	}
 	return string(buf)
+}
+
+// TestDrainWaitsForMountsInFlight: a manager about to hand over lets a
+// mount in flight finish (and stay mounted, for the holder) and takes no
+// new one.
+func TestDrainWaitsForMountsInFlight(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 1)
+	m, fake := newTestManager(t)
+	release := holdBlob(t, g, m, ref, ds[0])
+	defer release()
+	mp := filepath.Join(t.TempDir(), "mp")
+	errc := make(chan error, 1)
+	go func() { errc <- m.Mount(context.Background(), mp, ref, ds[0]) }()
+	<-g.waiting
+	drained := make(chan bool, 1)
+	go func() { drained <- m.Drain(time.Minute) }()
+	release()
+	if err := <-errc; err != nil {
+		t.Fatalf("the mount in flight: %v", err)
+	}
+	if !<-drained {
+		t.Fatal("Drain gave up")
+	}
+	if live := fake.live(); len(live) != 1 || live[0].mp != mp {
+		t.Fatalf("mounts after Drain: %+v, want the one in flight", live)
+	}
+	if err := m.Mount(t.Context(), mp+"2", ref, ds[0]); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Mount after Drain: %v, want ErrClosed", err)
+	}
 }

@@ -69,6 +69,9 @@ type Manager struct {
 	mu     sync.Mutex
 	mounts map[string]*layerMount // by mountpoint
 	closed bool
+	// draining refuses new work but lets what is in flight finish
+	// (Drain).
+	draining bool
 }
 
 // mount is a served layer; *fs.Mount is one.
@@ -104,6 +107,12 @@ func New(store *cache.Store, reg Registry, opts ...Option) *Manager {
 			return mnt, err
 		},
 	}
+	if m.opt.stateDir != "" {
+		// A mount cannot keep its open table without it; Serve fails.
+		if err := os.MkdirAll(m.opt.stateDir, 0o700); err != nil {
+			slog.Error("creating the mounts' state directory", "dir", m.opt.stateDir, "err", err)
+		}
+	}
 	m.sched = prefetch.New(m.opt.prefetch...)
 	m.layers = refmap.New(m.closeLayer)
 	m.ctx, m.cancel = context.WithCancel(context.Background())
@@ -115,7 +124,7 @@ func New(store *cache.Store, reg Registry, opts ...Option) *Manager {
 func (m *Manager) begin(ctx context.Context) (context.Context, func(), error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.closed {
+	if m.closed || m.draining {
 		return nil, nil, ErrClosed
 	}
 	m.work.Add(1)
@@ -183,17 +192,20 @@ func (m *Manager) Mount(ctx context.Context, mountpoint, imageRef string, d dige
 		ref.Release()
 		return err
 	}
+	// Held before it is registered: once registered, an Unmount may come,
+	// and its drop must find the connection in the holder.
+	sl := ref.Value()
+	m.hold(mountpoint, sl, mnt)
 	if err := m.register(ctx, mountpoint, &layerMount{ref: ref, mount: mnt}); err != nil {
+		m.unhold(mountpoint)
 		if uerr := mnt.Unmount(); uerr != nil {
 			slog.Warn("undoing a mount", "mountpoint", mountpoint, "err", uerr)
 		}
 		m.releaseWhenDone(ref, mnt)
 		return err
 	}
-	sl := ref.Value()
 	sl.unwanted.Store(false)
 	sl.mountedOnce.Do(func() { close(sl.mounted) })
-	m.hold(mountpoint, sl, mnt)
 	return nil
 }
 
@@ -330,6 +342,29 @@ func (m *Manager) releaseWhenDone(ref *refmap.Ref[layerKey, *sharedLayer], mnt m
 			<-mnt.Done()
 			ref.Release()
 		}()
+	}
+}
+
+// Drain refuses new work (Mount, Warm and Resume fail with ErrClosed) and
+// waits up to d for the work in flight to finish; it reports whether it
+// did. Nothing is unmounted: it is for a process about to exit and leave
+// its mounts to a successor.
+func (m *Manager) Drain(d time.Duration) bool {
+	m.mu.Lock()
+	m.draining = true
+	m.mu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		m.work.Wait()
+		close(done)
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+		return false
 	}
 }
 

@@ -10,9 +10,11 @@ package main
 // path does not repair running containers). Keeping the FUSE servers in a
 // process of their own, started in its own session, lets the snapshotter
 // crash, be killed or be upgraded while pods keep reading; the restarted
-// snapshotter finds the manager and adopts its mounts. This is the design
-// of stargz-snapshotter's fusemanager. A clean SIGTERM of weightsnapd stops
-// the manager too, unmounting everything.
+// snapshotter finds the manager and adopts its mounts (stargz-snapshotter's
+// fusemanager does so too). The manager itself can die or be replaced: the
+// holder (holder.go) keeps its mounts' connections and the next manager
+// resumes them. A SIGTERM of weightsnapd leaves the manager serving;
+// `weightsnapd shutdown` unmounts everything.
 
 import (
 	"context"
@@ -27,6 +29,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -54,6 +57,9 @@ const (
 	managerStartTimeout = time.Minute
 	// unmountTimeout bounds waiting for the manager to unmount a layer.
 	unmountTimeout = 5 * time.Second
+	// handoverDrain bounds how long a handover waits for the mounts in
+	// flight (a Mount RPC opening a layer) to finish.
+	handoverDrain = 10 * time.Second
 	// managerStopGrace bounds the manager's release of every layer at
 	// shutdown. Releasing a layer normally takes milliseconds, but the
 	// unmount of a FUSE layer that another mount still holds (the lower
@@ -81,6 +87,7 @@ type mountService struct {
 	handover func()        // exits, leaving the mounts to the next manager
 	stopped  chan struct{} // closed once the manager has unmounted everything
 	resumed  int           // mounts taken over at start
+	holder   bool          // a holder keeps the mounts' connections
 }
 
 // Mount mounts a layer; see snapshot.LayerMounter.
@@ -160,8 +167,9 @@ func (s *mountService) Credentials(a CredentialsArgs, _ *struct{}) error {
 
 // PingReply is the answer of Mounts.Ping.
 type PingReply struct {
-	PID     int // the manager's
-	Resumed int // mounts it took over from a former manager at start
+	PID     int  // the manager's
+	Resumed int  // mounts it took over from a former manager at start
+	Holder  bool // its mounts are held: it can hand over
 }
 
 // Ping answers at once, for health checks (weightsnapd health): a reply
@@ -169,6 +177,7 @@ type PingReply struct {
 func (s *mountService) Ping(_ struct{}, r *PingReply) error {
 	r.PID = os.Getpid()
 	r.Resumed = s.resumed
+	r.Holder = s.holder
 	return nil
 }
 
@@ -239,7 +248,7 @@ func runFuseManager(args []string) error {
 	}
 	// Before taking calls: the snapshotter, seeing mounts resumed, keeps
 	// its mount points as they are.
-	resumed := resumeHeld(ctx, m, hc)
+	resumed := resumeHeld(ctx, m, hc, cfg.Root)
 	sock := managerSocket(cfg.Root)
 	lis, err := listenUnix(sock)
 	if err != nil {
@@ -290,6 +299,10 @@ func runFuseManager(args []string) error {
 	// being served would then fail on, and which survives a kill anyway;
 	// its fetched data is made durable first.
 	handover := func() {
+		// Mounts in flight finish first, and go to the holder.
+		if !m.Drain(handoverDrain) {
+			slog.Warn("mounts still in flight at the handover", "waited", handoverDrain)
+		}
 		slog.Info("fuse manager exiting; its mounts wait for the next one", "mounts", len(m.Mountpoints()))
 		if err := flushCache(); err != nil {
 			slog.Warn("flushing the cache before handing over", "err", err)
@@ -302,7 +315,7 @@ func runFuseManager(args []string) error {
 	if hc == nil {
 		handover = func() { _ = shutdown(); os.Exit(0) }
 	}
-	svc := &mountService{m: m, keys: keys, shutdown: shutdown, handover: handover, stopped: stopped, resumed: resumed}
+	svc := &mountService{m: m, keys: keys, shutdown: shutdown, handover: handover, stopped: stopped, resumed: resumed, holder: hc != nil}
 	srv := rpc.NewServer()
 	if err := srv.RegisterName(rpcService, svc); err != nil {
 		_ = shutdown()
@@ -349,8 +362,9 @@ func connectHolder(root string) *holder.Client {
 // resumeHeld serves again every mount a former manager left in the
 // holder, and returns how many. One that cannot be served is ended, so
 // that its readers get an error rather than wait forever, with the reason
-// (image, registry, error) in the log.
-func resumeHeld(ctx context.Context, m *lazy.Manager, hc *holder.Client) int {
+// (image, registry, error) in the log. A stop (ctx) between two leaves the
+// rest held for the next manager.
+func resumeHeld(ctx context.Context, m *lazy.Manager, hc *holder.Client, root string) int {
 	if hc == nil {
 		return 0
 	}
@@ -360,8 +374,23 @@ func resumeHeld(ctx context.Context, m *lazy.Manager, hc *holder.Client) int {
 		return 0
 	}
 	n := 0
-	for _, h := range held {
-		if err := m.Resume(ctx, h.Key, h.Meta, fs.Conn{File: h.File}); err != nil {
+	for i, h := range held {
+		if ctx.Err() != nil {
+			for _, rest := range held[i:] {
+				rest.File.Close()
+			}
+			slog.Info("stopping: the mounts not resumed stay held for the next manager", "left", len(held)-i)
+			break
+		}
+		if !underRoot(h.Key, root) {
+			// Not a mountpoint this manager makes: never unmount it.
+			h.File.Close()
+			slog.Error("the holder names a mount outside the root; dropping it", "mountpoint", h.Key, "root", root)
+			_ = hc.Drop(h.Key)
+			continue
+		}
+		// Not ctx: a stop must not cut a resume half way.
+		if err := m.Resume(context.Background(), h.Key, h.Meta, fs.Conn{File: h.File}); err != nil {
 			metrics.MountsResumed.WithLabelValues("error").Inc()
 			slog.Error("cannot serve a mount again: ending it, its readers get errors", "mountpoint", h.Key, "err", err)
 			if err := fs.CleanupMount(h.Key); err != nil {
@@ -377,4 +406,10 @@ func resumeHeld(ctx context.Context, m *lazy.Manager, hc *holder.Client) int {
 		slog.Info("resumed the mounts of a former fuse manager", "resumed", n, "held", len(held))
 	}
 	return n
+}
+
+// underRoot reports whether path is strictly under root.
+func underRoot(path, root string) bool {
+	rel, err := filepath.Rel(filepath.Clean(root), filepath.Clean(path))
+	return err == nil && rel != "." && !strings.HasPrefix(rel, "..")
 }

@@ -6,7 +6,8 @@ package main
 // replaced by a new binary, and its mounts wait for the next manager,
 // which resumes them, instead of failing with ENOTCONN. weightsnapd starts
 // it, in its own session, when none runs; it is never upgraded in place:
-// its code is a few hundred lines that parse nothing from the outside.
+// its code is a few hundred lines that read only small JSON requests from
+// root on a private socket.
 
 import (
 	"context"

@@ -177,12 +177,20 @@ func dialManager(root string) (*managerClient, error) {
 func connectManager(ctx context.Context, cfg Config) (c *managerClient, adopted bool, err error) {
 	if c, err := dialManager(cfg.Root); err == nil {
 		var r PingReply
-		if err := c.callReply(ctx, "Ping", struct{}{}, &r); err == nil && !sameBinary(r.PID) {
+		err := c.callReply(ctx, "Ping", struct{}{}, &r)
+		switch {
+		case err == nil && !sameBinary(r.PID) && r.Holder:
 			slog.Info("upgrading the fuse manager: the running one hands its mounts over", "pid", r.PID)
 			if err := c.handover(ctx); err != nil {
-				return nil, false, err
+				// Still running: keep it, with its mounts.
+				slog.Warn("the running fuse manager did not hand over; keeping it", "pid", r.PID, "err", err)
+				return c, true, nil
 			}
-		} else {
+		case err == nil && !sameBinary(r.PID):
+			// Its mounts would end with it: keep it until a stop.
+			slog.Warn("the running fuse manager is of another binary but holds its mounts alone; keeping it", "pid", r.PID)
+			return c, true, nil
+		default:
 			slog.Info("adopting running fuse manager", "socket", managerSocket(cfg.Root))
 			return c, true, nil
 		}
@@ -222,16 +230,35 @@ func sameBinary(pid int) bool {
 }
 
 // handover has the manager exit without unmounting, and waits until it
-// has: its connection closing is the answer.
+// has: its connection closing is the answer. A manager that answers
+// instead (one too old to know Handover) or takes longer than
+// handoverTimeout keeps running.
 func (c *managerClient) handover(ctx context.Context) error {
-	c.c.Go(rpcService+".Handover", struct{}{}, new(struct{}), nil)
+	ctx, cancel := context.WithTimeout(ctx, handoverTimeout)
+	defer cancel()
+	call := c.c.Go(rpcService+".Handover", struct{}{}, new(struct{}), nil)
 	select {
 	case <-c.dead:
 		return nil
+	case <-call.Done:
+		var serr rpc.ServerError
+		if errors.As(call.Error, &serr) {
+			return serr
+		}
+		select { // the connection broke: it is exiting
+		case <-c.dead:
+			return nil
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the fuse manager to hand over: %w", ctx.Err())
+		}
 	case <-ctx.Done():
 		return fmt.Errorf("waiting for the fuse manager to hand over: %w", ctx.Err())
 	}
 }
+
+// handoverTimeout bounds a handover: the manager waits for the mounts in
+// flight (handoverDrain) and flushes the cache.
+const handoverTimeout = handoverDrain + 20*time.Second
 
 // spawnManager starts the manager and waits until it is ready; see
 // spawnDetached.

@@ -79,3 +79,10 @@ func RepoRoot() (string, error) {
 		dir = parent
 	}
 }
+
+// SkipOrFail skips t because a prerequisite (a kernel feature, say) is
+// missing, or fails it when CI=true.
+func SkipOrFail(t testing.TB, why string) {
+	t.Helper()
+	missing(t, "%s", why)
+}
