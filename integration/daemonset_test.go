@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -16,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 	criapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/weightsnap/weightsnap/holder"
 	"github.com/weightsnap/weightsnap/internal/imagebuild"
 )
 
@@ -58,6 +58,7 @@ func TestDaemonSetReplacedWhileReading(t *testing.T) {
 	}
 
 	bin := staticWeightsnapd(t)
+	nodeRT, nodeIS := s.ctd.cri(t)
 	var refs []string
 	for _, version := range []string{"v1", "v2"} {
 		img, err := imagebuild.Build(imagebuild.Spec{Binary: bin, Arch: runtime.GOARCH, Labels: map[string]string{"org.opencontainers.image.version": version}})
@@ -68,11 +69,10 @@ func TestDaemonSetReplacedWhileReading(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.ctd.ctr(t, ctx, "images", "pull", "--local", "--snapshotter", "overlayfs", "--plain-http", "--hosts-dir", s.hosts, ref.String()); err != nil {
-			t.Fatal(err)
-		}
+		pullImage(t, ctx, nodeIS, ref.String())
 		refs = append(refs, ref.String())
 	}
+	pullImage(t, ctx, nodeIS, s.tools.Ref) // the pod sandbox's image
 
 	node := mkdir(t, filepath.Join(s.dir, "node"))
 	nodeRoot := sharedDir(t, filepath.Join(node, "var-lib-weightsnap"))
@@ -81,12 +81,12 @@ func TestDaemonSetReplacedWhileReading(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(conf, "weightsnapd.toml"), []byte(fmt.Sprintf(daemonsetConfig, nodeRoot, filepath.Join(nodeRun, "weightsnap.sock"), restartSpan)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	ds := &daemonSet{s: s, root: nodeRoot, run: nodeRun, conf: conf}
+	ds := &daemonSet{rt: nodeRT, root: nodeRoot, run: nodeRun, conf: conf, hosts: s.hosts, logs: mkdir(t, filepath.Join(node, "logs"))}
 	t.Cleanup(func() { ds.stop(t) })
 	// Runs before the container stops: the manager unmounts every layer,
 	// the holder exits.
 	t.Cleanup(func() { ds.shutdown(t) })
-	ds.start(t, ctx, refs[0], "weightsnapd-v1")
+	ds.start(t, ctx, refs[0], "v1")
 
 	// The node's containerd, with the DaemonSet's weightsnapd as its
 	// snapshotter.
@@ -95,6 +95,14 @@ func TestDaemonSetReplacedWhileReading(t *testing.T) {
 	pullImage(t, ctx, is, s.tools.Ref)
 	m := s.pushModel(t, s.origin.Addr, "dsmodel:v1", 24<<20, 900)
 	pullImage(t, ctx, is, m.Ref)
+	// Lazily: the weights layer is a FUSE mount on the node, not in the
+	// node containerd's content store.
+	if content, err := b.ctr(t, ctx, "--namespace", criNamespace, "content", "ls", "-q"); err != nil || strings.Contains(content, m.weight) {
+		t.Fatalf("the weights layer %s was downloaded by containerd, not mounted lazily (%v)", m.weight, err)
+	}
+	if !hasMountFrom(t, nodeRoot, "weightsnap:"+m.weight) {
+		t.Fatalf("no lazy mount of %s under the node's root: %v", m.weight, mountsUnder(t, nodeRoot))
+	}
 	p := s.runPod(t, ctx, rt, "team-ds", "infer", m.Ref)
 	from := m.size / 2
 	release := s.origin.Hold(m.weight, from, from+restartSpan)
@@ -115,7 +123,7 @@ func TestDaemonSetReplacedWhileReading(t *testing.T) {
 	if holderPID <= 0 {
 		t.Fatal("no holder pid file")
 	}
-	ds.replace(t, ctx, refs[1], "weightsnapd-v2")
+	ds.replace(t, ctx, refs[1], "v2")
 	if !alive(holderPID) {
 		t.Fatalf("the holder (pid %d) died with the container", holderPID)
 	}
@@ -131,74 +139,124 @@ func TestDaemonSetReplacedWhileReading(t *testing.T) {
 	if got := sumFileInPod(t, ctx, rt, p, extraPath); got != m.extraSum {
 		t.Errorf("after the replacement: sha256 of %s %s, want %s", extraPath, got, m.extraSum)
 	}
-}
 
-// daemonSet is weightsnapd's container on containerd A, as the DaemonSet
-// runs it.
-type daemonSet struct {
-	s               *stack
-	root, run, conf string
-	id              string // the running container
-}
-
-// start runs the image ref as container id and waits until its health
-// check passes.
-func (d *daemonSet) start(t *testing.T, ctx context.Context, ref, id string) {
-	t.Helper()
-	d.id = id
-	if _, err := d.s.ctd.ctr(t, ctx, "run", "-d", "--privileged", "--snapshotter", "overlayfs",
-		"--with-ns", fmt.Sprintf("pid:/proc/%d/ns/pid", os.Getpid()), // the host PID namespace (hostPID)
-		"--mount", "type=bind,src="+d.root+",dst="+d.root+",options=rbind:rw:rshared",
-		"--mount", "type=bind,src="+d.run+",dst="+d.run+",options=rbind:rw",
-		"--mount", "type=bind,src="+d.conf+",dst=/etc/weightsnap,options=rbind:ro",
-		"--mount", "type=bind,src="+d.s.hosts+",dst=/etc/containerd/certs.d,options=rbind:ro",
-		ref, id, imagebuild.BinaryPath, "--config", "/etc/weightsnap/weightsnapd.toml"); err != nil {
+	// The holder outlived the container whose stderr it was given: made to
+	// log (a connection put and dropped), it lives on.
+	hc, err := holder.Dial(filepath.Join(nodeRoot, "holder.sock"))
+	if err != nil {
+		t.Fatalf("the holder after the replacement: %v", err)
+	}
+	defer hc.Close()
+	pr, pw, err := os.Pipe()
+	if err != nil {
 		t.Fatal(err)
 	}
+	defer pr.Close()
+	if err := hc.Put("probe", nil, pw); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	if err := hc.Drop("probe"); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, ctx, "the holder to log the drop", func() bool {
+		return logHas(filepath.Join(nodeRoot, "holder.log"), "holder: dropped a connection", "probe")
+	})
+	if !alive(holderPID) {
+		t.Fatalf("the holder (pid %d) died after the replacement", holderPID)
+	}
+}
+
+// daemonSet is weightsnapd's pod on containerd A, through CRI as kubelet
+// runs the DaemonSet's: the node's network and PID namespace, privileged,
+// the node's root bind-mounted with Bidirectional propagation (so that
+// its FUSE mounts reach the node), the node's run directory, the config
+// and hosts.toml.
+type daemonSet struct {
+	rt                           criapi.RuntimeServiceClient
+	root, run, conf, hosts, logs string
+	sandbox, container           string // the running pod
+}
+
+// start runs the image ref as the pod of the given version and waits
+// until its health check (the DaemonSet's probe) passes.
+func (d *daemonSet) start(t *testing.T, ctx context.Context, ref, version string) {
+	t.Helper()
+	ns := &criapi.NamespaceOption{Network: criapi.NamespaceMode_NODE, Pid: criapi.NamespaceMode_NODE}
+	cfg := &criapi.PodSandboxConfig{
+		Metadata:     &criapi.PodSandboxMetadata{Name: "weightsnapd-" + version, Namespace: "weightsnap", Uid: "weightsnapd-" + version},
+		LogDirectory: mkdir(t, filepath.Join(d.logs, version)),
+		Linux: &criapi.LinuxPodSandboxConfig{SecurityContext: &criapi.LinuxSandboxSecurityContext{
+			NamespaceOptions: ns, Privileged: true,
+		}},
+	}
+	sb, err := d.rt.RunPodSandbox(ctx, &criapi.RunPodSandboxRequest{Config: cfg})
+	if err != nil {
+		t.Fatalf("RunPodSandbox weightsnapd %s: %v", version, err)
+	}
+	d.sandbox = sb.PodSandboxId
+	logFile := filepath.Join(cfg.LogDirectory, "weightsnapd.log")
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("--- tail of weightsnapd %s's log:\n%s", version, tailFile(logFile, 15))
+		}
+	})
+	cc, err := d.rt.CreateContainer(ctx, &criapi.CreateContainerRequest{
+		PodSandboxId:  sb.PodSandboxId,
+		SandboxConfig: cfg,
+		Config: &criapi.ContainerConfig{
+			Metadata: &criapi.ContainerMetadata{Name: "weightsnapd"},
+			Image:    &criapi.ImageSpec{Image: ref},
+			Command:  []string{imagebuild.BinaryPath, "--config", "/etc/weightsnap/weightsnapd.toml"},
+			LogPath:  "weightsnapd.log",
+			Linux: &criapi.LinuxContainerConfig{SecurityContext: &criapi.LinuxContainerSecurityContext{
+				Privileged: true, NamespaceOptions: ns,
+			}},
+			Mounts: []*criapi.Mount{
+				{ContainerPath: d.root, HostPath: d.root, Propagation: criapi.MountPropagation_PROPAGATION_BIDIRECTIONAL},
+				{ContainerPath: d.run, HostPath: d.run},
+				{ContainerPath: "/etc/weightsnap", HostPath: d.conf, Readonly: true},
+				{ContainerPath: "/etc/containerd/certs.d", HostPath: d.hosts, Readonly: true},
+			},
+		},
+	})
+	if err != nil {
+		t.Fatalf("CreateContainer weightsnapd %s: %v", version, err)
+	}
+	d.container = cc.ContainerId
+	if _, err := d.rt.StartContainer(ctx, &criapi.StartContainerRequest{ContainerId: cc.ContainerId}); err != nil {
+		t.Fatalf("StartContainer weightsnapd %s: %v", version, err)
+	}
 	for deadline := time.Now().Add(readyTimeout); ; {
-		out, err := d.s.ctd.ctr(t, ctx, "tasks", "exec", "--exec-id", "probe-"+strconv.FormatInt(time.Now().UnixNano(), 36), id,
-			imagebuild.BinaryPath, "health", "--config", "/etc/weightsnap/weightsnapd.toml", "--timeout", "4s")
-		if err == nil {
+		r, err := d.rt.ExecSync(ctx, &criapi.ExecSyncRequest{ContainerId: d.container,
+			Cmd: []string{imagebuild.BinaryPath, "health", "--config", "/etc/weightsnap/weightsnapd.toml", "--timeout", "4s"}, Timeout: 10})
+		if err == nil && r.ExitCode == 0 {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("health of %s never passed: %v\n%s", id, err, out)
+			t.Fatalf("health of weightsnapd %s never passed: %v %s", version, err, r.GetStderr())
 		}
 		time.Sleep(200 * time.Millisecond) // the daemon is starting; no event to wait on
 	}
 }
 
-// replace stops and removes the running container, as kubelet does in a
-// rolling update (SIGTERM, then the task and container go), and starts
-// ref as id on the same paths.
-func (d *daemonSet) replace(t *testing.T, ctx context.Context, ref, id string) {
+// replace stops and removes the running pod, as a rolling update does
+// (its containers get SIGTERM, then whatever is left in their cgroups
+// SIGKILL), and starts ref as the pod of version on the same paths.
+func (d *daemonSet) replace(t *testing.T, ctx context.Context, ref, version string) {
 	t.Helper()
 	d.remove(t, ctx)
-	d.start(t, ctx, ref, id)
+	d.start(t, ctx, ref, version)
 }
 
-// remove stops the running container: SIGTERM, then SIGKILL of whatever
-// is left in its cgroup when the task is removed.
+// remove stops and removes the running pod, if any.
 func (d *daemonSet) remove(t testing.TB, ctx context.Context) {
 	t.Helper()
-	if d.id == "" {
+	if d.sandbox == "" {
 		return
 	}
-	_, _ = d.s.ctd.ctr(t, ctx, "tasks", "kill", "--signal", "SIGTERM", d.id)
-	for deadline := time.Now().Add(stopGrace); time.Now().Before(deadline); {
-		out, _ := d.s.ctd.ctr(t, ctx, "tasks", "ls")
-		if !strings.Contains(out, d.id) || strings.Contains(out, "STOPPED") {
-			break
-		}
-		time.Sleep(100 * time.Millisecond) // polling ctr; no event to wait on
-	}
-	if _, err := d.s.ctd.ctr(t, ctx, "tasks", "rm", "--force", d.id); err != nil && !strings.Contains(err.Error(), "not found") {
-		t.Errorf("removing the task %s: %v", d.id, err)
-	}
-	if _, err := d.s.ctd.ctr(t, ctx, "containers", "rm", d.id); err != nil {
-		t.Errorf("removing the container %s: %v", d.id, err)
-	}
-	d.id = ""
+	removePod(t, d.rt, pod{sandbox: d.sandbox})
+	d.sandbox, d.container = "", ""
 }
 
 // shutdown ends the DaemonSet's mounts and holder from the node, as an
@@ -249,4 +307,21 @@ func sharedDir(t *testing.T, dir string) string {
 		t.Fatalf("make %s shared: %v", dir, err)
 	}
 	return dir
+}
+
+// hasMountFrom reports whether a mount of source src is at or under dir.
+func hasMountFrom(t *testing.T, dir, src string) bool {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		pre, post, ok := strings.Cut(line, " - ")
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if ok && len(f) >= 5 && len(g) >= 2 && strings.HasPrefix(f[4], dir) && g[1] == src {
+			return true
+		}
+	}
+	return false
 }
