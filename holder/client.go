@@ -15,8 +15,9 @@ import (
 // Client talks to a holder. Its methods are safe for concurrent use; each
 // request waits for its answer.
 type Client struct {
-	mu sync.Mutex
-	c  *net.UnixConn
+	mu   sync.Mutex
+	path string
+	c    *net.UnixConn // nil after a failed call, until the next redials
 }
 
 // dialTimeout bounds a connection and each request: the holder answers at
@@ -25,11 +26,20 @@ const dialTimeout = 5 * time.Second
 
 // Dial connects to the holder listening at path.
 func Dial(path string) (*Client, error) {
-	c, err := net.DialTimeout("unixpacket", path, dialTimeout)
-	if err != nil {
+	c := &Client{path: path}
+	if err := c.dial(); err != nil {
 		return nil, err
 	}
-	return &Client{c: c.(*net.UnixConn)}, nil
+	return c, nil
+}
+
+func (c *Client) dial() error {
+	conn, err := net.DialTimeout("unixpacket", c.path, dialTimeout)
+	if err != nil {
+		return err
+	}
+	c.c = conn.(*net.UnixConn)
+	return nil
 }
 
 // Listen listens at path for Serve, replacing a socket file left by a
@@ -57,7 +67,16 @@ func Listen(path string) (*net.UnixListener, error) {
 }
 
 // Close closes the client's connection; the holder keeps what it holds.
-func (c *Client) Close() error { return c.c.Close() }
+func (c *Client) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.c == nil {
+		return nil
+	}
+	err := c.c.Close()
+	c.c = nil
+	return err
+}
 
 // Put has the holder keep f (a descriptor of its own: the caller may
 // close f) under key, with meta, replacing what it held under key.
@@ -95,6 +114,33 @@ func (c *Client) call(req request, f *os.File) ([]Held, error) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	// A connection a call failed on is not used again: a reply it still
+	// owes would answer the next call. The next call dials anew (a
+	// holder that was restarted, say).
+	// Every request is idempotent: one that failed on a connection made
+	// earlier is sent once more on a new one.
+	fresh := c.c == nil
+	for {
+		if c.c == nil {
+			if err := c.dial(); err != nil {
+				return nil, fmt.Errorf("holder %s: %w", req.Op, err)
+			}
+		}
+		held, err := c.exchange(req, b, oob)
+		if err == nil {
+			return held, nil
+		}
+		c.c.Close()
+		c.c = nil
+		if fresh || req.Op == "stop" {
+			return nil, err
+		}
+		fresh = true
+	}
+}
+
+// exchange sends one request and reads its replies. Callers hold c.mu.
+func (c *Client) exchange(req request, b, oob []byte) ([]Held, error) {
 	_ = c.c.SetDeadline(time.Now().Add(dialTimeout))
 	defer c.c.SetDeadline(time.Time{})
 	if _, _, err := c.c.WriteMsgUnix(b, oob, nil); err != nil {

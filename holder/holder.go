@@ -53,6 +53,7 @@ const maxMessage = 64 << 10
 type Server struct {
 	mu      sync.Mutex
 	held    map[string]Held
+	conns   map[*net.UnixConn]struct{} // the clients'; closed by Close
 	changed chan struct{} // wakes watch
 	stop    chan struct{}
 	once    sync.Once
@@ -60,7 +61,7 @@ type Server struct {
 
 // NewServer returns an empty holder.
 func NewServer() *Server {
-	return &Server{held: map[string]Held{}, changed: make(chan struct{}, 1), stop: make(chan struct{})}
+	return &Server{held: map[string]Held{}, conns: map[*net.UnixConn]struct{}{}, changed: make(chan struct{}, 1), stop: make(chan struct{})}
 }
 
 // Serve answers clients on lis until a stop request or Close.
@@ -96,10 +97,28 @@ func (s *Server) Close() {
 		h.File.Close()
 		delete(s.held, k)
 	}
+	for c := range s.conns {
+		c.Close()
+	}
 }
 
 func (s *Server) serveConn(c *net.UnixConn) {
-	defer c.Close()
+	s.mu.Lock()
+	select {
+	case <-s.stop:
+		s.mu.Unlock()
+		c.Close()
+		return
+	default:
+	}
+	s.conns[c] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		c.Close()
+	}()
 	if err := sameUser(c); err != nil {
 		slog.Warn("holder: refused a client", "err", err)
 		return

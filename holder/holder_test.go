@@ -162,3 +162,42 @@ func TestSocketIsPrivate(t *testing.T) {
 		t.Fatalf("holder socket mode %o, want 600", perm)
 	}
 }
+
+// TestClientRedials: a client whose holder was restarted (a new one on the
+// same socket) reaches the new one on its next call.
+func TestClientRedials(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "holder.sock")
+	serve := func() (*Server, chan error) {
+		lis, err := Listen(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := NewServer()
+		done := make(chan error, 1)
+		go func() { done <- s.Serve(lis) }()
+		return s, done
+	}
+	s1, done1 := serve()
+	c := dial(t, sock)
+	if _, err := c.List(); err != nil {
+		t.Fatal(err)
+	}
+	s1.Close()
+	<-done1
+	s2, done2 := serve()
+	t.Cleanup(func() { s2.Close(); <-done2 })
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	if err := c.Put("/mnt/a", nil, w); err != nil {
+		t.Fatalf("Put after the holder was restarted: %v", err)
+	}
+	if held, err := c.List(); err != nil || len(held) != 1 {
+		t.Fatalf("List = %v, %v", held, err)
+	} else {
+		closeAll(held)
+	}
+}
