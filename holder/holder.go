@@ -54,7 +54,7 @@ type Server struct {
 	mu      sync.Mutex
 	held    map[string]Held
 	conns   map[*net.UnixConn]struct{} // the clients'; closed by Close
-	changed chan struct{} // wakes watch
+	changed chan struct{}              // wakes watch
 	stop    chan struct{}
 	once    sync.Once
 }
