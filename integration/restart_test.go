@@ -3,11 +3,14 @@ package integration
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	criapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/weightsnap/weightsnap/holder"
 
 	"github.com/weightsnap/weightsnap/chunks"
 )
@@ -123,5 +126,56 @@ func waitUntil(t *testing.T, ctx context.Context, what string, cond func() bool)
 			t.Fatalf("waiting for %s: %v", what, ctx.Err())
 		case <-time.After(20 * time.Millisecond): // polling a condition
 		}
+	}
+}
+
+// TestUnheldMountIsMountedAgain: a layer whose connection never reached the
+// holder (a hand-over that failed) is lost with its FUSE manager; the next
+// pod of its image finds it mounted again, not unavailable, and reads the
+// right bytes.
+func TestUnheldMountIsMountedAgain(t *testing.T) {
+	s := newStack(t, nil)
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	defer cancel()
+	rt, is := s.ctd.cri(t)
+	pullImage(t, ctx, is, s.tools.Ref)
+	m := s.pushModel(t, s.origin.Addr, "unheld:v1", 8<<20, 801)
+	pullImage(t, ctx, is, m.Ref)
+	a := s.runPod(t, ctx, rt, "team-a", "infer", m.Ref)
+	if got := sumInPod(t, ctx, rt, a); got != m.sum {
+		t.Fatalf("before: sha256 %s, want %s", got, m.sum)
+	}
+
+	hc, err := holder.Dial(filepath.Join(s.ws.root, "holder.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hc.Close()
+	held, err := hc.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dropped := 0
+	for _, h := range held {
+		h.File.Close()
+		if strings.Contains(string(h.Meta), m.weight) {
+			if err := hc.Drop(h.Key); err != nil {
+				t.Fatal(err)
+			}
+			dropped++
+		}
+	}
+	if dropped != 1 {
+		t.Fatalf("%d held mounts of the weights layer, want 1", dropped)
+	}
+	s.ws.killManager(t)
+	removePod(t, rt, a) // its mount died with the manager
+
+	b := s.runPod(t, ctx, rt, "team-b", "infer", m.Ref)
+	if got := sumInPod(t, ctx, rt, b); got != m.sum {
+		t.Errorf("a new pod after its layer's mount was lost: sha256 %s, want %s", got, m.sum)
+	}
+	if !logHas(s.ws.log, "mounting again a layer no server serves", m.weight) {
+		t.Error("weightsnapd's log does not say it mounted the lost layer again")
 	}
 }

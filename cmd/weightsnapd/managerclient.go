@@ -5,11 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	iofs "io/fs"
 	"log/slog"
 	"net"
 	"net/rpc"
 	"os"
 	"os/exec"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -83,9 +85,16 @@ func (c *managerClient) Warm(imageRef string, layers []digest.Digest) {
 	c.c.Go(rpcService+".Warm", args, new(struct{}), nil)
 }
 
-// Check implements snapshot.LayerMounter.
+// Check implements snapshot.LayerMounter. The manager's "not mounted"
+// crosses the RPC as text: it is an fs.ErrNotExist again here, which the
+// snapshotter answers by mounting the layer again.
 func (c *managerClient) Check(ctx context.Context, mountpoint string) error {
-	return c.call(ctx, "Check", mountpoint)
+	err := c.call(ctx, "Check", mountpoint)
+	var serr rpc.ServerError
+	if errors.As(err, &serr) && strings.HasPrefix(string(serr), "no layer mounted at ") {
+		return fmt.Errorf("%s: %w", serr, iofs.ErrNotExist)
+	}
+	return err
 }
 
 // CachedBytes implements snapshot.CacheReporter.

@@ -6,10 +6,12 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/weightsnap/weightsnap/fs"
 	"github.com/weightsnap/weightsnap/holder"
 	"golang.org/x/sys/unix"
 )
@@ -56,7 +58,32 @@ func runShutdown(args []string) error {
 		}
 		hc.Close()
 	}
+	// What no process serves any more (a mount lost with a manager that
+	// died before handing it over) is unmounted too.
+	for _, mp := range staleMounts(cfg.Root) {
+		if err := fs.CleanupMount(mp); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// staleMounts lists the weightsnap FUSE mounts under root, deepest first.
+func staleMounts(root string) []string {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	var mps []string
+	for _, line := range strings.Split(string(b), "\n") {
+		pre, post, ok := strings.Cut(line, " - ")
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if ok && len(f) >= 5 && len(g) >= 1 && g[0] == "fuse.weightsnap" && underRoot(f[4], root) {
+			mps = append(mps, f[4])
+		}
+	}
+	slices.Reverse(mps)
+	return mps
 }
 
 // readPID reads a pid file; 0 if there is none.
