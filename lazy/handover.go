@@ -22,10 +22,19 @@ import (
 
 // heldMount is what the holder keeps beside a mount's connection.
 type heldMount struct {
+	// Proto is the serving protocol the connection was set up for:
+	// fs's mount options (the kernel keeps what was agreed at INIT), its
+	// node IDs, handles and open table. A successor serves only its own.
+	Proto int           `json:"proto"`
 	Image string        `json:"image"` // pinned by digest: its record is in the cache
 	Layer digest.Digest `json:"layer"`
 	Init  []byte        `json:"init"` // the kernel's INIT request (fs.Conn)
 }
+
+// heldProto is this version's Proto: change it with anything a resumed
+// connection depends on (fs.mountOptions, node IDs, handles, the open
+// table's format).
+const heldProto = 1
 
 // openTable is where the open table of the mount at mountpoint is kept;
 // "" without a holder.
@@ -49,7 +58,7 @@ func (m *Manager) hold(mountpoint string, sl *sharedLayer, mnt mount) {
 			return err
 		}
 		defer c.Close()
-		meta, err := json.Marshal(heldMount{Image: sl.image, Layer: sl.desc.Digest, Init: c.Init})
+		meta, err := json.Marshal(heldMount{Proto: heldProto, Image: sl.image, Layer: sl.desc.Digest, Init: c.Init})
 		if err != nil {
 			return err
 		}
@@ -87,6 +96,10 @@ func (m *Manager) Resume(ctx context.Context, mountpoint string, meta []byte, c 
 	if err := json.Unmarshal(meta, &hm); err != nil {
 		c.Close()
 		return fmt.Errorf("resume %s: %w", mountpoint, err)
+	}
+	if hm.Proto != heldProto {
+		c.Close()
+		return fmt.Errorf("resume layer %s of %s: its connection was set up by a weightsnap of another protocol (%d, this one serves %d)", hm.Layer, hm.Image, hm.Proto, heldProto)
 	}
 	c.Init = hm.Init
 	ctx, done, err := m.begin(ctx)

@@ -81,7 +81,7 @@ func TestHandOverAndResume(t *testing.T) {
 	if err := json.Unmarshal(meta, &hm); err != nil {
 		t.Fatal(err)
 	}
-	if hm.Layer != ds[0] || !strings.Contains(hm.Image, "@sha256:") || string(hm.Init) != "init "+mp {
+	if hm.Proto != heldProto || hm.Layer != ds[0] || !strings.Contains(hm.Image, "@sha256:") || string(hm.Init) != "init "+mp {
 		t.Fatalf("held %+v", hm)
 	}
 	// As if it had died: its cache stays. (Close would unmount; the
@@ -128,7 +128,11 @@ func TestResumeErrorsNameTheImage(t *testing.T) {
 	if err := m.Resume(t.Context(), "/nowhere", []byte("{"), fs.Conn{File: devnull}); err == nil {
 		t.Fatal("Resume with unreadable metadata succeeded")
 	}
-	meta, _ := json.Marshal(heldMount{Image: "127.0.0.1:1/private/model@sha256:" + strings.Repeat("a", 64), Layer: digest.Digest("sha256:" + strings.Repeat("b", 64))})
+	devnull, _ = os.Open(os.DevNull)
+	if err := m.Resume(t.Context(), "/nowhere", []byte(`{"proto":99}`), fs.Conn{File: devnull}); err == nil || !strings.Contains(err.Error(), "another protocol") {
+		t.Fatalf("Resume of a connection of another protocol: %v", err)
+	}
+	meta, _ := json.Marshal(heldMount{Proto: heldProto, Image: "127.0.0.1:1/private/model@sha256:" + strings.Repeat("a", 64), Layer: digest.Digest("sha256:" + strings.Repeat("b", 64))})
 	devnull, _ = os.Open(os.DevNull)
 	err = m.Resume(t.Context(), "/nowhere", meta, fs.Conn{File: devnull})
 	if err == nil || !strings.Contains(err.Error(), "private/model") || !strings.Contains(err.Error(), strings.Repeat("b", 64)) {
