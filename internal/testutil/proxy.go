@@ -87,6 +87,7 @@ type Proxy struct {
 	blobBytes map[string]int64
 	holds     map[string]*hold // by blob digest
 	waiting   map[string]int   // responses waiting at a hold, by blob digest
+	inFlight  map[string]int   // blob GETs being answered, by blob digest
 
 	totalBlobBytes atomic.Int64
 	requests       atomic.Int64
@@ -132,6 +133,7 @@ func StartProxy(t testing.TB, target string, faults Faults) *Proxy {
 		blobBytes: map[string]int64{},
 		holds:     map[string]*hold{},
 		waiting:   map[string]int{},
+		inFlight:  map[string]int{},
 	}
 	if err := p.SetFaults(faults); err != nil {
 		ln.Close()
@@ -216,6 +218,15 @@ func (p *Proxy) Hold(digest string, from, to int64) (release func()) {
 	return func() { h.once.Do(func() { close(h.released) }) }
 }
 
+// InFlight returns how many GETs of blob digest are being answered now,
+// held ones included: when it equals Held, every other response has been
+// sent whole.
+func (p *Proxy) InFlight(digest string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.inFlight[digest]
+}
+
 // Held returns how many responses carrying bytes of blob digest wait at
 // its hold now: a client's request is in flight there until the hold is
 // released or the client goes away (its request cancelled, its
@@ -251,6 +262,16 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if m := blobPath.FindStringSubmatch(r.URL.Path); m != nil && r.Method == http.MethodGet {
 		digest = m[1]
 		p.blobRequests.Add(1)
+		p.mu.Lock()
+		p.inFlight[digest]++
+		p.mu.Unlock()
+		defer func() {
+			p.mu.Lock()
+			if p.inFlight[digest]--; p.inFlight[digest] == 0 {
+				delete(p.inFlight, digest)
+			}
+			p.mu.Unlock()
+		}()
 	}
 	f, corrupt := faultNone, false
 	if digest != "" {
