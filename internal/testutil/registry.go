@@ -125,6 +125,9 @@ http:
 	r.cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	r.cmd.Stdout = r.stderr
 	r.cmd.Stderr = r.stderr
+	// Pdeathsig stops it if the test binary dies without its cleanups
+	// (a -timeout panic).
+	r.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := r.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
