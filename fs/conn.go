@@ -45,11 +45,17 @@ func (c Conn) Close() error {
 // the caller closes; handed to another process, it keeps the mount alive
 // and servable after this process is gone.
 func (m *Mount) Conn() (Conn, error) {
-	fd, err := unix.FcntlInt(m.conn.File.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	f, err := dupFUSE(m.conn.File.Fd())
+	return Conn{File: f, Init: m.conn.Init}, err
+}
+
+// dupFUSE returns a descriptor of its own of the connection fd.
+func dupFUSE(fd uintptr) (*os.File, error) {
+	dup, err := unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
-		return Conn{}, fmt.Errorf("duplicating the FUSE descriptor: %w", err)
+		return nil, fmt.Errorf("duplicating the FUSE descriptor: %w", err)
 	}
-	return Conn{File: os.NewFile(uintptr(fd), "/dev/fuse"), Init: m.conn.Init}, nil
+	return os.NewFile(uintptr(dup), "/dev/fuse"), nil
 }
 
 // mountFUSE opens /dev/fuse and mounts a FUSE file system at mountpoint
@@ -73,11 +79,8 @@ func mountFUSE(mountpoint, source string) (int, error) {
 // newConn keeps a descriptor of dev's connection and the INIT request the
 // kernel sent on it (rebuilt from what go-fuse kept of it).
 func newConn(dev int, init *fuse.InitIn) (Conn, error) {
-	fd, err := unix.FcntlInt(uintptr(dev), unix.F_DUPFD_CLOEXEC, 0)
-	if err != nil {
-		return Conn{}, fmt.Errorf("duplicating the FUSE descriptor: %w", err)
-	}
-	return Conn{File: os.NewFile(uintptr(fd), "/dev/fuse"), Init: initRequest(init)}, nil
+	f, err := dupFUSE(uintptr(dev))
+	return Conn{File: f, Init: initRequest(init)}, err
 }
 
 // pollHackName is the name go-fuse answers, in any file system it serves,

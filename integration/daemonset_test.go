@@ -100,7 +100,7 @@ func TestDaemonSetReplacedWhileReading(t *testing.T) {
 	if content, err := b.ctr(t, ctx, "--namespace", criNamespace, "content", "ls", "-q"); err != nil || strings.Contains(content, m.weight) {
 		t.Fatalf("the weights layer %s was downloaded by containerd, not mounted lazily (%v)", m.weight, err)
 	}
-	if !hasMountFrom(t, nodeRoot, "weightsnap:"+m.weight) {
+	if len(layerMounts(t, m.weight)) == 0 {
 		t.Fatalf("no lazy mount of %s under the node's root: %v", m.weight, mountsUnder(t, nodeRoot))
 	}
 	p := s.runPod(t, ctx, rt, "team-ds", "infer", m.Ref)
@@ -307,21 +307,4 @@ func sharedDir(t *testing.T, dir string) string {
 		t.Fatalf("make %s shared: %v", dir, err)
 	}
 	return dir
-}
-
-// hasMountFrom reports whether a mount of source src is at or under dir.
-func hasMountFrom(t *testing.T, dir, src string) bool {
-	t.Helper()
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		pre, post, ok := strings.Cut(line, " - ")
-		f, g := strings.Fields(pre), strings.Fields(post)
-		if ok && len(f) >= 5 && len(g) >= 2 && strings.HasPrefix(f[4], dir) && g[1] == src {
-			return true
-		}
-	}
-	return false
 }
