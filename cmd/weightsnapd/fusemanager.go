@@ -21,6 +21,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	iofs "io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -122,8 +123,20 @@ func (s *mountService) Warm(a WarmArgs, _ *struct{}) error {
 }
 
 // Check checks a mount; see snapshot.LayerMounter.
-func (s *mountService) Check(mountpoint string, _ *struct{}) error {
-	return s.m.Check(context.Background(), mountpoint)
+func (s *mountService) Check(mountpoint string, r *CheckReply) error {
+	err := s.m.Check(context.Background(), mountpoint)
+	if errors.Is(err, iofs.ErrNotExist) {
+		r.NotMounted = true
+		return nil
+	}
+	return err
+}
+
+// CheckReply is the answer of Mounts.Check. An error crosses net/rpc as
+// text only: that no layer is mounted there, which the snapshotter
+// answers by mounting it again, is said here instead.
+type CheckReply struct {
+	NotMounted bool
 }
 
 // CachedBytes reports what the cache holds for a mounted layer; see

@@ -11,7 +11,6 @@ import (
 	"net/rpc"
 	"os"
 	"os/exec"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -85,16 +84,18 @@ func (c *managerClient) Warm(imageRef string, layers []digest.Digest) {
 	c.c.Go(rpcService+".Warm", args, new(struct{}), nil)
 }
 
-// Check implements snapshot.LayerMounter. The manager's "not mounted"
-// crosses the RPC as text: it is an fs.ErrNotExist again here, which the
-// snapshotter answers by mounting the layer again.
+// Check implements snapshot.LayerMounter; a layer the manager does not
+// serve there is an fs.ErrNotExist, which the snapshotter answers by
+// mounting it again.
 func (c *managerClient) Check(ctx context.Context, mountpoint string) error {
-	err := c.call(ctx, "Check", mountpoint)
-	var serr rpc.ServerError
-	if errors.As(err, &serr) && strings.HasPrefix(string(serr), "no layer mounted at ") {
-		return fmt.Errorf("%s: %w", serr, iofs.ErrNotExist)
+	var r CheckReply
+	if err := c.callReply(ctx, "Check", mountpoint, &r); err != nil {
+		return err
 	}
-	return err
+	if r.NotMounted {
+		return fmt.Errorf("no layer mounted at %s: %w", mountpoint, iofs.ErrNotExist)
+	}
+	return nil
 }
 
 // CachedBytes implements snapshot.CacheReporter.
