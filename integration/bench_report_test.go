@@ -50,6 +50,10 @@ func writeTable(w io.Writer, r benchResult) {
 		fmt.Fprintf(w, "  %-*s %s\n", width, p.Name+":", p.Note)
 	}
 
+	if len(r.PullTrace.Layers) > 0 {
+		fmt.Fprintf(w, "\nthe cold pull (weightsnap CRI, cold), from PullImage, as weightsnapd logged it:\n%s", r.PullTrace)
+	}
+
 	s := r.Shared
 	fmt.Fprintf(w, "\n%d pods in namespaces %s through %s:\n", s.Pods, strings.Join(s.Namespaces, ", "), strings.Join(s.Refs, ", "))
 	fmt.Fprintf(w, "  registry served %s for a model of %s (%.4f×); pulls %.2f s; first MiB in every pod by %.2f s, last byte by %.2f s (%.0f MB/s over all pods)\n",

@@ -131,6 +131,8 @@ type benchResult struct {
 	Setup      map[string]float64 `json:"setup_s"`
 	// Verification is what checking ranges against chunk tables costs.
 	Verification benchVerification `json:"chunk_verification"`
+	// PullTrace is where the cold pull's time went (ws-cold).
+	PullTrace pullTrace `json:"pull_trace"`
 }
 
 type benchModelInfo struct {
