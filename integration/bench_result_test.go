@@ -127,6 +127,7 @@ type benchResult struct {
 	Shared     benchShared        `json:"shared"`
 	RSS        benchRSS           `json:"rss"`
 	Cache      benchCache         `json:"cache"`
+	Disk       benchDisk          `json:"disk"`
 	Targets    []benchTarget      `json:"targets"`
 	Setup      map[string]float64 `json:"setup_s"`
 	// Verification is what checking ranges against chunk tables costs.

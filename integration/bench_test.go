@@ -87,9 +87,20 @@ func BenchmarkModelPull(b *testing.B) {
 	// directly too: on two cores the counting proxy, a copy through the
 	// test process, halves the registry's throughput. Only the shared-model
 	// case, which counts registry bytes, pulls through the proxy.
+	// The disk it uses is sampled from here on, by phase.
 	t0 := time.Now()
 	dir := shortTempDir(b, "wsb")
 	reg := testutil.StartRegistry(b)
+	fsDirs, err := distinctFileSystems(dir, reg.Dir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	disk, err := newDiskSampler(fsDirs, fsUsed, "stack")
+	if err != nil {
+		b.Fatal(err)
+	}
+	disk.start(benchDiskEvery)
+	b.Cleanup(disk.halt)
 	origin := testutil.StartProxy(b, reg.URL(), testutil.Faults{})
 	st := startBenchStack(b, ctx, dir, origin.Addr, benchUnverifiedLazy, origin.Addr, reg.Addr)
 	hosts, toolPath, tool, tools := st.hosts, st.toolPath, st.tool, st.tools
@@ -97,6 +108,7 @@ func BenchmarkModelPull(b *testing.B) {
 	step("stack", t0)
 
 	// Model A: the one every path reads.
+	disk.phase("model A: generate")
 	t0 = time.Now()
 	data := mkdir(b, filepath.Join(dir, "data"))
 	ma, err := writeBenchModel(ctx, filepath.Join(data, "a"), tool, cfg.size, cfg.shards, 1, "a")
@@ -104,6 +116,7 @@ func BenchmarkModelPull(b *testing.B) {
 		b.Fatal(err)
 	}
 	step("generate model", t0)
+	disk.phase("model A: pack and push")
 	t0 = time.Now()
 	refA := reg.Addr + "/bench/model:a"
 	layersA, err := packAndPush(ctx, ma, reg.Addr+"/bench/model:a")
@@ -118,6 +131,7 @@ func BenchmarkModelPull(b *testing.B) {
 	}
 
 	// 1. The registry GET: the physical limit, and through the proxy.
+	disk.phase("registry GETs, local files")
 	var paths []benchPath
 	for _, g := range []struct {
 		key, name, base string
@@ -179,6 +193,7 @@ func BenchmarkModelPull(b *testing.B) {
 
 	// 3. A full pull through containerd's overlayfs snapshotter, then a
 	// container of the model image reading it.
+	disk.phase("overlayfs full pull")
 	drop()
 	t0 = time.Now()
 	if _, err := ctd.ctr(b, ctx, "--namespace", benchNamespace, "images", "pull", "--snapshotter", "overlayfs",
@@ -209,6 +224,7 @@ func BenchmarkModelPull(b *testing.B) {
 	// empty and the page cache dropped.
 	// kubelet creates the pod sandbox first and then pulls the image
 	// volume; the clock starts at PullImage.
+	disk.phase("weightsnap, model A: cold, warm, host, ctr run")
 	drop()
 	volFiles := ma.modelFiles("/models-volume")
 	cold, err := coldPod(b, ctx, ws, rt, is, logs, tools.Ref, "bench-a", refA, append([]string{"read"}, volFiles...), "chunks")
@@ -324,6 +340,7 @@ func BenchmarkModelPull(b *testing.B) {
 	if err := os.RemoveAll(ma.dir); err != nil {
 		b.Fatal(err)
 	}
+	disk.phase("model C: generate, pack and push")
 	t0 = time.Now()
 	mc, err := writeBenchModel(ctx, filepath.Join(data, "c"), tool, cfg.size, cfg.shards, 3, "no-table")
 	if err != nil {
@@ -338,6 +355,7 @@ func BenchmarkModelPull(b *testing.B) {
 		b.Fatal(err)
 	}
 	step("generate, pack and push the model without chunk tables", t0)
+	disk.phase("weightsnap, model C: cold")
 	drop()
 	coldC, err := coldPod(b, ctx, ws, rt, is, logs, tools.Ref, "bench-c", refC, append([]string{"read"}, mc.modelFiles("/models-volume")...), "blob-lazy")
 	if err != nil {
@@ -373,6 +391,7 @@ func BenchmarkModelPull(b *testing.B) {
 		{"ws-cold-load", "weightsnap CRI, cold, loader (mmap, header order)", 4, 1},
 		{"ws-cold-load4", "weightsnap CRI, cold, loader, 4 threads", 5, 4},
 	} {
+		disk.phase(c.key + ": generate, pack and push")
 		t0 = time.Now()
 		m, err := writeBenchModel(ctx, filepath.Join(data, c.key), tool, cfg.size, cfg.shards, c.seed, c.key)
 		if err != nil {
@@ -387,6 +406,7 @@ func BenchmarkModelPull(b *testing.B) {
 			b.Fatal(err)
 		}
 		step("generate, pack and push the model for "+c.key, t0)
+		disk.phase("weightsnap, " + c.key + ": cold")
 		drop()
 		args := append([]string{"load", "-threads", fmt.Sprint(c.threads)}, m.modelFiles("/models-volume")...)
 		cl, err := coldPod(b, ctx, ws, rt, is, logs, tools.Ref, "bench-"+c.key, ref, args, "chunks")
@@ -411,6 +431,7 @@ func BenchmarkModelPull(b *testing.B) {
 	// 8. Eight pods in two namespaces through two tags of another model
 	// (the same weights; the tags' manifests differ in config.json), its
 	// layers new to weightsnap's cache, all at once.
+	disk.phase("shared model: generate, pack and push")
 	t0 = time.Now()
 	var refsB []string
 	var mb benchModel
@@ -439,6 +460,7 @@ func BenchmarkModelPull(b *testing.B) {
 	step("generate, pack and push the shared model", t0)
 	sharedLayers := slices.Collect(maps.Values(layersB))
 
+	disk.phase("shared model: 8 pods")
 	drop()
 	beforeB := servedBytes(origin, sharedLayers)
 	t0 = time.Now()
@@ -512,6 +534,11 @@ func BenchmarkModelPull(b *testing.B) {
 	}
 	r.Cache = benchCache{Dir: cacheDir, AllocatedBytes: alloc, ApparentBytes: apparent, DataBytes: layersSize(slices.Collect(maps.Values(dataLayers)))}
 	r.Cache.Ratio = round4(float64(alloc) / float64(r.Cache.DataBytes))
+
+	r.Disk = disk.finish()
+	if r.Model.ImageBytes > 0 {
+		r.Disk.PeakPerImage = round3(float64(r.Disk.PeakBytes) / float64(r.Model.ImageBytes))
+	}
 
 	r.DropCaches = "dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every cold case"
 	if dropErr != nil {
@@ -591,6 +618,7 @@ func reportMetrics(b *testing.B, r benchResult) {
 	b.ReportMetric(r.Cache.Ratio, "cache-bytes/data")
 	b.ReportMetric(float64(r.RSS.WeightsnapdBytes)/(1<<20), "weightsnapd-peak-RSS-MiB")
 	b.ReportMetric(float64(r.RSS.ManagerBytes)/(1<<20), "fuse-manager-peak-RSS-MiB")
+	b.ReportMetric(float64(r.Disk.PeakBytes)/(1<<30), "disk-peak-GiB")
 }
 
 // podPath fills a benchPath for a reader pod, its clock from origin; a
