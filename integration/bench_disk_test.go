@@ -1,11 +1,13 @@
 package integration
 
-// BenchmarkModelPull's disk: a sampler of the used bytes of the file
-// systems holding its directories, by phase.
+// BenchmarkModelPull's disk and memory: a sampler of the used bytes of
+// the file systems holding its directories, by phase, and the peak RSS of
+// weightsnap's processes.
 
 import (
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -233,5 +235,29 @@ func TestBenchDiskSampler(t *testing.T) {
 		if !strings.Contains(out.String(), line) {
 			t.Errorf("disk lines lack %q:\n%s", line, out.String())
 		}
+	}
+}
+
+// TestBenchRSSTargets checks that every weightsnap process's peak RSS is
+// held to 256 MiB and printed.
+func TestBenchRSSTargets(t *testing.T) {
+	r := benchResult{RSS: benchRSS{WeightsnapdBytes: 25 << 20, ManagerBytes: 170 << 20, HolderBytes: 300 << 20}}
+	got := map[string]bool{}
+	for _, tg := range benchTargets(r) {
+		if strings.HasSuffix(tg.Name, "peak RSS, MiB") {
+			got[tg.Name] = tg.Pass
+			if tg.Limit != 256 {
+				t.Errorf("%s: limit %v MiB, want 256", tg.Name, tg.Limit)
+			}
+		}
+	}
+	want := map[string]bool{"weightsnapd peak RSS, MiB": true, "FUSE manager peak RSS, MiB": true, "holder peak RSS, MiB": false}
+	if !maps.Equal(got, want) {
+		t.Errorf("RSS targets passed %v, want %v", got, want)
+	}
+	var out strings.Builder
+	writeTable(&out, r)
+	if line := "peak RSS (VmHWM): weightsnapd 25.0 MiB, FUSE manager 170.0 MiB, holder 300.0 MiB\n"; !strings.Contains(out.String(), line) {
+		t.Errorf("table has no line %q:\n%s", line, out.String())
 	}
 }

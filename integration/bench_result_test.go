@@ -161,6 +161,7 @@ type benchShared struct {
 type benchRSS struct {
 	WeightsnapdBytes int64  `json:"weightsnapd_vmhwm_bytes"`
 	ManagerBytes     int64  `json:"fuse_manager_vmhwm_bytes"`
+	HolderBytes      int64  `json:"holder_vmhwm_bytes"`
 	Note             string `json:"note,omitempty"`
 }
 
