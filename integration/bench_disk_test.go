@@ -1,19 +1,31 @@
 package integration
 
 // BenchmarkModelPull's disk and memory: a sampler of the used bytes of
-// the file systems holding its directories, by phase, and the peak RSS of
-// weightsnap's processes.
+// the file systems holding its directories, by phase, the removal of what
+// a finished phase no longer needs, so that a 16 GiB model fits, and the
+// peak RSS of weightsnap's processes.
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
+	iofs "io/fs"
 	"maps"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	criapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/internal/testutil"
+	"github.com/weightsnap/weightsnap/pack"
 )
 
 // benchDiskEvery is how often the disk sampler looks at the file systems.
@@ -234,6 +246,223 @@ func TestBenchDiskSampler(t *testing.T) {
 	for _, line := range []string{`(3.04 × the model image), in phase "pull"`, "  generate: peak 0.000 GiB, left 0.000 GiB\n"} {
 		if !strings.Contains(out.String(), line) {
 			t.Errorf("disk lines lack %q:\n%s", line, out.String())
+		}
+	}
+}
+
+// benchCacheBound is the byte bound the bench gives weightsnapd's cache:
+// the largest layer a model of cfg has (its largest safetensors file and
+// its tar headers), so that every layer fits, while what the cache holds
+// once a model is fetched (its layers and the tools image's, a binary of
+// megabytes) is above it. Eviction then happens when a layer closes, not
+// during a read: the layers of an image removed through CRI go at once,
+// and nothing else does, since every layer of an image still present
+// stays open. 0 (no bound) when the safetensors files are below pack's
+// large-file threshold: one layer then holds the whole model.
+func benchCacheBound(cfg benchConfig) int64 {
+	if cfg.size/int64(cfg.shards) < pack.DefaultLargeFileThreshold {
+		return 0
+	}
+	largest := cfg.size - cfg.size/int64(cfg.shards)*int64(cfg.shards-1)
+	return largest + 64<<10
+}
+
+// benchCacheConfig is weightsnapd's [cache] section for the bench.
+func benchCacheConfig(cfg benchConfig) string {
+	if benchCacheBound(cfg) == 0 {
+		return ""
+	}
+	return fmt.Sprintf("\n[cache]\nmax_bytes = %d\n", benchCacheBound(cfg))
+}
+
+// cacheOnDisk is what a weightsnap cache directory holds: its files'
+// allocated and apparent bytes, and the content bytes its records vouch
+// for (whole or not), over how many keys.
+type cacheOnDisk struct {
+	allocated, apparent, present int64
+	keys                         int
+}
+
+func measureCache(dir string) (cacheOnDisk, error) {
+	var c cacheOnDisk
+	var err error
+	if c.allocated, c.apparent, err = diskUsage(dir); err != nil {
+		return c, err
+	}
+	entries, err := cache.Inspect(dir)
+	if err != nil {
+		return c, err
+	}
+	for _, e := range entries {
+		c.present += e.Present
+		c.keys++
+	}
+	return c, nil
+}
+
+func (c cacheOnDisk) ratio() float64 {
+	if c.present == 0 {
+		return 0
+	}
+	return round4(float64(c.allocated) / float64(c.present))
+}
+
+// benchCachePoint is the cache measured at one point of the run.
+type benchCachePoint struct {
+	When           string  `json:"when"`
+	AllocatedBytes int64   `json:"allocated_bytes"`
+	DataBytes      int64   `json:"data_bytes"`
+	Keys           int     `json:"keys"`
+	Ratio          float64 `json:"ratio"`
+}
+
+// benchRemover removes what a finished phase of the bench no longer
+// needs: a model's image from containerd (CRI, and ctr's namespace) and
+// from weightsnap's cache, and its blobs from the registry.
+type benchRemover struct {
+	b   *testing.B
+	ws  *weightsnapd
+	ctd *containerd
+	is  criapi.ImageServiceClient
+	reg *testutil.Registry
+	// bounded is set when the cache has the bench's bound, without which
+	// weightsnap keeps a removed model's bytes until it needs room.
+	bounded bool
+	// evicted is what weightsnap evicted at the removals, weights the
+	// weights layers of the models removed and others their other layers.
+	evicted, weights, others int64
+}
+
+// benchEvictWait bounds the wait for weightsnap to evict a removed
+// model's layers; a model it kept would fill the disk at 16 GiB.
+const benchEvictWait = 2 * time.Minute
+
+// removeModel removes the image ref (host/repo:tag on reg) once its phase
+// is over: from ctr's namespace if ctr pulled it there, through CRI
+// RemoveImage, as kubelet's image GC does, and from the registry (API
+// deletes, then its garbage collection). It waits until weightsnap has
+// unmounted the image's layers and, with the bench's cache bound
+// (benchCacheBound), evicted the weights layers' bytes: a removed image's
+// layers are demoted, and the bound has them evicted when they close. A
+// layer that closes once the cache is below its bound again (the small
+// files' layer, megabytes, closes after the weights on it) stays until
+// the next model's fetch passes the bound.
+func (x *benchRemover) removeModel(ctx context.Context, ref string, layers []v1.Descriptor, ctrPulled bool) {
+	b := x.b
+	before, err := x.ws.metric(ctx, "weightsnap_cache_evicted_bytes_total")
+	if err != nil {
+		b.Fatal(err)
+	}
+	if ctrPulled {
+		if _, err := x.ctd.ctr(b, ctx, "--namespace", benchNamespace, "images", "rm", "--sync", ref); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if _, err := x.is.RemoveImage(ctx, &criapi.RemoveImageRequest{Image: &criapi.ImageSpec{Image: ref}}); err != nil {
+		b.Fatalf("CRI RemoveImage %s: %v", ref, err)
+	}
+	weights := layersSize(weightLayers(layers))
+	var evicted float64
+	deadline := time.Now().Add(benchEvictWait)
+	for {
+		mounted := 0
+		for _, l := range layers {
+			mounted += len(layerMounts(b, l.Digest.String()))
+		}
+		if evicted, err = x.ws.metric(ctx, "weightsnap_cache_evicted_bytes_total"); err != nil {
+			b.Fatal(err)
+		}
+		if mounted == 0 && (!x.bounded || int64(evicted-before) >= weights) {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("removed %s: after %v, %d of its layers' mounts remain and weightsnap evicted %.0f of its %d bytes of weights; kept, they would fill the disk at 16 GiB", ref, benchEvictWait, mounted, evicted-before, weights)
+		}
+		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
+			b.Fatal(err)
+		}
+	}
+	x.evicted += int64(evicted - before)
+	x.weights += weights
+	x.others += layersSize(layers) - weights
+	rest, ok := strings.CutPrefix(ref, x.reg.Addr+"/")
+	repo, tag, ok2 := strings.Cut(rest, ":")
+	if !ok || !ok2 {
+		b.Fatalf("%s is not a tag on the registry %s", ref, x.reg.Addr)
+	}
+	if _, err := x.reg.DeleteImage(ctx, repo, tag); err != nil {
+		b.Fatal(err)
+	}
+	if err := x.reg.GarbageCollect(ctx); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// weightLayers returns the layers holding a *.safetensors file.
+func weightLayers(layers []v1.Descriptor) []v1.Descriptor {
+	var out []v1.Descriptor
+	for _, l := range layers {
+		if strings.HasSuffix(l.Annotations["org.opencontainers.image.title"], ".safetensors") {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// containerdOnDisk is what containerd's content store and overlayfs
+// snapshotter take on disk (allocated bytes).
+func containerdOnDisk(ctd *containerd) (int64, error) {
+	var total int64
+	for _, d := range []string{"io.containerd.content.v1.content", "io.containerd.snapshotter.v1.overlayfs"} {
+		n, _, err := diskUsage(filepath.Join(ctd.root, d))
+		if errors.Is(err, iofs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return 0, err
+		}
+		total += n
+	}
+	return total, nil
+}
+
+// writeCachePoints prints the cache's measurements and its note.
+func writeCachePoints(w io.Writer, c benchCache) {
+	for _, p := range c.Points {
+		fmt.Fprintf(w, "  %s: %s allocated for %s of data in %d keys (%.4f×)\n", p.When, gib(p.AllocatedBytes), gib(p.DataBytes), p.Keys, p.Ratio)
+	}
+	if c.Note != "" {
+		fmt.Fprintf(w, "  %s\n", c.Note)
+	}
+}
+
+// TestBenchCacheBound checks that every layer of a model the bench
+// generates fits the bound it gives weightsnap's cache, sharded or not,
+// and that a model in one layer gets none.
+func TestBenchCacheBound(t *testing.T) {
+	if b := benchCacheBound(benchConfig{size: 6 << 20, shards: 1}); b != 0 {
+		t.Errorf("a bound of %d bytes for a model in one layer, want none", b)
+	}
+	for _, shards := range []int{1, 2} {
+		cfg := benchConfig{size: int64(shards)*pack.DefaultLargeFileThreshold + 12345, shards: shards}
+		m, err := writeBenchModel(t.Context(), filepath.Join(t.TempDir(), "m"), []byte("tool"), cfg.size, cfg.shards, 7, "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := pack.Build(t.Context(), m.dir, pack.Options{Prefix: "/"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mf, err := img.Manifest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var largest int64
+		for _, l := range mf.Layers {
+			largest = max(largest, l.Size)
+		}
+		if bound := benchCacheBound(cfg); largest > bound || bound-largest > 64<<10 {
+			t.Errorf("%d shards: largest layer %d bytes, cache bound %d: want the layer to fit, within 64 KiB", shards, largest, bound)
 		}
 	}
 }

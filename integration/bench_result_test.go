@@ -165,12 +165,18 @@ type benchRSS struct {
 	Note             string `json:"note,omitempty"`
 }
 
+// benchCache is weightsnap's cache on disk at the end of the run, over
+// what it still holds, and at each point it was measured.
 type benchCache struct {
-	Dir            string  `json:"dir"`
-	AllocatedBytes int64   `json:"allocated_bytes"`
-	ApparentBytes  int64   `json:"apparent_bytes"`
-	DataBytes      int64   `json:"data_bytes"`
-	Ratio          float64 `json:"ratio"`
+	Dir            string            `json:"dir"`
+	AllocatedBytes int64             `json:"allocated_bytes"`
+	ApparentBytes  int64             `json:"apparent_bytes"`
+	DataBytes      int64             `json:"data_bytes"`
+	Ratio          float64           `json:"ratio"`
+	Keys           int               `json:"keys"`
+	Points         []benchCachePoint `json:"points,omitempty"`
+	MaxRatio       float64           `json:"max_ratio"`
+	Note           string            `json:"note,omitempty"`
 }
 
 // benchVerification compares the cold CRI path (a chunk table on every
