@@ -7,10 +7,8 @@ package integration
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
-	iofs "io/fs"
 	"maps"
 	"path/filepath"
 	"slices"
@@ -415,11 +413,8 @@ func containerdOnDisk(ctd *containerd) (int64, error) {
 	var total int64
 	for _, d := range []string{"io.containerd.content.v1.content", "io.containerd.snapshotter.v1.overlayfs"} {
 		n, _, err := diskUsage(filepath.Join(ctd.root, d))
-		if errors.Is(err, iofs.ErrNotExist) {
-			continue
-		}
 		if err != nil {
-			return 0, err
+			return 0, fmt.Errorf("containerd's %s: %w", d, err)
 		}
 		total += n
 	}

@@ -245,16 +245,20 @@ func BenchmarkModelPull(b *testing.B) {
 	// Free the disk for the rest of the run: containerd's garbage
 	// collection (--sync waits for it) removes the image's content and
 	// its overlayfs snapshots.
+	ctdPulled, err := containerdOnDisk(ctd)
+	if err != nil {
+		b.Fatal(err)
+	}
 	if _, err := ctd.ctr(b, ctx, "--namespace", benchNamespace, "images", "rm", "--sync", refA); err != nil {
 		b.Logf("removing the overlayfs image: %v", err)
 	}
-	if ctdAfter, err := containerdOnDisk(ctd); err != nil {
+	ctdAfter, err := containerdOnDisk(ctd)
+	if err != nil {
 		b.Fatal(err)
-	} else if left := ctdAfter - ctdBefore; left > 16<<20 {
-		b.Logf("warning: the overlayfs image left %s in containerd's content store and snapshots", gib(left))
-		diskNotes = append(diskNotes, fmt.Sprintf("the overlayfs full pull left %s in containerd's content store and snapshots", gib(left)))
-	} else {
-		b.Logf("containerd's content store and overlayfs snapshots after the overlayfs image's removal: %s (%s before its pull)", gib(ctdAfter), gib(ctdBefore))
+	}
+	b.Logf("containerd's content store and overlayfs snapshots: %s before the full pull, %s with its image, %s after its removal", mib(ctdBefore), mib(ctdPulled), mib(ctdAfter))
+	if left := ctdAfter - ctdBefore; left > 16<<20 {
+		diskNotes = append(diskNotes, fmt.Sprintf("the overlayfs full pull left %s in containerd's content store and snapshots", mib(left)))
 	}
 
 	// 4. weightsnap through CRI: pull, pod, image volume, read; the cache
