@@ -66,7 +66,8 @@ kubelet:
 # registry GET, local file, containerd overlayfs full pull, weightsnap
 # through CRI image volumes) in one run, as a table, out/bench/bench.json
 # and out/bench/bench.svg. Needs root and FUSE; takes a few minutes at the
-# default size. Knobs (environment or make variables):
+# default size; its disk use peaks at about 3 × the model (the full pull),
+# finished phases' data being deleted. Knobs (environment or make variables):
 # WEIGHTSNAP_BENCH_SIZE (2GiB; e.g. 1GiB, 4GiB, 16GiB), WEIGHTSNAP_BENCH_SHARDS
 # (1; e.g. 4 for model-0000N-of-00004.safetensors and an index) and
 # WEIGHTSNAP_BENCH_OUT (out/bench). Not part of `make test`.

@@ -58,9 +58,12 @@ func writeTable(w io.Writer, r benchResult) {
 	fmt.Fprintf(w, "\n%d pods in namespaces %s through %s:\n", s.Pods, strings.Join(s.Namespaces, ", "), strings.Join(s.Refs, ", "))
 	fmt.Fprintf(w, "  registry served %s for a model of %s (%.4f×); pulls %.2f s; first MiB in every pod by %.2f s, last byte by %.2f s (%.0f MB/s over all pods)\n",
 		gib(s.RegistryBytes), gib(s.ModelBytes), s.Ratio, s.PullS, s.FirstMiBMaxS, s.LastByteMaxS, s.AggregateMBps)
-	fmt.Fprintf(w, "peak RSS (VmHWM): weightsnapd %s, FUSE manager %s%s\n", mib(r.RSS.WeightsnapdBytes), mib(r.RSS.ManagerBytes), parenthesize(r.RSS.Note))
-	fmt.Fprintf(w, "cache on disk: %s allocated (%s apparent) for %s of layer data (%.4f×), %s\n\n",
+	fmt.Fprintf(w, "peak RSS (VmHWM): weightsnapd %s, FUSE manager %s, holder %s%s\n", mib(r.RSS.WeightsnapdBytes), mib(r.RSS.ManagerBytes), mib(r.RSS.HolderBytes), parenthesize(r.RSS.Note))
+	fmt.Fprintf(w, "cache on disk: %s allocated (%s apparent) for %s of data still cached (%.4f×), %s\n",
 		gib(r.Cache.AllocatedBytes), gib(r.Cache.ApparentBytes), gib(r.Cache.DataBytes), r.Cache.Ratio, r.Cache.Dir)
+	writeCachePoints(w, r.Cache)
+	writeDisk(w, r.Disk)
+	fmt.Fprintln(w)
 
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "target\twant\tmeasured\tlimit\tresult\tnote")

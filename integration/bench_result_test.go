@@ -127,6 +127,7 @@ type benchResult struct {
 	Shared     benchShared        `json:"shared"`
 	RSS        benchRSS           `json:"rss"`
 	Cache      benchCache         `json:"cache"`
+	Disk       benchDisk          `json:"disk"`
 	Targets    []benchTarget      `json:"targets"`
 	Setup      map[string]float64 `json:"setup_s"`
 	// Verification is what checking ranges against chunk tables costs.
@@ -162,15 +163,22 @@ type benchShared struct {
 type benchRSS struct {
 	WeightsnapdBytes int64  `json:"weightsnapd_vmhwm_bytes"`
 	ManagerBytes     int64  `json:"fuse_manager_vmhwm_bytes"`
+	HolderBytes      int64  `json:"holder_vmhwm_bytes"`
 	Note             string `json:"note,omitempty"`
 }
 
+// benchCache is weightsnap's cache on disk at the end of the run, over
+// what it still holds, and at each point it was measured.
 type benchCache struct {
-	Dir            string  `json:"dir"`
-	AllocatedBytes int64   `json:"allocated_bytes"`
-	ApparentBytes  int64   `json:"apparent_bytes"`
-	DataBytes      int64   `json:"data_bytes"`
-	Ratio          float64 `json:"ratio"`
+	Dir            string            `json:"dir"`
+	AllocatedBytes int64             `json:"allocated_bytes"`
+	ApparentBytes  int64             `json:"apparent_bytes"`
+	DataBytes      int64             `json:"data_bytes"`
+	Ratio          float64           `json:"ratio"`
+	Keys           int               `json:"keys"`
+	Points         []benchCachePoint `json:"points,omitempty"`
+	MaxRatio       float64           `json:"max_ratio"`
+	Note           string            `json:"note,omitempty"`
 }
 
 // benchVerification compares the cold CRI path (a chunk table on every

@@ -24,6 +24,8 @@ type Registry struct {
 	// Dir is the registry's storage root directory.
 	Dir string
 
+	bin      string // the docker-registry binary
+	config   string // its config file, for garbage-collect
 	cmd      *exec.Cmd
 	stderr   *syncBuffer
 	exited   chan struct{} // closed once the process has been reaped
@@ -117,6 +119,7 @@ http:
 	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
 		return nil, fmt.Errorf("write config: %w", err)
 	}
+	r.bin, r.config = bin, configPath
 
 	// Not exec.CommandContext: Stop, not the test's context, ends the process,
 	// so it still runs while other cleanups that may need it run.

@@ -2,8 +2,13 @@ package testutil
 
 import (
 	"bytes"
+	"errors"
 	"io"
+	"io/fs"
 	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -144,4 +149,50 @@ func TestRegistryPullThroughAndStop(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Errorf("mirror /v2/: %s", resp.Status)
 	}
+}
+
+// TestRegistryDeleteImageAndCollect deletes one of two images sharing a
+// layer and collects garbage: the data of the blobs only it named leaves
+// the disk, the shared layer and the other image stay whole.
+func TestRegistryDeleteImageAndCollect(t *testing.T) {
+	reg := StartRegistry(t)
+	layers := EncodeLayers(t, FixtureLayers(), FormatTar)
+	keepRef, keepDigest := PushImageWithDigest(t, reg.Addr, "keep:v1", layers[:2])
+	PushImage(t, reg.Addr, "gone:v1", layers[1:])
+	data := func(d string) string {
+		alg, hex, _ := strings.Cut(d, ":")
+		return filepath.Join(reg.Dir, "docker", "registry", "v2", "blobs", alg, hex[:2], hex, "data")
+	}
+	blobs, err := reg.DeleteImage(t.Context(), "gone", "v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(blobs) != 3 || blobs[1] != layers[1].Digest() || blobs[2] != layers[2].Digest() {
+		t.Fatalf("DeleteImage named blobs %v, want the config and layers %s, %s", blobs, layers[1].Digest(), layers[2].Digest())
+	}
+	if _, err := os.Stat(data(layers[2].Digest())); err != nil {
+		t.Fatalf("the deleted image's own layer left the disk before garbage collection: %v", err)
+	}
+	if err := reg.GarbageCollect(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{blobs[0], layers[2].Digest()} {
+		if _, err := os.Stat(data(d)); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("blob %s only the deleted image named: data still on disk after garbage collection (%v)", d, err)
+		}
+	}
+	for _, l := range layers[:2] {
+		if _, err := os.Stat(data(l.Digest())); err != nil {
+			t.Errorf("blob %s the kept image names: %v", l.Digest(), err)
+		}
+	}
+	resp, err := http.Get(reg.URL() + "/v2/gone/manifests/v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("GET the deleted image's tag: %s, want 404", resp.Status)
+	}
+	pullAndCheck(t, keepRef, keepDigest, layers[:2])
 }
