@@ -326,6 +326,7 @@ type benchPoint [2]float64
 type readTrace struct {
 	start, first, headers, done time.Time // zero when not applicable
 	bytes                       int64
+	cpu                         time.Duration // the reader's, user and system; 0 if not known
 	progress                    []struct {
 		at    time.Time
 		bytes int64
@@ -361,6 +362,8 @@ func parseToolOutput(lines []string) (readTrace, error) {
 			}{at, n})
 		case "done":
 			tr.done, tr.bytes = at, n
+		case "cpu":
+			tr.cpu = time.Duration(n) * time.Microsecond
 		}
 	}
 	if tr.start.IsZero() || tr.done.IsZero() {

@@ -134,6 +134,37 @@ type benchResult struct {
 	Verification benchVerification `json:"chunk_verification"`
 	// PullTrace is where the cold pull's time went (ws-cold).
 	PullTrace pullTrace `json:"pull_trace"`
+	// CPU is what the cold read and the cold GET cost each process.
+	CPU benchCPU `json:"cpu"`
+}
+
+// benchCPU is the CPU time (user and system) the cold paths cost each
+// process, in seconds per GiB of weights.
+type benchCPU struct {
+	// GetRegistry and GetClient: the registry serving the cold GET, and
+	// the benchmark process receiving it.
+	GetRegistry float64 `json:"get_registry_s_per_gib"`
+	GetClient   float64 `json:"get_client_s_per_gib"`
+	// Manager, Registry and Reader: weightsnapd's FUSE manager, the
+	// registry and the reader in the pod, from PullImage until the
+	// reader's container exited (weightsnap cold).
+	Manager  float64 `json:"manager_s_per_gib"`
+	Registry float64 `json:"registry_s_per_gib"`
+	Reader   float64 `json:"reader_s_per_gib"`
+	// ManagerVerified is the FUSE manager's until the layers verified:
+	// with the hash of the whole blob after the read.
+	ManagerVerified float64 `json:"manager_verified_s_per_gib"`
+}
+
+// ceilingMBps is the fastest the cold read could go if the machine's
+// cores did nothing but its work: cores over the CPU seconds per GiB of
+// the three processes, in MB/s.
+func (c benchCPU) ceilingMBps(cores int) float64 {
+	sum := c.Manager + c.Registry + c.Reader
+	if sum <= 0 {
+		return 0
+	}
+	return float64(cores) / sum * (1 << 30) / 1e6
 }
 
 type benchModelInfo struct {

@@ -188,7 +188,17 @@ func readFiles(files []string) error {
 		f.Close()
 	}
 	emit("done", total)
+	emit("cpu", cpuMicros())
 	return nil
+}
+
+// cpuMicros is the CPU time this process used, user and system, in µs.
+func cpuMicros() int64 {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return ru.Utime.Nano()/1000 + ru.Stime.Nano()/1000
 }
 
 // readHeader reads and parses the JSON header of a safetensors file.
@@ -383,6 +393,7 @@ func loadFiles(files []string, threads int, plan bool) error {
 	}
 	wg.Wait()
 	emit("done", total)
+	emit("cpu", cpuMicros())
 	fmt.Printf("touched %x\n", sum)
 	return nil
 }
