@@ -109,6 +109,10 @@ func (v VerifyConfig) unverified() (lazy.Unverified, error) {
 	return 0, fmt.Errorf("verify.unverified_layers = %q: want \"full\" or \"lazy\"", v.UnverifiedLayers)
 }
 
+// defaultMemoryLimit keeps the FUSE manager's peak RSS under 256 MiB
+// with the default workers and span (16 ranges of 8 MiB in flight).
+const defaultMemoryLimit = 192 << 20
+
 // FetchConfig tunes read-ahead and background fill.
 type FetchConfig struct {
 	// Workers is the number of range requests in flight node-wide for
@@ -126,6 +130,12 @@ type FetchConfig struct {
 	BackgroundWorkers int `toml:"background_workers"`
 	// BackgroundBytesPerSecond caps background fill; 0 is no cap.
 	BackgroundBytesPerSecond int64 `toml:"background_bytes_per_second"`
+	// MemoryLimitBytes is the FUSE manager's soft memory limit (Go's
+	// runtime/debug.SetMemoryLimit); 0 is none. Every range in flight
+	// holds a buffer of a span, and without a limit the garbage collector
+	// lets the heap grow to twice what is live before it collects; a
+	// GOMEMLIMIT in the manager's environment wins over it.
+	MemoryLimitBytes int64 `toml:"memory_limit_bytes"`
 }
 
 // CacheConfig configures the node cache.
@@ -240,6 +250,7 @@ func defaultConfig() Config {
 			MaxReadAheadBytes: prefetch.DefaultMaxWindow,
 			BackgroundFill:    true,
 			BackgroundWorkers: prefetch.DefaultBackgroundWorkers,
+			MemoryLimitBytes:  defaultMemoryLimit,
 		},
 	}
 }

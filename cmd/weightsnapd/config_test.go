@@ -340,3 +340,16 @@ func TestCredentialProvidersConfigIsChecked(t *testing.T) {
 		t.Fatalf("loadConfig with a missing plugin config: %v", err)
 	}
 }
+
+func TestMemoryLimit(t *testing.T) {
+	def := defaultConfig().Fetch
+	if n, ok := memoryLimit(def, ""); !ok || n != 192<<20 {
+		t.Errorf("default: limit %d, set %v; want 192 MiB, set", n, ok)
+	}
+	if _, ok := memoryLimit(def, "1GiB"); ok {
+		t.Error("GOMEMLIMIT in the environment: the configured limit was set over it")
+	}
+	if _, ok := memoryLimit(FetchConfig{}, ""); ok {
+		t.Error("memory_limit_bytes = 0: a limit was set")
+	}
+}

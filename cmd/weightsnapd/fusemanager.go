@@ -29,6 +29,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -227,6 +228,9 @@ func runFuseManager(args []string) error {
 	// It outlives weightsnapd, the first reader of its stderr: losing a
 	// log line is better than dying of SIGPIPE.
 	signal.Ignore(syscall.SIGPIPE)
+	if n, ok := memoryLimit(cfg.Fetch, os.Getenv("GOMEMLIMIT")); ok {
+		debug.SetMemoryLimit(n)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
 
@@ -425,4 +429,11 @@ func resumeHeld(ctx context.Context, m *lazy.Manager, hc *holder.Client, root st
 func underRoot(path, root string) bool {
 	rel, err := filepath.Rel(filepath.Clean(root), filepath.Clean(path))
 	return err == nil && rel != "." && !strings.HasPrefix(rel, "..")
+}
+
+// memoryLimit is the soft memory limit the manager sets, if any: the
+// configured one, unless the environment's GOMEMLIMIT (goMemLimit) already
+// set one.
+func memoryLimit(fc FetchConfig, goMemLimit string) (int64, bool) {
+	return fc.MemoryLimitBytes, fc.MemoryLimitBytes > 0 && goMemLimit == ""
 }
