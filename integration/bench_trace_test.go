@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -167,10 +168,12 @@ func ttfrOverhead(cold, warm benchPath) (overhead, floor float64) {
 	return cold.FirstMiB - floor, floor
 }
 
-// BenchmarkPullTrace pulls three models of WEIGHTSNAP_BENCH_SIZE cold
+// BenchmarkPullTrace pulls three (WEIGHTSNAP_TRACE_PULLS) models of
+// WEIGHTSNAP_BENCH_SIZE cold
 // through CRI, each into a pod reading its first MiB, then a pod of the
 // last one again (the floor), and prints where each pull's time went:
 // the trace make bench reports for its one cold pull, repeated.
+// WEIGHTSNAP_TRACE_CONFIG is added to weightsnapd's config.
 //
 //	sudo go test ./integration -run '^$' -bench BenchmarkPullTrace -benchtime 1x
 func BenchmarkPullTrace(b *testing.B) {
@@ -178,10 +181,18 @@ func BenchmarkPullTrace(b *testing.B) {
 	ctx := b.Context()
 	dir := shortTempDir(b, "wst")
 	reg := testutil.StartRegistry(b)
-	st := startBenchStack(b, ctx, dir, reg.Addr, "", reg.Addr)
+	st := startBenchStack(b, ctx, dir, reg.Addr, os.Getenv("WEIGHTSNAP_TRACE_CONFIG"), reg.Addr)
 	data := mkdir(b, filepath.Join(dir, "data"))
+	pulls := 3
+	if v := os.Getenv("WEIGHTSNAP_TRACE_PULLS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			b.Fatalf("WEIGHTSNAP_TRACE_PULLS=%q: want a count", v)
+		}
+		pulls = n
+	}
 	var floors, overheads []float64
-	for i := range 3 {
+	for i := range pulls {
 		m, err := writeBenchModel(ctx, filepath.Join(data, fmt.Sprint(i)), st.tool, cfg.size, cfg.shards, uint64(10+i), fmt.Sprint("trace", i))
 		if err != nil {
 			b.Fatal(err)
@@ -214,6 +225,9 @@ func BenchmarkPullTrace(b *testing.B) {
 		overhead, floor := ttfrOverhead(cold, podPath("warm", "warm", "", w.sandboxStart, time.Time{}, w))
 		floors, overheads = append(floors, floor), append(overheads, overhead)
 		b.Logf("pull %d: first MiB %.3f s, floor %.3f s, lazy overhead %.3f s\n%s", i, cold.FirstMiB, floor, overhead, tr)
+	}
+	if hwm, err := vmHWM(st.ws.managerPID()); err == nil {
+		b.ReportMetric(float64(hwm)/(1<<20), "manager-peak-RSS-MiB")
 	}
 	b.ReportMetric(slices.Max(overheads), "max-overhead-s")
 	b.ReportMetric(slices.Min(overheads), "min-overhead-s")
