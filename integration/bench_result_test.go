@@ -256,3 +256,24 @@ func chunkVerification(paths []benchPath, with, without string) benchVerificatio
 	}
 	return v
 }
+
+// dirtyBytes is the page cache waiting for or under writeback
+// (/proc/meminfo Dirty + Writeback); 0 if unknown.
+func dirtyBytes() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	var n int64
+	for l := range strings.SplitSeq(string(b), "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		if !ok || (k != "Dirty" && k != "Writeback") {
+			continue
+		}
+		kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		if err == nil {
+			n += kb << 10
+		}
+	}
+	return n
+}

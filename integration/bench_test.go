@@ -320,6 +320,9 @@ func BenchmarkModelPull(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
+		// What the kernel was still writing to disk when the pod started:
+		// the cache's data of the cold read, synced once its blob verified.
+		dirty := dirtyBytes()
 		p, err := runReaderPod(b, ctx, rt, logs, tools.Ref, "bench-b", c.key, refA, volFiles)
 		if err != nil {
 			b.Fatal(err)
@@ -329,7 +332,7 @@ func BenchmarkModelPull(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		note := fmt.Sprintf("%s; %.0f file opens passed through", c.note, after-opens)
+		note := fmt.Sprintf("%s; %.0f file opens passed through; %s dirty or under writeback at its start", c.note, after-opens, gib(dirty))
 		bp := podPath(c.key, c.name, note, p.sandboxStart, time.Time{}, p)
 		paths = append(paths, bp)
 	}
