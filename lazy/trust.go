@@ -261,7 +261,7 @@ func (m *Manager) failLayer(sl *sharedLayer, err error) {
 // names and file ranges served from them are not the layer's. No file
 // content was served from them (it waits for the confirmation).
 func (m *Manager) failClaimedLayer(sl *sharedLayer, err error) {
-	err = fmt.Errorf("%w: layer %s of %s: its tar header annotation does not match its blob: %v", layer.ErrVerify, sl.desc.Digest, sl.image, err)
+	err = fmt.Errorf("%w (image %s)", err, sl.image) // err names the layer and wraps layer.ErrVerify
 	if m.fail(sl, err, "tar header annotation did not match the blob: every read of the layer fails from now on") {
 		metrics.TarHeaderMismatches.Inc()
 	}
