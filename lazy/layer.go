@@ -149,6 +149,30 @@ func (m *Manager) prepareWhenConfirmed(ctx context.Context, sl *sharedLayer, src
 	slog.Debug("layer tar headers confirmed", "layer", sl.desc.Digest, "image", sl.image, "segments", time.Since(t0))
 }
 
+// waitReady waits until sl's file contents may be read: its claimed index
+// confirmed, and what prepareReads does done, so that a read waiting for
+// the confirmation does not fill a large file's range of the data file
+// before its segment is declared.
+func (sl *sharedLayer) waitReady(ctx context.Context) error {
+	if sl.isReady() {
+		return nil
+	}
+	if err := sl.l.Confirm.Wait(ctx); err != nil {
+		return err // contradicted, closed, or the blob cannot be read yet
+	}
+	select {
+	case <-sl.ready:
+		return nil
+	case <-sl.prepared: // done: ready, or closed before it was
+		if sl.isReady() {
+			return nil
+		}
+		return fmt.Errorf("layer %s closed", sl.desc.Digest)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // isReady reports whether sl's file ranges may be used now.
 func (sl *sharedLayer) isReady() bool {
 	select {

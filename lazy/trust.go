@@ -230,6 +230,9 @@ func (g guardedLayer) ReadAt(ctx context.Context, e *layer.Entry, p []byte, off 
 	if err := g.sl.failure(); err != nil {
 		return 0, err
 	}
+	if err := g.sl.waitReady(ctx); err != nil {
+		return 0, err
+	}
 	return g.Layer.ReadAt(ctx, e, p, off)
 }
 
@@ -240,6 +243,9 @@ type guardedFiles struct {
 
 func (g guardedFiles) ReadFile(ctx context.Context, e *layer.Entry, off int64, n int) (*os.File, int64, int, func(), error) {
 	if err := g.sl.failure(); err != nil {
+		return nil, 0, 0, nil, err
+	}
+	if err := g.sl.waitReady(ctx); err != nil {
 		return nil, 0, 0, nil, err
 	}
 	return g.FileReader.ReadFile(ctx, e, off, n)
