@@ -21,13 +21,19 @@ import (
 // digests alone, so that weightsnapd can check no range of them before it
 // has read the whole blob.
 func withoutChunkTables(img v1.Image) (v1.Image, error) {
+	return withoutAnnotation(img, chunks.Annotation)
+}
+
+// withoutAnnotation returns img with the annotation key removed from
+// every layer descriptor of its manifest.
+func withoutAnnotation(img v1.Image, key string) (v1.Image, error) {
 	m, err := img.Manifest()
 	if err != nil {
 		return nil, err
 	}
 	m = m.DeepCopy() // its annotation maps too
 	for i := range m.Layers {
-		delete(m.Layers[i].Annotations, chunks.Annotation)
+		delete(m.Layers[i].Annotations, key)
 		if len(m.Layers[i].Annotations) == 0 {
 			m.Layers[i].Annotations = nil
 		}

@@ -28,8 +28,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/weightsnap/weightsnap/chunks"
-
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
@@ -161,15 +159,13 @@ func pushImage(t testing.TB, addr, repoTag string, entrypoint []string, layers .
 	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
 	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
 	for _, l := range layers {
-		// With a chunk table, as pack makes layers: served lazily under
-		// weightsnapd's default unverified_layers = "full".
-		tab, err := chunks.Compute(bytes.NewReader(l), int64(len(l)), testutil.TableChunkSize)
-		if err != nil {
-			t.Fatal(err)
-		}
+		// With a chunk table and the tar headers, as pack makes layers:
+		// served lazily under weightsnapd's default unverified_layers =
+		// "full", and mounted without reading the blob.
+		var err error
 		img, err = mutate.Append(img, mutate.Addendum{
 			Layer:       static.NewLayer(l, types.OCIUncompressedLayer),
-			Annotations: map[string]string{chunks.Annotation: tab.Encode()},
+			Annotations: testutil.EncodeLayers(t, [][]byte{l}, testutil.FormatTar)[0].Annotations,
 		})
 		if err != nil {
 			t.Fatal(err)

@@ -17,10 +17,13 @@ import (
 	"testing"
 
 	"github.com/opencontainers/go-digest"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/lazy"
+	"github.com/weightsnap/weightsnap/metrics"
 	"github.com/weightsnap/weightsnap/remote"
+	"github.com/weightsnap/weightsnap/tarheaders"
 )
 
 // TestLazyFaults: through a proxy that fails, resets, stalls and throttles
@@ -489,4 +492,51 @@ func TestLazyConcurrentMountsOfAStreamedLayer(t *testing.T) {
 	}
 	release()
 	testutil.CompareTrees(t, testutil.ExtractTree([][]byte{layer}), lazyScan(t, mps[1]))
+}
+
+// TestLazyTarHeaderLie: a manifest whose tar header annotation lies (two
+// files of one size with their names swapped, so that each name points at
+// the other's bytes; the chunk table is the blob's own) gets a mount, but
+// no byte of either file: reads fail with EIO once the blob contradicts
+// the claim, the failure is counted, and the same blob under an honest
+// manifest reads right.
+func TestLazyTarHeaderLie(t *testing.T) {
+	root := lazyRoot(t)
+	reg := testutil.StartRegistry(t)
+	a, b := lazyRandom(1<<20, 50), lazyRandom(1<<20, 51)
+	truth := lazyTar(t, lazyDir("w/"), lazyFile("w/x", a), lazyFile("w/y", b))
+	lie := lazyTar(t, lazyDir("w/"), lazyFile("w/y", a), lazyFile("w/x", b))
+	honest := testutil.EncodeLayers(t, [][]byte{truth}, testutil.FormatTar)
+	lying := testutil.EncodeLayers(t, [][]byte{truth}, testutil.FormatTar)
+	lying[0].Annotations[tarheaders.Annotation] = testutil.EncodeLayers(t, [][]byte{lie}, testutil.FormatTar)[0].Annotations[tarheaders.Annotation]
+	if lying[0].Annotations[tarheaders.Annotation] == honest[0].Annotations[tarheaders.Annotation] {
+		t.Fatal("the lie is the truth: the test proves nothing")
+	}
+	lyingRef := testutil.PushImage(t, reg.Addr, "lie/model:v1", lying)
+	honestRef := testutil.PushImage(t, reg.Addr, "honest/model:v1", honest)
+
+	mismatches := promtest.ToFloat64(metrics.TarHeaderMismatches)
+	n := lazyStartNode(t, filepath.Join(root, "cache"), nil)
+	img := n.mountImage(t, lyingRef, filepath.Join(root, "lie"))
+	for name, other := range map[string][]byte{"w/x": b, "w/y": a} {
+		got, err := lazyReadFile(t, img.path(name))
+		if !lazyIsEIO(err) {
+			t.Fatalf("read of %s, which the annotation lies about: %d bytes, err %v; want EIO", name, len(got), err)
+		}
+		if len(got) > 0 {
+			t.Fatalf("read of %s served %d bytes (the other file's: %v)", name, len(got), bytes.HasPrefix(other, got))
+		}
+	}
+	if got := promtest.ToFloat64(metrics.TarHeaderMismatches) - mismatches; got != 1 {
+		t.Errorf("tar header mismatches counted %v, want 1", got)
+	}
+
+	// The same blob, honestly described: a layer of its own (another
+	// manifest says otherwise of the blob), read right.
+	good := n.mountImage(t, honestRef, filepath.Join(root, "honest"))
+	for name, want := range map[string][]byte{"w/x": a, "w/y": b} {
+		if got, err := lazyReadFile(t, good.path(name)); err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("honest read of %s: err %v, equal %v", name, err, bytes.Equal(got, want))
+		}
+	}
 }

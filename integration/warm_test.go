@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/weightsnap/weightsnap/cache"
@@ -17,6 +18,7 @@ import (
 	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/pack"
 	"github.com/weightsnap/weightsnap/remote"
+	"github.com/weightsnap/weightsnap/tarheaders"
 )
 
 // warmLayers returns the layer digests of ref.
@@ -114,7 +116,7 @@ func TestLazyWarm(t *testing.T) {
 
 // pushShardedModel pushes to ref a model of a config file and shards
 // files of 8 MiB, each in a layer of its own.
-func pushShardedModel(t testing.TB, root, ref string, shards int) {
+func pushShardedModel(t testing.TB, root, ref string, shards int) v1.Image {
 	t.Helper()
 	src := filepath.Join(root, "model-"+strconv.Itoa(shards))
 	if err := os.MkdirAll(src, 0o755); err != nil {
@@ -136,6 +138,7 @@ func pushShardedModel(t testing.TB, root, ref string, shards int) {
 	if err := pack.Push(t.Context(), img, ref, true, nil); err != nil {
 		t.Fatal(err)
 	}
+	return img
 }
 
 // BenchmarkLayerMounts mounts the five layers of a model one after
@@ -182,5 +185,66 @@ func BenchmarkLayerMounts(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkLayerMountsTarHeaders mounts the five layers of a model one
+// after another, as containerd's Prepares come, named by the manifest's
+// digest as containerd names them, with the tar header annotation pack
+// writes and with it stripped from the manifest (each layer's headers are
+// then read from the blob: two range reads), straight from the registry
+// and through a proxy that adds 20 ms to every request. A fresh cache for
+// each run.
+//
+//	go test ./integration -run '^$' -bench BenchmarkLayerMountsTarHeaders -benchtime 5x
+func BenchmarkLayerMountsTarHeaders(b *testing.B) {
+	testutil.RequireFUSE(b)
+	root := b.TempDir()
+	reg := testutil.StartRegistry(b)
+	proxy := testutil.StartProxy(b, reg.URL(), testutil.Faults{})
+	img := pushShardedModel(b, root, reg.Addr+"/bench/headers:v1", 4)
+	stripped, err := withoutAnnotation(img, tarheaders.Annotation)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := pack.Push(b.Context(), stripped, reg.Addr+"/bench/headers:stripped", true, nil); err != nil {
+		b.Fatal(err)
+	}
+	for _, latency := range []time.Duration{0, 20 * time.Millisecond} {
+		for _, headers := range []bool{false, true} {
+			tag := map[bool]string{false: "stripped", true: "v1"}[headers]
+			resolved := lazyResolve(b, proxy.Addr+"/bench/headers:"+tag)
+			ref := proxy.Addr + "/bench/headers@" + resolved.Digest.String()
+			b.Run(fmt.Sprintf("latency=%v/headers=%v", latency, headers), func(b *testing.B) {
+				if err := proxy.SetFaults(testutil.Faults{Latency: latency}); err != nil {
+					b.Fatal(err)
+				}
+				for range b.N {
+					b.StopTimer()
+					dir, err := os.MkdirTemp(root, "run-")
+					if err != nil {
+						b.Fatal(err)
+					}
+					store, err := cache.Open(filepath.Join(dir, "cache"))
+					if err != nil {
+						b.Fatal(err)
+					}
+					m := lazy.New(store, remote.New(lazyRemoteOptions()...), lazy.WithBackgroundFill(false))
+					b.StartTimer()
+					for j, l := range resolved.Layers {
+						if err := m.Mount(b.Context(), filepath.Join(dir, fmt.Sprintf("layer-%d", j)), ref, l.Digest); err != nil {
+							b.Fatal(err)
+						}
+					}
+					b.StopTimer()
+					if err := m.Close(); err != nil {
+						b.Error(err)
+					}
+					if err := store.Close(); err != nil {
+						b.Error(err)
+					}
+				}
+			})
+		}
 	}
 }

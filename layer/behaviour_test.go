@@ -29,7 +29,7 @@ func TestTarIndexReadsOnlyHeaders(t *testing.T) {
 	src := &memSource{b: tarb}
 	meta := newMemMeta()
 	d := Descriptor{Digest: sha(tarb), Size: int64(len(tarb)), MediaType: mtTar}
-	l, err := openTar(ctx, d, src, meta)
+	l, err := openTar(ctx, d, src, meta, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,7 +50,7 @@ func TestTarIndexReadsOnlyHeaders(t *testing.T) {
 
 	// Reopen: the index comes from meta, no header is read.
 	src2 := &memSource{b: tarb}
-	l2, err := openTar(ctx, d, src2, meta)
+	l2, err := openTar(ctx, d, src2, meta, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -154,7 +154,7 @@ func TestRefusalsLogBounded(t *testing.T) {
 	var n atomic.Int64
 	defer slog.SetDefault(slog.Default())
 	slog.SetDefault(slog.New(countHandler{&n}))
-	if _, err := openTar(testCtx(t), Descriptor{Digest: sha(tarb)}, &memSource{b: tarb}, nil); err != nil {
+	if _, err := openTar(testCtx(t), Descriptor{Digest: sha(tarb)}, &memSource{b: tarb}, nil, false); err != nil {
 		t.Fatal(err)
 	}
 	if n.Load() > maxRefusalsLogged+1 {
@@ -179,7 +179,7 @@ func TestHardLinksLinear(t *testing.T) {
 	tarb := linkTar(t, n)
 	var l *tarLayer
 	var err error
-	alloc := allocated(func() { l, err = openTar(ctx, Descriptor{Digest: sha(tarb)}, &memSource{b: tarb}, nil) })
+	alloc := allocated(func() { l, err = openTar(ctx, Descriptor{Digest: sha(tarb)}, &memSource{b: tarb}, nil, false) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -197,7 +197,7 @@ func TestHardLinksLinear(t *testing.T) {
 func TestHardLinksBounded(t *testing.T) {
 	ctx := testCtx(t)
 	tarb := linkTar(t, maxLinks)
-	l, err := openTar(ctx, Descriptor{Digest: sha(tarb)}, &memSource{b: tarb}, nil)
+	l, err := openTar(ctx, Descriptor{Digest: sha(tarb)}, &memSource{b: tarb}, nil, false)
 	if err != nil {
 		t.Fatal(err)
 	}

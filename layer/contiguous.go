@@ -67,6 +67,9 @@ type tarFiles struct {
 }
 
 func (l tarFiles) ReadFile(ctx context.Context, e *Entry, off int64, n int) (*os.File, int64, int, func(), error) {
+	if err := l.confirmed(ctx); err != nil {
+		return nil, 0, 0, nil, err
+	}
 	base, err := contentRange(l.idx, e, off, l.src.Size())
 	if err != nil {
 		return nil, 0, 0, nil, err

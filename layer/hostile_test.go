@@ -111,7 +111,7 @@ func TestHostileStructureErrors(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			ctx := testCtx(t)
 			d := Descriptor{Digest: sha(b), MediaType: mtTar}
-			_, err := openTar(ctx, d, &memSource{b: b}, newMemMeta())
+			_, err := openTar(ctx, d, &memSource{b: b}, newMemMeta(), false)
 			want := ErrCorrupt
 			if name == "sparse" {
 				want = ErrUnsupported
@@ -132,7 +132,7 @@ func TestHostileStructureErrors(t *testing.T) {
 		})
 	}
 	ctx := testCtx(t)
-	if _, err := openTar(ctx, Descriptor{Digest: sha(good)}, &memSource{b: good}, nil); err != nil {
+	if _, err := openTar(ctx, Descriptor{Digest: sha(good)}, &memSource{b: good}, nil, false); err != nil {
 		t.Fatalf("the untruncated tar: %v", err)
 	}
 }
@@ -157,7 +157,7 @@ func FuzzIndex(f *testing.F) {
 	slog.SetDefault(slog.New(slog.DiscardHandler))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		ctx := context.Background()
-		l, err := openTar(ctx, Descriptor{}, &memSource{b: b}, nil)
+		l, err := openTar(ctx, Descriptor{}, &memSource{b: b}, nil, false)
 		if err != nil {
 			return
 		}

@@ -234,6 +234,19 @@ var formats = []format{
 		}
 		return l
 	}},
+	{name: "tar-claimed", open: func(t *testing.T, ctx context.Context, tarb []byte) Layer {
+		// Indexed from the tar header annotation, confirmed against the blob.
+		d := claimedDesc(tarb, annotate(t, tarb))
+		op, err := Open(ctx, d, &memSource{b: tarb}, WithTarHeaders(), WithMeta(newMemMeta()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { op.Close() })
+		if op.Confirm == nil {
+			t.Fatal("the annotation was not used")
+		}
+		return op.Layer
+	}},
 }
 
 // want is what archive/tar says an entry is.
@@ -479,7 +492,7 @@ func TestTarFilesAreContiguousRanges(t *testing.T) {
 	}
 	tw.Close()
 	blob := buf.Bytes()
-	l, err := openTar(context.Background(), Descriptor{Digest: digest.FromBytes(blob), Size: int64(len(blob))}, &memSource{b: blob}, nil)
+	l, err := openTar(context.Background(), Descriptor{Digest: digest.FromBytes(blob), Size: int64(len(blob))}, &memSource{b: blob}, nil, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -29,6 +29,12 @@ type Opened struct {
 	// start, by itself (plain gzip or zstd): filling the Source ahead of
 	// readers would only fetch the blob twice.
 	Streamed bool
+	// Confirm is set when the index was taken from the descriptor's tar
+	// header annotation (WithTarHeaders) and is being checked against the
+	// blob. Reads of file content wait for it by themselves; what else
+	// works from the index's file ranges (read-ahead, passthrough,
+	// segments) should too.
+	Confirm *Confirmation
 }
 
 // Option configures Open.
@@ -41,6 +47,7 @@ type options struct {
 	expansion expansion
 	table     *chunks.Table
 	verified  bool
+	claimed   bool
 }
 
 // WithStreams lets Open stream a compressed layer it cannot read by range:
@@ -90,6 +97,17 @@ func WithVerifiedSource() Option {
 	return func(o *options) { o.verified = true }
 }
 
+// WithTarHeaders lets Open index an uncompressed tar from its
+// descriptor's tar header annotation (package tarheaders) without reading
+// the blob, and confirm it against the blob in the background
+// (Opened.Confirm). Give it only when the Source's bytes are checked
+// against a digest the same manifest pins (a chunk table): the claim is
+// then as good as a walk of those bytes once it is confirmed, and until
+// then no file content is served.
+func WithTarHeaders() Option {
+	return func(o *options) { o.claimed = true }
+}
+
 // rangeMeta is the MetaStore of a layer read by range: none unless its
 // Source is verified.
 func (o options) rangeMeta() MetaStore {
@@ -125,11 +143,11 @@ func Open(ctx context.Context, d Descriptor, src Source, opts ...Option) (*Opene
 	if src != nil {
 		switch kind {
 		case "tar":
-			l, err := openTar(ctx, d, src, o.rangeMeta())
+			l, err := openTar(ctx, d, src, o.rangeMeta(), o.claimed)
 			if err != nil {
 				return nil, err
 			}
-			op := &Opened{Layer: l, Ranges: l}
+			op := &Opened{Layer: l, Ranges: l, Confirm: l.confirm}
 			if fsrc, ok := src.(FileSource); ok {
 				op.Files = tarFiles{l, fsrc}
 			}

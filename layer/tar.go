@@ -7,7 +7,10 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"syscall"
+
+	"github.com/weightsnap/weightsnap/tarheaders"
 )
 
 // headerReadSize is how much a header walk reads at once: a few headers
@@ -185,6 +188,9 @@ func walkTar(ctx context.Context, pr posReader, limit int64, x *index) error {
 type tarLayer struct {
 	idx *index
 	src Source
+	// confirm is set when idx was taken from the tar header annotation:
+	// content is read only once it is confirmed.
+	confirm *Confirmation
 }
 
 // tarIndexName is the meta record of the index of the uncompressed tar
@@ -210,11 +216,24 @@ func sanitize(s string) string {
 // openTar indexes an uncompressed tar blob by walking its headers with
 // small range reads (headers and PAX/GNU long-name records only; file data
 // is seeked over, never read). The index is saved in meta under a
-// versioned name and reused by the next open.
-func openTar(ctx context.Context, d Descriptor, src Source, meta MetaStore) (*tarLayer, error) {
+// versioned name and reused by the next open. With claimed, a tar header
+// annotation is walked instead of the blob (claimed.go); an annotation
+// that cannot serve the walk is ignored.
+func openTar(ctx context.Context, d Descriptor, src Source, meta MetaStore, claimed bool) (*tarLayer, error) {
 	name := tarIndexName(d.Digest.String())
 	if x := loadIndex(ctx, meta, name, d.Digest.String()); x != nil {
 		return &tarLayer{idx: x, src: src}, nil
+	}
+	if _, ok := d.Annotations[tarheaders.Annotation]; ok && claimed {
+		x, regions, err := claimedIndex(ctx, d, src.Size())
+		if err == nil {
+			save := func(ctx context.Context) { saveIndex(ctx, meta, name, x) }
+			return &tarLayer{idx: x, src: src, confirm: startConfirmation(d.Digest.String(), regions, src, save)}, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		slog.DebugContext(ctx, "layer: tar header annotation not usable, walking the tar", "layer", d.Digest, "err", err)
 	}
 	x := newIndex(d.Digest.String())
 	r := &seekReader{ctx: ctx, readAt: src.ReadAt, size: src.Size()}
@@ -235,12 +254,29 @@ func (l *tarLayer) ReadDir(ctx context.Context, dir string) ([]*Entry, error) {
 }
 
 func (l *tarLayer) ReadAt(ctx context.Context, e *Entry, p []byte, off int64) (int, error) {
+	if err := l.confirmed(ctx); err != nil {
+		return 0, err
+	}
 	return readContiguous(ctx, l.idx, l.src.ReadAt, l.src.Size(), e, p, off)
+}
+
+// confirmed waits until the index's file ranges may be read: at once
+// for an index read from the blob, once confirmed for a claimed one.
+func (l *tarLayer) confirmed(ctx context.Context) error {
+	if l.confirm == nil {
+		return nil
+	}
+	return l.confirm.Wait(ctx)
 }
 
 func (l *tarLayer) Size() int64 { return l.idx.contentSize() }
 
-func (l *tarLayer) Close() error { return nil }
+func (l *tarLayer) Close() error {
+	if l.confirm != nil {
+		l.confirm.close()
+	}
+	return nil
+}
 
 // readContiguous reads e's content, which starts at the offset recorded
 // for its inode in the tar that readAt reads (of size limit, -1 unknown).

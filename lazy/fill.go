@@ -29,6 +29,11 @@ func (m *Manager) fillWhenUsed(ctx context.Context, sl *sharedLayer) {
 	case <-ctx.Done():
 		return
 	}
+	select { // its order is the index's files
+	case <-sl.ready:
+	case <-ctx.Done():
+		return
+	}
 	m.fill(ctx, sl)
 }
 

@@ -37,6 +37,11 @@ type sharedLayer struct {
 	mounted     chan struct{} // closed at the first mount
 	mountedOnce sync.Once
 	filled      chan struct{} // closed when background fill has returned
+	// ready is closed when the index's file ranges may be used (read-ahead,
+	// segments, passthrough): at open, or once a claimed index (from the
+	// tar header annotation) is confirmed; prepared when that has returned.
+	ready    chan struct{}
+	prepared chan struct{}
 	// unwanted is set when its last mount was unmounted (containerd
 	// removed the snapshot: the image is going), and cleared by a new
 	// mount: a layer that closes unwanted is the cache's first to evict.
@@ -91,20 +96,91 @@ func (m *Manager) open(ctx context.Context, dl described) (*sharedLayer, error) 
 	}
 	bg, cancel := context.WithCancel(context.Background())
 	sl := &sharedLayer{desc: desc, image: dl.image, trust: tr, blob: blob, stream: stream.Load(), cancel: cancel,
-		used: make(chan struct{}), mounted: make(chan struct{}), filled: make(chan struct{})}
+		used: make(chan struct{}), mounted: make(chan struct{}), filled: make(chan struct{}),
+		ready: make(chan struct{}), prepared: make(chan struct{})}
 	sl.l = sl.guard(l)
 	if l.Ranges != nil {
 		sl.readers = prefetch.NewReaders(m.sched.SpanSize(), m.opt.maxReadAhead)
 	}
 	indexed := time.Now()
+	if l.Confirm == nil {
+		m.prepareReads(sl, src)
+	} else {
+		go m.prepareWhenConfirmed(bg, sl, src)
+	}
+	slog.Debug("layer opened", "layer", desc.Digest, "image", dl.image, "verification", tr.label(), "index", indexed.Sub(t0), "segments", time.Since(indexed), "claimed", l.Confirm != nil)
+	metrics.LayersOpened.WithLabelValues(tr.label()).Inc()
+	m.startBackground(bg, sl)
+	return sl, nil
+}
+
+// prepareReads does what works from the index's file ranges before they
+// are read: the segments of the large files, then the read-ahead held
+// back until they exist.
+func (m *Manager) prepareReads(sl *sharedLayer, src *readAround) {
+	defer close(sl.prepared)
 	if m.opt.passthrough {
 		sl.segment()
 	}
 	src.startReadAhead()
-	slog.Debug("layer opened", "layer", desc.Digest, "image", dl.image, "verification", tr.label(), "index", indexed.Sub(t0), "segments", time.Since(indexed))
-	metrics.LayersOpened.WithLabelValues(tr.label()).Inc()
-	m.startBackground(bg, sl)
-	return sl, nil
+	close(sl.ready)
+}
+
+// prepareWhenConfirmed waits for the claimed index of sl to be checked
+// against its blob: then prepares its reads, or, if the blob contradicts
+// it, fails the layer. A layer closed first prepares nothing.
+func (m *Manager) prepareWhenConfirmed(ctx context.Context, sl *sharedLayer, src *readAround) {
+	c := sl.l.Confirm
+	select {
+	case <-c.Done():
+	case <-ctx.Done():
+		close(sl.prepared)
+		return
+	}
+	if err := c.Err(); err != nil {
+		if errors.Is(err, layer.ErrVerify) {
+			m.failClaimedLayer(sl, err)
+		}
+		close(sl.prepared)
+		return
+	}
+	t0 := time.Now()
+	m.prepareReads(sl, src)
+	slog.Debug("layer tar headers confirmed", "layer", sl.desc.Digest, "image", sl.image, "segments", time.Since(t0))
+}
+
+// waitReady waits until sl's file contents may be read: its claimed index
+// confirmed, and what prepareReads does done, so that a read waiting for
+// the confirmation does not fill a large file's range of the data file
+// before its segment is declared.
+func (sl *sharedLayer) waitReady(ctx context.Context) error {
+	if sl.isReady() {
+		return nil
+	}
+	if err := sl.l.Confirm.Wait(ctx); err != nil {
+		return err // contradicted, closed, or the blob cannot be read yet
+	}
+	select {
+	case <-sl.ready:
+		return nil
+	case <-sl.prepared: // done: ready, or closed before it was
+		if sl.isReady() {
+			return nil
+		}
+		return fmt.Errorf("layer %s closed", sl.desc.Digest)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// isReady reports whether sl's file ranges may be used now.
+func (sl *sharedLayer) isReady() bool {
+	select {
+	case <-sl.ready:
+		return true
+	default:
+		return false
+	}
 }
 
 // startBackground starts what runs for sl until it closes: the fill of
@@ -187,7 +263,7 @@ func (sl *sharedLayer) segment() {
 // passthroughFile returns the cache file holding exactly e's content, once
 // the layer's blob is verified.
 func (sl *sharedLayer) passthroughFile(e *layer.Entry) (*os.File, bool) {
-	if sl.l.Ranges == nil || e.Size < passthroughMin {
+	if sl.l.Ranges == nil || e.Size < passthroughMin || !sl.isReady() {
 		return nil, false
 	}
 	r, ok := sl.l.Ranges.DataRange(e)
@@ -202,7 +278,7 @@ func (sl *sharedLayer) passthroughFile(e *layer.Entry) (*os.File, bool) {
 // contiguous range of the blob.
 func (m *Manager) onRead(sl *sharedLayer, e *layer.Entry, off, n int64) {
 	sl.usedOnce.Do(func() { close(sl.used) })
-	if sl.readers == nil {
+	if sl.readers == nil || !sl.isReady() {
 		return
 	}
 	file := func() (prefetch.Range, bool) {
@@ -220,6 +296,7 @@ func (m *Manager) onRead(sl *sharedLayer, e *layer.Entry, off, n int64) {
 func (m *Manager) closeLayer(_ layerKey, sl *sharedLayer) {
 	sl.cancel()
 	<-sl.filled
+	<-sl.prepared
 	if sl.unwanted.Load() {
 		// Its blob and, if it was streamed, its stream share the key;
 		// the demotion holds once their last handles, below, are closed.

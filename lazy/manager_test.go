@@ -438,6 +438,23 @@ func TestWarmHoldsLayersUntilMountOrClose(t *testing.T) {
 }
 
 // waitFor waits up to 5 s for cond.
+// waitReady waits until the layer mounted at mp may be read: its claimed
+// index, if it has one, confirmed against the blob.
+func waitReady(t *testing.T, m *Manager, mp string) {
+	t.Helper()
+	m.mu.Lock()
+	lm := m.mounts[mp]
+	m.mu.Unlock()
+	if lm == nil {
+		t.Fatalf("nothing mounted at %s", mp)
+	}
+	select {
+	case <-lm.ref.Value().ready:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the layer at %s did not become ready", mp)
+	}
+}
+
 func waitFor(t *testing.T, cond func() bool) {
 	t.Helper()
 	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
@@ -517,6 +534,9 @@ func TestUnmountedForGoodIsEvictedFirst(t *testing.T) {
 		if err := m.Mount(t.Context(), mp, ref, ds[i]); err != nil {
 			t.Fatal(err)
 		}
+		// Its tar headers, which the index was taken from, are read from
+		// the blob (all of it, here) once they are confirmed.
+		waitReady(t, m, mp)
 		return mp
 	}
 	onDisk := func(i int) bool {

@@ -180,7 +180,9 @@ func (tr trust) layerOptions(opener func(context.Context) (io.ReadCloser, error)
 		layer.WithMaxExpansion(o.expansion, limit),
 	}
 	if tr.v == byChunks {
-		opts = append(opts, layer.WithTable(tr.table))
+		// Every byte the claim is confirmed against is checked against
+		// the table the same manifest pins.
+		opts = append(opts, layer.WithTable(tr.table), layer.WithTarHeaders())
 	}
 	if blob.Complete() {
 		opts = append(opts, layer.WithVerifiedSource())
@@ -228,6 +230,9 @@ func (g guardedLayer) ReadAt(ctx context.Context, e *layer.Entry, p []byte, off 
 	if err := g.sl.failure(); err != nil {
 		return 0, err
 	}
+	if err := g.sl.waitReady(ctx); err != nil {
+		return 0, err
+	}
 	return g.Layer.ReadAt(ctx, e, p, off)
 }
 
@@ -240,6 +245,9 @@ func (g guardedFiles) ReadFile(ctx context.Context, e *layer.Entry, off int64, n
 	if err := g.sl.failure(); err != nil {
 		return nil, 0, 0, nil, err
 	}
+	if err := g.sl.waitReady(ctx); err != nil {
+		return nil, 0, 0, nil, err
+	}
 	return g.FileReader.ReadFile(ctx, e, off, n)
 }
 
@@ -249,14 +257,35 @@ func (g guardedFiles) ReadFile(ctx context.Context, e *layer.Entry, off int64, n
 // cached of every mount of it. Said once, with the image and the blob.
 func (m *Manager) failLayer(sl *sharedLayer, err error) {
 	err = fmt.Errorf("%w: layer %s of %s was served before it verified, and did not verify: %v", layer.ErrVerify, sl.desc.Digest, sl.image, err)
-	if !sl.failed.CompareAndSwap(nil, &err) {
-		return
+	if m.fail(sl, err, "unverified layer did not verify: every read of it fails from now on") {
+		metrics.UnverifiedLayerMismatches.Inc()
 	}
-	slog.Error("unverified layer did not verify: every read of it fails from now on", "layer", sl.desc.Digest, "image", sl.image, "err", err)
-	metrics.UnverifiedLayerMismatches.Inc()
+}
+
+// failClaimedLayer marks sl, indexed from its tar header annotation, as
+// wrong: its blob does not hold the headers the annotation claims, so the
+// names and file ranges served from them are not the layer's. No file
+// content was served from them (it waits for the confirmation).
+func (m *Manager) failClaimedLayer(sl *sharedLayer, err error) {
+	err = fmt.Errorf("%w (image %s)", err, sl.image) // err names the layer and wraps layer.ErrVerify
+	if m.fail(sl, err, "tar header annotation did not match the blob: every read of the layer fails from now on") {
+		metrics.TarHeaderMismatches.Inc()
+	}
+}
+
+// fail marks sl wrong with err, once: every later lookup and read of it
+// fails, the kernel drops what it cached of every mount of it, and msg is
+// logged with the image and the blob. It reports whether it was the
+// first.
+func (m *Manager) fail(sl *sharedLayer, err error, msg string) bool {
+	if !sl.failed.CompareAndSwap(nil, &err) {
+		return false
+	}
+	slog.Error(msg, "layer", sl.desc.Digest, "image", sl.image, "err", err)
 	for _, mnt := range m.mountsOf(sl) {
 		mnt.Invalidate()
 	}
+	return true
 }
 
 // mountsOf returns the mounts serving sl.

@@ -1,10 +1,14 @@
 package lazy
 
 import (
+	"archive/tar"
 	"bytes"
+	"context"
 	"errors"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/opencontainers/go-digest"
@@ -14,6 +18,7 @@ import (
 	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/layer"
 	"github.com/weightsnap/weightsnap/metrics"
+	"github.com/weightsnap/weightsnap/tarheaders"
 )
 
 // pushPlain pushes a one-file tar layer without a chunk table, as docker
@@ -168,4 +173,118 @@ func TestPromisedTOCThatIsNotThereIsRefused(t *testing.T) {
 	if len(fake.live()) != 0 {
 		t.Fatal("mounted")
 	}
+}
+
+// pushClaimed pushes a one-layer image of tarb with its chunk table and
+// the tar header annotation of claim (tarb's own, or a lie).
+func pushClaimed(t *testing.T, g *gatedRegistry, tarb, claim []byte) (string, digest.Digest) {
+	t.Helper()
+	layers := testutil.EncodeLayers(t, [][]byte{tarb}, testutil.FormatTar)
+	lie := testutil.EncodeLayers(t, [][]byte{claim}, testutil.FormatTar)
+	layers[0].Annotations[tarheaders.Annotation] = lie[0].Annotations[tarheaders.Annotation]
+	if layers[0].Annotations[tarheaders.Annotation] == "" {
+		t.Fatal("no tar header annotation")
+	}
+	return testutil.PushImage(t, g.addr(), "model:v1", layers), digest.Digest(layers[0].Digest())
+}
+
+// A layer whose manifest gives its tar headers is mounted without a byte
+// of its blob: Mount returns while every blob GET is held. Its content is
+// served once the headers are confirmed against the blob.
+func TestTarHeadersMountReadsNoBlob(t *testing.T) {
+	g := newGatedRegistry(t)
+	content := bytes.Repeat([]byte("claimed weights "), 400_000) // 6.4 MB: a segment
+	tarb := tarOf(t, "models/w", string(content))
+	ref, d := pushClaimed(t, g, tarb, tarb)
+	m, fake := newTestManager(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	// The image's config is read first (a blob too), as PullImage does;
+	// the image is then named by its digest, as containerd names it.
+	dl, err := m.describe(ctx, ref, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := g.hold()
+	defer release()
+	mp := filepath.Join(t.TempDir(), "mp")
+	if err := m.Mount(ctx, mp, dl.image, d); err != nil {
+		t.Fatalf("Mount with the blob held: %v", err)
+	}
+	f := fake.live()[0]
+	sl := f.l.Layer.(guardedLayer).sl
+	if f.l.Confirm == nil {
+		t.Fatal("the layer was not indexed from its annotation")
+	}
+	e, err := f.l.Lookup(ctx, "models/w")
+	if err != nil || e.Size != int64(len(content)) {
+		t.Fatalf("lookup before confirmation: %+v, %v", e, err)
+	}
+	if _, ok := sl.passthroughFile(e); ok {
+		t.Fatal("passthrough before the headers were confirmed")
+	}
+	release()
+	waitReady(t, m, mp)
+	if got, err := readAll(t, f, "models/w"); err != nil || !bytes.Equal(got, content) {
+		t.Fatalf("read after confirmation: %v", err)
+	}
+}
+
+// A manifest whose tar header annotation lies (the names of two files of
+// the same size swapped, so each claims the other's bytes) gets no byte
+// of either file: every read fails, the kernel is told to drop the
+// layer's names, and the mismatch is counted.
+func TestTarHeadersLieFailsTheLayer(t *testing.T) {
+	g := newGatedRegistry(t)
+	a, b := strings.Repeat("A", 5000), strings.Repeat("B", 5000)
+	tarb := tarOfFiles(t, "x", a, "y", b)
+	lie := tarOfFiles(t, "y", a, "x", b)
+	ref, d := pushClaimed(t, g, tarb, lie)
+	mismatches := promtest.ToFloat64(metrics.TarHeaderMismatches)
+	m, fake := newTestManager(t)
+	mp := filepath.Join(t.TempDir(), "mp")
+	if err := m.Mount(t.Context(), mp, ref, d); err != nil {
+		t.Fatal(err)
+	}
+	f := fake.live()[0]
+	if f.l.Confirm == nil {
+		t.Fatal("the layer was not indexed from its annotation")
+	}
+	for _, name := range []string{"x", "y"} {
+		got, err := readAll(t, f, name)
+		if !errors.Is(err, layer.ErrVerify) {
+			t.Fatalf("read of %s: %v, want ErrVerify", name, err)
+		}
+		if bytes.Contains(got, []byte("A")) || bytes.Contains(got, []byte("B")) {
+			t.Fatalf("read of %s served bytes", name)
+		}
+	}
+	sl := f.l.Layer.(guardedLayer).sl
+	<-sl.prepared
+	if _, err := f.l.Lookup(t.Context(), "x"); !errors.Is(err, layer.ErrVerify) {
+		t.Fatalf("lookup after the mismatch: %v, want ErrVerify", err)
+	}
+	if f.invalidations.Load() == 0 {
+		t.Fatal("the kernel was not told to drop the failed layer's names")
+	}
+	if got := promtest.ToFloat64(metrics.TarHeaderMismatches) - mismatches; got != 1 {
+		t.Fatalf("mismatches counted %v, want 1", got)
+	}
+}
+
+// tarOfFiles is an uncompressed tar of files given as name, content, ...
+func tarOfFiles(t *testing.T, nameContent ...string) []byte {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for i := 0; i < len(nameContent); i += 2 {
+		name, content := nameContent[i], nameContent[i+1]
+		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(content)), Typeflag: tar.TypeReg}); err != nil {
+			t.Fatal(err)
+		}
+		tw.Write([]byte(content))
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
 }

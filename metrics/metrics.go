@@ -96,6 +96,13 @@ var (
 		Namespace: ns, Name: "unverified_layer_mismatches_total",
 		Help: "Layers served unverified whose blob did not match its digest.",
 	})
+	// TarHeaderMismatches counts layers indexed from their tar header
+	// annotation whose blob then did not hold those headers: each read of
+	// them fails from then on.
+	TarHeaderMismatches = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: ns, Name: "tar_header_mismatches_total",
+		Help: "Layers whose tar header annotation did not match their blob.",
+	})
 
 	// HolderErrors counts mounts whose connection the holder could not
 	// take or let go of: such a mount does not survive its server.
@@ -125,7 +132,7 @@ var Registry = prometheus.NewRegistry()
 func init() {
 	Registry.MustRegister(RegistryBytes, RegistryRequests, CacheBytes, CacheEvictedBytes,
 		ReadLatency, FileOpens, OpenFiles, LayerFetchedBytes, LayerSizeBytes, LayerVerified, TimeToFirstRead,
-		LayersOpened, UnverifiedLayerMismatches, HolderErrors, MountsResumed,
+		LayersOpened, UnverifiedLayerMismatches, TarHeaderMismatches, HolderErrors, MountsResumed,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 }
 

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
+	"strings"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -15,11 +17,14 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/weightsnap/weightsnap/chunks"
+	"github.com/weightsnap/weightsnap/tarheaders"
 )
 
 // Convert makes the image src lazily verifiable: it adds a chunk table
 // (chunks.Annotation) to every layer descriptor that lacks a valid one,
-// and pushes the result as dst. Every layer blob and the config are reused
+// and the tar header annotation (tarheaders.Annotation) to every
+// uncompressed tar layer that lacks one and has few enough headers, and
+// pushes the result as dst. Every layer blob and the config are reused
 // as they are, mounted across repositories of the same registry, so only
 // a new manifest is uploaded; each blob is read once to compute its table.
 // It returns dst by digest.
@@ -65,11 +70,13 @@ func withChunkTables(img v1.Image, src name.Reference) (v1.Image, error) {
 	m = m.DeepCopy()
 	changed := false
 	for i, desc := range m.Layers {
-		if _, err := chunks.Parse(desc.Annotations[chunks.Annotation], desc.Size); err == nil {
+		_, err := chunks.Parse(desc.Annotations[chunks.Annotation], desc.Size)
+		needTable := err != nil
+		needHeaders := isTar(string(desc.MediaType)) && !hasTarHeaders(desc)
+		if !needTable && !needHeaders {
 			continue
 		}
-		changed = true
-		t, err := layerTable(img, desc)
+		t, regions, herr, err := readBlob(img, desc, needHeaders)
 		if err != nil {
 			return nil, fmt.Errorf("layer %d (%s): %w", i, desc.Digest, err)
 		}
@@ -77,8 +84,22 @@ func withChunkTables(img v1.Image, src name.Reference) (v1.Image, error) {
 		if ann == nil {
 			ann = map[string]string{}
 		}
-		ann[chunks.Annotation] = t.Encode()
-		m.Layers[i].Annotations = ann
+		if needTable {
+			ann[chunks.Annotation] = t.Encode()
+		}
+		if needHeaders {
+			if herr != nil && !errors.Is(herr, tarheaders.ErrTooLarge) {
+				// The node walks it, and says what is wrong with it.
+				herr = tarheaders.ErrTooLarge
+			}
+			if err := addTarHeaders(ann, regions, herr); err != nil {
+				return nil, fmt.Errorf("layer %d (%s): %w", i, desc.Digest, err)
+			}
+		}
+		if !maps.Equal(ann, desc.Annotations) {
+			changed = true
+			m.Layers[i].Annotations = ann
+		}
 	}
 	if !changed {
 		return img, nil // the same manifest bytes, so the same digest
@@ -90,28 +111,55 @@ func withChunkTables(img v1.Image, src name.Reference) (v1.Image, error) {
 	return &manifestImage{Image: img, src: src, raw: raw, m: m}, nil
 }
 
-// layerTable reads the blob of desc and returns its chunk table. The blob
-// is verified against its digest as it is read, so the table is of the
-// bytes the manifest names.
-func layerTable(img v1.Image, desc v1.Descriptor) (*chunks.Table, error) {
+// isTar reports whether a layer of media type mt is an uncompressed tar,
+// as package layer decides.
+func isTar(mt string) bool { return strings.HasSuffix(mt, ".tar") }
+
+// hasTarHeaders reports whether desc has a tar header annotation that
+// parses.
+func hasTarHeaders(desc v1.Descriptor) bool {
+	s, ok := desc.Annotations[tarheaders.Annotation]
+	if !ok {
+		return false
+	}
+	_, err := tarheaders.Parse(s, desc.Size)
+	return err == nil
+}
+
+// readBlob reads the blob of desc once and returns its chunk table and,
+// with headers, its tar header regions (and why there are none: herr).
+// The blob is verified against its digest as it is read, so both are of
+// the bytes the manifest names.
+func readBlob(img v1.Image, desc v1.Descriptor, headers bool) (t *chunks.Table, regions []tarheaders.Region, herr, err error) {
 	l, err := img.LayerByDigest(desc.Digest)
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	rc, err := l.Compressed() // the blob as stored: verified against its digest at EOF
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	defer rc.Close()
-	t, err := chunks.Compute(rc, desc.Size, chunks.DefaultChunkSize)
+	var r io.Reader = rc
+	if headers {
+		rec := tarheaders.NewRecorder()
+		defer func() {
+			regions, herr = rec.Finish()
+			if err != nil {
+				regions, herr = nil, nil
+			}
+		}()
+		r = io.TeeReader(rc, rec)
+	}
+	t, err = chunks.Compute(r, desc.Size, chunks.DefaultChunkSize)
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	// Reading to EOF is what makes the reader check the digest.
-	if n, err := io.Copy(io.Discard, rc); err != nil || n != 0 {
-		return nil, fmt.Errorf("blob longer than its descriptor's %d bytes, or corrupt: %d more, %v", desc.Size, n, err)
+	if n, err := io.Copy(io.Discard, r); err != nil || n != 0 {
+		return nil, nil, nil, fmt.Errorf("blob longer than its descriptor's %d bytes, or corrupt: %d more, %v", desc.Size, n, err)
 	}
-	return t, nil
+	return t, nil, nil, nil
 }
 
 // manifestImage is an image with its manifest replaced.

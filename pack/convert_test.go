@@ -3,7 +3,9 @@ package pack
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -13,11 +15,15 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/weightsnap/weightsnap/chunks"
 	"github.com/weightsnap/weightsnap/internal/registryserver"
+	"github.com/weightsnap/weightsnap/tarheaders"
 )
 
 // uploadedBytes counts the bytes of blob uploads a registry receives.
@@ -151,7 +157,7 @@ func mustRef(t *testing.T, s string) name.Reference {
 	return r
 }
 
-// Every layer pack makes carries its chunk table.
+// Every layer pack makes carries its chunk table and its tar headers.
 func TestPackWritesChunkTables(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "tiny-llama")
 	writeModel(t, dir, modelSpec(), 0o644)
@@ -165,6 +171,7 @@ func TestPackWritesChunkTables(t *testing.T) {
 	}
 	for _, desc := range m.Layers {
 		checkTable(t, img, desc)
+		checkTarHeaders(t, img, desc)
 	}
 	// Convert leaves a packed image as it is.
 	out, err := withChunkTables(img, nil)
@@ -173,5 +180,150 @@ func TestPackWritesChunkTables(t *testing.T) {
 	}
 	if digestOf(t, out) != digestOf(t, img) {
 		t.Error("converting a packed image changed its manifest")
+	}
+}
+
+// blobOf reads the blob of desc.
+func blobOf(t *testing.T, img v1.Image, desc v1.Descriptor) []byte {
+	t.Helper()
+	l, err := img.LayerByDigest(desc.Digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, err := l.Compressed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	blob, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return blob
+}
+
+// checkTarHeaders checks that desc's tar header annotation holds its
+// blob's own bytes, the regions a walk of its headers reads.
+func checkTarHeaders(t *testing.T, img v1.Image, desc v1.Descriptor) {
+	t.Helper()
+	regions, err := tarheaders.Parse(desc.Annotations[tarheaders.Annotation], desc.Size)
+	if err != nil {
+		t.Fatalf("layer %s: %v", desc.Digest, err)
+	}
+	blob := blobOf(t, img, desc)
+	rec := tarheaders.NewRecorder()
+	rec.Write(blob)
+	want, err := rec.Finish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(regions) != fmt.Sprint(want) {
+		t.Fatalf("layer %s: annotated regions are not those of its tar", desc.Digest)
+	}
+	for _, r := range regions {
+		if !bytes.Equal(r.Data, blob[r.Off:r.End()]) {
+			t.Fatalf("layer %s: region [%d,+%d) is not the blob's", desc.Digest, r.Off, len(r.Data))
+		}
+	}
+	if n := tarheaders.Size(regions); n >= desc.Size/2 && desc.Size > 1<<20 {
+		t.Fatalf("layer %s: %d bytes of headers in a %d byte blob", desc.Digest, n, desc.Size)
+	}
+}
+
+// A layer of more small files than the annotation may hold gets none; the
+// node walks it.
+func TestPackOmitsTooManyTarHeaders(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "many")
+	var spec []fileSpec
+	for i := range tarheaders.MaxBytes / 1024 {
+		spec = append(spec, fileSpec{path: fmt.Sprintf("f%04d.txt", i), data: []byte("x")})
+	}
+	spec = append(spec, fileSpec{path: "w.bin", data: randomBytes(2<<10, 1)})
+	writeModel(t, dir, spec, 0o644)
+	img := build(t, dir, Options{LargeFileThreshold: 1 << 10})
+	m, err := img.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := m.Layers[0].Annotations[tarheaders.Annotation]; ok {
+		t.Fatal("a layer of many small files got tar headers")
+	}
+	checkTable(t, img, m.Layers[0])
+	checkTarHeaders(t, img, m.Layers[1])
+}
+
+// Convert adds the tar headers to uncompressed tar layers, also to those
+// that have a chunk table already, and to no gzip layer.
+func TestConvertAddsTarHeaders(t *testing.T) {
+	h, err := registryserver.New(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var up uploadedBytes
+	srv := httptest.NewServer(up.wrap(h))
+	t.Cleanup(srv.Close)
+	host := strings.TrimPrefix(srv.URL, "http://")
+
+	dir := filepath.Join(t.TempDir(), "tiny-llama")
+	writeModel(t, dir, modelSpec(), 0o644)
+	packed := build(t, dir, Options{LargeFileThreshold: 1 << 10})
+	// As an older pack made it: chunk tables, no tar headers; and a gzip
+	// layer as docker makes it.
+	old, err := packed.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	gz, err := random.Layer(3<<20, types.DockerLayer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := empty.Image
+	for _, desc := range old.Layers {
+		l, err := packed.LayerByDigest(desc.Digest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ann := maps.Clone(desc.Annotations)
+		delete(ann, tarheaders.Annotation)
+		img, err = mutate.Append(img, mutate.Addendum{Layer: l, Annotations: ann})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	img, err = mutate.Append(img, mutate.Addendum{Layer: gz})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := host + "/old/model:v1"
+	push(t, img, src)
+	before := up.n.Load()
+
+	got, err := Convert(context.Background(), src, host+"/lazy/model:v1", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := up.n.Load() - before; n != 0 {
+		t.Errorf("convert uploaded %d blob bytes, want 0", n)
+	}
+	out, err := remote.Image(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := out.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, desc := range m.Layers {
+		checkTable(t, out, desc)
+		if i == len(m.Layers)-1 {
+			if _, ok := desc.Annotations[tarheaders.Annotation]; ok {
+				t.Error("a gzip layer got tar headers")
+			}
+			continue
+		}
+		checkTarHeaders(t, out, desc)
+		if desc.Annotations[chunks.Annotation] != old.Layers[i].Annotations[chunks.Annotation] {
+			t.Errorf("layer %d: its chunk table changed", i)
+		}
 	}
 }

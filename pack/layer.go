@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/weightsnap/weightsnap/chunks"
+	"github.com/weightsnap/weightsnap/tarheaders"
 )
 
 // layer is an uncompressed tar layer streamed from files on disk. Its blob
@@ -63,14 +64,19 @@ func (l *layer) Uncompressed() (io.ReadCloser, error) {
 	return &verifyingReader{r: pr, hash: sha256.New(), want: l.digest, size: l.size}, nil
 }
 
-// hash computes the layer's digest, size and chunk table by writing its
-// tar once. The table goes into the layer's annotations, so that a node
-// can check every range it fetches.
+// hash computes the layer's digest, size, chunk table and tar headers by
+// writing its tar once. The table goes into the layer's annotations, so
+// that a node can check every range it fetches, and so do the headers
+// (unless there are too many), so that it can index the layer without
+// reading it.
 func (l *layer) hash(ctx context.Context) error {
 	h := sha256.New()
 	table := chunks.NewWriter(chunks.DefaultChunkSize)
-	cw := &countingWriter{w: io.MultiWriter(h, table)}
-	if err := writeTar(ctx, cw, l.entries); err != nil {
+	headers := tarheaders.NewRecorder()
+	cw := &countingWriter{w: io.MultiWriter(h, table, headers)}
+	err := writeTar(ctx, cw, l.entries)
+	regions, herr := headers.Finish()
+	if err != nil {
 		return err
 	}
 	l.digest = v1.Hash{Algorithm: "sha256", Hex: hex.EncodeToString(h.Sum(nil))}
@@ -79,6 +85,24 @@ func (l *layer) hash(ctx context.Context) error {
 		l.annotations = map[string]string{}
 	}
 	l.annotations[chunks.Annotation] = table.Table().Encode()
+	return addTarHeaders(l.annotations, regions, herr)
+}
+
+// addTarHeaders puts the tar header annotation of regions, as a
+// tarheaders.Recorder found them, into ann; a tar with too many headers
+// gets none.
+func addTarHeaders(ann map[string]string, regions []tarheaders.Region, err error) error {
+	if errors.Is(err, tarheaders.ErrTooLarge) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	s, err := tarheaders.Encode(regions)
+	if err != nil {
+		return err
+	}
+	ann[tarheaders.Annotation] = s
 	return nil
 }
 

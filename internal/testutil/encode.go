@@ -16,6 +16,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/weightsnap/weightsnap/chunks"
+	"github.com/weightsnap/weightsnap/tarheaders"
 )
 
 // Format is a layer blob format.
@@ -101,9 +102,10 @@ func EncodeLayers(t testing.TB, tarLayers [][]byte, f Format) []LayerBlob {
 const TableChunkSize = 1 << 20
 
 // encode encodes tarLayer as f. Every format but eStargz (whose TOC
-// carries chunk digests of its own) gets a chunk table, as pack and
-// convert give a layer: see WithoutTables for layers as other builders
-// make them.
+// carries chunk digests of its own) gets a chunk table, and an
+// uncompressed tar with few enough headers its tar header annotation, as
+// pack and convert give a layer: see WithoutTables for layers as other
+// builders make them.
 func encode(tarLayer []byte, f Format) (LayerBlob, error) {
 	l, err := encodeBlob(tarLayer, f)
 	if err != nil || f == FormatEStargz {
@@ -114,6 +116,17 @@ func encode(tarLayer []byte, f Format) (LayerBlob, error) {
 		return LayerBlob{}, err
 	}
 	l.Annotations = map[string]string{chunks.Annotation: t.Encode()}
+	if f == FormatTar {
+		rec := tarheaders.NewRecorder()
+		rec.Write(l.Blob)
+		if regions, err := rec.Finish(); err == nil {
+			s, err := tarheaders.Encode(regions)
+			if err != nil {
+				return LayerBlob{}, err
+			}
+			l.Annotations[tarheaders.Annotation] = s
+		}
+	}
 	return l, nil
 }
 
