@@ -39,6 +39,7 @@ const (
 	benchEnvSize   = "WEIGHTSNAP_BENCH_SIZE"   // model size: "2GiB" (default), "512MiB", "16G", bytes
 	benchEnvShards = "WEIGHTSNAP_BENCH_SHARDS" // number of *.safetensors files (default 1)
 	benchEnvOut    = "WEIGHTSNAP_BENCH_OUT"    // output directory (default <repo>/out/bench)
+	benchEnvConfig = "WEIGHTSNAP_BENCH_CONFIG" // TOML added to weightsnapd's config
 )
 
 // benchProgressStep is how often (in bytes read) the timed readers record

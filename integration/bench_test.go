@@ -63,7 +63,10 @@ unverified_layers = "lazy"
 // registry once its paths are done), so that the disk holds at most about
 // three copies of the model (during the full pull); the disk is sampled
 // by phase.
-// Knobs: WEIGHTSNAP_BENCH_SIZE, WEIGHTSNAP_BENCH_SHARDS, WEIGHTSNAP_BENCH_OUT.
+// Knobs: WEIGHTSNAP_BENCH_SIZE, WEIGHTSNAP_BENCH_SHARDS, WEIGHTSNAP_BENCH_OUT,
+// WEIGHTSNAP_BENCH_CONFIG (TOML added to weightsnapd's config, to compare
+// settings; its tables must not repeat the bench's own, [verify] and
+// [cache]).
 // Run it once: -run '^$' -bench BenchmarkModelPull -benchtime 1x.
 func BenchmarkModelPull(b *testing.B) {
 	cfg := benchPrerequisites(b)
@@ -109,7 +112,7 @@ func BenchmarkModelPull(b *testing.B) {
 	disk.start(benchDiskEvery)
 	b.Cleanup(disk.halt)
 	origin := testutil.StartProxy(b, reg.URL(), testutil.Faults{})
-	st := startBenchStack(b, ctx, dir, origin.Addr, benchUnverifiedLazy+benchCacheConfig(cfg), origin.Addr, reg.Addr)
+	st := startBenchStack(b, ctx, dir, origin.Addr, benchUnverifiedLazy+benchCacheConfig(cfg)+os.Getenv(benchEnvConfig), origin.Addr, reg.Addr)
 	hosts, toolPath, tool, tools := st.hosts, st.toolPath, st.tool, st.tools
 	ws, ctd, rt, is, logs := st.ws, st.ctd, st.rt, st.is, st.logs
 	step("stack", t0)
