@@ -71,18 +71,12 @@ func (r *regionReader) Read(p []byte) (int, error) {
 }
 
 func (r *regionReader) Seek(off int64, whence int) (int64, error) {
-	switch whence {
-	case io.SeekStart:
-	case io.SeekCurrent:
-		off += r.pos
-	default:
-		return 0, errors.New("regionReader: unsupported whence")
+	pos, err := seekPos(r.pos, off, whence)
+	if err != nil {
+		return 0, err
 	}
-	if off < 0 {
-		return 0, errors.New("regionReader: negative position")
-	}
-	r.pos = off
-	return off, nil
+	r.pos = pos
+	return pos, nil
 }
 
 func (r *regionReader) position() int64 { return r.pos }

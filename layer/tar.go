@@ -87,17 +87,27 @@ func (r *seekReader) Read(p []byte) (int, error) {
 }
 
 func (r *seekReader) Seek(off int64, whence int) (int64, error) {
+	pos, err := seekPos(r.pos, off, whence)
+	if err != nil {
+		return 0, err
+	}
+	r.pos = pos
+	return pos, nil
+}
+
+// seekPos is where Seek(off, whence) moves a reader at pos: archive/tar
+// seeks from the start or the current position only.
+func seekPos(pos, off int64, whence int) (int64, error) {
 	switch whence {
 	case io.SeekStart:
 	case io.SeekCurrent:
-		off += r.pos
+		off += pos
 	default:
-		return 0, errors.New("seekReader: unsupported whence")
+		return 0, errors.New("tar walk: unsupported whence")
 	}
 	if off < 0 {
-		return 0, errors.New("seekReader: negative position")
+		return 0, errors.New("tar walk: negative position")
 	}
-	r.pos = off
 	return off, nil
 }
 
