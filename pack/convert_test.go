@@ -40,6 +40,27 @@ func (c *uploadedBytes) wrap(h http.Handler) http.Handler {
 	})
 }
 
+// convertWithoutUploads pushes img to src, converts it to dst and
+// returns its digest and image, failing t if the conversion uploaded blob bytes
+// (counted by up, the registry's).
+func convertWithoutUploads(t *testing.T, up *uploadedBytes, img v1.Image, src, dst string) (name.Digest, v1.Image) {
+	t.Helper()
+	push(t, img, src)
+	before := up.n.Load()
+	got, err := Convert(context.Background(), src, dst, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := up.n.Load() - before; n != 0 {
+		t.Errorf("convert uploaded %d blob bytes, want 0", n)
+	}
+	out, err := remote.Image(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got, out
+}
+
 func TestConvertAddsTablesWithoutUploadingBlobs(t *testing.T) {
 	h, err := registryserver.New(t.TempDir())
 	if err != nil {
@@ -55,21 +76,7 @@ func TestConvertAddsTablesWithoutUploadingBlobs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	src := host + "/built/model:v1"
-	push(t, img, src)
-	before := up.n.Load()
-
-	got, err := Convert(context.Background(), src, host+"/lazy/model:v1", true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n := up.n.Load() - before; n != 0 {
-		t.Errorf("convert uploaded %d blob bytes, want 0", n)
-	}
-	out, err := remote.Image(got)
-	if err != nil {
-		t.Fatal(err)
-	}
+	got, out := convertWithoutUploads(t, &up, img, host+"/built/model:v1", host+"/lazy/model:v1")
 	in, _ := img.Manifest()
 	m, _ := out.Manifest()
 	if m.Config.Digest != in.Config.Digest || len(m.Layers) != len(in.Layers) {
@@ -294,21 +301,7 @@ func TestConvertAddsTarHeaders(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	src := host + "/old/model:v1"
-	push(t, img, src)
-	before := up.n.Load()
-
-	got, err := Convert(context.Background(), src, host+"/lazy/model:v1", true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n := up.n.Load() - before; n != 0 {
-		t.Errorf("convert uploaded %d blob bytes, want 0", n)
-	}
-	out, err := remote.Image(got)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, out := convertWithoutUploads(t, &up, img, host+"/old/model:v1", host+"/lazy/model:v1")
 	m, err := out.Manifest()
 	if err != nil {
 		t.Fatal(err)
