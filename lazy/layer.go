@@ -158,6 +158,12 @@ func (sl *sharedLayer) waitReady(ctx context.Context) error {
 		return nil
 	}
 	if err := sl.l.Confirm.Wait(ctx); err != nil {
+		if errors.Is(err, layer.ErrVerify) {
+			// Failed, logged and counted before the reader's EIO, so that
+			// whoever sees the one sees the others (prepareWhenConfirmed
+			// may not have got to it yet).
+			sl.claimContradicted(err)
+		}
 		return err // contradicted, closed, or the blob cannot be read yet
 	}
 	select {

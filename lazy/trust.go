@@ -263,12 +263,22 @@ func (m *Manager) failLayer(sl *sharedLayer, err error) {
 }
 
 // failClaimedLayer marks sl, indexed from its tar header annotation, as
-// wrong: its blob does not hold the headers the annotation claims, so the
-// names and file ranges served from them are not the layer's. No file
-// content was served from them (it waits for the confirmation).
+// wrong (claimContradicted) and has the kernel drop what it cached of
+// every mount of it.
 func (m *Manager) failClaimedLayer(sl *sharedLayer, err error) {
+	sl.claimContradicted(err)
+	m.invalidate(sl)
+}
+
+// claimContradicted marks sl wrong, once, logged and counted: its blob
+// does not hold the headers its annotation claims, so the names and file
+// ranges served from them are not the layer's. No file content was served
+// from them (it waits for the confirmation). It makes no call into the
+// kernel: a FUSE read calls it before it answers, and a notification to
+// drop the pages that read is filling would wait for that read.
+func (sl *sharedLayer) claimContradicted(err error) {
 	err = fmt.Errorf("%w (image %s)", err, sl.image) // err names the layer and wraps layer.ErrVerify
-	if m.fail(sl, err, "tar header annotation did not match the blob: every read of the layer fails from now on") {
+	if sl.markFailed(err, "tar header annotation did not match the blob: every read of the layer fails from now on") {
 		metrics.TarHeaderMismatches.Inc()
 	}
 }
@@ -278,14 +288,29 @@ func (m *Manager) failClaimedLayer(sl *sharedLayer, err error) {
 // logged with the image and the blob. It reports whether it was the
 // first.
 func (m *Manager) fail(sl *sharedLayer, err error, msg string) bool {
+	if !sl.markFailed(err, msg) {
+		return false
+	}
+	m.invalidate(sl)
+	return true
+}
+
+// markFailed makes err sl's failure if it has none yet, and logs msg; it
+// reports whether it did.
+func (sl *sharedLayer) markFailed(err error, msg string) bool {
 	if !sl.failed.CompareAndSwap(nil, &err) {
 		return false
 	}
 	slog.Error(msg, "layer", sl.desc.Digest, "image", sl.image, "err", err)
+	return true
+}
+
+// invalidate has the kernel drop the pages and names it cached of every
+// mount of sl.
+func (m *Manager) invalidate(sl *sharedLayer) {
 	for _, mnt := range m.mountsOf(sl) {
 		mnt.Invalidate()
 	}
-	return true
 }
 
 // mountsOf returns the mounts serving sl.
