@@ -236,6 +236,19 @@ func (m *Manager) fsOptions(sl *sharedLayer, mountpoint string) []fs.Option {
 // register records a finished mount, unless the caller gave up, the
 // Manager is closing, or a concurrent Mount at the same place won.
 func (m *Manager) register(ctx context.Context, mountpoint string, lm *layerMount) error {
+	if err := m.insert(ctx, mountpoint, lm); err != nil {
+		return err
+	}
+	// The mount served lookups before it was recorded; if its layer
+	// failed meanwhile, fail found no such mount to invalidate.
+	if lm.ref.Value().failed.Load() != nil {
+		lm.mount.Invalidate()
+	}
+	return nil
+}
+
+// insert is register's record, under m.mu.
+func (m *Manager) insert(ctx context.Context, mountpoint string, lm *layerMount) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	switch {
