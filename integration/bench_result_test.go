@@ -29,14 +29,7 @@ func machineInfo() benchMachine {
 	if unix.Uname(&u) == nil {
 		m.Kernel = unix.ByteSliceToString(u.Release[:])
 	}
-	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
-		for l := range strings.SplitSeq(string(b), "\n") {
-			if rest, ok := strings.CutPrefix(l, "MemTotal:"); ok {
-				kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
-				m.MemBytes = kb << 10
-			}
-		}
-	}
+	m.MemBytes = meminfo()["MemTotal"]
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for l := range strings.SplitSeq(string(b), "\n") {
 			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
@@ -260,20 +253,31 @@ func chunkVerification(paths []benchPath, with, without string) benchVerificatio
 // dirtyBytes is the page cache waiting for or under writeback
 // (/proc/meminfo Dirty + Writeback); 0 if unknown.
 func dirtyBytes() int64 {
+	mi := meminfo()
+	return mi["Dirty"] + mi["Writeback"]
+}
+
+// meminfo is /proc/meminfo by key, sizes in bytes; empty if unreadable.
+func meminfo() map[string]int64 {
+	m := map[string]int64{}
 	b, err := os.ReadFile("/proc/meminfo")
 	if err != nil {
-		return 0
+		return m
 	}
-	var n int64
 	for l := range strings.SplitSeq(string(b), "\n") {
 		k, v, ok := strings.Cut(l, ":")
-		if !ok || (k != "Dirty" && k != "Writeback") {
+		if !ok {
 			continue
 		}
-		kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-		if err == nil {
-			n += kb << 10
+		v, kB := strings.CutSuffix(strings.TrimSpace(v), " kB")
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			continue
 		}
+		if kB {
+			n <<= 10
+		}
+		m[k] = n
 	}
-	return n
+	return m
 }
