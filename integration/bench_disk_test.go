@@ -400,7 +400,7 @@ func (x *benchRemover) removeModel(ctx context.Context, ref string, layers []v1.
 func weightLayers(layers []v1.Descriptor) []v1.Descriptor {
 	var out []v1.Descriptor
 	for _, l := range layers {
-		if strings.HasSuffix(l.Annotations["org.opencontainers.image.title"], ".safetensors") {
+		if strings.HasSuffix(l.Annotations[pack.AnnotationTitle], ".safetensors") {
 			out = append(out, l)
 		}
 	}

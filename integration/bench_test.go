@@ -730,10 +730,8 @@ func coldNote(cold bool) string {
 // *.safetensors file, in manifest order.
 func weightDigests(layers []v1.Descriptor) []string {
 	var ds []string
-	for _, l := range layers {
-		if strings.HasSuffix(l.Annotations["org.opencontainers.image.title"], ".safetensors") {
-			ds = append(ds, l.Digest.String())
-		}
+	for _, l := range weightLayers(layers) {
+		ds = append(ds, l.Digest.String())
 	}
 	return ds
 }
