@@ -150,6 +150,25 @@ type image struct {
 
 // pushImage pushes an OCI image of uncompressed tar layers with the given
 // entrypoint to the registry at addr.
+// tarDataOffset returns the offset in the tar layer of the first byte of
+// the regular file name.
+func tarDataOffset(t testing.TB, layer []byte, name string) int64 {
+	t.Helper()
+	r := bytes.NewReader(layer)
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if err != nil {
+			t.Fatalf("tar layer: no %s: %v", name, err)
+		}
+		if h.Name == name {
+			// The reader has consumed the headers and no data: it
+			// reads whole blocks, never ahead.
+			return r.Size() - int64(r.Len())
+		}
+	}
+}
+
 func pushImage(t testing.TB, addr, repoTag string, entrypoint []string, layers ...[]byte) image {
 	t.Helper()
 	ref, err := name.NewTag(addr+"/"+repoTag, name.Insecure)

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
@@ -92,6 +93,9 @@ type model struct {
 	extraSum string // sha256 of the file at extraPath
 	weight   string // digest of the weights layer
 	size     int64  // size of the weights layer blob
+	// weightOff is where the weights file's bytes start in that blob
+	// (an uncompressed tar).
+	weightOff int64
 }
 
 // pushModel pushes repoTag with a weights file of size bytes (and one of
@@ -102,7 +106,11 @@ func (s *stack) pushModel(t *testing.T, addr, repoTag string, size int, seed uin
 	layer := tarLayer(t, map[string][]byte{modelPath: w, extraPath: x}, nil)
 	img := pushImage(t, addr, repoTag, []string{"/tool", "sleep"}, append(base, layer)...)
 	last := img.Layers[len(img.Layers)-1]
-	return model{image: img, sum: sha256Hex(w), extraSum: sha256Hex(x), weight: last.Digest.String(), size: last.Size}
+	off := tarDataOffset(t, layer, modelPath)
+	if !bytes.Equal(layer[off:off+int64(len(w))], w) {
+		t.Fatalf("the weights are not at offset %d of their layer", off)
+	}
+	return model{image: img, sum: sha256Hex(w), extraSum: sha256Hex(x), weight: last.Digest.String(), size: last.Size, weightOff: off}
 }
 
 // requireFetchedOnce fails if the registry served more than one copy of

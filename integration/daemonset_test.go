@@ -117,7 +117,7 @@ func TestDaemonSetReplacedWhileReading(t *testing.T) {
 		r, err := rt.ExecSync(ctx, &criapi.ExecSyncRequest{ContainerId: p.container, Cmd: []string{"/tool", "sum", "/models-volume/" + modelPath}, Timeout: 300})
 		res <- result{r, err}
 	}()
-	waitUntil(t, ctx, "the pod's read reaching the middle of the weights", func() bool { return s.origin.BlobBytes(m.weight) >= from })
+	s.waitAtHold(t, ctx, "the pod", m, from)
 
 	holderPID := pidFile(filepath.Join(nodeRoot, "holder.pid"))
 	if holderPID <= 0 {

@@ -18,8 +18,9 @@ import (
 // restartSpan and restartWorkers are the fetch span and the number of
 // fetches at once of the restart test. What a killed manager was fetching
 // is lost with it and fetched again: the test kills it when its only
-// fetches in flight are stopped at the hold before their first byte, but
-// the kernel's read-ahead may start others meanwhile, at most
+// fetches in flight wait at a hold that covers the rest of the blob, and
+// have sent nothing of it; only the head of a fetch that started before
+// the hold (adjacent chunks fetched in one GET) is lost, at most
 // inFlightSlack.
 const (
 	restartSpan    = 1 << 20
@@ -64,11 +65,12 @@ func TestReadsSurviveRestartsAndUpgrades(t *testing.T) {
 		m := s.pushModel(t, s.origin.Addr, fmt.Sprintf("model%d:v1", i), 24<<20, uint64(700+i))
 		pullImage(t, ctx, is, m.Ref)
 		p := s.runPod(t, ctx, rt, fmt.Sprintf("team-%d", i), "infer", m.Ref)
-		// On a chunk boundary: the fetch the hold stops has sent
-		// nothing when a process dies, so what is fetched twice is
-		// only what a process lost.
+		// On a chunk boundary, and up to the end of the blob: a fetch
+		// the hold stops has sent nothing when a process dies, and so
+		// has any read-ahead past it, so what is fetched twice is only
+		// what a process lost.
 		from := (m.size / 2) &^ (chunks.DefaultChunkSize - 1)
-		release := s.origin.Hold(m.weight, from, from+restartSpan)
+		release := s.origin.Hold(m.weight, from, m.size)
 
 		cmd := "sum"
 		if c.mmap {
@@ -85,14 +87,7 @@ func TestReadsSurviveRestartsAndUpgrades(t *testing.T) {
 			res <- r
 			errc <- err
 		}()
-		// The reader is mid-file: weightsnap fetched up to the held
-		// range, which the reader must pass to finish.
-		// Every fetch in flight is one the hold stopped before it sent
-		// a byte: a process killed now loses no byte it was fetching.
-		waitUntil(t, ctx, fmt.Sprintf("%s: the read reaching the middle of the weights", c.name), func() bool {
-			held := s.origin.Held(m.weight)
-			return s.origin.BlobBytes(m.weight) >= from && held > 0 && s.origin.InFlight(m.weight) == held
-		})
+		s.waitAtHold(t, ctx, c.name, m, from)
 		c.disrupt(t)
 		// At once: a fetch stalled on the hold for long is cut by the
 		// client's minimum transfer rate and retried, sending its head
@@ -122,6 +117,19 @@ func TestReadsSurviveRestartsAndUpgrades(t *testing.T) {
 	if !logHas(s.ws.log, "resumed the mounts of a former fuse manager") {
 		t.Error("weightsnapd's log does not say a manager resumed mounts")
 	}
+}
+
+// waitAtHold waits until the pod reading m's weights is stopped at the
+// hold at from: every byte of the weights before from has been sent, and
+// every fetch in flight waits at the hold. (The bytes sent in all say
+// nothing of where the reader is: read-ahead may have passed a short
+// hold, and the other file of the layer is never read.)
+func (s *stack) waitAtHold(t *testing.T, ctx context.Context, what string, m model, from int64) {
+	t.Helper()
+	waitUntil(t, ctx, what+": the read reaching the hold in the weights", func() bool {
+		held := s.origin.Held(m.weight)
+		return s.origin.Sent(m.weight, m.weightOff, from) && held > 0 && s.origin.InFlight(m.weight) == held
+	})
 }
 
 // waitUntil polls cond until it holds, failing the test at ctx's end.

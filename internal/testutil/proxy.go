@@ -1,6 +1,7 @@
 package testutil
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -8,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -85,9 +87,10 @@ type Proxy struct {
 	faults    Faults
 	rng       *rand.Rand
 	blobBytes map[string]int64
-	holds     map[string]*hold // by blob digest
-	waiting   map[string]int   // responses waiting at a hold, by blob digest
-	inFlight  map[string]int   // blob GETs being answered, by blob digest
+	sent      map[string]byteRanges // blob bytes written to clients, by blob digest
+	holds     map[string]*hold      // by blob digest
+	waiting   map[string]int        // responses waiting at a hold, by blob digest
+	inFlight  map[string]int        // blob GETs being answered, by blob digest
 
 	totalBlobBytes atomic.Int64
 	requests       atomic.Int64
@@ -131,6 +134,7 @@ func StartProxy(t testing.TB, target string, faults Faults) *Proxy {
 		},
 		closing:   make(chan struct{}),
 		blobBytes: map[string]int64{},
+		sent:      map[string]byteRanges{},
 		holds:     map[string]*hold{},
 		waiting:   map[string]int{},
 		inFlight:  map[string]int{},
@@ -177,6 +181,16 @@ func (p *Proxy) BlobBytes(digest string) int64 {
 	return p.blobBytes[digest]
 }
 
+// Sent reports whether every byte of [from, to) of blob digest has been
+// written to a client at least once. Unlike BlobBytes, it tells where a
+// client's reads have got to whatever else it fetched meanwhile (read-ahead
+// past a hold, say).
+func (p *Proxy) Sent(digest string, from, to int64) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.sent[digest].cover(from, to)
+}
+
 // TotalBlobBytes returns how many blob body bytes the proxy has sent.
 func (p *Proxy) TotalBlobBytes() int64 { return p.totalBlobBytes.Load() }
 
@@ -195,6 +209,7 @@ func (p *Proxy) Reset() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	clear(p.blobBytes)
+	clear(p.sent)
 	p.totalBlobBytes.Store(0)
 	p.requests.Store(0)
 	p.blobRequests.Store(0)
@@ -336,7 +351,11 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if f == faultReset {
 		body = io.LimitReader(body, max(resp.ContentLength, 0)/2)
 	}
-	out := countingWriter{w: w, count: func(n int) { p.addBlobBytes(digest, n) }}
+	pos := bodyStart(resp)
+	out := countingWriter{w: w, count: func(n int) { p.addBlobBytes(digest, n) }, wrote: func(n int) {
+		p.addSent(digest, pos, int64(n))
+		pos += int64(n)
+	}}
 	if h := p.holdFor(digest); h != nil && h.covers(bodyStart(resp), resp.ContentLength) {
 		if err := p.sendHeld(r, w, out, body, digest, h, bodyStart(resp)); err != nil {
 			return
@@ -456,6 +475,12 @@ func (p *Proxy) reset(w http.ResponseWriter) {
 	_ = conn.Close()
 }
 
+func (p *Proxy) addSent(digest string, off, n int64) {
+	p.mu.Lock()
+	p.sent[digest] = p.sent[digest].add(off, off+n)
+	p.mu.Unlock()
+}
+
 func (p *Proxy) addBlobBytes(digest string, n int) {
 	p.mu.Lock()
 	p.blobBytes[digest] += int64(n)
@@ -478,10 +503,12 @@ func hopByHop(header string) bool {
 // cut short by a reset or a client hanging up is counted as far as it went.
 // Bytes are counted before they are written (and the unwritten rest taken
 // back after), so a counter read after a client has received bytes never
-// lags behind them.
+// lags behind them. wrote, if set, is told what was written, after the
+// write.
 type countingWriter struct {
 	w     io.Writer
 	count func(int)
+	wrote func(int)
 }
 
 func (c countingWriter) Write(b []byte) (int, error) {
@@ -490,7 +517,45 @@ func (c countingWriter) Write(b []byte) (int, error) {
 	if n < len(b) {
 		c.count(n - len(b))
 	}
+	if c.wrote != nil && n > 0 {
+		c.wrote(n)
+	}
 	return n, err
+}
+
+// byteRanges is a set of byte ranges [off, end), sorted and merged.
+type byteRanges [][2]int64
+
+// add returns r with [off, end) added.
+func (r byteRanges) add(off, end int64) byteRanges {
+	if end <= off {
+		return r
+	}
+	var out byteRanges
+	for _, x := range r {
+		switch {
+		case x[1] < off || x[0] > end: // apart (touching ranges merge)
+			out = append(out, x)
+		default:
+			off, end = min(off, x[0]), max(end, x[1])
+		}
+	}
+	out = append(out, [2]int64{off, end})
+	slices.SortFunc(out, func(a, b [2]int64) int { return cmp.Compare(a[0], b[0]) })
+	return out
+}
+
+// cover reports whether r holds every byte of [off, end).
+func (r byteRanges) cover(off, end int64) bool {
+	if end <= off {
+		return true
+	}
+	for _, x := range r {
+		if x[0] <= off && end <= x[1] {
+			return true
+		}
+	}
+	return false
 }
 
 // invertReader inverts every byte it reads.

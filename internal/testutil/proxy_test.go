@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"testing"
 	"time"
 
@@ -265,10 +266,19 @@ func TestProxyHoldsBlobBytesUntilReleased(t *testing.T) {
 	if got := p.BlobBytes(digest); got != 150_000 {
 		t.Fatalf("blob bytes sent while held: got %d, want 150000 (two heads and the tail)", got)
 	}
+	if !p.Sent(digest, 0, 50_000) || !p.Sent(digest, 150_000, 200_000) {
+		t.Error("Sent: the head or the tail, both sent, reported missing")
+	}
+	if p.Sent(digest, 0, 50_001) || p.Sent(digest, 149_999, 150_000) || p.Sent(digest, 0, 200_000) {
+		t.Error("Sent: a held byte reported sent")
+	}
 	release()
 	rest, err := io.ReadAll(resp.Body)
 	if err != nil || !bytes.Equal(rest, blob[50_000:]) {
 		t.Fatalf("held GET after release: err %v, %d bytes", err, len(rest))
+	}
+	if !p.Sent(digest, 0, 200_000) {
+		t.Error("Sent: after the release, not every byte reported sent")
 	}
 	release() // idempotent
 }
@@ -330,5 +340,30 @@ func TestProxyCountsInjectedFaults(t *testing.T) {
 	}
 	if got := p.InjectedFaults(); got != 3 {
 		t.Fatalf("InjectedFaults = %d, want 3", got)
+	}
+}
+
+func TestByteRanges(t *testing.T) {
+	var r byteRanges
+	for _, x := range [][2]int64{{10, 20}, {30, 40}, {20, 25}, {50, 50}, {5, 12}, {38, 45}} {
+		r = r.add(x[0], x[1])
+	}
+	want := byteRanges{{5, 25}, {30, 45}}
+	if !slices.Equal(r, want) {
+		t.Fatalf("ranges %v, want %v", r, want)
+	}
+	for _, c := range []struct {
+		off, end int64
+		want     bool
+	}{
+		{5, 25, true}, {6, 7, true}, {30, 45, true}, {7, 7, true},
+		{4, 6, false}, {24, 26, false}, {20, 31, false}, {45, 46, false},
+	} {
+		if got := r.cover(c.off, c.end); got != c.want {
+			t.Errorf("cover(%d, %d) = %v, want %v", c.off, c.end, got, c.want)
+		}
+	}
+	if r = r.add(25, 30); !slices.Equal(r, byteRanges{{5, 45}}) {
+		t.Errorf("filling the gap: %v, want [[5 45]]", r)
 	}
 }
