@@ -25,7 +25,11 @@ import (
 // or buildah build layers, to repo and returns the reference, the layer
 // digest and the file's content.
 func pushPlain(t *testing.T, g *gatedRegistry, repoTag string) (string, digest.Digest, []byte) {
-	content := bytes.Repeat([]byte("honest weights "), 50_000)
+	// Several cache chunks: indexing it at Mount reads the first and the
+	// last, so the blob is not whole, and not hashed, until a read of
+	// the file. (Fetched whole by the index, a lying registry's blob may
+	// fail its hash before Mount returns, failing the Mount.)
+	content := bytes.Repeat([]byte("honest weights "), 250_000)
 	tarb := tarOf(t, "models/w", string(content))
 	layers := testutil.WithoutTables(testutil.EncodeLayers(t, [][]byte{tarb}, testutil.FormatTar))
 	return testutil.PushImage(t, g.addr(), repoTag, layers), digest.Digest(layers[0].Digest()), content
@@ -106,6 +110,10 @@ func TestUnverifiedLazyKeepsBytesApartAndFailsOnMismatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	liarMount := fake.live()[0]
+	sl := liarMount.l.Layer.(guardedLayer).sl
+	if got, size := sl.blob.CachedBytes(), sl.blob.Size(); got >= size {
+		t.Fatalf("indexing fetched the whole blob (%d of %d bytes): it may fail its hash before a read", got, size)
+	}
 	if got, _ := readAll(t, liarMount, "models/w"); bytes.Equal(got, content) {
 		t.Fatal("the lying registry served the right bytes: the test proves nothing")
 	}
@@ -116,7 +124,6 @@ func TestUnverifiedLazyKeepsBytesApartAndFailsOnMismatch(t *testing.T) {
 		t.Fatalf("the honest image read %q..., %v: another repository's unverified bytes", got[:min(16, len(got))], err)
 	}
 	// Background fill reads and checks the whole blob of the liar's layer.
-	sl := liarMount.l.Layer.(guardedLayer).sl
 	m.fill(t.Context(), sl)
 	if _, err := readAll(t, liarMount, "models/w"); !errors.Is(err, layer.ErrVerify) {
 		t.Fatalf("read after the mismatch: %v, want ErrVerify", err)
