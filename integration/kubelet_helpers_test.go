@@ -54,8 +54,16 @@ func requireKubelet(t *testing.T) string {
 // device-plugins, /var/log/containers, the sysctls it tunes) are covered
 // with files and directories of the test, then kubelet is started. The
 // mounts vanish with the namespace when kubelet exits.
+//
+// kubelet's root directory is made a shared mount point first. kubelet
+// would otherwise bind-mount it onto itself at start, while another of its
+// goroutines creates the pod-resources socket in it and renames it into
+// place: a rename whose two paths are looked up across that mount fails
+// with EXDEV ("invalid cross-device link"), and kubelet exits.
 const kubeletNS = `set -eu
-d=$1; shift
+d=$1; r=$2; shift 2
+mount --bind "$r" "$r"
+mount --make-rshared "$r"
 mkdir -p "$d/var-lib" "$d/var-log" "$d/sysctl"
 mount --bind "$d/var-lib" /var/lib
 mount --bind "$d/var-log" /var/log
@@ -154,8 +162,9 @@ func startKubelet(t *testing.T, bin string, ctd *containerd, imageSock, provider
 	if err := os.WriteFile(nsScript, []byte(kubeletNS), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	args := []string{"--mount", "--propagation", "private", "/bin/sh", nsScript, mkdir(t, filepath.Join(dir, "ns")),
-		bin, "--config", cfgPath, "--root-dir", mkdir(t, filepath.Join(dir, "root")),
+	root := mkdir(t, filepath.Join(dir, "root"))
+	args := []string{"--mount", "--propagation", "private", "/bin/sh", nsScript, mkdir(t, filepath.Join(dir, "ns")), root,
+		bin, "--config", cfgPath, "--root-dir", root,
 		"--cert-dir", filepath.Join(dir, "pki"), "--v", "2"}
 	if providerConfig != "" {
 		args = append(args, "--image-credential-provider-config", providerConfig, "--image-credential-provider-bin-dir", providerBinDir)
