@@ -9,6 +9,9 @@ package integration
 //
 //	sudo go test ./integration -run '^$' -bench BenchmarkColdRead -benchtime 3x
 //	  WEIGHTSNAP_COLD_SIZE=2GiB  WEIGHTSNAP_COLD_PROFILE=/tmp/cold.pprof
+//	  WEIGHTSNAP_COLD_READER=load (the bench's loader: mmap, tensors in
+//	  header order) or read (its sequential reader) instead of dd, which
+//	  reads the first *.safetensors file; WEIGHTSNAP_COLD_SHARDS=4
 
 import (
 	"context"
@@ -48,7 +51,14 @@ func BenchmarkColdRead(b *testing.B) {
 	ctx := b.Context()
 	dir := b.TempDir()
 	reg := testutil.StartRegistry(b)
-	m, err := writeBenchModel(ctx, filepath.Join(dir, "model"), []byte("#!/bin/true\n"), size, 1, 1, "cold")
+	shards := 1
+	if v := os.Getenv("WEIGHTSNAP_COLD_SHARDS"); v != "" {
+		var err error
+		if shards, err = strconv.Atoi(v); err != nil || shards < 1 {
+			b.Fatalf("WEIGHTSNAP_COLD_SHARDS=%q: want a positive count", v)
+		}
+	}
+	m, err := writeBenchModel(ctx, filepath.Join(dir, "model"), []byte("#!/bin/true\n"), size, shards, 1, "cold")
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -65,11 +75,22 @@ func BenchmarkColdRead(b *testing.B) {
 		}
 	}
 
+	// The reader's command line for the mount at target, and the bytes
+	// it reads.
+	reader, readBytes := func(target string) []string {
+		return []string{"dd", "if=" + filepath.Join(target, m.weights[0]), "of=/dev/null", "bs=1M", "status=none"}
+	}, size/int64(shards)
+	if v := os.Getenv("WEIGHTSNAP_COLD_READER"); v != "" && v != "dd" {
+		tool := toolBinary(b)
+		reader, readBytes = func(target string) []string {
+			return append([]string{tool, v}, m.modelFiles(target)...)
+		}, size
+	}
 	for i := range b.N {
 		b.StopTimer()
 		raw := coldGet(b, reg, "bench/cold", weights.Digest.String())
-		lz := coldLazy(b, reg, ref, filepath.Join(dir, fmt.Sprint("run", i)), m.weights[0], i)
-		b.Logf("run %d: raw GET %.0f MB/s (curl %.2f, registry %.2f CPU-s/GiB); lazy %.0f MB/s = %.2fx (daemon %.2f [to verified %.2f], registry %.2f, dd %.2f CPU-s/GiB)",
+		lz := coldLazy(b, reg, ref, filepath.Join(dir, fmt.Sprint("run", i)), reader, readBytes, i)
+		b.Logf("run %d: raw GET %.0f MB/s (curl %.2f, registry %.2f CPU-s/GiB); lazy %.0f MB/s = %.2fx (daemon %.2f [to verified %.2f], registry %.2f, reader %.2f CPU-s/GiB)",
 			i, raw.mbps, raw.reader, raw.registry, lz.mbps, lz.mbps/raw.mbps, lz.daemon, lz.daemonAll, lz.registry, lz.reader)
 		b.ReportMetric(lz.mbps/raw.mbps, "ratio")
 		b.ReportMetric(lz.mbps, "lazyMB/s")
@@ -122,7 +143,9 @@ func coldGet(b *testing.B, reg *testutil.Registry, repo, dgst string) coldResult
 	}
 }
 
-func coldLazy(b *testing.B, reg *testutil.Registry, ref, dir, file string, i int) coldResult {
+// coldLazy mounts ref lazily in this process, drops the page cache and
+// runs the command reader gives for the mount, which reads readBytes.
+func coldLazy(b *testing.B, reg *testutil.Registry, ref, dir string, reader func(target string) []string, readBytes int64, i int) coldResult {
 	ctx, cancel := context.WithTimeout(b.Context(), 5*time.Minute)
 	defer cancel()
 	n, done := coldNode(b, dir)
@@ -147,22 +170,19 @@ func coldLazy(b *testing.B, reg *testutil.Registry, ref, dir, file string, i int
 	}
 	d0, r0 := cpuSeconds(b, 0), cpuSeconds(b, reg.Pid())
 	t0 := time.Now()
-	cmd := exec.Command("dd", "if="+filepath.Join(target, file), "of=/dev/null", "bs=1M", "status=none")
+	args := reader(target)
+	cmd := exec.Command(args[0], args[1:]...)
 	if out, err := cmd.CombinedOutput(); err != nil {
-		b.Fatalf("dd: %v: %s", err, out)
+		b.Fatalf("%s: %v: %s", args[0], err, out)
 	}
 	d := time.Since(t0)
 	d1, r1 := cpuSeconds(b, 0), cpuSeconds(b, reg.Pid())
-	st, err := os.Stat(filepath.Join(target, file))
-	if err != nil {
-		b.Fatal(err)
-	}
 	// The background fill and the whole-blob hash after the read.
 	d2 := coldSettle(b)
-	gib := float64(st.Size()) / (1 << 30)
+	gib := float64(readBytes) / (1 << 30)
 	ps := cmd.ProcessState
 	return coldResult{
-		mbps:      float64(st.Size()) / d.Seconds() / 1e6,
+		mbps:      float64(readBytes) / d.Seconds() / 1e6,
 		daemon:    (d1 - d0) / gib,
 		daemonAll: (d2 - d0) / gib,
 		registry:  (r1 - r0) / gib,
