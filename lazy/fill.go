@@ -29,6 +29,9 @@ func (m *Manager) fillWhenUsed(ctx context.Context, sl *sharedLayer) {
 	case <-ctx.Done():
 		return
 	}
+	if c := sl.l.Confirm; c != nil {
+		c.Start() // a claimed index not confirmed yet, as no read needed it
+	}
 	select { // its order is the index's files
 	case <-sl.ready:
 	case <-ctx.Done():

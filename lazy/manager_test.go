@@ -439,7 +439,8 @@ func TestWarmHoldsLayersUntilMountOrClose(t *testing.T) {
 
 // waitFor waits up to 5 s for cond.
 // waitReady waits until the layer mounted at mp may be read: its claimed
-// index, if it has one, confirmed against the blob.
+// index, if it has one, confirmed against the blob (started here, as a
+// read would start it).
 func waitReady(t *testing.T, m *Manager, mp string) {
 	t.Helper()
 	m.mu.Lock()
@@ -447,6 +448,9 @@ func waitReady(t *testing.T, m *Manager, mp string) {
 	m.mu.Unlock()
 	if lm == nil {
 		t.Fatalf("nothing mounted at %s", mp)
+	}
+	if c := lm.ref.Value().l.Confirm; c != nil {
+		c.Start()
 	}
 	select {
 	case <-lm.ref.Value().ready:
