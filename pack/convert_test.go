@@ -105,19 +105,7 @@ func checkTable(t *testing.T, img v1.Image, desc v1.Descriptor) {
 	if err != nil {
 		t.Fatalf("layer %s: %v", desc.Digest, err)
 	}
-	l, err := img.LayerByDigest(desc.Digest)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rc, err := l.Compressed()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rc.Close()
-	blob, err := io.ReadAll(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	blob := blobOf(t, img, desc)
 	for i := range tab.Len() {
 		off, n := tab.Range(i)
 		if err := tab.Check(i, blob[off:off+n]); err != nil {
