@@ -7,9 +7,9 @@ package layer
 // first needed (Confirmation.Start, Wait), read through the Source
 // (checked chunk by chunk against the chunk table of the same manifest);
 // until it is, every read of a file's content waits, and a claim the blob
-// contradicts fails every such read. Names and attributes are served from the claim meanwhile:
-// they come from the manifest the mount's image digest pins, as a chunk
-// table does.
+// contradicts fails every such read. Names and attributes are served from
+// the claim meanwhile: they come from the manifest the mount's image
+// digest pins, as a chunk table does.
 
 import (
 	"bytes"
@@ -105,7 +105,7 @@ type Confirmation struct {
 
 	ctx     context.Context // of the check, ended by close
 	cancel  context.CancelFunc
-	start   sync.Once
+	once    sync.Once     // of the check's start, by Start or by close
 	stopped chan struct{} // closed when run has returned, or close found it not started
 	done    chan struct{} // closed when settled: confirmed or failed for good
 
@@ -114,7 +114,8 @@ type Confirmation struct {
 	err     error // the failure, once settled; or the last read error while a retry waits
 }
 
-func startConfirmation(layer string, regions []tarheaders.Region, src Source, saved func(context.Context)) *Confirmation {
+// newConfirmation returns the check of regions against src, not started.
+func newConfirmation(layer string, regions []tarheaders.Region, src Source, saved func(context.Context)) *Confirmation {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Confirmation{layer: layer, regions: regions, src: src, saved: saved, ctx: ctx, cancel: cancel,
 		stopped: make(chan struct{}), done: make(chan struct{})}
@@ -122,7 +123,7 @@ func startConfirmation(layer string, regions []tarheaders.Region, src Source, sa
 
 // Start starts the check, once; later calls do nothing.
 func (c *Confirmation) Start() {
-	c.start.Do(func() { go c.run(c.ctx) })
+	c.once.Do(func() { go c.run(c.ctx) })
 }
 
 // Done is closed when the claim is settled: Err says how.
@@ -180,7 +181,7 @@ func (c *Confirmation) Wait(ctx context.Context) error {
 // settled as closed.
 func (c *Confirmation) close() {
 	c.cancel()
-	c.start.Do(func() {
+	c.once.Do(func() {
 		c.settle(fmt.Errorf("layer %s closed before its tar headers were confirmed: %w", c.layer, context.Canceled))
 		close(c.stopped)
 	})

@@ -238,7 +238,7 @@ func openTar(ctx context.Context, d Descriptor, src Source, meta MetaStore, clai
 		x, regions, err := claimedIndex(ctx, d, src.Size())
 		if err == nil {
 			save := func(ctx context.Context) { saveIndex(ctx, meta, name, x) }
-			return &tarLayer{idx: x, src: src, confirm: startConfirmation(d.Digest.String(), regions, src, save)}, nil
+			return &tarLayer{idx: x, src: src, confirm: newConfirmation(d.Digest.String(), regions, src, save)}, nil
 		}
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
