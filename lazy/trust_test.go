@@ -295,3 +295,35 @@ func tarOfFiles(t *testing.T, nameContent ...string) []byte {
 	}
 	return buf.Bytes()
 }
+
+// A claimed layer nobody reads is checked when its background fill starts
+// (at the latest fillDelay after its mount): a lie is then found, logged
+// and counted, and its names fail, without a read to start the check.
+func TestTarHeadersLieFoundByFillWithoutReads(t *testing.T) {
+	g := newGatedRegistry(t)
+	a, b := strings.Repeat("A", 5000), strings.Repeat("B", 5000)
+	ref, d := pushClaimed(t, g, tarOfFiles(t, "x", a, "y", b), tarOfFiles(t, "y", a, "x", b))
+	mismatches := promtest.ToFloat64(metrics.TarHeaderMismatches)
+	m, fake := newTestManager(t, WithBackgroundFill(true))
+	if err := m.Mount(t.Context(), filepath.Join(t.TempDir(), "mp"), ref, d); err != nil {
+		t.Fatal(err)
+	}
+	f := fake.live()[0]
+	if f.l.Confirm == nil {
+		t.Fatal("the layer was not indexed from its annotation")
+	}
+	select {
+	case <-f.l.Layer.(guardedLayer).sl.prepared:
+	case <-time.After(fillDelay + 10*time.Second):
+		t.Fatal("the claim was not checked after the fill's delay")
+	}
+	if _, err := f.l.Lookup(t.Context(), "x"); !errors.Is(err, layer.ErrVerify) {
+		t.Fatalf("lookup after the fill found the lie: %v, want ErrVerify", err)
+	}
+	if f.invalidations.Load() == 0 {
+		t.Fatal("the kernel was not told to drop the failed layer's names")
+	}
+	if got := promtest.ToFloat64(metrics.TarHeaderMismatches) - mismatches; got != 1 {
+		t.Fatalf("mismatches counted %v, want 1", got)
+	}
+}
