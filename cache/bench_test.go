@@ -18,7 +18,7 @@ import (
 func BenchmarkColdRead(b *testing.B) {
 	const size = 256 << 20
 	data, key := content(400, size)
-	tbl, err := chunks.Compute(bytes.NewReader(data), size, chunks.DefaultChunkSize)
+	tbl, err := chunks.Compute(bytes.NewReader(data), size, chunks.DefaultChunkSize, chunks.BLAKE3)
 	if err != nil {
 		b.Fatal(err)
 	}

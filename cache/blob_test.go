@@ -225,7 +225,7 @@ func TestReadCancelled(t *testing.T) {
 
 func BenchmarkReadAtHit(b *testing.B) {
 	data, key := content(13, 16<<20)
-	tbl, err := chunks.Compute(bytes.NewReader(data), int64(len(data)), chunks.DefaultChunkSize)
+	tbl, err := chunks.Compute(bytes.NewReader(data), int64(len(data)), chunks.DefaultChunkSize, chunks.BLAKE3)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -3,7 +3,6 @@ package cache
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"flag"
 	"io"
@@ -162,12 +161,22 @@ func verify(t *testing.T, b *Blob) {
 	}
 }
 
-// tableOf returns the chunk table of data in chunks of chunkSize bytes,
-// built by hand: chunks.Compute refuses chunks as small as the tests use.
+// tableOf returns the BLAKE3 chunk table of data in chunks of chunkSize
+// bytes, as pack writes them.
 func tableOf(data []byte, chunkSize int64) *chunks.Table {
-	t := &chunks.Table{ChunkSize: chunkSize, Size: int64(len(data))}
+	return tableOfHash(data, chunkSize, chunks.BLAKE3)
+}
+
+// tableOfHash returns the chunk table of data in algorithm h, built by
+// hand: chunks.Compute refuses chunks as small as the tests use.
+func tableOfHash(data []byte, chunkSize int64, h chunks.Hash) *chunks.Table {
+	t := &chunks.Table{Hash: h, ChunkSize: chunkSize, Size: int64(len(data))}
 	for off := int64(0); off < int64(len(data)); off += chunkSize {
-		t.Digests = append(t.Digests, sha256.Sum256(data[off:min(off+chunkSize, int64(len(data)))]))
+		hh := t.NewHash()
+		hh.Write(data[off:min(off+chunkSize, int64(len(data)))])
+		var d [chunks.DigestSize]byte
+		hh.Sum(d[:0])
+		t.Digests = append(t.Digests, d)
 	}
 	return t
 }

@@ -2,7 +2,6 @@ package cache
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -27,6 +26,8 @@ const maxTableChunk = 64 << 20
 // fits reports why t cannot be the table of a blob of size bytes in s.
 func (s *Store) fits(t *chunks.Table, size int64) error {
 	switch {
+	case t.NewHash() == nil:
+		return fmt.Errorf("table of unknown hash %q", t.Hash)
 	case t.Size != size:
 		return fmt.Errorf("table of %d bytes for a blob of %d", t.Size, size)
 	case t.ChunkSize <= 0 || t.ChunkSize > maxTableChunk || t.ChunkSize%s.chunkSize != 0:
@@ -41,6 +42,8 @@ func (s *Store) fits(t *chunks.Table, size int64) error {
 // blob.
 func conflict(open, asked *chunks.Table) error {
 	switch {
+	case asked.Hash != open.Hash:
+		return fmt.Errorf("asked a table of %s digests, open with %s ones", asked.Hash, open.Hash)
 	case asked.ChunkSize != open.ChunkSize:
 		return fmt.Errorf("asked a table of %d-byte chunks, open with %d-byte ones", asked.ChunkSize, open.ChunkSize)
 	case !slices.Equal(asked.Digests, open.Digests):
@@ -220,7 +223,7 @@ func (b *blob) checkTableChunk(t *chunks.Table, c int) error {
 	b.mu.Unlock()
 	j := int(int64(c) * b.chunk / t.ChunkSize)
 	off, n := t.Range(j)
-	h := sha256.New()
+	h := t.NewHash()
 	bufp := b.s.getBuf()
 	defer b.s.putBuf(bufp)
 	for p := int64(0); p < n; {
@@ -231,7 +234,7 @@ func (b *blob) checkTableChunk(t *chunks.Table, c int) error {
 		h.Write(buf)
 		p += int64(len(buf))
 	}
-	var sum [sha256.Size]byte
+	var sum [chunks.DigestSize]byte
 	h.Sum(sum[:0])
 	b.mu.Lock()
 	defer b.mu.Unlock()

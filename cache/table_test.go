@@ -98,15 +98,19 @@ func TestTableLieOnce(t *testing.T) {
 // are checked against the table before they are served, even when their
 // records vouch for them (a record rewritten to match, which the checksum
 // alone cannot catch), and only the table chunk that fails is fetched
-// again.
+// again. Tables of either hash check stored chunks alike.
 func TestTableCatchesCorruptDataFile(t *testing.T) {
 	const T = testTableChunk
-	for _, records := range []bool{false, true} {
-		name := map[bool]string{false: "data", true: "data and records"}[records]
+	for _, c := range []struct {
+		records bool
+		hash    chunks.Hash
+	}{{false, chunks.BLAKE3}, {true, chunks.BLAKE3}, {true, chunks.SHA256}} {
+		records := c.records
+		name := map[bool]string{false: "data", true: "data and records"}[records] + " " + string(c.hash)
 		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
 			data, key := content(202, 8*T)
-			tbl := tableOf(data, T)
+			tbl := tableOfHash(data, T, c.hash)
 			s, _ := Open(dir, testOptions()...)
 			b, _ := s.Blob(key, int64(len(data)), newSource(data).fetch, WithTable(tbl))
 			// Not the last table chunk: a whole blob would be hashed at
@@ -202,10 +206,11 @@ func TestTableConflict(t *testing.T) {
 	tbl := tableOf(data, T)
 
 	for name, bad := range map[string]*chunks.Table{
-		"size":        {ChunkSize: T, Size: size - 1, Digests: tableOf(data[:size-1], T).Digests},
+		"size":        {Hash: chunks.BLAKE3, ChunkSize: T, Size: size - 1, Digests: tableOf(data[:size-1], T).Digests},
 		"chunk size":  tableOf(data, testChunk*3/2),
-		"digests":     {ChunkSize: T, Size: size, Digests: tbl.Digests[:2]},
-		"zero chunks": {ChunkSize: 0, Size: size},
+		"digests":     {Hash: chunks.BLAKE3, ChunkSize: T, Size: size, Digests: tbl.Digests[:2]},
+		"zero chunks": {Hash: chunks.BLAKE3, ChunkSize: 0, Size: size},
+		"hash":        {Hash: "md5", ChunkSize: T, Size: size, Digests: tbl.Digests},
 	} {
 		if _, err := s.Blob(key, size, src.fetch, WithTable(bad)); !errors.Is(err, ErrTable) {
 			t.Errorf("table with a wrong %s: %v, want ErrTable", name, err)
@@ -215,7 +220,8 @@ func TestTableConflict(t *testing.T) {
 	b := openBlob(t, s, key, size, src.fetch, WithTable(tbl))
 	other := tableOf(bytes.Repeat([]byte{1}, len(data)), T)
 	coarser := tableOf(data, 2*T)
-	for _, bad := range []*chunks.Table{other, coarser} {
+	sha := tableOfHash(data, T, chunks.SHA256)
+	for _, bad := range []*chunks.Table{other, coarser, sha} {
 		if _, err := s.Blob(key, size, src.fetch, WithTable(bad)); !errors.Is(err, ErrTableConflict) {
 			t.Fatalf("second table: %v, want ErrTableConflict", err)
 		}

@@ -121,7 +121,7 @@ func TestConvertBuildahImage(t *testing.T) {
 			// wrong byte; a correct registry, every byte right.
 			bad := testutil.StartProxy(t, reg.Addr, testutil.Faults{CorruptDigest: weightsLayer})
 			requireCorruptionIsEIO(t, bad.Addr+other.pinned, filepath.Join(dir, "inverted"), files[convertWeights], weightsLayer)
-			tab, err := chunks.Parse(weights.Annotations[chunks.Annotation], weights.Size)
+			tab, err := chunks.Find(weights.Annotations, weights.Size)
 			if err != nil || tab.Len() < 3 {
 				t.Fatalf("weights layer: table of %v chunks, err %v; want 3 or more, to corrupt one in the middle", tab.Len(), err)
 			}
@@ -224,7 +224,7 @@ func requireBuiltLikeDocker(t *testing.T, src imageManifest, format string) {
 		if string(l.MediaType) != layerType {
 			t.Errorf("layer %d pushed as %q, want %q", i, l.MediaType, layerType)
 		}
-		if _, ok := l.Annotations[chunks.Annotation]; ok {
+		if _, err := chunks.Find(l.Annotations, l.Size); err == nil {
 			t.Errorf("layer %d of the built image already has a chunk table", i)
 		}
 	}
@@ -305,7 +305,7 @@ func requireTablesOfSameBlobs(t *testing.T, reg *testutil.Registry, src, dst ima
 				i, l.Digest, l.Size, l.MediaType, s.Digest, s.Size, s.MediaType)
 			continue
 		}
-		tab, err := chunks.Parse(l.Annotations[chunks.Annotation], l.Size)
+		tab, err := chunks.Find(l.Annotations, l.Size)
 		if err != nil {
 			t.Errorf("layer %d (%s): chunk table: %v", i, l.Digest, err)
 			continue

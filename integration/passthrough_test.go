@@ -50,7 +50,7 @@ func passthroughCompleteLayer(t *testing.T, n *lazyNode, ref string) {
 		return err
 	}
 	var opts []cache.BlobOption
-	if tab, err := chunks.Parse(big.Annotations[chunks.Annotation], big.Size); err == nil {
+	if tab, err := chunks.Find(big.Annotations, big.Size); err == nil {
 		opts = append(opts, cache.WithTable(tab)) // as the layer opened it
 	}
 	b, err := n.store.Blob(big.Digest, big.Size, fetch, opts...)

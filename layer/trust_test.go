@@ -27,7 +27,7 @@ func TestStreamWithTableChecksEveryChunk(t *testing.T) {
 	ctx := testCtx(t)
 	tarb := randomTar(t, 600<<10)
 	blob := compress(t, "gzip", tarb)
-	table, err := chunks.Compute(bytes.NewReader(blob), int64(len(blob)), 64<<10)
+	table, err := chunks.Compute(bytes.NewReader(blob), int64(len(blob)), 64<<10, chunks.BLAKE3)
 	if err != nil {
 		t.Fatal(err)
 	}

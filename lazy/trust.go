@@ -25,7 +25,7 @@ import (
 type verification string
 
 const (
-	// byChunks: the layer carries a chunk table (chunks.Annotation); every
+	// byChunks: the layer carries a chunk table (chunks.Annotations); every
 	// range is checked against it before it is cached or served.
 	byChunks verification = "chunks"
 	// byTOC: an eStargz or zstd:chunked layer whose TOC digest the
@@ -40,10 +40,8 @@ const (
 // its chunk table when it has one. A table that does not parse or does not
 // fit the blob counts as none.
 func verificationOf(desc layer.Descriptor) (verification, *chunks.Table) {
-	if s, ok := desc.Annotations[chunks.Annotation]; ok {
-		if t, err := chunks.Parse(s, desc.Size); err == nil {
-			return byChunks, t
-		}
+	if t, err := chunks.Find(desc.Annotations, desc.Size); err == nil {
+		return byChunks, t
 	}
 	// layer.Open checks the TOC against either annotation before using it
 	// (the JSON's digest; zstd:chunked's, of the TOC as stored).

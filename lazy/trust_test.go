@@ -15,6 +15,7 @@ import (
 
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/weightsnap/weightsnap/cache"
+	"github.com/weightsnap/weightsnap/chunks"
 	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/layer"
 	"github.com/weightsnap/weightsnap/metrics"
@@ -139,13 +140,42 @@ func TestUnverifiedLazyKeepsBytesApartAndFailsOnMismatch(t *testing.T) {
 // A layer with a chunk table is served with every range checked: a
 // registry that corrupts a byte gives a read error, never a wrong byte.
 func TestChunkTableCatchesACorruptRange(t *testing.T) {
+	for _, h := range []chunks.Hash{chunks.BLAKE3, chunks.SHA256} {
+		t.Run(string(h), func(t *testing.T) { testChunkTableCatchesACorruptRange(t, h) })
+	}
+}
+
+// testChunkTableCatchesACorruptRange: with a table of h digests, the
+// honest registry's bytes are served and a corrupting one's are not.
+func testChunkTableCatchesACorruptRange(t *testing.T, h chunks.Hash) {
 	g := newGatedRegistry(t)
 	content := bytes.Repeat([]byte("checked weights "), 200_000)
 	tarb := tarOf(t, "models/w", string(content))
 	layers := testutil.EncodeLayers(t, [][]byte{tarb}, testutil.FormatTar)
+	if h == chunks.SHA256 {
+		layers = testutil.WithSHA256Tables(t, layers)
+	}
+	if tab, err := chunks.Find(layers[0].Annotations, int64(len(layers[0].Blob))); err != nil || tab.Hash != h {
+		t.Fatalf("the layer's table: %v, %v; want one of %s digests", tab, err, h)
+	}
 	ref := testutil.PushImage(t, g.addr(), "model:v1", layers)
-	g.corrupt = true
 	m, fake := newTestManager(t)
+	if err := m.Mount(t.Context(), filepath.Join(t.TempDir(), "mp"), ref, digest.Digest(layers[0].Digest())); err != nil {
+		t.Fatalf("Mount from the honest registry: %v", err)
+	}
+	if got, err := readAll(t, fake.live()[0], "models/w"); err != nil || !bytes.Equal(got, content) {
+		t.Fatalf("read from the honest registry: %d bytes, %v", len(got), err)
+	}
+
+	// Another image of the same file, in a layer of another digest, so
+	// that nothing of the first is in the cache.
+	tarb = tarOf(t, "models/w2", string(content))
+	layers = testutil.EncodeLayers(t, [][]byte{tarb}, testutil.FormatTar)
+	if h == chunks.SHA256 {
+		layers = testutil.WithSHA256Tables(t, layers)
+	}
+	ref = testutil.PushImage(t, g.addr(), "model:v2", layers)
+	g.corrupt = true
 	if err := m.Mount(t.Context(), filepath.Join(t.TempDir(), "mp"), ref, digest.Digest(layers[0].Digest())); err != nil {
 		// The index is read through the table too: a corrupt header
 		// is as good a failure as a corrupt file.
@@ -154,7 +184,7 @@ func TestChunkTableCatchesACorruptRange(t *testing.T) {
 		}
 		return
 	}
-	got, err := readAll(t, fake.live()[0], "models/w")
+	got, err := readAll(t, fake.live()[1], "models/w2")
 	if err == nil || !errors.Is(err, cache.ErrDigestMismatch) {
 		t.Fatalf("read through a corrupting registry: %v, want ErrDigestMismatch", err)
 	}

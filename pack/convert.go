@@ -70,7 +70,7 @@ func withChunkTables(img v1.Image, src name.Reference) (v1.Image, error) {
 	m = m.DeepCopy()
 	changed := false
 	for i, desc := range m.Layers {
-		_, err := chunks.Parse(desc.Annotations[chunks.Annotation], desc.Size)
+		_, err := chunks.Find(desc.Annotations, desc.Size)
 		needTable := err != nil
 		needHeaders := isTar(string(desc.MediaType)) && !hasTarHeaders(desc)
 		if !needTable && !needHeaders {
@@ -85,7 +85,7 @@ func withChunkTables(img v1.Image, src name.Reference) (v1.Image, error) {
 			ann = map[string]string{}
 		}
 		if needTable {
-			ann[chunks.Annotation] = t.Encode()
+			ann[t.Key()] = t.Encode()
 		}
 		if needHeaders {
 			if herr != nil && !errors.Is(herr, tarheaders.ErrTooLarge) {
@@ -151,7 +151,7 @@ func readBlob(img v1.Image, desc v1.Descriptor, headers bool) (t *chunks.Table, 
 		}()
 		r = io.TeeReader(rc, rec)
 	}
-	t, err = chunks.Compute(r, desc.Size, chunks.DefaultChunkSize)
+	t, err = chunks.Compute(r, desc.Size, chunks.DefaultChunkSize, chunks.BLAKE3)
 	if err != nil {
 		return nil, nil, nil, err
 	}

@@ -101,7 +101,7 @@ func TestConvertAddsTablesWithoutUploadingBlobs(t *testing.T) {
 // checkTable checks that desc's table describes its blob's bytes.
 func checkTable(t *testing.T, img v1.Image, desc v1.Descriptor) {
 	t.Helper()
-	tab, err := chunks.Parse(desc.Annotations[chunks.Annotation], desc.Size)
+	tab, err := chunks.Find(desc.Annotations, desc.Size)
 	if err != nil {
 		t.Fatalf("layer %s: %v", desc.Digest, err)
 	}

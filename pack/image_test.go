@@ -21,7 +21,7 @@ func TestGoldenDigests(t *testing.T) {
 	img := build(t, dir, Options{Platform: v1.Platform{OS: "linux", Architecture: "amd64"}})
 
 	const (
-		wantManifest = "sha256:0c6f05451a4a347d170e16c16e5326f909c20519d7e86008fce174356f083a1a" // with chunk tables and tar headers
+		wantManifest = "sha256:9ee7e5ce030b5091f1107b4ff53e0f98986022305b66ecf94801bfa6b753db0c" // with BLAKE3 chunk tables and tar headers
 		wantConfig   = "sha256:a9ec0e13efb91b5609913f8552f5f53d8382247da496ca31ce01997d515be062"
 	)
 	if d := digestOf(t, img); d.String() != wantManifest {

@@ -71,10 +71,13 @@ func (l *layer) Uncompressed() (io.ReadCloser, error) {
 // reading it.
 func (l *layer) hash(ctx context.Context) error {
 	h := sha256.New()
-	table := chunks.NewWriter(chunks.DefaultChunkSize)
+	table, err := chunks.NewWriter(chunks.DefaultChunkSize, chunks.BLAKE3)
+	if err != nil {
+		return err
+	}
 	headers := tarheaders.NewRecorder()
 	cw := &countingWriter{w: io.MultiWriter(h, table, headers)}
-	err := writeTar(ctx, cw, l.entries)
+	err = writeTar(ctx, cw, l.entries)
 	regions, herr := headers.Finish()
 	if err != nil {
 		return err
@@ -84,7 +87,8 @@ func (l *layer) hash(ctx context.Context) error {
 	if l.annotations == nil {
 		l.annotations = map[string]string{}
 	}
-	l.annotations[chunks.Annotation] = table.Table().Encode()
+	t := table.Table()
+	l.annotations[t.Key()] = t.Encode()
 	return addTarHeaders(l.annotations, regions, herr)
 }
 

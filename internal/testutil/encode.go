@@ -111,11 +111,11 @@ func encode(tarLayer []byte, f Format) (LayerBlob, error) {
 	if err != nil || f == FormatEStargz {
 		return l, err
 	}
-	t, err := chunks.Compute(bytes.NewReader(l.Blob), int64(len(l.Blob)), TableChunkSize)
+	t, err := chunks.Compute(bytes.NewReader(l.Blob), int64(len(l.Blob)), TableChunkSize, chunks.BLAKE3)
 	if err != nil {
 		return LayerBlob{}, err
 	}
-	l.Annotations = map[string]string{chunks.Annotation: t.Encode()}
+	l.Annotations = map[string]string{t.Key(): t.Encode()}
 	if f == FormatTar {
 		rec := tarheaders.NewRecorder()
 		rec.Write(l.Blob)
@@ -136,8 +136,28 @@ func WithoutTables(layers []LayerBlob) []LayerBlob {
 	out := make([]LayerBlob, len(layers))
 	for i, l := range layers {
 		l.Annotations = maps.Clone(l.Annotations)
-		delete(l.Annotations, chunks.Annotation)
+		for _, k := range chunks.Annotations {
+			delete(l.Annotations, k)
+		}
 		out[i] = l
+	}
+	return out
+}
+
+// WithSHA256Tables returns layers with chunk tables of sha256 digests, as
+// earlier versions of pack wrote them, instead of their BLAKE3 ones.
+func WithSHA256Tables(t testing.TB, layers []LayerBlob) []LayerBlob {
+	t.Helper()
+	out := WithoutTables(layers)
+	for i, l := range out {
+		if _, had := layers[i].Annotations[chunks.Annotation]; !had {
+			continue
+		}
+		tab, err := chunks.Compute(bytes.NewReader(l.Blob), int64(len(l.Blob)), TableChunkSize, chunks.SHA256)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[i].Annotations[tab.Key()] = tab.Encode()
 	}
 	return out
 }
