@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"log/slog"
 	"slices"
 
@@ -143,17 +144,19 @@ func (b *blob) fetchChecked(ctx context.Context, a *access, buf []byte, off int6
 	}
 	var bad []bool
 	var firstErr error
+	sums := make([]uint32, chunkCount(int64(len(buf)), b.chunk))
 	for j := int(off / t.ChunkSize); int64(j)*t.ChunkSize < end; j++ {
 		toff, tn := t.Range(j)
 		p := buf[toff-off : toff-off+tn]
-		if t.Check(j, p) == nil {
+		sw := &sumWriter{chunk: b.chunk, sums: sums[(toff-off)/b.chunk:][:0]}
+		if sw.check(t, j, p) == nil {
 			continue
 		}
 		slog.Warn("cache: fetched chunk does not match its table; fetching it again", "key", b.key, "chunk", j, "off", toff)
 		err := a.fetch(ctx, p, toff)
 		if err != nil {
 			err = fmt.Errorf("cache: fetch %s [%d, %d): %w", b.key, toff, toff+tn, err)
-		} else if err = t.Check(j, p); err != nil {
+		} else if err = sw.check(t, j, p); err != nil {
 			slog.Error("cache: fetched chunk does not match its table twice; not kept", "key", b.key, "chunk", j, "off", toff)
 			err = fmt.Errorf("%w: blob %s: %w", ErrDigestMismatch, b.key, err)
 		}
@@ -173,7 +176,46 @@ func (b *blob) fetchChecked(ctx context.Context, a *access, buf []byte, off int6
 	if err := b.storeKept(buf, off, bad); err != nil {
 		return haul{err: err}
 	}
-	return haul{sums: b.sumsOf(buf, off, bad), bad: bad, checked: true, err: firstErr}
+	return haul{sums: sums, bad: bad, checked: true, err: firstErr}
+}
+
+// sumWriter computes the checksums of the store chunks written to it, one
+// after another from a chunk boundary, into sums.
+type sumWriter struct {
+	chunk int64
+	n     int64 // bytes of the current chunk so far
+	cur   uint32
+	sums  []uint32
+}
+
+func (w *sumWriter) Write(p []byte) (int, error) {
+	for q := p; len(q) > 0; {
+		k := min(int64(len(q)), w.chunk-w.n)
+		w.cur = crc32.Update(w.cur, castagnoli, q[:k])
+		w.n += k
+		q = q[k:]
+		if w.n == w.chunk {
+			w.end()
+		}
+	}
+	return len(p), nil
+}
+
+// end ends the current chunk, which may be short (the blob's last).
+func (w *sumWriter) end() {
+	w.sums = append(w.sums, w.cur)
+	w.cur, w.n = 0, 0
+}
+
+// check checks table chunk j, p, against t and computes the checksums of
+// its store chunks in the same pass over p.
+func (w *sumWriter) check(t *chunks.Table, j int, p []byte) error {
+	w.sums, w.cur, w.n = w.sums[:0], 0, 0
+	err := t.CheckTee(j, p, w)
+	if w.n > 0 {
+		w.end()
+	}
+	return err
 }
 
 // storeKept writes buf, held for chunks from off on, but for the chunks

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -406,5 +407,29 @@ func TestTableContradictsDigest(t *testing.T) {
 	}
 	if b.CachedBytes() != 0 {
 		t.Fatalf("kept %d bytes of a content that failed", b.CachedBytes())
+	}
+}
+
+// TestTableFetchRecordsChunkChecksums: a fetch through a table computes
+// each store chunk's checksum in the pass that checks the table chunk,
+// with store chunks smaller and larger than the pieces it hashes at a
+// time, and a short last chunk.
+func TestTableFetchRecordsChunkChecksums(t *testing.T) {
+	for _, chunk := range []int64{testChunk, 1 << 20} {
+		t.Run(fmt.Sprint(chunk), func(t *testing.T) {
+			T := 2 * chunk
+			s := openStore(t, t.TempDir(), WithChunkSize(chunk), WithMaxFetch(4*chunk))
+			data, key := content(205, int(5*T+chunk/3))
+			b := openBlob(t, s, key, int64(len(data)), newSource(data).fetch, WithTable(tableOf(data, T)))
+			readAll(t, b, data, int(chunk))
+			b.b.mu.Lock()
+			defer b.b.mu.Unlock()
+			for i := range b.b.n {
+				want := checksum(data[int64(i)*chunk : min(int64(i+1)*chunk, int64(len(data)))])
+				if !b.b.present.get(i) || b.b.sums[i] != want {
+					t.Fatalf("chunk %d: present %v, checksum %x, want %x", i, b.b.present.get(i), b.b.sums[i], want)
+				}
+			}
+		})
 	}
 }

@@ -3,6 +3,7 @@ package chunks
 import (
 	"bytes"
 	"errors"
+	"io"
 	"math/rand/v2"
 	"strings"
 	"testing"
@@ -138,6 +139,30 @@ func TestParseRefusesHostileTables(t *testing.T) {
 	for name, c := range cases {
 		if _, err := Parse(Annotation, c.s, c.size); !errors.Is(err, ErrInvalid) {
 			t.Errorf("%s: %v, want ErrInvalid", name, err)
+		}
+	}
+}
+
+// TestCheckTeeWritesWhatItHashed: CheckTee passes on every byte of the
+// chunk, in order, and checks as Check does.
+func TestCheckTeeWritesWhatItHashed(t *testing.T) {
+	blob := randomBlob(3*teePiece + 5)
+	for _, h := range []Hash{BLAKE3, SHA256} {
+		tab, _ := Compute(bytes.NewReader(blob), int64(len(blob)), 2*teePiece, h)
+		var got bytes.Buffer
+		for i := range tab.Len() {
+			off, n := tab.Range(i)
+			if err := tab.CheckTee(i, blob[off:off+n], &got); err != nil {
+				t.Fatalf("%s chunk %d: %v", h, i, err)
+			}
+		}
+		if !bytes.Equal(got.Bytes(), blob) {
+			t.Fatalf("%s: wrote %d bytes, not the blob's %d", h, got.Len(), len(blob))
+		}
+		bad := bytes.Clone(blob[:2*teePiece])
+		bad[teePiece+3] ^= 1
+		if err := tab.CheckTee(0, bad, io.Discard); !errors.Is(err, ErrMismatch) {
+			t.Fatalf("%s: a flipped bit: %v", h, err)
 		}
 	}
 }
