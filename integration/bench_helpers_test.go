@@ -188,38 +188,9 @@ type stTensor struct {
 // tensors of benchTensorBytes and one smaller remainder, filled with
 // seeded pseudo-random non-zero bytes. Tensor names continue from *next.
 func writeSafetensors(ctx context.Context, path string, size int64, seed uint64, next *int) ([]string, error) {
-	var hdr []byte
-	var names []string
-	// The header's length decides how many data bytes are left, which
-	// decides the header: grow a reserve until the header fits in it, and
-	// pad it with spaces as the format allows.
-	for reserve := int64(0); ; {
-		data := size - 8 - reserve
-		if data <= 0 {
-			return nil, fmt.Errorf("%s: %d bytes cannot hold a safetensors header", path, size)
-		}
-		tensors := map[string]any{"__metadata__": map[string]string{"format": "pt"}}
-		names = names[:0]
-		for off, i := int64(0), *next; off < data; i++ {
-			n := min(int64(benchTensorBytes), data-off)
-			t := stTensor{Dtype: "BF16", Shape: []int64{8192, 4096}, Offsets: [2]int64{off, off + n}}
-			if n != benchTensorBytes {
-				t.Dtype, t.Shape = "U8", []int64{n}
-			}
-			name := fmt.Sprintf("model.layers.%d.mlp.weight", i)
-			tensors[name] = t
-			names = append(names, name)
-			off += n
-		}
-		js, err := json.Marshal(tensors)
-		if err != nil {
-			return nil, err
-		}
-		if int64(len(js)) <= reserve {
-			hdr = append(js, bytes.Repeat([]byte(" "), int(reserve)-len(js))...)
-			break
-		}
-		reserve = (int64(len(js)) + 64 + 7) &^ 7
+	hdr, names, err := safetensorsHeader(size, benchTensorBytes, *next)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	*next += len(names)
 
@@ -237,6 +208,51 @@ func writeSafetensors(ctx context.Context, path string, size int64, seed uint64,
 		return nil, fmt.Errorf("writing %s: %w", path, err)
 	}
 	return names, f.Close()
+}
+
+// safetensorsHeader returns the header (padded with spaces, as the format
+// allows) of a safetensors file of size bytes holding BF16 tensors of
+// tensorBytes and a smaller U8 remainder, named from model.layers.<first>
+// on, and the names in the order of their data. The layout is the one the
+// safetensors library writes: data sorted by dtype (wider first) and
+// then by name, the header listing the tensors in that order, so that a
+// loader taking them in header order reads the file front to back.
+func safetensorsHeader(size, tensorBytes int64, first int) ([]byte, []string, error) {
+	// The header's length decides how many data bytes are left, which
+	// decides the header: grow a reserve until the header fits in it.
+	for reserve := int64(0); ; {
+		data := size - 8 - reserve
+		if data <= 0 {
+			return nil, nil, fmt.Errorf("%d bytes cannot hold a safetensors header", size)
+		}
+		var names []string
+		for i := int64(0); i < data/tensorBytes; i++ {
+			names = append(names, fmt.Sprintf("model.layers.%d.mlp.weight", first+int(i)))
+		}
+		slices.Sort(names)
+		var rest int64
+		if rest = data % tensorBytes; rest > 0 {
+			names = append(names, fmt.Sprintf("model.layers.%d.mlp.weight", first+len(names)))
+		}
+		js := []byte(`{"__metadata__":{"format":"pt"}`)
+		for i, name := range names {
+			t := stTensor{Dtype: "BF16", Shape: []int64{tensorBytes / 2 / 4096, 4096}, Offsets: [2]int64{int64(i) * tensorBytes, int64(i+1) * tensorBytes}}
+			if i == len(names)-1 && rest > 0 {
+				t.Dtype, t.Shape, t.Offsets[1] = "U8", []int64{rest}, t.Offsets[0]+rest
+			}
+			k, _ := json.Marshal(name)
+			v, err := json.Marshal(t)
+			if err != nil {
+				return nil, nil, err
+			}
+			js = append(append(append(append(js, ','), k...), ':'), v...)
+		}
+		js = append(js, '}')
+		if int64(len(js)) <= reserve {
+			return append(js, bytes.Repeat([]byte(" "), int(reserve)-len(js))...), names, nil
+		}
+		reserve = (int64(len(js)) + 64 + 7) &^ 7
+	}
 }
 
 // benchFillChunk is the unit of fillRandom: each chunk has its own

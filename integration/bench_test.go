@@ -880,3 +880,62 @@ func TestBenchModelIsValidSafetensors(t *testing.T) {
 		t.Errorf("model files %v", m.modelFiles("/v"))
 	}
 }
+
+// TestSafetensorsHeaderIsInDataOrder checks the generated header against
+// the layout the safetensors library writes: the header lists the tensors
+// in the order of their data, which tile it, BF16 ones sorted by name
+// (model.layers.10 before model.layers.2) and the U8 remainder last.
+func TestSafetensorsHeaderIsInDataOrder(t *testing.T) {
+	const tensor = 1 << 10
+	size := int64(12*tensor + 300 + 4096) // the header takes the rest
+	hdr, names, err := safetensorsHeader(size, tensor, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(hdr))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		t.Fatalf("header starts with %v, %v", tok, err)
+	}
+	var order []string
+	var end int64
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			t.Fatal(err)
+		}
+		name := tok.(string)
+		if name == "__metadata__" {
+			var md map[string]string
+			if err := dec.Decode(&md); err != nil || md["format"] != "pt" {
+				t.Fatalf("metadata %v, %v", md, err)
+			}
+			continue
+		}
+		var ts stTensor
+		if err := dec.Decode(&ts); err != nil {
+			t.Fatal(err)
+		}
+		if ts.Offsets[0] != end {
+			t.Fatalf("tensor %s at %v, want it to start at %d: header order is not data order", name, ts.Offsets, end)
+		}
+		end = ts.Offsets[1]
+		order = append(order, name+" "+ts.Dtype)
+	}
+	if want := size - 8 - int64(len(hdr)); end != want {
+		t.Fatalf("tensors cover %d data bytes, want %d", end, want)
+	}
+	if len(order) != len(names) || len(order) < 12 {
+		t.Fatalf("header order %v, names %v", order, names)
+	}
+	for i, n := range names[:len(names)-1] {
+		if order[i] != n+" BF16" {
+			t.Fatalf("header entry %d is %s, want %s BF16", i, order[i], n)
+		}
+	}
+	if !slices.IsSorted(names[:len(names)-1]) || names[1] != "model.layers.1.mlp.weight" || names[2] != "model.layers.10.mlp.weight" {
+		t.Fatalf("BF16 tensors not in the library's name order: %v", names)
+	}
+	if last := order[len(order)-1]; last != names[len(names)-1]+" U8" {
+		t.Fatalf("last entry %s, want the U8 remainder", last)
+	}
+}
