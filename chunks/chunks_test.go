@@ -2,6 +2,7 @@ package chunks
 
 import (
 	"bytes"
+	"encoding/hex"
 	"errors"
 	"io"
 	"math/rand/v2"
@@ -163,6 +164,26 @@ func TestCheckTeeWritesWhatItHashed(t *testing.T) {
 		bad[teePiece+3] ^= 1
 		if err := tab.CheckTee(0, bad, io.Discard); !errors.Is(err, ErrMismatch) {
 			t.Fatalf("%s: a flipped bit: %v", h, err)
+		}
+	}
+}
+
+// TestDigestsAreTheStandardOnes pins each Hash to its published test
+// vector (the digest of no bytes), so that a table means the same to
+// every node and tool.
+func TestDigestsAreTheStandardOnes(t *testing.T) {
+	for h, want := range map[Hash]string{
+		BLAKE3: "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",
+		SHA256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+	} {
+		tab := &Table{Hash: h}
+		if got := tab.sum(nil); hex.EncodeToString(got[:]) != want {
+			t.Errorf("%s of nothing: %x, want %s", h, got, want)
+		}
+		var got [DigestSize]byte
+		tab.NewHash().Sum(got[:0])
+		if hex.EncodeToString(got[:]) != want {
+			t.Errorf("%s hash of nothing: %x, want %s", h, got, want)
 		}
 	}
 }
