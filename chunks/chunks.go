@@ -54,8 +54,8 @@ const (
 	AnnotationSHA256 = "dev.weightsnap.chunks.v1"
 )
 
-// Annotations are the keys a table can be found under, the one read
-// first first.
+// Annotations are the keys a table can be found under, in the order Find
+// looks for them.
 var Annotations = []string{Annotation, AnnotationSHA256}
 
 // DigestSize is the length of a chunk digest, in either Hash.
