@@ -3,11 +3,13 @@ package integration
 // What one benchmark run measured, and against which targets.
 
 import (
+	"crypto/sha256"
 	"math"
 	"os"
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -147,6 +149,35 @@ type benchCPU struct {
 	// ManagerVerified is the FUSE manager's until the layers verified:
 	// with the hash of the whole blob after the read.
 	ManagerVerified float64 `json:"manager_verified_s_per_gib"`
+	// ProbeGet and ProbeCold are how fast the machine's cores ran a
+	// fixed piece of work (cpuProbe) just before the cold GET and the
+	// cold read.
+	ProbeGet  float64 `json:"probe_get_gb_per_s"`
+	ProbeCold float64 `json:"probe_cold_gb_per_s"`
+}
+
+// cpuProbeBuf is what each core hashes in cpuProbe.
+var cpuProbeBuf = make([]byte, 32<<20)
+
+// cpuProbe returns how fast the machine hashes right now on all its
+// cores at once, in GB/s of sha256, the best of three tries. On a shared
+// host the work a core does per second changes from run to run, and every
+// process's CPU seconds per GiB of a cold read move with it; work left
+// running from an earlier phase slows it too. The probe tells a slow run
+// from a slow change.
+func cpuProbe() float64 {
+	best := 0.0
+	for range 3 {
+		var wg sync.WaitGroup
+		t0 := time.Now()
+		for range runtime.NumCPU() {
+			wg.Go(func() { sha256.Sum256(cpuProbeBuf) })
+		}
+		wg.Wait()
+		gbps := float64(runtime.NumCPU()*len(cpuProbeBuf)) / time.Since(t0).Seconds() / 1e9
+		best = max(best, gbps)
+	}
+	return round3(best)
 }
 
 // ceilingMBps is the fastest the cold read could go if the machine's
