@@ -1,6 +1,7 @@
 package fs
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -28,8 +29,12 @@ import (
 // fsync: it must survive the process, not the machine, whose crash ends
 // the connection too.
 type openTable struct {
-	mu    sync.Mutex
-	path  string // "" keeps nothing
+	mu   sync.Mutex
+	path string // "" keeps nothing
+	// f is the file at path, open for writing in place (see save), and
+	// size its length; nil until the first save, and after a failed one.
+	f     *os.File
+	size  int
 	byIno map[uint64]*openState
 	// applied are the requests (their unique IDs) last counted: a
 	// process that dies after writing the table and before its answer
@@ -189,7 +194,21 @@ func (t *openTable) release(ino, unique uint64, pass bool, bf backingFiles) erro
 	return errors.Join(err, t.save())
 }
 
-// save writes the table to its file, atomically.
+// inPlaceMax is the longest table save writes in place: one page.
+const inPlaceMax = 4096
+
+// save writes the table to its file, so that a process killed at any
+// point leaves either the table before or the table after.
+//
+// A table of up to a page is written over the file in place, padded with
+// spaces (which JSON allows after the value) to the file's length rather
+// than truncating it: a write of one page at offset 0 is made whole or not
+// at all even if the process is killed during it (the kernel checks for
+// a fatal signal only between pages), and it costs a microsecond, where
+// writing a new file and renaming it over the table costs ext4 0.14 ms,
+// paid on every open and release. A larger table goes to a new file,
+// renamed over the old. Either way the file is the JSON that every
+// version reads.
 func (t *openTable) save() error {
 	if t.path == "" {
 		return nil
@@ -202,6 +221,24 @@ func (t *openTable) save() error {
 	if err != nil {
 		return err
 	}
+	if t.f != nil && max(len(b), t.size) <= inPlaceMax {
+		if len(b) < t.size {
+			b = append(b, bytes.Repeat([]byte(" "), t.size-len(b))...)
+		}
+		if _, err := t.f.WriteAt(b, 0); err == nil {
+			t.size = len(b)
+			return nil
+		}
+		// Replace it, and write the new one in place from then on.
+		t.f.Close()
+		t.f = nil
+	}
+	return t.replace(b)
+}
+
+// replace writes b to a new file renamed over the table's, and opens it
+// for the next save to write in place.
+func (t *openTable) replace(b []byte) error {
 	tmp := t.path + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return fmt.Errorf("open table: %w", err)
@@ -209,12 +246,25 @@ func (t *openTable) save() error {
 	if err := os.Rename(tmp, t.path); err != nil {
 		return fmt.Errorf("open table: %w", err)
 	}
+	if t.f != nil {
+		t.f.Close()
+	}
+	t.f, t.size = nil, len(b)
+	if f, err := os.OpenFile(t.path, os.O_WRONLY, 0); err == nil {
+		t.f = f
+	}
 	return nil
 }
 
 // remove deletes the table's file, once the mount is gone.
 func (t *openTable) remove() {
 	if t.path != "" {
+		t.mu.Lock()
+		if t.f != nil {
+			t.f.Close()
+			t.f = nil
+		}
+		t.mu.Unlock()
 		_ = os.Remove(t.path)
 		_ = os.Remove(t.path + ".tmp")
 	}
