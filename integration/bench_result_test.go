@@ -233,7 +233,10 @@ type benchCache struct {
 	Keys           int               `json:"keys"`
 	Points         []benchCachePoint `json:"points,omitempty"`
 	MaxRatio       float64           `json:"max_ratio"`
-	Note           string            `json:"note,omitempty"`
+	// Bound is the cache's byte bound in the run (benchCacheBound), 0
+	// for none.
+	Bound int64  `json:"bound_bytes"`
+	Note  string `json:"note,omitempty"`
 }
 
 // benchVerification compares the cold CRI path (a chunk table on every

@@ -97,8 +97,9 @@ func BenchmarkModelPull(b *testing.B) {
 	// test process, halves the registry's throughput. Only the shared-model
 	// case, which counts registry bytes, pulls through the proxy.
 	// The disk it uses is sampled from here on, by phase. weightsnapd's
-	// cache is bounded (benchCacheBound) so that a model removed once its
-	// phase is over leaves the disk at once.
+	// cache is bounded (benchCacheBound) when the disk could not hold
+	// every model, so that a model removed once its phase is over leaves
+	// the disk at once.
 	t0 := time.Now()
 	dir := shortTempDir(b, "wsb")
 	reg := testutil.StartRegistry(b)
@@ -113,11 +114,12 @@ func BenchmarkModelPull(b *testing.B) {
 	disk.start(benchDiskEvery)
 	b.Cleanup(disk.halt)
 	origin := testutil.StartProxy(b, reg.URL(), testutil.Faults{})
-	st := startBenchStack(b, ctx, dir, origin.Addr, benchUnverifiedLazy+benchCacheConfig(cfg)+os.Getenv(benchEnvConfig), origin.Addr, reg.Addr)
+	bound := benchCacheBound(cfg, freeBytes(dir))
+	st := startBenchStack(b, ctx, dir, origin.Addr, benchUnverifiedLazy+benchCacheConfig(bound)+os.Getenv(benchEnvConfig), origin.Addr, reg.Addr)
 	hosts, toolPath, tool, tools := st.hosts, st.toolPath, st.tool, st.tools
 	ws, ctd, rt, is, logs := st.ws, st.ctd, st.rt, st.is, st.logs
 	step("stack", t0)
-	remover := &benchRemover{b: b, ws: ws, ctd: ctd, is: is, reg: reg, bounded: benchCacheBound(cfg) > 0}
+	remover := &benchRemover{b: b, ws: ws, ctd: ctd, is: is, reg: reg, bounded: bound > 0}
 	var cachePoints []benchCachePoint
 	var diskNotes []string
 	cacheDir := filepath.Join(ws.root, "cache")
@@ -608,12 +610,12 @@ func BenchmarkModelPull(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	r.Cache = benchCache{Dir: cacheDir, AllocatedBytes: end.allocated, ApparentBytes: end.apparent, DataBytes: end.present, Ratio: end.ratio(), Keys: end.keys, Points: cachePoints}
+	r.Cache = benchCache{Dir: cacheDir, AllocatedBytes: end.allocated, ApparentBytes: end.apparent, DataBytes: end.present, Ratio: end.ratio(), Keys: end.keys, Points: cachePoints, Bound: bound}
 	for _, p := range cachePoints {
 		r.Cache.MaxRatio = max(r.Cache.MaxRatio, p.Ratio)
 	}
-	r.Cache.Note = fmt.Sprintf("data: the bytes the cache's records hold, whole or not; at the end over what is still cached (%d keys), and before each model's removal over what was cached then; weightsnap evicted %s at the removals (the removed models' weights layers: %s) and %s at other times (their other layers: %s)",
-		end.keys, gib(remover.evicted), gib(remover.weights), gib(int64(evicted)-remover.evicted), gib(remover.others))
+	r.Cache.Note = fmt.Sprintf("data: the bytes the cache's records hold, whole or not; at the end over what is still cached (%d keys), and before each model's removal over what was cached then; %s; weightsnap evicted %s at the removals (the removed models' weights layers: %s) and %s at other times (their other layers: %s)",
+		end.keys, boundNote(bound), gib(remover.evicted), gib(remover.weights), gib(int64(evicted)-remover.evicted), gib(remover.others))
 
 	r.Disk = disk.finish()
 	if r.Model.ImageBytes > 0 {
