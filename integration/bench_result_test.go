@@ -156,9 +156,6 @@ type benchCPU struct {
 	ProbeCold float64 `json:"probe_cold_gb_per_s"`
 }
 
-// cpuProbeBuf is what each core hashes in cpuProbe.
-var cpuProbeBuf = make([]byte, 32<<20)
-
 // cpuProbe returns how fast the machine hashes right now on all its
 // cores at once, in GB/s of sha256, the best of three tries. On a shared
 // host the work a core does per second changes from run to run, and every
@@ -166,15 +163,16 @@ var cpuProbeBuf = make([]byte, 32<<20)
 // running from an earlier phase slows it too. The probe tells a slow run
 // from a slow change.
 func cpuProbe() float64 {
+	buf := make([]byte, 32<<20) // what each core hashes
 	best := 0.0
 	for range 3 {
 		var wg sync.WaitGroup
 		t0 := time.Now()
 		for range runtime.NumCPU() {
-			wg.Go(func() { sha256.Sum256(cpuProbeBuf) })
+			wg.Go(func() { sha256.Sum256(buf) })
 		}
 		wg.Wait()
-		gbps := float64(runtime.NumCPU()*len(cpuProbeBuf)) / time.Since(t0).Seconds() / 1e9
+		gbps := float64(runtime.NumCPU()*len(buf)) / time.Since(t0).Seconds() / 1e9
 		best = max(best, gbps)
 	}
 	return round3(best)
