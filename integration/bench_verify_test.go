@@ -1,7 +1,7 @@
 package integration
 
 // What BenchmarkModelPull needs to measure what chunk verification costs
-// a cold read: a model image whose manifest carries no chunk tables.
+// a cold read: a model image that carries no chunk tables.
 
 import (
 	"bytes"
@@ -11,23 +11,29 @@ import (
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/static"
 
+	"github.com/weightsnap/weightsnap/annotations"
 	"github.com/weightsnap/weightsnap/chunks"
 	"github.com/weightsnap/weightsnap/pack"
 )
 
 // withoutChunkTables returns img with chunks.Annotations removed from every
-// layer descriptor of its manifest: the same blobs, pinned by their
-// digests alone, so that weightsnapd can check no range of them before it
-// has read the whole blob.
+// layer: the same blobs, pinned by their digests alone, so that
+// weightsnapd can check no range of them before it has read the whole
+// blob.
 func withoutChunkTables(img v1.Image) (v1.Image, error) {
 	return withoutAnnotation(img, chunks.Annotations...)
 }
 
 // withoutAnnotation returns img with the annotation keys removed from
-// every layer descriptor of its manifest.
+// every layer, in the manifest and in the config (package annotations).
 func withoutAnnotation(img v1.Image, keys ...string) (v1.Image, error) {
 	m, err := img.Manifest()
+	if err != nil {
+		return nil, err
+	}
+	rawCfg, err := img.RawConfigFile()
 	if err != nil {
 		return nil, err
 	}
@@ -40,37 +46,67 @@ func withoutAnnotation(img v1.Image, keys ...string) (v1.Image, error) {
 			m.Layers[i].Annotations = nil
 		}
 	}
+	inConfig := annotations.FromConfig(rawCfg)
+	for d, ann := range inConfig {
+		for _, key := range keys {
+			delete(ann, key)
+		}
+		if len(ann) == 0 {
+			delete(inConfig, d)
+		}
+	}
+	if rawCfg, err = annotations.SetInConfig(rawCfg, inConfig); err != nil {
+		return nil, err
+	}
+	if m.Config.Digest, m.Config.Size, err = v1.SHA256(bytes.NewReader(rawCfg)); err != nil {
+		return nil, err
+	}
 	raw, err := json.Marshal(m)
 	if err != nil {
 		return nil, err
 	}
-	return &manifestImage{Image: img, raw: raw, m: m}, nil
+	return &editedImage{Image: img, raw: raw, m: m, rawCfg: rawCfg}, nil
 }
 
-// manifestImage is an image with its manifest replaced by one naming the
-// same config and layers; the blobs come from the embedded image.
-type manifestImage struct {
+// editedImage is an image with its manifest and config replaced, naming
+// the same layers; the blobs come from the embedded image.
+type editedImage struct {
 	v1.Image
-	raw []byte
-	m   *v1.Manifest
+	raw    []byte
+	m      *v1.Manifest
+	rawCfg []byte
 }
 
-func (i *manifestImage) RawManifest() ([]byte, error)    { return i.raw, nil }
-func (i *manifestImage) Manifest() (*v1.Manifest, error) { return i.m.DeepCopy(), nil }
-func (i *manifestImage) Size() (int64, error)            { return int64(len(i.raw)), nil }
-func (i *manifestImage) Digest() (v1.Hash, error) {
+func (i *editedImage) RawManifest() ([]byte, error)    { return i.raw, nil }
+func (i *editedImage) Manifest() (*v1.Manifest, error) { return i.m.DeepCopy(), nil }
+func (i *editedImage) Size() (int64, error)            { return int64(len(i.raw)), nil }
+func (i *editedImage) Digest() (v1.Hash, error) {
 	h, _, err := v1.SHA256(bytes.NewReader(i.raw))
 	return h, err
 }
+func (i *editedImage) RawConfigFile() ([]byte, error) { return i.rawCfg, nil }
+func (i *editedImage) ConfigName() (v1.Hash, error)   { return i.m.Config.Digest, nil }
+func (i *editedImage) ConfigFile() (*v1.ConfigFile, error) {
+	return v1.ParseConfigFile(bytes.NewReader(i.rawCfg))
+}
+func (i *editedImage) ConfigLayer() (v1.Layer, error) {
+	return static.NewLayer(i.rawCfg, i.m.Config.MediaType), nil
+}
+func (i *editedImage) LayerByDigest(h v1.Hash) (v1.Layer, error) {
+	if h == i.m.Config.Digest {
+		return i.ConfigLayer()
+	}
+	return i.Image.LayerByDigest(h)
+}
 
 // TestBenchWithoutChunkTables checks that the stripped image differs from
-// pack's only in the chunk table annotations, and serves the same blobs.
+// pack's only in the chunk tables, and serves the same blobs.
 func TestBenchWithoutChunkTables(t *testing.T) {
 	m, err := writeBenchModel(t.Context(), t.TempDir(), []byte("tool"), 3<<20, 2, 9, "x")
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := pack.Build(t.Context(), m.dir, pack.Options{Prefix: "/", LargeFileThreshold: 1 << 20})
+	img, err := pack.Build(t.Context(), m.dir, pack.Options{Prefix: "/", LargeFileThreshold: 1 << 10})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,9 +114,8 @@ func TestBenchWithoutChunkTables(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	decode := func(img v1.Image) map[string]any {
+	decode := func(raw []byte, err error) map[string]any {
 		t.Helper()
-		raw, err := img.RawManifest()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -90,24 +125,28 @@ func TestBenchWithoutChunkTables(t *testing.T) {
 		}
 		return v
 	}
-	want, got := decode(img), decode(stripped)
-	layers, _ := want["layers"].([]any)
-	if len(layers) < 2 {
-		t.Fatalf("pack made %d layers, want the small files' and a weights file's at least", len(layers))
+	// The manifests differ in the config's descriptor only.
+	want, got := decode(img.RawManifest()), decode(stripped.RawManifest())
+	delete(want, "config")
+	delete(got, "config")
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("stripped manifest\n%v\nwant pack's\n%v", got, want)
 	}
-	for i, l := range layers {
-		desc := l.(map[string]any)
-		ann := desc["annotations"].(map[string]any)
+	// The configs in the chunk tables only.
+	want, got = decode(img.RawConfigFile()), decode(stripped.RawConfigFile())
+	layers, _ := want[annotations.ConfigKey].(map[string]any)
+	if len(layers) < 2 {
+		t.Fatalf("pack annotated %d layers in the config, want the small files' and a weights file's at least", len(layers))
+	}
+	for d, l := range layers {
+		ann := l.(map[string]any)
 		if _, ok := ann[chunks.Annotation]; !ok {
-			t.Fatalf("pack's layer %d has no chunk table", i)
+			t.Fatalf("pack's layer %s has no chunk table", d)
 		}
 		delete(ann, chunks.Annotation)
-		if len(ann) == 0 { // the small files' layer has no title
-			delete(desc, "annotations")
-		}
 	}
 	if !reflect.DeepEqual(got, want) {
-		t.Errorf("stripped manifest\n%v\nwant pack's without chunk tables\n%v", got, want)
+		t.Errorf("stripped config\n%v\nwant pack's without chunk tables\n%v", got, want)
 	}
 
 	raw, err := stripped.RawManifest()
@@ -128,8 +167,16 @@ func TestBenchWithoutChunkTables(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	rawCfg, err := stripped.RawConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h, _, _ := v1.SHA256(bytes.NewReader(rawCfg)); mf.Config.Digest != h {
+		t.Errorf("manifest names config %s, the config is %s", mf.Config.Digest, h)
+	}
+	inConfig := annotations.FromConfig(rawCfg)
 	for _, l := range mf.Layers {
-		if _, err := chunks.Find(l.Annotations, l.Size); err == nil {
+		if _, err := chunks.Find(annotations.Merge(l.Annotations, inConfig[l.Digest.String()]), l.Size); err == nil {
 			t.Errorf("layer %s still has a chunk table", l.Digest)
 		}
 		if _, err := stripped.LayerByDigest(l.Digest); err != nil {

@@ -10,12 +10,14 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"runtime"
 	"strings"
@@ -27,6 +29,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
+	"github.com/weightsnap/weightsnap/annotations"
 	"github.com/weightsnap/weightsnap/chunks"
 	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/lazy"
@@ -107,10 +110,8 @@ func TestConvertBuildahImage(t *testing.T) {
 			if same.manifest.digest != other.manifest.digest {
 				t.Errorf("converting one image twice gave two manifests, %s and %s", same.manifest.digest, other.manifest.digest)
 			}
-			if same.bytes != 0 || len(same.blobs) != 0 {
-				t.Errorf("convert to a tag of the source's repository uploaded %d blob bytes (blobs %v); want none", same.bytes, same.blobs)
-			}
-			requireNothingUploaded(t, other)
+			requireOnlyConfigUploaded(t, same)
+			requireOnlyConfigUploaded(t, other)
 			weights := layerHolding(t, reg, other.manifest.m, convertWeights)
 			weightsLayer := weights.Digest.String()
 
@@ -121,7 +122,7 @@ func TestConvertBuildahImage(t *testing.T) {
 			// wrong byte; a correct registry, every byte right.
 			bad := testutil.StartProxy(t, reg.Addr, testutil.Faults{CorruptDigest: weightsLayer})
 			requireCorruptionIsEIO(t, bad.Addr+other.pinned, filepath.Join(dir, "inverted"), files[convertWeights], weightsLayer)
-			tab, err := chunks.Find(weights.Annotations, weights.Size)
+			tab, err := chunks.Find(other.manifest.annotationsOf(weights), weights.Size)
 			if err != nil || tab.Len() < 3 {
 				t.Fatalf("weights layer: table of %v chunks, err %v; want 3 or more, to corrupt one in the middle", tab.Len(), err)
 			}
@@ -181,13 +182,21 @@ done
 exec "$@"
 `
 
-// imageManifest is a manifest the registry holds, and its digest.
+// imageManifest is a manifest the registry holds, its digest and its
+// config.
 type imageManifest struct {
 	digest v1.Hash
 	m      *v1.Manifest
+	config []byte
 }
 
-// fetchManifest fetches the manifest ref names.
+// annotationsOf returns the annotations of a layer of m as a node reads
+// them: its descriptor's, with those the config holds for it.
+func (m imageManifest) annotationsOf(l v1.Descriptor) map[string]string {
+	return annotations.Merge(l.Annotations, annotations.FromConfig(m.config)[l.Digest.String()])
+}
+
+// fetchManifest fetches the manifest ref names, and its config.
 func fetchManifest(t *testing.T, ref string) imageManifest {
 	t.Helper()
 	r, err := name.ParseReference(ref, name.Insecure)
@@ -202,7 +211,15 @@ func fetchManifest(t *testing.T, ref string) imageManifest {
 	if err != nil {
 		t.Fatalf("manifest of %s: %v", ref, err)
 	}
-	return imageManifest{digest: d.Digest, m: m}
+	img, err := d.Image()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := img.RawConfigFile()
+	if err != nil {
+		t.Fatalf("config of %s: %v", ref, err)
+	}
+	return imageManifest{digest: d.Digest, m: m, config: cfg}
 }
 
 // requireBuiltLikeDocker checks that the built image is what the test
@@ -224,7 +241,7 @@ func requireBuiltLikeDocker(t *testing.T, src imageManifest, format string) {
 		if string(l.MediaType) != layerType {
 			t.Errorf("layer %d pushed as %q, want %q", i, l.MediaType, layerType)
 		}
-		if _, err := chunks.Find(l.Annotations, l.Size); err == nil {
+		if _, err := chunks.Find(src.annotationsOf(l), l.Size); err == nil {
 			t.Errorf("layer %d of the built image already has a chunk table", i)
 		}
 	}
@@ -261,12 +278,13 @@ func convertImage(t *testing.T, ctx context.Context, bin string, counter *upload
 	return c
 }
 
-// requireNothingUploaded checks that convert into another repository
-// uploaded no blob: the layers and the config are mounted from the source.
-func requireNothingUploaded(t *testing.T, c converted) {
+// requireOnlyConfigUploaded checks that convert uploaded one blob, the new
+// config: the layers are the source's, mounted into another repository.
+func requireOnlyConfigUploaded(t *testing.T, c converted) {
 	t.Helper()
-	if len(c.blobs) != 0 || c.bytes != 0 {
-		t.Errorf("convert to %s uploaded blobs %v (%d bytes); want every blob mounted", c.ref, c.blobs, c.bytes)
+	cfg := c.manifest.m.Config
+	if len(c.blobs) != 1 || c.blobs[0] != cfg.Digest.String() || c.bytes != cfg.Size {
+		t.Errorf("convert to %s uploaded blobs %v (%d bytes); want the config %s (%d bytes) alone", c.ref, c.blobs, c.bytes, cfg.Digest, cfg.Size)
 	}
 }
 
@@ -291,9 +309,21 @@ func requireConvertPrinted(t *testing.T, out, dst string, m imageManifest) strin
 // chunk of the blob, as the registry stores it, matches.
 func requireTablesOfSameBlobs(t *testing.T, reg *testutil.Registry, src, dst imageManifest) {
 	t.Helper()
-	if dst.m.MediaType != src.m.MediaType || dst.m.Config.Digest != src.m.Config.Digest {
-		t.Errorf("converted manifest: type %q, config %s; want those of the source, %q and %s",
-			dst.m.MediaType, dst.m.Config.Digest, src.m.MediaType, src.m.Config.Digest)
+	if dst.m.MediaType != src.m.MediaType || dst.m.Config.MediaType != src.m.Config.MediaType {
+		t.Errorf("converted manifest: type %q, config type %q; want those of the source, %q and %q",
+			dst.m.MediaType, dst.m.Config.MediaType, src.m.MediaType, src.m.Config.MediaType)
+	}
+	// The config is the source's with the tables added, nothing else.
+	var srcCfg, dstCfg map[string]any
+	if err := json.Unmarshal(src.config, &srcCfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(dst.config, &dstCfg); err != nil {
+		t.Fatal(err)
+	}
+	delete(dstCfg, annotations.ConfigKey)
+	if !reflect.DeepEqual(srcCfg, dstCfg) {
+		t.Errorf("converted config, without its layer annotations:\n%v\nwant the source's\n%v", dstCfg, srcCfg)
 	}
 	if len(dst.m.Layers) != len(src.m.Layers) {
 		t.Fatalf("converted image has %d layers, the source %d", len(dst.m.Layers), len(src.m.Layers))
@@ -305,7 +335,7 @@ func requireTablesOfSameBlobs(t *testing.T, reg *testutil.Registry, src, dst ima
 				i, l.Digest, l.Size, l.MediaType, s.Digest, s.Size, s.MediaType)
 			continue
 		}
-		tab, err := chunks.Find(l.Annotations, l.Size)
+		tab, err := chunks.Find(dst.annotationsOf(l), l.Size)
 		if err != nil {
 			t.Errorf("layer %d (%s): chunk table: %v", i, l.Digest, err)
 			continue

@@ -13,21 +13,22 @@ import (
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/partial"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/static"
 
+	"github.com/weightsnap/weightsnap/annotations"
 	"github.com/weightsnap/weightsnap/chunks"
 	"github.com/weightsnap/weightsnap/tarheaders"
 )
 
 // Convert makes the image src lazily verifiable: it adds a chunk table
-// (chunks.Annotation) to every layer descriptor that lacks a valid one,
-// and the tar header annotation (tarheaders.Annotation) to every
-// uncompressed tar layer that lacks one and has few enough headers, and
-// pushes the result as dst. Every layer blob and the config are reused
-// as they are, mounted across repositories of the same registry, so only
-// a new manifest is uploaded; each blob is read once to compute its table.
-// It returns dst by digest.
+// (chunks.Annotation) for every layer that lacks a valid one, and the tar
+// header annotation (tarheaders.Annotation) for every uncompressed tar
+// layer that lacks one and has few enough headers, to the image config
+// (package annotations), and pushes the result as dst. Every layer blob is
+// reused as it is, mounted across repositories of the same registry, so
+// only a new config and manifest are uploaded; each blob is read once to
+// compute its table. It returns dst by digest.
 func Convert(ctx context.Context, src, dst string, plainHTTP bool) (name.Digest, error) {
 	var nopts []name.Option
 	if plainHTTP {
@@ -60,19 +61,31 @@ func Convert(ctx context.Context, src, dst string, plainHTTP bool) (name.Digest,
 	return dstRef.Context().Digest(d.String()), nil
 }
 
-// withChunkTables returns img, read from src, with a chunk table on every
-// layer descriptor of its manifest; nothing else changes.
+// withChunkTables returns img, read from src, with a chunk table for every
+// layer and tar headers for every tar layer that lacks them. They go into
+// the config (package annotations), so the config and the manifest change;
+// the layers and the manifest's own annotations do not.
 func withChunkTables(img v1.Image, src name.Reference) (v1.Image, error) {
 	m, err := img.Manifest()
 	if err != nil {
 		return nil, err
 	}
-	m = m.DeepCopy()
+	rawCfg, err := img.RawConfigFile()
+	if err != nil {
+		return nil, err
+	}
+	inConfig := annotations.FromConfig(rawCfg)
+	if inConfig == nil {
+		inConfig = map[string]map[string]string{}
+	}
 	changed := false
+	var dropped map[int][]string // layer index → manifest annotations replaced
 	for i, desc := range m.Layers {
-		_, err := chunks.Find(desc.Annotations, desc.Size)
+		key := desc.Digest.String()
+		ann := annotations.Merge(desc.Annotations, inConfig[key])
+		_, err := chunks.Find(ann, desc.Size)
 		needTable := err != nil
-		needHeaders := isTar(string(desc.MediaType)) && !hasTarHeaders(desc)
+		needHeaders := isTar(string(desc.MediaType)) && !hasTarHeaders(ann, desc.Size)
 		if !needTable && !needHeaders {
 			continue
 		}
@@ -80,49 +93,79 @@ func withChunkTables(img v1.Image, src name.Reference) (v1.Image, error) {
 		if err != nil {
 			return nil, fmt.Errorf("layer %d (%s): %w", i, desc.Digest, err)
 		}
-		ann := maps.Clone(desc.Annotations)
-		if ann == nil {
-			ann = map[string]string{}
-		}
+		added := map[string]string{}
 		if needTable {
-			ann[t.Key()] = t.Encode()
+			added[t.Key()] = t.Encode()
 		}
 		if needHeaders {
 			if herr != nil && !errors.Is(herr, tarheaders.ErrTooLarge) {
 				// The node walks it, and says what is wrong with it.
 				herr = tarheaders.ErrTooLarge
 			}
-			if err := addTarHeaders(ann, regions, herr); err != nil {
+			if err := addTarHeaders(added, regions, herr); err != nil {
 				return nil, fmt.Errorf("layer %d (%s): %w", i, desc.Digest, err)
 			}
 		}
-		if !maps.Equal(ann, desc.Annotations) {
-			changed = true
-			m.Layers[i].Annotations = ann
+		if len(added) == 0 {
+			continue
 		}
+		// What the manifest gives wins over the config (annotations.Merge),
+		// so an invalid annotation there is removed, not shadowed.
+		for k := range added {
+			if _, ok := desc.Annotations[k]; ok {
+				if dropped == nil {
+					dropped = map[int][]string{}
+				}
+				dropped[i] = append(dropped[i], k)
+			}
+		}
+		ws := maps.Clone(inConfig[key])
+		if ws == nil {
+			ws = map[string]string{}
+		}
+		maps.Copy(ws, added)
+		inConfig[key] = ws
+		changed = true
 	}
 	if !changed {
 		return img, nil // the same manifest bytes, so the same digest
 	}
+	if rawCfg, err = annotations.SetInConfig(rawCfg, inConfig); err != nil {
+		return nil, err
+	}
+	m = m.DeepCopy()
+	for i, keys := range dropped {
+		for _, k := range keys {
+			delete(m.Layers[i].Annotations, k)
+		}
+		if len(m.Layers[i].Annotations) == 0 {
+			m.Layers[i].Annotations = nil
+		}
+	}
+	cfgH, cfgSize, err := v1.SHA256(bytes.NewReader(rawCfg))
+	if err != nil {
+		return nil, err
+	}
+	m.Config.Digest, m.Config.Size = cfgH, cfgSize
 	raw, err := json.Marshal(m)
 	if err != nil {
 		return nil, err
 	}
-	return &manifestImage{Image: img, src: src, raw: raw, m: m}, nil
+	return &convertedImage{Image: img, src: src, raw: raw, m: m, rawCfg: rawCfg}, nil
 }
 
 // isTar reports whether a layer of media type mt is an uncompressed tar,
 // as package layer decides.
 func isTar(mt string) bool { return strings.HasSuffix(mt, ".tar") }
 
-// hasTarHeaders reports whether desc has a tar header annotation that
-// parses.
-func hasTarHeaders(desc v1.Descriptor) bool {
-	s, ok := desc.Annotations[tarheaders.Annotation]
+// hasTarHeaders reports whether ann, of a blob of size bytes, has a tar
+// header annotation that parses.
+func hasTarHeaders(ann map[string]string, size int64) bool {
+	s, ok := ann[tarheaders.Annotation]
 	if !ok {
 		return false
 	}
-	_, err := tarheaders.Parse(s, desc.Size)
+	_, err := tarheaders.Parse(s, size)
 	return err == nil
 }
 
@@ -162,31 +205,41 @@ func readBlob(img v1.Image, desc v1.Descriptor, headers bool) (t *chunks.Table, 
 	return t, nil, nil, nil
 }
 
-// manifestImage is an image with its manifest replaced.
-type manifestImage struct {
+// convertedImage is an image with its manifest and config replaced; its
+// layers are the source's.
+type convertedImage struct {
 	v1.Image
-	src name.Reference // where its blobs are, to mount them from
-	raw []byte
-	m   *v1.Manifest
+	src    name.Reference // where its layers are, to mount them from
+	raw    []byte
+	m      *v1.Manifest
+	rawCfg []byte
 }
 
-// ConfigLayer is the config as a blob to mount from the source, not to
-// upload again: go-containerregistry mounts a layer across repositories
-// only when it knows where it came from.
-func (i *manifestImage) ConfigLayer() (v1.Layer, error) {
-	l, err := partial.ConfigLayer(i.Image)
-	if err != nil {
-		return nil, err
+// LayerByDigest is the source's, except for the new config.
+func (i *convertedImage) LayerByDigest(h v1.Hash) (v1.Layer, error) {
+	if h == i.m.Config.Digest {
+		return i.ConfigLayer()
 	}
-	return &remote.MountableLayer{Layer: l, Reference: i.src}, nil
+	return i.Image.LayerByDigest(h)
 }
 
-func (i *manifestImage) RawManifest() ([]byte, error) { return i.raw, nil }
-func (i *manifestImage) Manifest() (*v1.Manifest, error) {
+// ConfigLayer is the new config, uploaded, not mounted: the source does
+// not have it.
+func (i *convertedImage) ConfigLayer() (v1.Layer, error) {
+	return static.NewLayer(i.rawCfg, i.m.Config.MediaType), nil
+}
+
+func (i *convertedImage) RawConfigFile() ([]byte, error) { return i.rawCfg, nil }
+func (i *convertedImage) ConfigName() (v1.Hash, error)   { return i.m.Config.Digest, nil }
+func (i *convertedImage) ConfigFile() (*v1.ConfigFile, error) {
+	return v1.ParseConfigFile(bytes.NewReader(i.rawCfg))
+}
+func (i *convertedImage) RawManifest() ([]byte, error) { return i.raw, nil }
+func (i *convertedImage) Manifest() (*v1.Manifest, error) {
 	return i.m.DeepCopy(), nil
 }
-func (i *manifestImage) Size() (int64, error) { return int64(len(i.raw)), nil }
-func (i *manifestImage) Digest() (v1.Hash, error) {
+func (i *convertedImage) Size() (int64, error) { return int64(len(i.raw)), nil }
+func (i *convertedImage) Digest() (v1.Hash, error) {
 	h, _, err := v1.SHA256(bytes.NewReader(i.raw))
 	return h, err
 }

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -21,6 +22,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
+	"github.com/weightsnap/weightsnap/annotations"
 	"github.com/weightsnap/weightsnap/chunks"
 	"github.com/weightsnap/weightsnap/internal/registryserver"
 	"github.com/weightsnap/weightsnap/tarheaders"
@@ -40,10 +42,10 @@ func (c *uploadedBytes) wrap(h http.Handler) http.Handler {
 	})
 }
 
-// convertWithoutUploads pushes img to src, converts it to dst and
-// returns its digest and image, failing t if the conversion uploaded blob bytes
-// (counted by up, the registry's).
-func convertWithoutUploads(t *testing.T, up *uploadedBytes, img v1.Image, src, dst string) (name.Digest, v1.Image) {
+// convertUploadingConfig pushes img to src, converts it to dst and
+// returns its digest and image, failing t if the conversion uploaded any
+// blob bytes but the new config's (counted by up, the registry's).
+func convertUploadingConfig(t *testing.T, up *uploadedBytes, img v1.Image, src, dst string) (name.Digest, v1.Image) {
 	t.Helper()
 	push(t, img, src)
 	before := up.n.Load()
@@ -51,14 +53,46 @@ func convertWithoutUploads(t *testing.T, up *uploadedBytes, img v1.Image, src, d
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n := up.n.Load() - before; n != 0 {
-		t.Errorf("convert uploaded %d blob bytes, want 0", n)
-	}
 	out, err := remote.Image(got)
 	if err != nil {
 		t.Fatal(err)
 	}
+	m, err := out.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := up.n.Load() - before; n != m.Config.Size {
+		t.Errorf("convert uploaded %d blob bytes, want the config's %d", n, m.Config.Size)
+	}
 	return got, out
+}
+
+// layerAnnotations returns the annotations of desc, a layer of img, as a
+// node reads them: the descriptor's with those in the config.
+func layerAnnotations(t *testing.T, img v1.Image, desc v1.Descriptor) map[string]string {
+	t.Helper()
+	raw, err := img.RawConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return annotations.Merge(desc.Annotations, annotations.FromConfig(raw)[desc.Digest.String()])
+}
+
+// checkManifestSmall checks that no layer descriptor of img's manifest
+// carries a weightsnap annotation: they are all in the config.
+func checkManifestSmall(t *testing.T, img v1.Image) {
+	t.Helper()
+	m, err := img.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, desc := range m.Layers {
+		for k := range desc.Annotations {
+			if strings.HasPrefix(k, annotations.Prefix) {
+				t.Errorf("layer %s: annotation %s in the manifest, want it in the config", desc.Digest, k)
+			}
+		}
+	}
 }
 
 func TestConvertAddsTablesWithoutUploadingBlobs(t *testing.T) {
@@ -76,17 +110,26 @@ func TestConvertAddsTablesWithoutUploadingBlobs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, out := convertWithoutUploads(t, &up, img, host+"/built/model:v1", host+"/lazy/model:v1")
+	got, out := convertUploadingConfig(t, &up, img, host+"/built/model:v1", host+"/lazy/model:v1")
 	in, _ := img.Manifest()
 	m, _ := out.Manifest()
-	if m.Config.Digest != in.Config.Digest || len(m.Layers) != len(in.Layers) {
-		t.Fatalf("config or layers changed: %+v", m)
+	if len(m.Layers) != len(in.Layers) {
+		t.Fatalf("layers changed: %+v", m)
 	}
 	for i, desc := range m.Layers {
-		if desc.Digest != in.Layers[i].Digest {
-			t.Fatalf("layer %d: blob %s, was %s", i, desc.Digest, in.Layers[i].Digest)
+		if desc.Digest != in.Layers[i].Digest || !maps.Equal(desc.Annotations, in.Layers[i].Annotations) {
+			t.Fatalf("layer %d: descriptor %+v, was %+v", i, desc, in.Layers[i])
 		}
 		checkTable(t, out, desc)
+	}
+	// The config is the source's with the tables added, nothing else.
+	inCfg, _ := img.ConfigFile()
+	outCfg, err := out.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(inCfg, outCfg) {
+		t.Errorf("config changed beyond the tables:\n%+v\nwas\n%+v", outCfg, inCfg)
 	}
 	// A second convert keeps the tables and so the manifest.
 	again, err := Convert(context.Background(), got.String(), host+"/lazy/model:v2", true)
@@ -101,7 +144,7 @@ func TestConvertAddsTablesWithoutUploadingBlobs(t *testing.T) {
 // checkTable checks that desc's table describes its blob's bytes.
 func checkTable(t *testing.T, img v1.Image, desc v1.Descriptor) {
 	t.Helper()
-	tab, err := chunks.Find(desc.Annotations, desc.Size)
+	tab, err := chunks.Find(layerAnnotations(t, img, desc), desc.Size)
 	if err != nil {
 		t.Fatalf("layer %s: %v", desc.Digest, err)
 	}
@@ -152,7 +195,8 @@ func mustRef(t *testing.T, s string) name.Reference {
 	return r
 }
 
-// Every layer pack makes carries its chunk table and its tar headers.
+// Every layer pack makes carries its chunk table and its tar headers, in
+// the config.
 func TestPackWritesChunkTables(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "tiny-llama")
 	writeModel(t, dir, modelSpec(), 0o644)
@@ -168,6 +212,7 @@ func TestPackWritesChunkTables(t *testing.T) {
 		checkTable(t, img, desc)
 		checkTarHeaders(t, img, desc)
 	}
+	checkManifestSmall(t, img)
 	// Convert leaves a packed image as it is.
 	out, err := withChunkTables(img, nil)
 	if err != nil {
@@ -201,7 +246,7 @@ func blobOf(t *testing.T, img v1.Image, desc v1.Descriptor) []byte {
 // blob's own bytes, the regions a walk of its headers reads.
 func checkTarHeaders(t *testing.T, img v1.Image, desc v1.Descriptor) {
 	t.Helper()
-	regions, err := tarheaders.Parse(desc.Annotations[tarheaders.Annotation], desc.Size)
+	regions, err := tarheaders.Parse(layerAnnotations(t, img, desc)[tarheaders.Annotation], desc.Size)
 	if err != nil {
 		t.Fatalf("layer %s: %v", desc.Digest, err)
 	}
@@ -240,7 +285,7 @@ func TestPackOmitsTooManyTarHeaders(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := m.Layers[0].Annotations[tarheaders.Annotation]; ok {
+	if _, ok := layerAnnotations(t, img, m.Layers[0])[tarheaders.Annotation]; ok {
 		t.Fatal("a layer of many small files got tar headers")
 	}
 	checkTable(t, img, m.Layers[0])
@@ -262,8 +307,8 @@ func TestConvertAddsTarHeaders(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "tiny-llama")
 	writeModel(t, dir, modelSpec(), 0o644)
 	packed := build(t, dir, Options{LargeFileThreshold: 1 << 10})
-	// As an older pack made it: chunk tables, no tar headers; and a gzip
-	// layer as docker makes it.
+	// As an older pack made it: chunk tables in the manifest, no tar
+	// headers; and a gzip layer as docker makes it.
 	old, err := packed.Manifest()
 	if err != nil {
 		t.Fatal(err)
@@ -278,7 +323,7 @@ func TestConvertAddsTarHeaders(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ann := maps.Clone(desc.Annotations)
+		ann := maps.Clone(layerAnnotations(t, packed, desc))
 		delete(ann, tarheaders.Annotation)
 		img, err = mutate.Append(img, mutate.Addendum{Layer: l, Annotations: ann})
 		if err != nil {
@@ -289,7 +334,7 @@ func TestConvertAddsTarHeaders(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, out := convertWithoutUploads(t, &up, img, host+"/old/model:v1", host+"/lazy/model:v1")
+	_, out := convertUploadingConfig(t, &up, img, host+"/old/model:v1", host+"/lazy/model:v1")
 	m, err := out.Manifest()
 	if err != nil {
 		t.Fatal(err)
@@ -297,14 +342,63 @@ func TestConvertAddsTarHeaders(t *testing.T) {
 	for i, desc := range m.Layers {
 		checkTable(t, out, desc)
 		if i == len(m.Layers)-1 {
-			if _, ok := desc.Annotations[tarheaders.Annotation]; ok {
+			if _, ok := layerAnnotations(t, out, desc)[tarheaders.Annotation]; ok {
 				t.Error("a gzip layer got tar headers")
 			}
 			continue
 		}
 		checkTarHeaders(t, out, desc)
-		if desc.Annotations[chunks.Annotation] != old.Layers[i].Annotations[chunks.Annotation] {
+		// The old table stays where it was; the headers go to the config.
+		if desc.Annotations[chunks.Annotation] != layerAnnotations(t, packed, old.Layers[i])[chunks.Annotation] {
 			t.Errorf("layer %d: its chunk table changed", i)
 		}
+		if _, ok := desc.Annotations[tarheaders.Annotation]; ok {
+			t.Errorf("layer %d: tar headers added to the manifest, want them in the config", i)
+		}
+	}
+}
+
+// A chunk table in the manifest that does not fit its blob is removed from
+// the manifest, and a valid one written to the config: the manifest's
+// would otherwise win over it.
+func TestConvertReplacesAnInvalidTable(t *testing.T) {
+	h, err := registryserver.New(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var up uploadedBytes
+	srv := httptest.NewServer(up.wrap(h))
+	t.Cleanup(srv.Close)
+	host := strings.TrimPrefix(srv.URL, "http://")
+
+	l, err := random.Layer(5<<20, types.DockerLayer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrong, err := random.Layer(5<<20, types.DockerLayer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, _ := wrong.Compressed()
+	size, _ := wrong.Size()
+	tab, err := chunks.Compute(rc, size, chunks.DefaultChunkSize, chunks.BLAKE3)
+	rc.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := mutate.Append(empty.Image, mutate.Addendum{Layer: l, Annotations: map[string]string{
+		tab.Key(): tab.Encode(), "org.example.kept": "yes"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, out := convertUploadingConfig(t, &up, img, host+"/bad/model:v1", host+"/lazy/model:v1")
+	m, err := out.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkTable(t, out, m.Layers[0])
+	checkManifestSmall(t, out)
+	if m.Layers[0].Annotations["org.example.kept"] != "yes" {
+		t.Errorf("annotations %v: another tool's annotation was dropped", m.Layers[0].Annotations)
 	}
 }

@@ -8,6 +8,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/partial"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/weightsnap/weightsnap/annotations"
 )
 
 // imageCore is a built image reduced to what partial.CompressedToImage
@@ -39,6 +41,7 @@ func newImage(layers []*layer, plat v1.Platform) (v1.Image, error) {
 		SchemaVersion: 2,
 		MediaType:     types.OCIManifestSchema1,
 	}
+	inConfig := map[string]map[string]string{}
 	for i, l := range layers {
 		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, l.digest)
 		by := "weightsnap pack: directories and small files"
@@ -46,15 +49,24 @@ func newImage(layers []*layer, plat v1.Platform) (v1.Image, error) {
 			by = "weightsnap pack: " + l.entries[0].name
 		}
 		cfg.History = append(cfg.History, v1.History{Created: v1.Time{Time: epoch}, CreatedBy: by})
+		// The chunk table and tar headers go into the config, so that the
+		// manifest's size does not grow with the layer's.
+		ann, ws := annotations.Split(l.annotations)
+		if ws != nil {
+			inConfig[l.digest.String()] = ws
+		}
 		man.Layers = append(man.Layers, v1.Descriptor{
 			MediaType:   types.OCIUncompressedLayer,
 			Size:        l.size,
 			Digest:      l.digest,
-			Annotations: l.annotations,
+			Annotations: ann,
 		})
 	}
 	rawCfg, err := json.Marshal(cfg)
 	if err != nil {
+		return nil, fmt.Errorf("encode config: %w", err)
+	}
+	if rawCfg, err = annotations.SetInConfig(rawCfg, inConfig); err != nil {
 		return nil, fmt.Errorf("encode config: %w", err)
 	}
 	cfgH, cfgSize, err := v1.SHA256(bytes.NewReader(rawCfg))

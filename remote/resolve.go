@@ -14,6 +14,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/weightsnap/weightsnap/annotations"
 )
 
 // Limits on what is read into memory from a registry.
@@ -50,7 +52,9 @@ type Layer struct {
 	// DiffID is the digest of the uncompressed layer from the config, or
 	// empty when the config does not give it.
 	DiffID digest.Digest
-	// Annotations are the layer descriptor's annotations.
+	// Annotations are the layer descriptor's annotations, with the
+	// layer's weightsnap annotations from the config (package
+	// annotations) where the descriptor does not have them.
 	Annotations map[string]string
 	// Blob reads the layer blob.
 	Blob *Blob
@@ -80,10 +84,11 @@ func (c *Client) Resolve(ctx context.Context, ref string) (*Image, error) {
 		return nil, err
 	}
 	img := &Image{Ref: r, Digest: dgst, Manifest: m}
-	if img.Config, err = src.config(ctx, m.Config); err != nil {
+	var rawCfg []byte
+	if img.Config, rawCfg, err = src.config(ctx, m.Config); err != nil {
 		return nil, fmt.Errorf("image %s: %w", r, err)
 	}
-	if img.Layers, err = src.layers(m, img.Config); err != nil {
+	if img.Layers, err = src.layers(m, img.Config, annotations.FromConfig(rawCfg)); err != nil {
 		return nil, fmt.Errorf("image %s: %w", r, err)
 	}
 	return img, nil
@@ -124,8 +129,9 @@ func (s *source) imageManifest(ctx context.Context, r name.Reference, p v1.Platf
 }
 
 // layers lists the layers of m, each with a Blob of s and, when cfg gives
-// them, its DiffID.
-func (s *source) layers(m *v1.Manifest, cfg *v1.ConfigFile) ([]*Layer, error) {
+// them, its DiffID; inConfig are the layer annotations the config holds,
+// by layer digest.
+func (s *source) layers(m *v1.Manifest, cfg *v1.ConfigFile, inConfig map[string]map[string]string) ([]*Layer, error) {
 	var layers []*Layer
 	for i, l := range m.Layers {
 		ld, err := digest.Parse(l.Digest.String())
@@ -136,7 +142,7 @@ func (s *source) layers(m *v1.Manifest, cfg *v1.ConfigFile) ([]*Layer, error) {
 			Digest:      ld,
 			Size:        l.Size,
 			MediaType:   string(l.MediaType),
-			Annotations: l.Annotations,
+			Annotations: annotations.Merge(l.Annotations, inConfig[ld.String()]),
 			Blob:        &Blob{src: s, digest: ld, size: l.Size},
 		}
 		if cfg != nil && len(cfg.RootFS.DiffIDs) == len(m.Layers) {
@@ -213,32 +219,34 @@ func (s *source) manifest(ctx context.Context, id, what string) ([]byte, types.M
 	return raw, mt, dgst, nil
 }
 
-// config fetches and parses an image config blob.
-func (s *source) config(ctx context.Context, desc v1.Descriptor) (*v1.ConfigFile, error) {
+// config fetches and parses an image config blob, and returns it parsed
+// and as fetched (both nil for an artifact config that is not an image
+// config).
+func (s *source) config(ctx context.Context, desc v1.Descriptor) (*v1.ConfigFile, []byte, error) {
 	if desc.Size > maxConfigSize || desc.Size < 0 {
-		return nil, fmt.Errorf("%w: config of %d bytes", ErrBadResponse, desc.Size)
+		return nil, nil, fmt.Errorf("%w: config of %d bytes", ErrBadResponse, desc.Size)
 	}
 	cd, err := digest.Parse(desc.Digest.String())
 	if err != nil {
-		return nil, fmt.Errorf("%w: config digest: %v", ErrBadResponse, err)
+		return nil, nil, fmt.Errorf("%w: config digest: %v", ErrBadResponse, err)
 	}
 	raw := make([]byte, desc.Size)
 	b := &Blob{src: s, digest: cd, size: desc.Size}
 	if _, err := b.ReadAt(ctx, raw, 0); err != nil && err != io.EOF {
-		return nil, fmt.Errorf("config: %w", err)
+		return nil, nil, fmt.Errorf("config: %w", err)
 	}
 	if got := cd.Algorithm().FromBytes(raw); got != cd {
-		return nil, fmt.Errorf("%w: config %s has digest %s", ErrBadResponse, cd, got)
+		return nil, nil, fmt.Errorf("%w: config %s has digest %s", ErrBadResponse, cd, got)
 	}
 	cfg, err := v1.ParseConfigFile(bytes.NewReader(raw))
 	if err != nil {
 		if desc.MediaType.IsConfig() {
-			return nil, fmt.Errorf("%w: config %s: %v", ErrBadResponse, cd, err)
+			return nil, nil, fmt.Errorf("%w: config %s: %v", ErrBadResponse, cd, err)
 		}
 		// An artifact's config need not be an image config.
-		return nil, nil
+		return nil, nil, nil
 	}
-	return cfg, nil
+	return cfg, raw, nil
 }
 
 // pickPlatform returns the first manifest of idx whose platform satisfies p.

@@ -1,0 +1,89 @@
+package annotations
+
+import (
+	"encoding/json"
+	"maps"
+	"reflect"
+	"testing"
+)
+
+func TestSplit(t *testing.T) {
+	m, c := Split(map[string]string{
+		"dev.weightsnap.chunks.v2":       "t",
+		"org.opencontainers.image.title": "w.bin",
+		"dev.weightsnap.tarheaders.v1":   "h",
+		"dev.weightsnapper.not-ours.v1":  "x",
+	})
+	if want := map[string]string{"org.opencontainers.image.title": "w.bin", "dev.weightsnapper.not-ours.v1": "x"}; !maps.Equal(m, want) {
+		t.Errorf("manifest %v, want %v", m, want)
+	}
+	if want := map[string]string{"dev.weightsnap.chunks.v2": "t", "dev.weightsnap.tarheaders.v1": "h"}; !maps.Equal(c, want) {
+		t.Errorf("config %v, want %v", c, want)
+	}
+	if m, c := Split(nil); m != nil || c != nil {
+		t.Errorf("Split(nil) = %v, %v", m, c)
+	}
+}
+
+// SetInConfig and FromConfig round-trip, keep every other member of the
+// config, and give the same bytes for the same input.
+func TestConfigRoundTrip(t *testing.T) {
+	raw := []byte(`{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:a"]},"x-other":{"kept":[1,2]}}`)
+	layers := map[string]map[string]string{"sha256:a": {"dev.weightsnap.chunks.v2": "t"}}
+	out, err := SetInConfig(raw, layers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := FromConfig(out); !reflect.DeepEqual(got, layers) {
+		t.Errorf("FromConfig = %v, want %v", got, layers)
+	}
+	var before, after map[string]any
+	json.Unmarshal(raw, &before)
+	json.Unmarshal(out, &after)
+	delete(after, ConfigKey)
+	if !reflect.DeepEqual(before, after) {
+		t.Errorf("other members changed:\n%v\nwas\n%v", after, before)
+	}
+	again, err := SetInConfig(raw, layers)
+	if err != nil || string(again) != string(out) {
+		t.Errorf("a second encoding differs: %s, was %s (%v)", again, out, err)
+	}
+	// Setting none removes the member.
+	none, err := SetInConfig(out, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if FromConfig(none) != nil {
+		t.Errorf("%s: the member is still there", none)
+	}
+	if _, err := SetInConfig([]byte("null"), layers); err == nil {
+		t.Error("SetInConfig(null): no error")
+	}
+}
+
+// A member of the wrong shape, or holding only other keys, is no
+// annotations at all.
+func TestFromConfigMalformed(t *testing.T) {
+	for _, raw := range []string{
+		`{"dev.weightsnap.layer-annotations": "a string"}`,
+		`{"dev.weightsnap.layer-annotations": {"sha256:x": ["a"]}}`,
+		`{"dev.weightsnap.layer-annotations": {"sha256:x": {"other.key": "v"}}}`,
+		`not json`,
+		`{}`,
+	} {
+		if got := FromConfig([]byte(raw)); got != nil {
+			t.Errorf("FromConfig(%s) = %v, want none", raw, got)
+		}
+	}
+}
+
+func TestMergeKeepsTheManifestsValue(t *testing.T) {
+	got := Merge(map[string]string{"k": "manifest", "m": "1"}, map[string]string{"k": "config", "c": "2"})
+	if want := map[string]string{"k": "manifest", "m": "1", "c": "2"}; !maps.Equal(got, want) {
+		t.Errorf("Merge = %v, want %v", got, want)
+	}
+	m := map[string]string{"k": "v"}
+	if got := Merge(m, nil); !maps.Equal(got, m) {
+		t.Errorf("Merge(m, nil) = %v", got)
+	}
+}

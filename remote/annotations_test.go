@@ -1,0 +1,114 @@
+package remote
+
+import (
+	"bytes"
+	"encoding/json"
+	"maps"
+	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/weightsnap/weightsnap/annotations"
+)
+
+// withRawConfig is img with its config replaced by raw.
+type withRawConfig struct {
+	v1.Image
+	raw []byte
+	m   *v1.Manifest
+	rm  []byte
+}
+
+func newWithRawConfig(t *testing.T, img v1.Image, raw []byte) *withRawConfig {
+	t.Helper()
+	m, err := img.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m = m.DeepCopy()
+	h, n, err := v1.SHA256(bytes.NewReader(raw))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Config.Digest, m.Config.Size = h, n
+	rm, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &withRawConfig{Image: img, raw: raw, m: m, rm: rm}
+}
+
+func (i *withRawConfig) RawConfigFile() ([]byte, error)  { return i.raw, nil }
+func (i *withRawConfig) ConfigName() (v1.Hash, error)    { return i.m.Config.Digest, nil }
+func (i *withRawConfig) Manifest() (*v1.Manifest, error) { return i.m.DeepCopy(), nil }
+func (i *withRawConfig) RawManifest() ([]byte, error)    { return i.rm, nil }
+func (i *withRawConfig) Size() (int64, error)            { return int64(len(i.rm)), nil }
+func (i *withRawConfig) ConfigLayer() (v1.Layer, error) {
+	return static.NewLayer(i.raw, i.m.Config.MediaType), nil
+}
+func (i *withRawConfig) ConfigFile() (*v1.ConfigFile, error) {
+	return v1.ParseConfigFile(bytes.NewReader(i.raw))
+}
+func (i *withRawConfig) Digest() (v1.Hash, error) {
+	h, _, err := v1.SHA256(bytes.NewReader(i.rm))
+	return h, err
+}
+func (i *withRawConfig) LayerByDigest(h v1.Hash) (v1.Layer, error) {
+	if h == i.m.Config.Digest {
+		return i.ConfigLayer()
+	}
+	return i.Image.LayerByDigest(h)
+}
+
+// Resolve gives each layer the weightsnap annotations its config holds
+// for it, under those of its descriptor, and nothing else from the config.
+func TestResolveReadsLayerAnnotationsFromTheConfig(t *testing.T) {
+	l0, _ := random.Layer(1024, types.OCIUncompressedLayer)
+	l1, _ := random.Layer(1024, types.OCIUncompressedLayer)
+	l2, _ := random.Layer(1024, types.OCIUncompressedLayer)
+	img, err := mutate.Append(empty.Image,
+		mutate.Addendum{Layer: l0, Annotations: map[string]string{"dev.weightsnap.a": "manifest", "org.example.t": "x"}},
+		mutate.Addendum{Layer: l1},
+		mutate.Addendum{Layer: l2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d0, _ := l0.Digest()
+	d1, _ := l1.Digest()
+	raw, err := img.RawConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err = annotations.SetInConfig(raw, map[string]map[string]string{
+		d0.String(): {"dev.weightsnap.a": "config", "dev.weightsnap.b": "b"},
+		d1.String(): {"dev.weightsnap.c": "c", "org.example.t": "not a weightsnap key"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := newTestRegistry(t, nil)
+	ref := reg.pushImage(t, "models/cfg:v1", newWithRawConfig(t, img, raw))
+
+	got, err := New(fastRetry).Resolve(t.Context(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []map[string]string{
+		{"dev.weightsnap.a": "manifest", "dev.weightsnap.b": "b", "org.example.t": "x"},
+		{"dev.weightsnap.c": "c"},
+		nil,
+	}
+	for i, l := range got.Layers {
+		if !maps.Equal(l.Annotations, want[i]) {
+			t.Errorf("layer %d: annotations %v, want %v", i, l.Annotations, want[i])
+		}
+	}
+	if got.Config == nil || len(got.Config.RootFS.DiffIDs) != 3 {
+		t.Errorf("config %+v: the image config did not parse", got.Config)
+	}
+}
