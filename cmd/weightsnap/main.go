@@ -31,7 +31,7 @@ const usage = `usage: weightsnap <command> [flags]
 
 commands:
   pack  [--threshold SIZE] [--plain-http] DIR REF   turn a model directory into an image made for lazy loading
-  convert [--plain-http] SRC DST                  push SRC as DST with a chunk table on every layer, tar headers on tar layers (no blob is uploaded)
+  convert [--plain-http] SRC DST                  push SRC as DST with a chunk table for every layer, tar headers for tar layers, in its config (no layer is uploaded)
   mount [--plain-http] [--cache-dir DIR] [--unverified-layers full|lazy] REF MOUNTPOINT
                                                   mount an image lazily; unmounts and exits on SIGINT/SIGTERM
   demo  [--size SIZE]                             the main job on an embedded registry and a generated model
