@@ -47,7 +47,7 @@ func Convert(ctx context.Context, src, dst string, plainHTTP bool) (name.Digest,
 	if err != nil {
 		return name.Digest{}, fmt.Errorf("convert %s: %w", src, err)
 	}
-	out, err := withChunkTables(img, srcRef)
+	out, err := withChunkTables(img)
 	if err != nil {
 		return name.Digest{}, fmt.Errorf("convert %s: %w", src, err)
 	}
@@ -61,11 +61,11 @@ func Convert(ctx context.Context, src, dst string, plainHTTP bool) (name.Digest,
 	return dstRef.Context().Digest(d.String()), nil
 }
 
-// withChunkTables returns img, read from src, with a chunk table for every
-// layer and tar headers for every tar layer that lacks them. They go into
-// the config (package annotations), so the config and the manifest change;
-// the layers and the manifest's own annotations do not.
-func withChunkTables(img v1.Image, src name.Reference) (v1.Image, error) {
+// withChunkTables returns img with a chunk table for every layer and tar
+// headers for every tar layer that lacks them. They go into the config
+// (package annotations), so the config and the manifest change; the
+// layers and the manifest's other annotations do not.
+func withChunkTables(img v1.Image) (v1.Image, error) {
 	m, err := img.Manifest()
 	if err != nil {
 		return nil, err
@@ -78,54 +78,32 @@ func withChunkTables(img v1.Image, src name.Reference) (v1.Image, error) {
 	if inConfig == nil {
 		inConfig = map[string]map[string]string{}
 	}
+	m = m.DeepCopy()
 	changed := false
-	var dropped map[int][]string // layer index → manifest annotations replaced
 	for i, desc := range m.Layers {
 		key := desc.Digest.String()
-		ann := annotations.Merge(desc.Annotations, inConfig[key])
-		_, err := chunks.Find(ann, desc.Size)
-		needTable := err != nil
-		needHeaders := isTar(string(desc.MediaType)) && !hasTarHeaders(ann, desc.Size)
-		if !needTable && !needHeaders {
-			continue
-		}
-		t, regions, herr, err := readBlob(img, desc, needHeaders)
+		added, err := missingAnnotations(img, desc, annotations.Merge(desc.Annotations, inConfig[key]))
 		if err != nil {
 			return nil, fmt.Errorf("layer %d (%s): %w", i, desc.Digest, err)
-		}
-		added := map[string]string{}
-		if needTable {
-			added[t.Key()] = t.Encode()
-		}
-		if needHeaders {
-			if herr != nil && !errors.Is(herr, tarheaders.ErrTooLarge) {
-				// The node walks it, and says what is wrong with it.
-				herr = tarheaders.ErrTooLarge
-			}
-			if err := addTarHeaders(added, regions, herr); err != nil {
-				return nil, fmt.Errorf("layer %d (%s): %w", i, desc.Digest, err)
-			}
 		}
 		if len(added) == 0 {
 			continue
 		}
-		// What the manifest gives wins over the config (annotations.Merge),
-		// so an invalid annotation there is removed, not shadowed.
-		for k := range added {
-			if _, ok := desc.Annotations[k]; ok {
-				if dropped == nil {
-					dropped = map[int][]string{}
-				}
-				dropped[i] = append(dropped[i], k)
-			}
-		}
+		changed = true
 		ws := maps.Clone(inConfig[key])
 		if ws == nil {
 			ws = map[string]string{}
 		}
 		maps.Copy(ws, added)
 		inConfig[key] = ws
-		changed = true
+		// What the manifest gives wins over the config (annotations.Merge):
+		// an invalid annotation there is removed, not left shadowing.
+		for k := range added {
+			delete(m.Layers[i].Annotations, k)
+		}
+		if len(m.Layers[i].Annotations) == 0 {
+			m.Layers[i].Annotations = nil
+		}
 	}
 	if !changed {
 		return img, nil // the same manifest bytes, so the same digest
@@ -133,25 +111,44 @@ func withChunkTables(img v1.Image, src name.Reference) (v1.Image, error) {
 	if rawCfg, err = annotations.SetInConfig(rawCfg, inConfig); err != nil {
 		return nil, err
 	}
-	m = m.DeepCopy()
-	for i, keys := range dropped {
-		for _, k := range keys {
-			delete(m.Layers[i].Annotations, k)
-		}
-		if len(m.Layers[i].Annotations) == 0 {
-			m.Layers[i].Annotations = nil
-		}
-	}
-	cfgH, cfgSize, err := v1.SHA256(bytes.NewReader(rawCfg))
-	if err != nil {
+	if m.Config.Digest, m.Config.Size, err = v1.SHA256(bytes.NewReader(rawCfg)); err != nil {
 		return nil, err
 	}
-	m.Config.Digest, m.Config.Size = cfgH, cfgSize
 	raw, err := json.Marshal(m)
 	if err != nil {
 		return nil, err
 	}
-	return &convertedImage{Image: img, src: src, raw: raw, m: m, rawCfg: rawCfg}, nil
+	return &convertedImage{Image: img, raw: raw, m: m, rawCfg: rawCfg}, nil
+}
+
+// missingAnnotations returns the chunk table and tar headers that desc, a
+// layer of img with annotations ann, lacks or has invalid, reading its
+// blob once; none if it has both.
+func missingAnnotations(img v1.Image, desc v1.Descriptor, ann map[string]string) (map[string]string, error) {
+	_, err := chunks.Find(ann, desc.Size)
+	needTable := err != nil
+	needHeaders := isTar(string(desc.MediaType)) && !hasTarHeaders(ann, desc.Size)
+	if !needTable && !needHeaders {
+		return nil, nil
+	}
+	t, regions, herr, err := readBlob(img, desc, needHeaders)
+	if err != nil {
+		return nil, err
+	}
+	added := map[string]string{}
+	if needTable {
+		added[t.Key()] = t.Encode()
+	}
+	if needHeaders {
+		if herr != nil && !errors.Is(herr, tarheaders.ErrTooLarge) {
+			// The node walks it, and says what is wrong with it.
+			herr = tarheaders.ErrTooLarge
+		}
+		if err := addTarHeaders(added, regions, herr); err != nil {
+			return nil, err
+		}
+	}
+	return added, nil
 }
 
 // isTar reports whether a layer of media type mt is an uncompressed tar,
@@ -206,10 +203,11 @@ func readBlob(img v1.Image, desc v1.Descriptor, headers bool) (t *chunks.Table, 
 }
 
 // convertedImage is an image with its manifest and config replaced; its
-// layers are the source's.
+// layers are the source's, which go-containerregistry mounts from the
+// source's repository rather than upload, as they know where they came
+// from.
 type convertedImage struct {
 	v1.Image
-	src    name.Reference // where its layers are, to mount them from
 	raw    []byte
 	m      *v1.Manifest
 	rawCfg []byte

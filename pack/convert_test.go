@@ -214,7 +214,7 @@ func TestPackWritesChunkTables(t *testing.T) {
 	}
 	checkManifestSmall(t, img)
 	// Convert leaves a packed image as it is.
-	out, err := withChunkTables(img, nil)
+	out, err := withChunkTables(img)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -375,14 +375,18 @@ func TestConvertReplacesAnInvalidTable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wrong, err := random.Layer(5<<20, types.DockerLayer)
+	// A table of the blob with one byte more: it does not fit the blob.
+	rc, err := l.Compressed()
 	if err != nil {
 		t.Fatal(err)
 	}
-	rc, _ := wrong.Compressed()
-	size, _ := wrong.Size()
-	tab, err := chunks.Compute(rc, size, chunks.DefaultChunkSize, chunks.BLAKE3)
+	blob, err := io.ReadAll(rc)
 	rc.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	longer := append(blob, 0)
+	tab, err := chunks.Compute(bytes.NewReader(longer), int64(len(longer)), chunks.DefaultChunkSize, chunks.BLAKE3)
 	if err != nil {
 		t.Fatal(err)
 	}
