@@ -7,6 +7,7 @@ package integration
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -274,6 +275,14 @@ func benchCacheBound(cfg benchConfig, free int64) int64 {
 	return largest + 64<<10
 }
 
+// benchKeepLocal says whether the disk, with free bytes free, has room to
+// keep model A's generated files (the model's size once more) until
+// weightsnap's warm host paths are measured, through the full pull and
+// the cold paths, with the cache not bounded.
+func benchKeepLocal(cfg benchConfig, free int64) bool {
+	return free > 0 && float64(free) > (benchUnboundedPeak+1)*float64(cfg.size)+float64(benchDiskSlack)
+}
+
 // benchUnboundedPeak is the disk a run with an unbounded cache takes at
 // its peak, over the model's size (6.03 measured at 2 GiB: the registry's
 // copy and the cache's of every model the bench reads), and
@@ -503,6 +512,54 @@ func TestBenchCacheBound(t *testing.T) {
 		if bound := benchCacheBound(cfg, 0); largest > bound || bound-largest > 64<<10 {
 			t.Errorf("%d shards: largest layer %d bytes, cache bound %d: want the layer to fit, within 64 KiB", shards, largest, bound)
 		}
+	}
+}
+
+// The local model is kept for the paired warm runs only when the disk
+// holds it besides everything an unbounded run keeps.
+func TestBenchKeepLocal(t *testing.T) {
+	two := benchConfig{size: 2 << 30, shards: 1}
+	if !benchKeepLocal(two, 70<<30) {
+		t.Error("2 GiB not kept on a disk with 70 GiB free")
+	}
+	if benchKeepLocal(benchConfig{size: 16 << 30, shards: 1}, 70<<30) {
+		t.Error("16 GiB kept on a disk with 70 GiB free")
+	}
+	if benchKeepLocal(two, 0) {
+		t.Error("kept on a disk of unknown free space")
+	}
+	// Keeping needs more room than not bounding the cache.
+	for free := int64(1 << 30); free < 64<<30; free += 1 << 30 {
+		if benchKeepLocal(two, free) && benchCacheBound(two, free) != 0 {
+			t.Errorf("%d GiB free: local files kept with the cache bounded", free>>30)
+		}
+	}
+}
+
+// The pair's runs alternate, and each side gets its own median.
+func TestRunsAlternate(t *testing.T) {
+	var order []string
+	var n int
+	err := alternate(3, func() error { order = append(order, "a"); return nil }, func() error {
+		order = append(order, "b")
+		if n++; n == 3 {
+			return errors.New("b failed")
+		}
+		return nil
+	})
+	if got := strings.Join(order, ""); got != "ababab" || err == nil {
+		t.Errorf("order %q, err %v; want ababab and b's error", got, err)
+	}
+	runs := func(secs ...float64) []readTrace {
+		var rs []readTrace
+		start := time.Unix(0, 0)
+		for _, s := range secs {
+			rs = append(rs, readTrace{start: start, done: start.Add(time.Duration(s * float64(time.Second))), bytes: 1 << 30})
+		}
+		return rs
+	}
+	if m := medianRun(runs(5, 1, 3, 2, 4)); m.done.Sub(m.start) != 3*time.Second {
+		t.Errorf("median run took %v, want 3s", m.done.Sub(m.start))
 	}
 }
 

@@ -114,7 +114,11 @@ func BenchmarkModelPull(b *testing.B) {
 	disk.start(benchDiskEvery)
 	b.Cleanup(disk.halt)
 	origin := testutil.StartProxy(b, reg.URL(), testutil.Faults{})
-	bound := benchCacheBound(cfg, freeBytes(dir))
+	free := freeBytes(dir)
+	bound := benchCacheBound(cfg, free)
+	// With room for it, model A's local copy stays until weightsnap's warm
+	// host paths, and the two are measured in turn (runToolWarmPair).
+	keepLocal := benchKeepLocal(cfg, free)
 	st := startBenchStack(b, ctx, dir, origin.Addr, benchUnverifiedLazy+benchCacheConfig(bound)+os.Getenv(benchEnvConfig), origin.Addr, reg.Addr)
 	hosts, toolPath, tool, tools := st.hosts, st.toolPath, st.tool, st.tools
 	ws, ctd, rt, is, logs := st.ws, st.ctd, st.rt, st.is, st.logs
@@ -190,43 +194,51 @@ func BenchmarkModelPull(b *testing.B) {
 		paths = append(paths, newBenchPath(g.key, g.name, note, tr.start, tr))
 	}
 
-	// 2. The same bytes from a local file, by the same reader program.
-	for _, cold := range []bool{true, false} {
-		var tr readTrace
-		var err error
-		if cold {
-			drop()
-			tr, err = runTool(ctx, toolPath, append([]string{"read"}, ma.modelFiles(ma.dir)...)...)
-		} else {
-			tr, err = runToolWarm(ctx, toolPath, append([]string{"read"}, ma.modelFiles(ma.dir)...)...)
+	// 2. The same bytes from a local file, by the same reader program:
+	// cold here, warm here too unless it is measured later in turn with
+	// weightsnap's mount (keepLocal).
+	localNote := func(warm string) string {
+		if keepLocal {
+			return fmt.Sprintf("%s; the median of %d runs, taken in turn with the same runs on weightsnap's mount, after one untimed run", warm, warmRuns)
 		}
-		if err != nil {
-			b.Fatal(err)
-		}
-		key, name := "local-cold", "local file, cold"
-		if !cold {
-			key, name = "local-warm", "local file, warm"
-		}
-		note := "the generated files on the host's disk (ext4), read by the tool on the host; clock from the reader's start; " + coldNote(cold)
-		if !cold {
-			note += fmt.Sprintf("; the median of %d runs", warmRuns)
-		}
-		paths = append(paths, newBenchPath(key, name, note, tr.start, tr))
+		return fmt.Sprintf("%s; the median of %d runs", warm, warmRuns)
 	}
-	// The loader (header order, mmap) on the same files, warm: what the
-	// loader on weightsnap's mount and the full pull's pull + load are
-	// held to.
-	tr, err := runToolWarm(ctx, toolPath, append([]string{"load"}, ma.modelFiles(ma.dir)...)...)
+	localRead := append([]string{"read"}, ma.modelFiles(ma.dir)...)
+	localLoad := append([]string{"load"}, ma.modelFiles(ma.dir)...)
+	drop()
+	tr, err := runTool(ctx, toolPath, localRead...)
 	if err != nil {
 		b.Fatal(err)
 	}
-	paths = append(paths, newBenchPath("local-load-warm", "local file, warm, loader",
-		fmt.Sprintf("tool load on the host: headers read, files mapped, one byte of every page of each tensor touched in header order; clock from the loader's start; page cache warm; the median of %d runs", warmRuns),
+	paths = append(paths, newBenchPath("local-cold", "local file, cold",
+		"the generated files on the host's disk (ext4), read by the tool on the host; clock from the reader's start; "+coldNote(true),
 		tr.start, tr))
-	// Model A's files are no longer needed: the full pull below makes two
-	// copies of its own.
-	if err := os.RemoveAll(ma.dir); err != nil {
-		b.Fatal(err)
+	localWarm := func(read, load readTrace) {
+		paths = append(paths, newBenchPath("local-warm", "local file, warm",
+			localNote("the generated files on the host's disk (ext4), read by the tool on the host; clock from the reader's start; page cache warm"),
+			read.start, read))
+		// The loader (header order, mmap) on the same files, warm: what the
+		// loader on weightsnap's mount and the full pull's pull + load are
+		// held to.
+		paths = append(paths, newBenchPath("local-load-warm", "local file, warm, loader",
+			localNote("tool load on the host: headers read, files mapped, one byte of every page of each tensor touched in header order; clock from the loader's start; page cache warm"),
+			load.start, load))
+	}
+	if !keepLocal {
+		read, err := runToolWarm(ctx, toolPath, localRead...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		load, err := runToolWarm(ctx, toolPath, localLoad...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		localWarm(read, load)
+		// Model A's files are no longer needed: the full pull below makes
+		// two copies of its own.
+		if err := os.RemoveAll(ma.dir); err != nil {
+			b.Fatal(err)
+		}
 	}
 
 	// 3. A full pull through containerd's overlayfs snapshotter, then a
@@ -356,7 +368,14 @@ func BenchmarkModelPull(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	tr, err = runToolWarm(ctx, toolPath, append([]string{"read"}, hostFiles...)...)
+	hostRead := append([]string{"read"}, hostFiles...)
+	hostLoad := append([]string{"load"}, hostFiles...)
+	var localRun readTrace
+	if keepLocal {
+		localRun, tr, err = runToolWarmPair(ctx, toolPath, localRead, hostRead)
+	} else {
+		tr, err = runToolWarm(ctx, toolPath, hostRead...)
+	}
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -364,19 +383,33 @@ func BenchmarkModelPull(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	// What the host paths' notes say of their runs.
+	hostRuns := fmt.Sprintf("the median of %d runs", warmRuns)
+	if keepLocal {
+		hostRuns += ", taken in turn with the local file's, after one untimed run"
+	}
 	paths = append(paths, newBenchPath("ws-host-warm", "weightsnap mount, warm (host)",
-		fmt.Sprintf("the layer mounts weightsnapd made for the image, read by the tool on the host as the local file; clock from the reader's start; page cache warm; the median of %d runs; %.0f file opens passed through", warmRuns, after-opens),
+		fmt.Sprintf("the layer mounts weightsnapd made for the image, read by the tool on the host as the local file; clock from the reader's start; page cache warm; %s; %.0f file opens passed through", hostRuns, after-opens),
 		tr.start, tr))
 	// And the loader, as on the local file.
 	opens = after
-	if tr, err = runToolWarm(ctx, toolPath, append([]string{"load"}, hostFiles...)...); err != nil {
+	if keepLocal {
+		var localLoadRun readTrace
+		if localLoadRun, tr, err = runToolWarmPair(ctx, toolPath, localLoad, hostLoad); err != nil {
+			b.Fatal(err)
+		}
+		localWarm(localRun, localLoadRun)
+		if err := os.RemoveAll(ma.dir); err != nil {
+			b.Fatal(err)
+		}
+	} else if tr, err = runToolWarm(ctx, toolPath, hostLoad...); err != nil {
 		b.Fatal(err)
 	}
 	if after, err = ws.metric(ctx, passthroughOpensSeries); err != nil {
 		b.Fatal(err)
 	}
 	paths = append(paths, newBenchPath("ws-host-load-warm", "weightsnap mount, warm, loader (host)",
-		fmt.Sprintf("tool load on the host through weightsnapd's layer mounts, as local file, warm, loader; clock from the loader's start; page cache warm; the median of %d runs; %.0f file opens passed through", warmRuns, after-opens),
+		fmt.Sprintf("tool load on the host through weightsnapd's layer mounts, as local file, warm, loader; clock from the loader's start; page cache warm; %s; %.0f file opens passed through", hostRuns, after-opens),
 		tr.start, tr))
 	// The same container as the overlayfs path (ctr run, the model image
 	// as root file system), on weightsnap's layers: the in-container
