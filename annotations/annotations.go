@@ -18,6 +18,7 @@
 package annotations
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -49,27 +50,82 @@ func Split(ann map[string]string) (manifest, config map[string]string) {
 	return manifest, config
 }
 
-// FromConfig returns the layer annotations of the raw config, by layer
-// digest. A config without them, or whose member is not a map of maps of
-// strings, has none: a layer whose table cannot be read is a layer without
-// one. Keys without Prefix are dropped.
-func FromConfig(raw []byte) map[string]map[string]string {
-	var cfg struct {
-		Layers map[string]map[string]string `json:"dev.weightsnap.layer-annotations"`
+// FromConfig returns the layer annotations the raw config holds for the
+// layers named in digests, by layer digest. Entries for other digests are
+// skipped unread, so a config cannot make a reader hold more than its own
+// layers' annotations. A config that is not a JSON object, or whose member
+// is not a map of maps of strings where a wanted layer's entry is, has
+// none: a layer whose table cannot be read is a layer without one. Keys
+// without Prefix are dropped. The member's name is matched exactly (as
+// SetInConfig writes it, unlike encoding/json's field matching).
+func FromConfig(raw []byte, digests []string) map[string]map[string]string {
+	want := make(map[string]bool, len(digests))
+	for _, d := range digests {
+		want[d] = true
 	}
-	if json.Unmarshal(raw, &cfg) != nil {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
 		return nil
 	}
-	for d, ann := range cfg.Layers {
-		maps.DeleteFunc(ann, func(k, _ string) bool { return !strings.HasPrefix(k, Prefix) })
-		if len(ann) == 0 {
-			delete(cfg.Layers, d)
+	var layers map[string]map[string]string
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return nil
+		}
+		if t != ConfigKey {
+			if skip(dec) != nil {
+				return nil
+			}
+			continue
+		}
+		// The last member of the name counts, as with encoding/json.
+		if layers, err = wanted(dec, want); err != nil {
+			return nil
 		}
 	}
-	if len(cfg.Layers) == 0 {
+	if len(layers) == 0 {
 		return nil
 	}
-	return cfg.Layers
+	return layers
+}
+
+// wanted decodes the member's value, at dec, keeping the entries of the
+// wanted digests.
+func wanted(dec *json.Decoder, want map[string]bool) (map[string]map[string]string, error) {
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return nil, fmt.Errorf("%s is not an object", ConfigKey)
+	}
+	layers := map[string]map[string]string{}
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return nil, err
+		}
+		d, _ := t.(string)
+		if !want[d] {
+			if err := skip(dec); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		var ann map[string]string
+		if err := dec.Decode(&ann); err != nil {
+			return nil, err
+		}
+		maps.DeleteFunc(ann, func(k, _ string) bool { return !strings.HasPrefix(k, Prefix) })
+		if len(ann) > 0 {
+			layers[d] = ann
+		}
+	}
+	_, err := dec.Token() // the closing brace
+	return layers, err
+}
+
+// skip reads past the value at dec.
+func skip(dec *json.Decoder) error {
+	var v json.RawMessage
+	return dec.Decode(&v)
 }
 
 // Merge returns the annotations of a layer whose descriptor has manifest
@@ -85,9 +141,10 @@ func Merge(manifest, config map[string]string) map[string]string {
 }
 
 // SetInConfig returns raw, a config, with its layer annotations replaced
-// by layers (removed when layers is empty). Every other member is kept as
-// it is; members come out sorted by name, so the same input gives the
-// same bytes.
+// by layers (removed when layers is empty). Every other member keeps its
+// value; the config is encoded again, members sorted by name and without
+// spaces, as encoding/json writes them, so the same input gives the same
+// bytes.
 func SetInConfig(raw []byte, layers map[string]map[string]string) ([]byte, error) {
 	var cfg map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &cfg); err != nil {

@@ -34,7 +34,7 @@ func TestConfigRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := FromConfig(out); !reflect.DeepEqual(got, layers) {
+	if got := FromConfig(out, []string{"sha256:a"}); !reflect.DeepEqual(got, layers) {
 		t.Errorf("FromConfig = %v, want %v", got, layers)
 	}
 	var before, after map[string]any
@@ -53,7 +53,7 @@ func TestConfigRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if FromConfig(none) != nil {
+	if FromConfig(none, []string{"sha256:a"}) != nil {
 		t.Errorf("%s: the member is still there", none)
 	}
 	if _, err := SetInConfig([]byte("null"), layers); err == nil {
@@ -71,9 +71,27 @@ func TestFromConfigMalformed(t *testing.T) {
 		`not json`,
 		`{}`,
 	} {
-		if got := FromConfig([]byte(raw)); got != nil {
+		if got := FromConfig([]byte(raw), []string{"sha256:x"}); got != nil {
 			t.Errorf("FromConfig(%s) = %v, want none", raw, got)
 		}
+	}
+}
+
+// Only the wanted layers' entries are read; the member is found by its
+// exact name, and the last of that name counts.
+func TestFromConfigReadsTheWantedLayers(t *testing.T) {
+	raw := `{"x":[1,{"y":2}],
+		"DEV.WEIGHTSNAP.LAYER-ANNOTATIONS": {"sha256:a": {"dev.weightsnap.k": "case"}},
+		"dev.weightsnap.layer-annotations": {"sha256:a": {"dev.weightsnap.k": "first"}},
+		"dev.weightsnap.layer-annotations": {
+			"sha256:other": ["not", "read"],
+			"sha256:a": {"dev.weightsnap.k": "v", "org.x": "dropped"},
+			"sha256:b": {"dev.weightsnap.k": "b"}
+		}}`
+	got := FromConfig([]byte(raw), []string{"sha256:a", "sha256:c"})
+	want := map[string]map[string]string{"sha256:a": {"dev.weightsnap.k": "v"}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("FromConfig = %v, want %v", got, want)
 	}
 }
 

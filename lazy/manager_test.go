@@ -8,6 +8,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	iofs "io/fs"
@@ -23,6 +24,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/opencontainers/go-digest"
 
@@ -577,5 +579,53 @@ func TestUnmountedForGoodIsEvictedFirst(t *testing.T) {
 	mount(2)
 	if !onDisk(0) || onDisk(1) || !onDisk(2) {
 		t.Fatalf("layers on disk: %v %v %v; want the removed one evicted", onDisk(0), onDisk(1), onDisk(2))
+	}
+}
+
+// A record of an earlier version (no version: it lacks the tables an
+// image keeps in its config) is not used while the image resolves; it is
+// resolved again and recorded anew. When it does not resolve, the old
+// record serves, as it did before the upgrade.
+func TestRecordOfAnEarlierVersionIsNotUsed(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 1)
+	m, _ := newTestManager(t)
+	img, err := m.reg.Resolve(t.Context(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref = pinnedRef(img) // records serve references by digest
+	pinned, err := name.NewDigest(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// An old record that says the image has another layer.
+	old, err := json.Marshal(map[string]any{"layers": []map[string]any{{"digest": digest.FromString("other"), "size": 1}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	recName := imageRecordName(digest.Digest(pinned.DigestStr()))
+	if err := m.store.PutMeta(recName, old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.describe(t.Context(), ref, ds[0]); err != nil {
+		t.Fatalf("describe with an old record: %v; want the image resolved again", err)
+	}
+	b, err := m.store.GetMeta(recName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec imageRecord
+	if err := json.Unmarshal(b, &rec); err != nil || rec.Version != recordVersion || len(rec.Layers) != 1 || rec.Layers[0].Digest != ds[0] {
+		t.Errorf("record %s (%v): want the image's, of version %d", b, err, recordVersion)
+	}
+
+	// The old record again, and a registry that does not answer.
+	if err := m.store.PutMeta(recName, old); err != nil {
+		t.Fatal(err)
+	}
+	g.srv.Close()
+	if _, err := m.describe(t.Context(), ref, digest.FromString("other")); err != nil {
+		t.Errorf("describe with an old record and no registry: %v; want the old record's layer", err)
 	}
 }

@@ -26,8 +26,16 @@ import (
 
 // imageRecord is what the Manager keeps of one image manifest.
 type imageRecord struct {
-	Layers []layerRecord `json:"layers"`
+	// Version is recordVersion. A record of an earlier version is used
+	// only when the image cannot be resolved again.
+	Version int           `json:"version,omitempty"`
+	Layers  []layerRecord `json:"layers"`
 }
+
+// recordVersion 2: layer annotations include those of the image config
+// (package annotations). A record an earlier version wrote of an image
+// made by pack or convert now lacks its chunk tables.
+const recordVersion = 2
 
 // layerRecord is one layer of an imageRecord.
 type layerRecord struct {
@@ -108,15 +116,24 @@ func (m *Manager) describe(ctx context.Context, imageRef string, d digest.Digest
 // imageRecord returns the record of imageRef and the reference pinned by
 // its manifest digest.
 func (m *Manager) imageRecord(ctx context.Context, imageRef string) (imageRecord, string, error) {
-	var rec imageRecord
+	var stale *imageRecord // an earlier version's record
 	if r, err := name.NewDigest(imageRef); err == nil {
+		var rec imageRecord
 		if b, err := m.store.GetMeta(imageRecordName(digest.Digest(r.DigestStr()))); err == nil && json.Unmarshal(b, &rec) == nil {
-			return rec, imageRef, nil
+			if rec.Version == recordVersion {
+				return rec, imageRef, nil
+			}
+			stale = &rec
 		}
 	}
 	img, err := m.reg.Resolve(ctx, imageRef)
 	if err != nil {
-		return rec, "", err
+		if stale != nil {
+			// What the earlier version served it with: a mount it held
+			// is resumed without the registry, as before the upgrade.
+			return *stale, imageRef, nil
+		}
+		return imageRecord{}, "", err
 	}
 	return m.record(img), pinnedRef(img), nil
 }
@@ -129,7 +146,7 @@ func pinnedRef(img *remote.Image) string {
 // record keeps what img's manifest and config say of its layers, under
 // the manifest's digest, and returns it.
 func (m *Manager) record(img *remote.Image) imageRecord {
-	var rec imageRecord
+	rec := imageRecord{Version: recordVersion}
 	for _, l := range img.Layers {
 		rec.Layers = append(rec.Layers, layerRecord{Digest: l.Digest, MediaType: l.MediaType, Size: l.Size, DiffID: l.DiffID, Annotations: l.Annotations})
 	}

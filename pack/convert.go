@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"slices"
 	"strings"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -74,10 +75,17 @@ func withChunkTables(img v1.Image) (v1.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	inConfig := annotations.FromConfig(rawCfg)
+	var digests []string
+	for _, l := range m.Layers {
+		digests = append(digests, l.Digest.String())
+	}
+	inConfig := annotations.FromConfig(rawCfg, digests)
 	if inConfig == nil {
 		inConfig = map[string]map[string]string{}
 	}
+	// An artifact whose config is not a JSON object cannot hold them: its
+	// layer descriptors do, as before.
+	_, cfgErr := annotations.SetInConfig(rawCfg, nil)
 	m = m.DeepCopy()
 	changed := false
 	for i, desc := range m.Layers {
@@ -90,35 +98,59 @@ func withChunkTables(img v1.Image) (v1.Image, error) {
 			continue
 		}
 		changed = true
+		if cfgErr != nil {
+			ann := maps.Clone(desc.Annotations)
+			if ann == nil {
+				ann = map[string]string{}
+			}
+			maps.Copy(ann, added)
+			m.Layers[i].Annotations = ann
+			continue
+		}
 		ws := maps.Clone(inConfig[key])
 		if ws == nil {
 			ws = map[string]string{}
 		}
 		maps.Copy(ws, added)
 		inConfig[key] = ws
-		// What the manifest gives wins over the config (annotations.Merge):
-		// an invalid annotation there is removed, not left shadowing.
-		for k := range added {
-			delete(m.Layers[i].Annotations, k)
-		}
-		if len(m.Layers[i].Annotations) == 0 {
-			m.Layers[i].Annotations = nil
-		}
+		dropReplaced(&m.Layers[i], added)
 	}
 	if !changed {
 		return img, nil // the same manifest bytes, so the same digest
 	}
-	if rawCfg, err = annotations.SetInConfig(rawCfg, inConfig); err != nil {
-		return nil, err
-	}
-	if m.Config.Digest, m.Config.Size, err = v1.SHA256(bytes.NewReader(rawCfg)); err != nil {
-		return nil, err
+	if cfgErr == nil {
+		if rawCfg, err = annotations.SetInConfig(rawCfg, inConfig); err != nil {
+			return nil, err
+		}
+		if m.Config.Digest, m.Config.Size, err = v1.SHA256(bytes.NewReader(rawCfg)); err != nil {
+			return nil, err
+		}
 	}
 	raw, err := json.Marshal(m)
 	if err != nil {
 		return nil, err
 	}
 	return &convertedImage{Image: img, raw: raw, m: m, rawCfg: rawCfg}, nil
+}
+
+// dropReplaced removes from desc the annotations of the kinds added
+// replaces: what the manifest gives wins over the config
+// (annotations.Merge), so an invalid table or header annotation left there
+// would shadow the valid one, and a table of the other hash would be one
+// more for a node to pick from.
+func dropReplaced(desc *v1.Descriptor, added map[string]string) {
+	for k := range added {
+		keys := []string{k}
+		if slices.Contains(chunks.Annotations, k) {
+			keys = chunks.Annotations
+		}
+		for _, k := range keys {
+			delete(desc.Annotations, k)
+		}
+	}
+	if len(desc.Annotations) == 0 {
+		desc.Annotations = nil
+	}
 }
 
 // missingAnnotations returns the chunk table and tar headers that desc, a

@@ -3,6 +3,7 @@ package pack
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"maps"
@@ -75,7 +76,7 @@ func layerAnnotations(t *testing.T, img v1.Image, desc v1.Descriptor) map[string
 	if err != nil {
 		t.Fatal(err)
 	}
-	return annotations.Merge(desc.Annotations, annotations.FromConfig(raw)[desc.Digest.String()])
+	return annotations.Merge(desc.Annotations, annotations.FromConfig(raw, []string{desc.Digest.String()})[desc.Digest.String()])
 }
 
 // checkManifestSmall checks that no layer descriptor of img's manifest
@@ -360,7 +361,7 @@ func TestConvertAddsTarHeaders(t *testing.T) {
 
 // A chunk table in the manifest that does not fit its blob is removed from
 // the manifest, and a valid one written to the config: the manifest's
-// would otherwise win over it.
+// would otherwise win over it. So is an invalid table of the other hash.
 func TestConvertReplacesAnInvalidTable(t *testing.T) {
 	h, err := registryserver.New(t.TempDir())
 	if err != nil {
@@ -391,7 +392,7 @@ func TestConvertReplacesAnInvalidTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	img, err := mutate.Append(empty.Image, mutate.Addendum{Layer: l, Annotations: map[string]string{
-		tab.Key(): tab.Encode(), "org.example.kept": "yes"}})
+		tab.Key(): tab.Encode(), chunks.AnnotationSHA256: "not a table", "org.example.kept": "yes"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -405,4 +406,57 @@ func TestConvertReplacesAnInvalidTable(t *testing.T) {
 	if m.Layers[0].Annotations["org.example.kept"] != "yes" {
 		t.Errorf("annotations %v: another tool's annotation was dropped", m.Layers[0].Annotations)
 	}
+}
+
+// An artifact whose config is not a JSON object cannot hold annotations:
+// convert puts them on its layer descriptors, as earlier versions did.
+func TestConvertAnnotatesAnArtifactWithoutJSONConfig(t *testing.T) {
+	h, err := registryserver.New(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	host := strings.TrimPrefix(srv.URL, "http://")
+
+	l, err := random.Layer(1<<20, types.OCIUncompressedLayer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, err := mutate.Append(empty.Image, mutate.Addendum{Layer: l})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := base.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m = m.DeepCopy()
+	cfg := []byte("model weights, not JSON")
+	m.Config.MediaType = "application/vnd.example.model.config.v1"
+	m.Config.Digest, m.Config.Size, _ = v1.SHA256(bytes.NewReader(cfg))
+	rawM, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	push(t, &convertedImage{Image: base, raw: rawM, m: m, rawCfg: cfg}, host+"/art/model:v1")
+	got, err := Convert(context.Background(), host+"/art/model:v1", host+"/art/model:lazy", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := remote.Image(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	om, err := out.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if om.Config.Digest != m.Config.Digest {
+		t.Errorf("config %s, want the source's %s", om.Config.Digest, m.Config.Digest)
+	}
+	if _, err := chunks.Find(om.Layers[0].Annotations, om.Layers[0].Size); err != nil {
+		t.Errorf("layer descriptor: %v, want its chunk table there", err)
+	}
+	checkTable(t, out, om.Layers[0])
 }

@@ -3,7 +3,9 @@ package remote
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"maps"
+	"strings"
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -110,5 +112,70 @@ func TestResolveReadsLayerAnnotationsFromTheConfig(t *testing.T) {
 	}
 	if got.Config == nil || len(got.Config.RootFS.DiffIDs) != 3 {
 		t.Errorf("config %+v: the image config did not parse", got.Config)
+	}
+}
+
+// A manifest that names one blob many times gets that blob's config entry
+// for every use, so the bytes taken from the config are bounded over all
+// uses: a small image cannot make the node hold gigabytes of annotations.
+func TestResolveBoundsAnnotationsFromTheConfig(t *testing.T) {
+	l, _ := random.Layer(512, types.OCIUncompressedLayer)
+	d, _ := l.Digest()
+	image := func(uses int) v1.Image {
+		adds := make([]mutate.Addendum, uses)
+		for i := range adds {
+			adds[i] = mutate.Addendum{Layer: l}
+		}
+		img, err := mutate.Append(empty.Image, adds...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, err := img.RawConfigFile()
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, err = annotations.SetInConfig(raw, map[string]map[string]string{
+			d.String(): {"dev.weightsnap.x": strings.Repeat("a", 10<<10)},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return newWithRawConfig(t, img, raw)
+	}
+	reg := newTestRegistry(t, nil)
+	c := New(fastRetry)
+	few := reg.pushImage(t, "models/few:v1", image(100))
+	if got, err := c.Resolve(t.Context(), few); err != nil || len(got.Layers) != 100 || got.Layers[99].Annotations["dev.weightsnap.x"] == "" {
+		t.Fatalf("100 uses of 10 KiB: %v, want each layer annotated", err)
+	}
+	many := reg.pushImage(t, "models/many:v1", image(maxConfigAnnotations/(10<<10)+1))
+	if _, err := c.Resolve(t.Context(), many); !errors.Is(err, ErrBadResponse) {
+		t.Fatalf("over %d bytes of annotations in all: %v, want ErrBadResponse", maxConfigAnnotations, err)
+	}
+}
+
+// An artifact's config that is not an image config may still hold layer
+// annotations.
+func TestResolveReadsAnArtifactConfigsAnnotations(t *testing.T) {
+	l, _ := random.Layer(1024, types.OCIUncompressedLayer)
+	d, _ := l.Digest()
+	img, err := mutate.Append(empty.Image, mutate.Addendum{Layer: l})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img = mutate.ConfigMediaType(img, "application/vnd.example.model.config.v1+json")
+	raw, err := annotations.SetInConfig([]byte(`{"rootfs":"not an image config's"}`), map[string]map[string]string{
+		d.String(): {"dev.weightsnap.k": "v"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := newTestRegistry(t, nil).pushImage(t, "models/artifact:v1", newWithRawConfig(t, img, raw))
+	got, err := New(fastRetry).Resolve(t.Context(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Config != nil || got.Layers[0].Annotations["dev.weightsnap.k"] != "v" {
+		t.Errorf("config %+v, annotations %v: want no image config and the layer's annotation", got.Config, got.Layers[0].Annotations)
 	}
 }

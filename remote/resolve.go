@@ -22,6 +22,10 @@ import (
 const (
 	maxManifestSize = 4 << 20
 	maxConfigSize   = 32 << 20
+	// maxConfigAnnotations bounds the layer annotations taken from a
+	// config over all of an image's layers (package annotations): twice
+	// the largest chunk table (chunks.MaxAnnotation).
+	maxConfigAnnotations = 16 << 20
 )
 
 // Image is an image manifest resolved from a reference, with its config and
@@ -88,7 +92,7 @@ func (c *Client) Resolve(ctx context.Context, ref string) (*Image, error) {
 	if img.Config, rawCfg, err = src.config(ctx, m.Config); err != nil {
 		return nil, fmt.Errorf("image %s: %w", r, err)
 	}
-	if img.Layers, err = src.layers(m, img.Config, annotations.FromConfig(rawCfg)); err != nil {
+	if img.Layers, err = src.layers(m, img.Config, rawCfg); err != nil {
 		return nil, fmt.Errorf("image %s: %w", r, err)
 	}
 	return img, nil
@@ -129,14 +133,28 @@ func (s *source) imageManifest(ctx context.Context, r name.Reference, p v1.Platf
 }
 
 // layers lists the layers of m, each with a Blob of s and, when cfg gives
-// them, its DiffID; inConfig are the layer annotations the config holds,
-// by layer digest.
-func (s *source) layers(m *v1.Manifest, cfg *v1.ConfigFile, inConfig map[string]map[string]string) ([]*Layer, error) {
+// them, its DiffID, and with the annotations rawCfg, the config as
+// fetched, holds for it.
+func (s *source) layers(m *v1.Manifest, cfg *v1.ConfigFile, rawCfg []byte) ([]*Layer, error) {
+	var digests []string
+	for _, l := range m.Layers {
+		digests = append(digests, l.Digest.String())
+	}
+	inConfig := annotations.FromConfig(rawCfg, digests)
 	var layers []*Layer
+	taken := 0 // bytes of config annotations given to layers so far
 	for i, l := range m.Layers {
 		ld, err := digest.Parse(l.Digest.String())
 		if err != nil {
 			return nil, fmt.Errorf("%w: layer %d digest: %v", ErrBadResponse, i, err)
+		}
+		// A manifest may name one blob many times; each use gets its
+		// config entry, so they are counted per use.
+		for k, v := range inConfig[ld.String()] {
+			taken += len(k) + len(v)
+		}
+		if taken > maxConfigAnnotations {
+			return nil, fmt.Errorf("%w: more than %d bytes of layer annotations from the config", ErrBadResponse, maxConfigAnnotations)
 		}
 		layer := &Layer{
 			Digest:      ld,
@@ -220,8 +238,8 @@ func (s *source) manifest(ctx context.Context, id, what string) ([]byte, types.M
 }
 
 // config fetches and parses an image config blob, and returns it parsed
-// and as fetched (both nil for an artifact config that is not an image
-// config).
+// (nil for an artifact config that is not an image config) and as
+// fetched, checked against its digest.
 func (s *source) config(ctx context.Context, desc v1.Descriptor) (*v1.ConfigFile, []byte, error) {
 	if desc.Size > maxConfigSize || desc.Size < 0 {
 		return nil, nil, fmt.Errorf("%w: config of %d bytes", ErrBadResponse, desc.Size)
@@ -243,8 +261,9 @@ func (s *source) config(ctx context.Context, desc v1.Descriptor) (*v1.ConfigFile
 		if desc.MediaType.IsConfig() {
 			return nil, nil, fmt.Errorf("%w: config %s: %v", ErrBadResponse, cd, err)
 		}
-		// An artifact's config need not be an image config.
-		return nil, nil, nil
+		// An artifact's config need not be an image config; it may still
+		// hold layer annotations.
+		return nil, raw, nil
 	}
 	return cfg, raw, nil
 }
