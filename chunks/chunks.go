@@ -46,7 +46,8 @@ const (
 	SHA256 Hash = "sha256"
 )
 
-// The layer descriptor annotations holding a Table, one per Hash.
+// The layer annotations holding a Table, one per Hash: on the layer
+// descriptor, or in the image config (package annotations).
 const (
 	// Annotation holds a table of BLAKE3 digests.
 	Annotation = "dev.weightsnap.chunks.v2"

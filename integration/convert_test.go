@@ -55,10 +55,9 @@ const overlayfsUnpack = `
 
 // TestConvertBuildahImage: for a model image built by buildah in each
 // manifest format `docker build` and buildah produce (Docker schema 2 and
-// OCI, gzip layers both), `weightsnap convert` uploads no layer blob (and
-// into the source's own repository, nothing but the manifest), and the
-// manifest's every layer descriptor carries a chunk table of its unchanged
-// blob; the converted image is served lazily and a corrupting registry
+// OCI, gzip layers both), `weightsnap convert` uploads no layer blob (the
+// new config alone, into either repository), and every layer has a chunk
+// table of its unchanged blob, in the config; the converted image is served lazily and a corrupting registry
 // gives EIO, never a wrong byte; the original is refused lazily under the
 // default policy; and the converted image still pulls and runs with
 // containerd's overlayfs snapshotter.
@@ -304,9 +303,9 @@ func requireConvertPrinted(t *testing.T, out, dst string, m imageManifest) strin
 	return "/" + tag.RepositoryStr() + "@" + m.digest.String()
 }
 
-// requireTablesOfSameBlobs checks that dst is src with a chunk table on
-// every layer descriptor: the same config and blobs, and tables that every
-// chunk of the blob, as the registry stores it, matches.
+// requireTablesOfSameBlobs checks that dst is src with a chunk table for
+// every layer: the same blobs, the same config but for the tables, and
+// tables that every chunk of the blob, as the registry stores it, matches.
 func requireTablesOfSameBlobs(t *testing.T, reg *testutil.Registry, src, dst imageManifest) {
 	t.Helper()
 	if dst.m.MediaType != src.m.MediaType || dst.m.Config.MediaType != src.m.Config.MediaType {

@@ -83,7 +83,8 @@ type Descriptor struct {
 	// DiffID is the digest of the uncompressed tar (from the image
 	// config); required to stream a layer, whose Stream is keys its Stream by it.
 	DiffID digest.Digest
-	// Annotations are the layer descriptor's annotations.
+	// Annotations are the layer descriptor's annotations, with those the
+	// image config holds for the layer (remote.Layer.Annotations).
 	Annotations map[string]string
 }
 

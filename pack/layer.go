@@ -26,7 +26,7 @@ import (
 // a plain tar.
 type layer struct {
 	entries     []entry
-	annotations map[string]string // for the manifest descriptor
+	annotations map[string]string // the descriptor's, or the config's (newImage)
 
 	// Set by hash before the layer is handed out.
 	digest v1.Hash

@@ -30,7 +30,8 @@ import (
 	"io"
 )
 
-// Annotation is the layer descriptor annotation holding the regions.
+// Annotation is the layer annotation holding the regions: on the layer
+// descriptor, or in the image config (package annotations).
 const Annotation = "dev.weightsnap.tarheaders.v1"
 
 const (
