@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"maps"
-	"slices"
 	"strings"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -64,8 +63,9 @@ func Convert(ctx context.Context, src, dst string, plainHTTP bool) (name.Digest,
 
 // withChunkTables returns img with a chunk table for every layer and tar
 // headers for every tar layer that lacks them. They go into the config
-// (package annotations), so the config and the manifest change; the
-// layers and the manifest's other annotations do not.
+// (package annotations), and so do those an earlier version put on the
+// layer descriptors, so that the manifest's size does not grow with the
+// model's; the layers and the manifest's other annotations do not change.
 func withChunkTables(img v1.Image) (v1.Image, error) {
 	m, err := img.Manifest()
 	if err != nil {
@@ -88,32 +88,44 @@ func withChunkTables(img v1.Image) (v1.Image, error) {
 	_, cfgErr := annotations.SetInConfig(rawCfg, nil)
 	m = m.DeepCopy()
 	changed := false
-	for i, desc := range m.Layers {
+	for i := range m.Layers {
+		desc := &m.Layers[i]
 		key := desc.Digest.String()
-		added, err := missingAnnotations(img, desc, annotations.Merge(desc.Annotations, inConfig[key]))
+		ann := annotations.Merge(desc.Annotations, inConfig[key]) // as a node reads them
+		added, err := missingAnnotations(img, *desc, ann)
 		if err != nil {
 			return nil, fmt.Errorf("layer %d (%s): %w", i, desc.Digest, err)
 		}
-		if len(added) == 0 {
+		if cfgErr != nil {
+			if len(added) > 0 {
+				changed = true
+				withAdded := maps.Clone(desc.Annotations)
+				if withAdded == nil {
+					withAdded = map[string]string{}
+				}
+				maps.Copy(withAdded, added)
+				desc.Annotations = withAdded
+			}
+			continue
+		}
+		keep, moved := annotations.Split(desc.Annotations)
+		if len(moved) == 0 && len(added) == 0 {
 			continue
 		}
 		changed = true
-		if cfgErr != nil {
-			ann := maps.Clone(desc.Annotations)
-			if ann == nil {
-				ann = map[string]string{}
-			}
-			maps.Copy(ann, added)
-			m.Layers[i].Annotations = ann
-			continue
-		}
-		ws := maps.Clone(inConfig[key])
+		_, ws := annotations.Split(ann)
 		if ws == nil {
 			ws = map[string]string{}
 		}
+		if _, ok := added[chunks.Annotation]; ok {
+			// The table it replaces was invalid, of either hash.
+			for _, k := range chunks.Annotations {
+				delete(ws, k)
+			}
+		}
 		maps.Copy(ws, added)
 		inConfig[key] = ws
-		dropReplaced(&m.Layers[i], added)
+		desc.Annotations = keep
 	}
 	if !changed {
 		return img, nil // the same manifest bytes, so the same digest
@@ -131,26 +143,6 @@ func withChunkTables(img v1.Image) (v1.Image, error) {
 		return nil, err
 	}
 	return &convertedImage{Image: img, raw: raw, m: m, rawCfg: rawCfg}, nil
-}
-
-// dropReplaced removes from desc the annotations of the kinds added
-// replaces: what the manifest gives wins over the config
-// (annotations.Merge), so an invalid table or header annotation left there
-// would shadow the valid one, and a table of the other hash would be one
-// more for a node to pick from.
-func dropReplaced(desc *v1.Descriptor, added map[string]string) {
-	for k := range added {
-		keys := []string{k}
-		if slices.Contains(chunks.Annotations, k) {
-			keys = chunks.Annotations
-		}
-		for _, k := range keys {
-			delete(desc.Annotations, k)
-		}
-	}
-	if len(desc.Annotations) == 0 {
-		desc.Annotations = nil
-	}
 }
 
 // missingAnnotations returns the chunk table and tar headers that desc, a

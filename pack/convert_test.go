@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -349,14 +350,61 @@ func TestConvertAddsTarHeaders(t *testing.T) {
 			continue
 		}
 		checkTarHeaders(t, out, desc)
-		// The old table stays where it was; the headers go to the config.
-		if desc.Annotations[chunks.Annotation] != layerAnnotations(t, packed, old.Layers[i])[chunks.Annotation] {
+		// The old table moves to the config as it was, beside the headers.
+		if layerAnnotations(t, out, desc)[chunks.Annotation] != layerAnnotations(t, packed, old.Layers[i])[chunks.Annotation] {
 			t.Errorf("layer %d: its chunk table changed", i)
 		}
-		if _, ok := desc.Annotations[tarheaders.Annotation]; ok {
-			t.Errorf("layer %d: tar headers added to the manifest, want them in the config", i)
+	}
+	checkManifestSmall(t, out)
+}
+
+// An image whose tables an earlier version put on its layer descriptors,
+// and that lacks nothing, gets them moved to its config; no blob is read.
+func TestConvertMovesTablesToTheConfig(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "tiny-llama")
+	writeModel(t, dir, modelSpec(), 0o644)
+	packed := build(t, dir, Options{LargeFileThreshold: 1 << 10})
+	pm, err := packed.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := empty.Image
+	for _, desc := range pm.Layers {
+		l, err := packed.LayerByDigest(desc.Digest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err = mutate.Append(img, mutate.Addendum{Layer: &unreadable{l}, Annotations: layerAnnotations(t, packed, desc)})
+		if err != nil {
+			t.Fatal(err)
 		}
 	}
+	out, err := withChunkTables(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkManifestSmall(t, out)
+	om, err := out.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, desc := range om.Layers {
+		if got, want := layerAnnotations(t, out, desc), layerAnnotations(t, packed, pm.Layers[i]); !maps.Equal(got, want) {
+			t.Errorf("layer %d: annotations %v, want %v", i, got, want)
+		}
+	}
+	again, err := withChunkTables(out)
+	if err != nil || digestOf(t, again) != digestOf(t, out) {
+		t.Errorf("converting the moved image again changed it (%v)", err)
+	}
+}
+
+// unreadable is a layer whose blob cannot be read: what converts it must
+// not need to.
+type unreadable struct{ v1.Layer }
+
+func (unreadable) Compressed() (io.ReadCloser, error) {
+	return nil, errors.New("the blob was read")
 }
 
 // A chunk table in the manifest that does not fit its blob is removed from
