@@ -44,6 +44,20 @@ func (c *uploadedBytes) wrap(h http.Handler) http.Handler {
 	})
 }
 
+// countingRegistry starts a registry, stopped in t.Cleanup, that counts
+// the blob bytes uploaded to it, and returns its host.
+func countingRegistry(t *testing.T) (string, *uploadedBytes) {
+	t.Helper()
+	h, err := registryserver.New(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := &uploadedBytes{}
+	srv := httptest.NewServer(up.wrap(h))
+	t.Cleanup(srv.Close)
+	return strings.TrimPrefix(srv.URL, "http://"), up
+}
+
 // convertUploadingConfig pushes img to src, converts it to dst and
 // returns its digest and image, failing t if the conversion uploaded any
 // blob bytes but the new config's (counted by up, the registry's).
@@ -51,6 +65,21 @@ func convertUploadingConfig(t *testing.T, up *uploadedBytes, img v1.Image, src, 
 	t.Helper()
 	push(t, img, src)
 	before := up.n.Load()
+	got, out := convertTo(t, src, dst)
+	m, err := out.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := up.n.Load() - before; n != m.Config.Size {
+		t.Errorf("convert uploaded %d blob bytes, want the config's %d", n, m.Config.Size)
+	}
+	return got, out
+}
+
+// convertTo converts src to dst and returns the result by digest and as
+// the registry now serves it.
+func convertTo(t *testing.T, src, dst string) (name.Digest, v1.Image) {
+	t.Helper()
 	got, err := Convert(context.Background(), src, dst, true)
 	if err != nil {
 		t.Fatal(err)
@@ -58,13 +87,6 @@ func convertUploadingConfig(t *testing.T, up *uploadedBytes, img v1.Image, src, 
 	out, err := remote.Image(got)
 	if err != nil {
 		t.Fatal(err)
-	}
-	m, err := out.Manifest()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n := up.n.Load() - before; n != m.Config.Size {
-		t.Errorf("convert uploaded %d blob bytes, want the config's %d", n, m.Config.Size)
 	}
 	return got, out
 }
@@ -98,21 +120,14 @@ func checkManifestSmall(t *testing.T, img v1.Image) {
 }
 
 func TestConvertAddsTablesWithoutUploadingBlobs(t *testing.T) {
-	h, err := registryserver.New(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var up uploadedBytes
-	srv := httptest.NewServer(up.wrap(h))
-	t.Cleanup(srv.Close)
-	host := strings.TrimPrefix(srv.URL, "http://")
+	host, up := countingRegistry(t)
 
 	// gzip layers, as docker build makes them, one larger than a chunk.
 	img, err := random.Image(9<<20, 3)
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, out := convertUploadingConfig(t, &up, img, host+"/built/model:v1", host+"/lazy/model:v1")
+	got, out := convertUploadingConfig(t, up, img, host+"/built/model:v1", host+"/lazy/model:v1")
 	in, _ := img.Manifest()
 	m, _ := out.Manifest()
 	if len(m.Layers) != len(in.Layers) {
@@ -297,14 +312,7 @@ func TestPackOmitsTooManyTarHeaders(t *testing.T) {
 // Convert adds the tar headers to uncompressed tar layers, also to those
 // that have a chunk table already, and to no gzip layer.
 func TestConvertAddsTarHeaders(t *testing.T) {
-	h, err := registryserver.New(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var up uploadedBytes
-	srv := httptest.NewServer(up.wrap(h))
-	t.Cleanup(srv.Close)
-	host := strings.TrimPrefix(srv.URL, "http://")
+	host, up := countingRegistry(t)
 
 	dir := filepath.Join(t.TempDir(), "tiny-llama")
 	writeModel(t, dir, modelSpec(), 0o644)
@@ -319,24 +327,11 @@ func TestConvertAddsTarHeaders(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	img := empty.Image
-	for _, desc := range old.Layers {
-		l, err := packed.LayerByDigest(desc.Digest)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ann := maps.Clone(layerAnnotations(t, packed, desc))
-		delete(ann, tarheaders.Annotation)
-		img, err = mutate.Append(img, mutate.Addendum{Layer: l, Annotations: ann})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	img, err = mutate.Append(img, mutate.Addendum{Layer: gz})
+	img, err := mutate.Append(onDescriptors(t, packed, nil, tarheaders.Annotation), mutate.Addendum{Layer: gz})
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, out := convertUploadingConfig(t, &up, img, host+"/old/model:v1", host+"/lazy/model:v1")
+	_, out := convertUploadingConfig(t, up, img, host+"/old/model:v1", host+"/lazy/model:v1")
 	m, err := out.Manifest()
 	if err != nil {
 		t.Fatal(err)
@@ -368,17 +363,7 @@ func TestConvertMovesTablesToTheConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	img := empty.Image
-	for _, desc := range pm.Layers {
-		l, err := packed.LayerByDigest(desc.Digest)
-		if err != nil {
-			t.Fatal(err)
-		}
-		img, err = mutate.Append(img, mutate.Addendum{Layer: &unreadable{l}, Annotations: layerAnnotations(t, packed, desc)})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+	img := onDescriptors(t, packed, func(l v1.Layer) v1.Layer { return &unreadable{l} })
 	out, err := withChunkTables(img)
 	if err != nil {
 		t.Fatal(err)
@@ -399,6 +384,35 @@ func TestConvertMovesTablesToTheConfig(t *testing.T) {
 	}
 }
 
+// onDescriptors returns packed's layers with their annotations on their
+// descriptors, as earlier versions of pack wrote them, less the keys
+// drop; wrap, if not nil, wraps each layer.
+func onDescriptors(t *testing.T, packed v1.Image, wrap func(v1.Layer) v1.Layer, drop ...string) v1.Image {
+	t.Helper()
+	m, err := packed.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := empty.Image
+	for _, desc := range m.Layers {
+		l, err := packed.LayerByDigest(desc.Digest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if wrap != nil {
+			l = wrap(l)
+		}
+		ann := maps.Clone(layerAnnotations(t, packed, desc))
+		for _, k := range drop {
+			delete(ann, k)
+		}
+		if img, err = mutate.Append(img, mutate.Addendum{Layer: l, Annotations: ann}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return img
+}
+
 // unreadable is a layer whose blob cannot be read: what converts it must
 // not need to.
 type unreadable struct{ v1.Layer }
@@ -411,14 +425,7 @@ func (unreadable) Compressed() (io.ReadCloser, error) {
 // the manifest, and a valid one written to the config: the manifest's
 // would otherwise win over it. So is an invalid table of the other hash.
 func TestConvertReplacesAnInvalidTable(t *testing.T) {
-	h, err := registryserver.New(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var up uploadedBytes
-	srv := httptest.NewServer(up.wrap(h))
-	t.Cleanup(srv.Close)
-	host := strings.TrimPrefix(srv.URL, "http://")
+	host, up := countingRegistry(t)
 
 	l, err := random.Layer(5<<20, types.DockerLayer)
 	if err != nil {
@@ -444,7 +451,7 @@ func TestConvertReplacesAnInvalidTable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, out := convertUploadingConfig(t, &up, img, host+"/bad/model:v1", host+"/lazy/model:v1")
+	_, out := convertUploadingConfig(t, up, img, host+"/bad/model:v1", host+"/lazy/model:v1")
 	m, err := out.Manifest()
 	if err != nil {
 		t.Fatal(err)
@@ -459,13 +466,7 @@ func TestConvertReplacesAnInvalidTable(t *testing.T) {
 // An artifact whose config is not a JSON object cannot hold annotations:
 // convert puts them on its layer descriptors, as earlier versions did.
 func TestConvertAnnotatesAnArtifactWithoutJSONConfig(t *testing.T) {
-	h, err := registryserver.New(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewServer(h)
-	t.Cleanup(srv.Close)
-	host := strings.TrimPrefix(srv.URL, "http://")
+	host, _ := countingRegistry(t)
 
 	l, err := random.Layer(1<<20, types.OCIUncompressedLayer)
 	if err != nil {
@@ -488,14 +489,7 @@ func TestConvertAnnotatesAnArtifactWithoutJSONConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	push(t, &convertedImage{Image: base, raw: rawM, m: m, rawCfg: cfg}, host+"/art/model:v1")
-	got, err := Convert(context.Background(), host+"/art/model:v1", host+"/art/model:lazy", true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := remote.Image(got)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, out := convertTo(t, host+"/art/model:v1", host+"/art/model:lazy")
 	om, err := out.Manifest()
 	if err != nil {
 		t.Fatal(err)
