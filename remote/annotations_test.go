@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"maps"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -177,5 +178,46 @@ func TestResolveReadsAnArtifactConfigsAnnotations(t *testing.T) {
 	}
 	if got.Config != nil || got.Layers[0].Annotations["dev.weightsnap.k"] != "v" {
 		t.Errorf("config %+v, annotations %v: want no image config and the layer's annotation", got.Config, got.Layers[0].Annotations)
+	}
+}
+
+// What Resolve allocates for a config does not grow with what it does not
+// use: a config of millions of empty history entries, well under
+// maxConfigSize, is read without decoding them.
+func TestResolveSkipsWhatItDoesNotUseOfTheConfig(t *testing.T) {
+	l, _ := random.Layer(512, types.OCIUncompressedLayer)
+	img, err := mutate.Append(empty.Image, mutate.Addendum{Layer: l})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rootfs, err := json.Marshal(cfg.RootFS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const entries = 2 << 20
+	raw := []byte(`{"architecture":"amd64","os":"linux","rootfs":` + string(rootfs) +
+		`,"history":[` + strings.Repeat(`{},`, entries-1) + `{}]}`)
+	ref := newTestRegistry(t, nil).pushImage(t, "models/history:v1", newWithRawConfig(t, img, raw))
+	c := New(fastRetry)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	got, err := c.Resolve(t.Context(), ref)
+	runtime.ReadMemStats(&after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got.Layers) != 1 || got.Layers[0].DiffID == "" {
+		t.Fatalf("layers %+v: want the one layer with its diff ID from the config", got.Layers)
+	}
+	// The config's bytes are held a few times over (fetched, decoded
+	// twice), the history never: decoded, it would be hundreds of MiB.
+	n := after.TotalAlloc - before.TotalAlloc
+	t.Logf("resolving a %d-byte config allocated %d bytes", len(raw), n)
+	if n > 16*uint64(len(raw)) {
+		t.Errorf("resolving a %d-byte config allocated %d bytes, more than 16 times its size", len(raw), n)
 	}
 }
