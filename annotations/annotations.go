@@ -23,6 +23,8 @@ import (
 	"fmt"
 	"maps"
 	"strings"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
 
 // ConfigKey is the config member that holds layer annotations, by layer
@@ -50,24 +52,24 @@ func Split(ann map[string]string) (manifest, config map[string]string) {
 	return manifest, config
 }
 
-// FromConfig returns the layer annotations the raw config holds for the
-// layers named in digests, by layer digest. Entries for other digests are
+// FromConfig returns the layer annotations the raw config holds for
+// layers (a manifest's), by layer digest. Entries for other digests are
 // skipped unread, so a config cannot make a reader hold more than its own
 // layers' annotations. A config that is not a JSON object, or whose member
 // is not a map of maps of strings where a wanted layer's entry is, has
 // none: a layer whose table cannot be read is a layer without one. Keys
 // without Prefix are dropped. The member's name is matched exactly (as
 // SetInConfig writes it, unlike encoding/json's field matching).
-func FromConfig(raw []byte, digests []string) map[string]map[string]string {
-	want := make(map[string]bool, len(digests))
-	for _, d := range digests {
-		want[d] = true
+func FromConfig(raw []byte, layers []v1.Descriptor) map[string]map[string]string {
+	want := make(map[string]bool, len(layers))
+	for _, l := range layers {
+		want[l.Digest.String()] = true
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
 		return nil
 	}
-	var layers map[string]map[string]string
+	var found map[string]map[string]string
 	for dec.More() {
 		t, err := dec.Token()
 		if err != nil {
@@ -80,14 +82,14 @@ func FromConfig(raw []byte, digests []string) map[string]map[string]string {
 			continue
 		}
 		// The last member of the name counts, as with encoding/json.
-		if layers, err = wanted(dec, want); err != nil {
+		if found, err = wanted(dec, want); err != nil {
 			return nil
 		}
 	}
-	if len(layers) == 0 {
+	if len(found) == 0 {
 		return nil
 	}
-	return layers
+	return found
 }
 
 // wanted decodes the member's value, at dec, keeping the entries of the

@@ -4,8 +4,21 @@ import (
 	"encoding/json"
 	"maps"
 	"reflect"
+	"strings"
 	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
+
+// descs returns descriptors of layers of the digests ds ("sha256:…").
+func descs(ds ...string) []v1.Descriptor {
+	var out []v1.Descriptor
+	for _, d := range ds {
+		alg, hex, _ := strings.Cut(d, ":")
+		out = append(out, v1.Descriptor{Digest: v1.Hash{Algorithm: alg, Hex: hex}})
+	}
+	return out
+}
 
 func TestSplit(t *testing.T) {
 	m, c := Split(map[string]string{
@@ -34,7 +47,7 @@ func TestConfigRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := FromConfig(out, []string{"sha256:a"}); !reflect.DeepEqual(got, layers) {
+	if got := FromConfig(out, descs("sha256:a")); !reflect.DeepEqual(got, layers) {
 		t.Errorf("FromConfig = %v, want %v", got, layers)
 	}
 	var before, after map[string]any
@@ -53,7 +66,7 @@ func TestConfigRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if FromConfig(none, []string{"sha256:a"}) != nil {
+	if FromConfig(none, descs("sha256:a")) != nil {
 		t.Errorf("%s: the member is still there", none)
 	}
 	if _, err := SetInConfig([]byte("null"), layers); err == nil {
@@ -71,7 +84,7 @@ func TestFromConfigMalformed(t *testing.T) {
 		`not json`,
 		`{}`,
 	} {
-		if got := FromConfig([]byte(raw), []string{"sha256:x"}); got != nil {
+		if got := FromConfig([]byte(raw), descs("sha256:x")); got != nil {
 			t.Errorf("FromConfig(%s) = %v, want none", raw, got)
 		}
 	}
@@ -88,7 +101,7 @@ func TestFromConfigReadsTheWantedLayers(t *testing.T) {
 			"sha256:a": {"dev.weightsnap.k": "v", "org.x": "dropped"},
 			"sha256:b": {"dev.weightsnap.k": "b"}
 		}}`
-	got := FromConfig([]byte(raw), []string{"sha256:a", "sha256:c"})
+	got := FromConfig([]byte(raw), descs("sha256:a", "sha256:c"))
 	want := map[string]map[string]string{"sha256:a": {"dev.weightsnap.k": "v"}}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("FromConfig = %v, want %v", got, want)

@@ -1,17 +1,11 @@
 // Package chunks is weightsnap's chunk table: the digest of every
-// fixed-size chunk of a layer blob, carried in an annotation on the layer's
-// descriptor in the image manifest. The manifest's digest pins the table,
+// fixed-size chunk of a layer blob, carried in an annotation of the layer
+// (in the image config, or on the layer's descriptor in images of earlier
+// versions; package annotations). The manifest's digest pins the table,
 // and the table pins every chunk, so a lazy reader can check each range it
 // fetches before serving it, long before the whole blob has been read.
-//
-// Why an annotation: it is part of the manifest, so a pod that names the
-// image by digest gets exactly that table; a registry's garbage collector
-// keeps what a manifest references and the annotation needs nothing
-// kept besides the manifest; and adding it to an existing image means
-// pushing a new manifest only, never the weight blobs again. Its size: at
-// the default 4 MiB chunks a 16 GiB blob has 4096 chunks, 128 KiB of
-// digests, 171 KiB in base64, well under the 4 MiB registries accept for a
-// manifest.
+// Its size: at the default 4 MiB chunks a 16 GiB blob has 4096 chunks,
+// 128 KiB of digests, 171 KiB in base64.
 //
 // Why BLAKE3 for new tables: a cold read is bounded by the CPU of a small
 // node, and checking every chunk was the largest part of the daemon's
@@ -262,9 +256,6 @@ func Parse(key, s string, blobSize int64) (*Table, error) {
 // Compute reads a blob of size bytes from r and returns its table of
 // digests in algorithm h.
 func Compute(r io.Reader, size, chunkSize int64, h Hash) (*Table, error) {
-	if chunkSize < minChunkSize || chunkSize > maxChunkSize {
-		return nil, fmt.Errorf("%w: chunk size %d", ErrInvalid, chunkSize)
-	}
 	w, err := NewWriter(chunkSize, h)
 	if err != nil {
 		return nil, err

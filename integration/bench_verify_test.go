@@ -11,10 +11,10 @@ import (
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/static"
 
 	"github.com/weightsnap/weightsnap/annotations"
 	"github.com/weightsnap/weightsnap/chunks"
+	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/pack"
 )
 
@@ -46,7 +46,7 @@ func withoutAnnotation(img v1.Image, keys ...string) (v1.Image, error) {
 			m.Layers[i].Annotations = nil
 		}
 	}
-	inConfig := annotations.FromConfig(rawCfg, layerDigests(m))
+	inConfig := annotations.FromConfig(rawCfg, m.Layers)
 	for d, ann := range inConfig {
 		for _, key := range keys {
 			delete(ann, key)
@@ -58,54 +58,7 @@ func withoutAnnotation(img v1.Image, keys ...string) (v1.Image, error) {
 	if rawCfg, err = annotations.SetInConfig(rawCfg, inConfig); err != nil {
 		return nil, err
 	}
-	if m.Config.Digest, m.Config.Size, err = v1.SHA256(bytes.NewReader(rawCfg)); err != nil {
-		return nil, err
-	}
-	raw, err := json.Marshal(m)
-	if err != nil {
-		return nil, err
-	}
-	return &editedImage{Image: img, raw: raw, m: m, rawCfg: rawCfg}, nil
-}
-
-// layerDigests lists the digests of m's layers.
-func layerDigests(m *v1.Manifest) []string {
-	var ds []string
-	for _, l := range m.Layers {
-		ds = append(ds, l.Digest.String())
-	}
-	return ds
-}
-
-// editedImage is an image with its manifest and config replaced, naming
-// the same layers; the blobs come from the embedded image.
-type editedImage struct {
-	v1.Image
-	raw    []byte
-	m      *v1.Manifest
-	rawCfg []byte
-}
-
-func (i *editedImage) RawManifest() ([]byte, error)    { return i.raw, nil }
-func (i *editedImage) Manifest() (*v1.Manifest, error) { return i.m.DeepCopy(), nil }
-func (i *editedImage) Size() (int64, error)            { return int64(len(i.raw)), nil }
-func (i *editedImage) Digest() (v1.Hash, error) {
-	h, _, err := v1.SHA256(bytes.NewReader(i.raw))
-	return h, err
-}
-func (i *editedImage) RawConfigFile() ([]byte, error) { return i.rawCfg, nil }
-func (i *editedImage) ConfigName() (v1.Hash, error)   { return i.m.Config.Digest, nil }
-func (i *editedImage) ConfigFile() (*v1.ConfigFile, error) {
-	return v1.ParseConfigFile(bytes.NewReader(i.rawCfg))
-}
-func (i *editedImage) ConfigLayer() (v1.Layer, error) {
-	return static.NewLayer(i.rawCfg, i.m.Config.MediaType), nil
-}
-func (i *editedImage) LayerByDigest(h v1.Hash) (v1.Layer, error) {
-	if h == i.m.Config.Digest {
-		return i.ConfigLayer()
-	}
-	return i.Image.LayerByDigest(h)
+	return testutil.WithConfig(img, m, rawCfg)
 }
 
 // TestBenchWithoutChunkTables checks that the stripped image differs from
@@ -183,7 +136,7 @@ func TestBenchWithoutChunkTables(t *testing.T) {
 	if h, _, _ := v1.SHA256(bytes.NewReader(rawCfg)); mf.Config.Digest != h {
 		t.Errorf("manifest names config %s, the config is %s", mf.Config.Digest, h)
 	}
-	inConfig := annotations.FromConfig(rawCfg, layerDigests(mf))
+	inConfig := annotations.FromConfig(rawCfg, mf.Layers)
 	for _, l := range mf.Layers {
 		if _, err := chunks.Find(annotations.Merge(l.Annotations, inConfig[l.Digest.String()]), l.Size); err == nil {
 			t.Errorf("layer %s still has a chunk table", l.Digest)

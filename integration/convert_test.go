@@ -192,7 +192,7 @@ type imageManifest struct {
 // annotationsOf returns the annotations of a layer of m as a node reads
 // them: its descriptor's, with those the config holds for it.
 func (m imageManifest) annotationsOf(l v1.Descriptor) map[string]string {
-	return annotations.Merge(l.Annotations, annotations.FromConfig(m.config, []string{l.Digest.String()})[l.Digest.String()])
+	return annotations.Merge(l.Annotations, annotations.FromConfig(m.config, []v1.Descriptor{l})[l.Digest.String()])
 }
 
 // fetchManifest fetches the manifest ref names, and its config.

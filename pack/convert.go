@@ -75,11 +75,7 @@ func withChunkTables(img v1.Image) (v1.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	var digests []string
-	for _, l := range m.Layers {
-		digests = append(digests, l.Digest.String())
-	}
-	inConfig := annotations.FromConfig(rawCfg, digests)
+	inConfig := annotations.FromConfig(rawCfg, m.Layers)
 	if inConfig == nil {
 		inConfig = map[string]map[string]string{}
 	}

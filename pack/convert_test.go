@@ -99,7 +99,7 @@ func layerAnnotations(t *testing.T, img v1.Image, desc v1.Descriptor) map[string
 	if err != nil {
 		t.Fatal(err)
 	}
-	return annotations.Merge(desc.Annotations, annotations.FromConfig(raw, []string{desc.Digest.String()})[desc.Digest.String()])
+	return annotations.Merge(desc.Annotations, annotations.FromConfig(raw, []v1.Descriptor{desc})[desc.Digest.String()])
 }
 
 // checkManifestSmall checks that no layer descriptor of img's manifest

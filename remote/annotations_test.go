@@ -1,7 +1,6 @@
 package remote
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"maps"
@@ -13,59 +12,20 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
-	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/weightsnap/weightsnap/annotations"
+	"github.com/weightsnap/weightsnap/internal/testutil"
 )
 
-// withRawConfig is img with its config replaced by raw.
-type withRawConfig struct {
-	v1.Image
-	raw []byte
-	m   *v1.Manifest
-	rm  []byte
-}
-
-func newWithRawConfig(t *testing.T, img v1.Image, raw []byte) *withRawConfig {
+// newWithRawConfig is img with its config replaced by raw.
+func newWithRawConfig(t *testing.T, img v1.Image, raw []byte) v1.Image {
 	t.Helper()
-	m, err := img.Manifest()
+	out, err := testutil.WithConfig(img, nil, raw)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m = m.DeepCopy()
-	h, n, err := v1.SHA256(bytes.NewReader(raw))
-	if err != nil {
-		t.Fatal(err)
-	}
-	m.Config.Digest, m.Config.Size = h, n
-	rm, err := json.Marshal(m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &withRawConfig{Image: img, raw: raw, m: m, rm: rm}
-}
-
-func (i *withRawConfig) RawConfigFile() ([]byte, error)  { return i.raw, nil }
-func (i *withRawConfig) ConfigName() (v1.Hash, error)    { return i.m.Config.Digest, nil }
-func (i *withRawConfig) Manifest() (*v1.Manifest, error) { return i.m.DeepCopy(), nil }
-func (i *withRawConfig) RawManifest() ([]byte, error)    { return i.rm, nil }
-func (i *withRawConfig) Size() (int64, error)            { return int64(len(i.rm)), nil }
-func (i *withRawConfig) ConfigLayer() (v1.Layer, error) {
-	return static.NewLayer(i.raw, i.m.Config.MediaType), nil
-}
-func (i *withRawConfig) ConfigFile() (*v1.ConfigFile, error) {
-	return v1.ParseConfigFile(bytes.NewReader(i.raw))
-}
-func (i *withRawConfig) Digest() (v1.Hash, error) {
-	h, _, err := v1.SHA256(bytes.NewReader(i.rm))
-	return h, err
-}
-func (i *withRawConfig) LayerByDigest(h v1.Hash) (v1.Layer, error) {
-	if h == i.m.Config.Digest {
-		return i.ConfigLayer()
-	}
-	return i.Image.LayerByDigest(h)
+	return out
 }
 
 // Resolve gives each layer the weightsnap annotations its config holds

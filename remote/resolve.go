@@ -137,11 +137,7 @@ func (s *source) imageManifest(ctx context.Context, r name.Reference, p v1.Platf
 // them, its DiffID, and with the annotations rawCfg, the config as
 // fetched, holds for it.
 func (s *source) layers(m *v1.Manifest, cfg *v1.ConfigFile, rawCfg []byte) ([]*Layer, error) {
-	var digests []string
-	for _, l := range m.Layers {
-		digests = append(digests, l.Digest.String())
-	}
-	inConfig := annotations.FromConfig(rawCfg, digests)
+	inConfig := annotations.FromConfig(rawCfg, m.Layers)
 	var layers []*Layer
 	taken := 0 // bytes of config annotations given to layers so far
 	for i, l := range m.Layers {
