@@ -70,9 +70,9 @@ import (
 // Store.freeMu guards the estimate of the file system's free space
 // (bound.go); the statfs that refreshes it runs without it.
 //
-// Store.dirtyMu guards the set of blobs with data for the flusher to sync;
-// stream.mu a stream's writing state (see stream.go); Stream.mu a
-// handle's read-only file.
+// Store.dirtyMu guards the set of blobs with a complete record due, for
+// the flusher; stream.mu a stream's writing state (see stream.go);
+// Stream.mu a handle's read-only file.
 //
 // What is read without a lock, each for a reader that must not wait:
 //

@@ -147,19 +147,23 @@ func (s *storage) fileOf(off, n int64) (f *os.File, fileOff int64, ok bool) {
 	return f, fileOff, ok
 }
 
-// sync makes what was written durable.
+// sync makes what was written durable. A file whose sync fails stays
+// dirty, so that the next sync tries it again rather than taking it as
+// durable.
 func (s *storage) sync() error {
 	if s.dirDirty.Swap(false) {
 		syncDir(s.segDir)
 	}
 	if s.dataDirty.Swap(false) {
 		if err := unix.Fdatasync(int(s.data.Fd())); err != nil {
+			s.dataDirty.Store(true)
 			return err
 		}
 	}
 	for _, g := range *s.segs.Load() {
 		if g.dirty.Swap(false) {
 			if err := unix.Fdatasync(int(g.f.Fd())); err != nil {
+				g.dirty.Store(true)
 				return err
 			}
 		}
