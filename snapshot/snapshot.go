@@ -24,8 +24,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	stargz "github.com/containerd/stargz-snapshotter/snapshot"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -109,17 +111,31 @@ func New(ctx context.Context, root string, m LayerMounter, opts Options) (snapsh
 	if opts.KeepMounts {
 		sopts = append(sopts, stargz.NoRestore)
 	}
-	sn, err := stargz.NewSnapshotter(ctx, root, &layerFS{m: m}, sopts...)
+	lfs := &layerFS{m: m}
+	sn, err := stargz.NewSnapshotter(ctx, root, lfs, sopts...)
 	if err != nil {
 		return nil, fmt.Errorf("opening snapshotter at %s: %w", root, err)
 	}
 	cr, _ := m.(CacheReporter)
-	return &snapshotter{Snapshotter: sn, cache: cr}, nil
+	return &snapshotter{Snapshotter: sn, cache: cr, mounted: &lfs.mounted}, nil
 }
 
 // layerFS adapts a LayerMounter to stargz-snapshotter's FileSystem, which
 // passes the Prepare's labels.
-type layerFS struct{ m LayerMounter }
+type layerFS struct {
+	m LayerMounter
+	// mounted maps the name of each committed layer mounted in this
+	// process (the Prepare's target snapshot) to its mount point.
+	mounted sync.Map
+}
+
+// record notes that the layer named by labels' target snapshot is
+// mounted at mountpoint.
+func (l *layerFS) record(mountpoint string, labels map[string]string) {
+	if name := labels[LabelTargetSnapshot]; name != "" {
+		l.mounted.Store(name, mountpoint)
+	}
+}
 
 func (l *layerFS) Mount(ctx context.Context, mountpoint string, labels map[string]string) error {
 	ref, d, err := layerOf(labels)
@@ -135,6 +151,7 @@ func (l *layerFS) Mount(ctx context.Context, mountpoint string, labels map[strin
 	if err := l.m.Mount(ctx, mountpoint, ref, d); err != nil {
 		return fmt.Errorf("lazy mount of layer %s of %s: %w", d, ref, err)
 	}
+	l.record(mountpoint, labels)
 	return nil
 }
 
@@ -159,10 +176,17 @@ func (l *layerFS) Check(ctx context.Context, mountpoint string, labels map[strin
 	if merr := l.m.Mount(ctx, mountpoint, ref, d); merr != nil {
 		return fmt.Errorf("remounting layer %s of %s: %w", d, ref, merr)
 	}
+	l.record(mountpoint, labels)
 	return nil
 }
 
 func (l *layerFS) Unmount(ctx context.Context, mountpoint string) error {
+	l.mounted.Range(func(name, mp any) bool {
+		if mp == mountpoint {
+			l.mounted.CompareAndDelete(name, mp)
+		}
+		return true
+	})
 	return l.m.Unmount(ctx, mountpoint)
 }
 
@@ -216,6 +240,8 @@ type snapshotter struct {
 	// usage memoizes what never changes of a lazy layer, by name and
 	// creation time (a name can be reused after Remove): a lazyLayer.
 	usage sync.Map
+	// mounted is the layerFS's map of layer names to mount points.
+	mounted *sync.Map
 }
 
 type usageKey struct {
@@ -276,6 +302,12 @@ func (s *snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 // layer is no longer wanted (lazy.Manager.Unmount).
 func (s *snapshotter) Remove(ctx context.Context, key string) error {
 	if err := s.Snapshotter.Remove(ctx, key); err != nil {
+		if strings.HasPrefix(key, usageViewPrefix) && errdefs.IsNotFound(err) {
+			// Usage's own view, which it removed after containerd's
+			// garbage collection listed it: failing here would end that
+			// collection before it removes the layers it was after.
+			return nil
+		}
 		return err
 	}
 	s.usage.Range(func(k, _ any) bool {
@@ -287,25 +319,67 @@ func (s *snapshotter) Remove(ctx context.Context, key string) error {
 	return nil
 }
 
-// lazyLayer walks the mount of the committed lazy layer name. stargz
-// keeps a snapshot's directory to itself, but a View of a single committed
-// layer is a bind mount of exactly that directory, the layer's mountpoint.
+// usageViewPrefix begins the keys of the views lazyLayer opens.
+const usageViewPrefix = "weightsnap-usage-"
+
+// lazyLayer walks the mount of the committed lazy layer name.
 func (s *snapshotter) lazyLayer(ctx context.Context, name string) (lazyLayer, error) {
-	viewKey := fmt.Sprintf("weightsnap-usage-%d-%s", time.Now().UnixNano(), name)
-	mounts, err := s.Snapshotter.View(ctx, viewKey, name)
+	if mp, ok := s.mounted.Load(name); ok {
+		u, err := treeUsage(ctx, mp.(string))
+		return lazyLayer{files: u, mountpoint: mp.(string)}, err
+	}
+	mp, done, err := s.viewMountpoint(ctx, name)
 	if err != nil {
 		return lazyLayer{}, err
 	}
-	defer func() {
-		if err := s.Snapshotter.Remove(ctx, viewKey); err != nil {
+	defer done()
+	u, err := treeUsage(ctx, mp)
+	return lazyLayer{files: u, mountpoint: mp}, err
+}
+
+// viewMountpoint finds the mount point of a layer this process did not
+// mount (its mounts were kept from a predecessor) through a View: stargz
+// keeps a snapshot's directory to itself, but a View of a committed layer
+// is a bind mount of exactly that directory, or, if the layer has
+// parents, an overlay whose first lower directory it is. done removes the
+// view. A View is a snapshot containerd's garbage collection can list
+// (see Remove), so it is the exception, not the rule.
+func (s *snapshotter) viewMountpoint(ctx context.Context, name string) (mp string, done func(), err error) {
+	viewKey := fmt.Sprintf("%s%d-%s", usageViewPrefix, time.Now().UnixNano(), name)
+	mounts, err := s.Snapshotter.View(ctx, viewKey, name)
+	if err != nil {
+		return "", nil, err
+	}
+	done = func() {
+		if err := s.Snapshotter.Remove(ctx, viewKey); err != nil && !errdefs.IsNotFound(err) {
 			log.G(ctx).WithError(err).WithField("key", viewKey).Warn("removing usage view")
 		}
-	}()
-	if len(mounts) != 1 || mounts[0].Type != "bind" {
-		return lazyLayer{}, fmt.Errorf("unexpected view mounts %+v", mounts)
 	}
-	u, err := treeUsage(ctx, mounts[0].Source)
-	return lazyLayer{files: u, mountpoint: mounts[0].Source}, err
+	if mp = viewLayerDir(mounts); mp == "" {
+		done()
+		return "", nil, fmt.Errorf("unexpected view mounts %+v", mounts)
+	}
+	return mp, done, nil
+}
+
+// viewLayerDir returns the directory of the top layer of a View's mounts,
+// "" if they are not a bind mount or an overlay of lower directories.
+func viewLayerDir(mounts []mount.Mount) string {
+	if len(mounts) != 1 {
+		return ""
+	}
+	switch m := mounts[0]; m.Type {
+	case "bind":
+		return m.Source
+	case "overlay":
+		for _, o := range m.Options {
+			if lower, ok := strings.CutPrefix(o, "lowerdir="); ok {
+				dir, _, _ := strings.Cut(lower, ":")
+				return dir
+			}
+		}
+	}
+	return ""
 }
 
 // treeUsage sums the sizes and counts the inodes of the tree at root,

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
@@ -431,5 +432,119 @@ func TestLayerOfPinsTheManifest(t *testing.T) {
 	labels[LabelManifestDigest] = "sha256:nothex"
 	if _, _, err := layerOf(labels); err == nil {
 		t.Fatal("a malformed manifest digest label was accepted")
+	}
+}
+
+// viewCounter counts the Views opened on the snapshotter it wraps.
+type viewCounter struct {
+	snapshots.Snapshotter
+	views atomic.Int32
+}
+
+func (v *viewCounter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	v.views.Add(1)
+	return v.Snapshotter.View(ctx, key, parent, opts...)
+}
+
+// prepareTwoLayers commits two lazy layers, chain2 on chain1.
+func prepareTwoLayers(t *testing.T, sn snapshots.Snapshotter) {
+	t.Helper()
+	ctx := testContext()
+	if _, err := sn.Prepare(ctx, "extract-1", "", snapshots.WithLabels(remoteLabels("sha256:chain1"))); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare of the first layer = %v", err)
+	}
+	if _, err := sn.Prepare(ctx, "extract-2", "sha256:chain1", snapshots.WithLabels(remoteLabels("sha256:chain2"))); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare of the second layer = %v", err)
+	}
+}
+
+// Usage of a layer mounted in this process opens no View: containerd's
+// garbage collection lists a View's snapshot, and one removed under it
+// ended a collection before it removed the layers of a deleted image.
+// An upper layer (one with a parent) is counted too.
+func TestUsageOpensNoView(t *testing.T) {
+	ctx := testContext()
+	m := newFakeMounter()
+	sn := newTestSnapshotter(t, t.TempDir(), m)
+	t.Cleanup(func() { sn.Close() })
+	prepareTwoLayers(t, sn)
+	vc := &viewCounter{Snapshotter: sn.(*snapshotter).Snapshotter}
+	sn.(*snapshotter).Snapshotter = vc
+	for _, name := range []string{"sha256:chain1", "sha256:chain2"} {
+		u, err := sn.Usage(ctx, name)
+		if err != nil {
+			t.Fatalf("Usage of %s: %v", name, err)
+		}
+		if want := (snapshots.Usage{Size: 1002, Inodes: 4}); u != want {
+			t.Errorf("Usage of %s = %+v, want %+v", name, u, want)
+		}
+	}
+	if n := vc.views.Load(); n != 0 {
+		t.Errorf("Usage opened %d Views, want none", n)
+	}
+}
+
+// A layer whose mount was kept from a predecessor is found through a View,
+// also with a parent (an overlay of lower directories).
+func TestUsageOfKeptUpperLayer(t *testing.T) {
+	ctx := testContext()
+	root := t.TempDir()
+	m := newFakeMounter()
+	sn := newTestSnapshotter(t, root, m)
+	prepareTwoLayers(t, sn)
+	crashed := filepath.Join(t.TempDir(), "root")
+	if err := os.CopyFS(crashed, os.DirFS(root)); err != nil {
+		t.Fatal(err)
+	}
+	m2 := newFakeMounter()
+	for mp, l := range m.mounted {
+		m2.mounted[strings.Replace(mp, root, crashed, 1)] = l
+	}
+	// A file only the upper layer has, to tell its directory apart.
+	upper, ok := sn.(*snapshotter).mounted.Load("sha256:chain2")
+	if !ok {
+		t.Fatal("the upper layer's mount point is not recorded")
+	}
+	if err := os.WriteFile(filepath.Join(strings.Replace(upper.(string), root, crashed, 1), "upper"), make([]byte, 10), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sn.Close()
+	sn2, err := New(ctx, crashed, m2, Options{KeepMounts: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sn2.Close() })
+	u, err := sn2.Usage(ctx, "sha256:chain2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (snapshots.Usage{Size: 1012, Inodes: 5}); u != want {
+		t.Errorf("Usage = %+v, want %+v", u, want)
+	}
+	var left []string
+	if err := sn2.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+		if strings.HasPrefix(info.Name, usageViewPrefix) {
+			left = append(left, info.Name)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(left) > 0 {
+		t.Errorf("views left after Usage: %v", left)
+	}
+}
+
+// containerd's garbage collection may remove a usage View that Usage
+// removed meanwhile: that is no error, or the collection stops there.
+func TestRemoveOfAGoneUsageView(t *testing.T) {
+	ctx := testContext()
+	sn := newTestSnapshotter(t, t.TempDir(), newFakeMounter())
+	t.Cleanup(func() { sn.Close() })
+	if err := sn.Remove(ctx, usageViewPrefix+"1-sha256:chain1"); err != nil {
+		t.Errorf("Remove of a gone usage view = %v, want nil", err)
+	}
+	if err := sn.Remove(ctx, "sha256:chain1"); !errdefs.IsNotFound(err) {
+		t.Errorf("Remove of a missing snapshot = %v, want not found", err)
 	}
 }
