@@ -11,7 +11,8 @@ package integration
 //	  WEIGHTSNAP_COLD_SIZE=2GiB  WEIGHTSNAP_COLD_PROFILE=/tmp/cold.pprof
 //	  WEIGHTSNAP_COLD_READER=load (the bench's loader: mmap, tensors in
 //	  header order) or read (its sequential reader) instead of dd, which
-//	  reads the first *.safetensors file; WEIGHTSNAP_COLD_SHARDS=4
+//	  reads the first *.safetensors file; WEIGHTSNAP_COLD_SHARDS=4;
+//	  WEIGHTSNAP_COLD_THREADS=4 (the loader's threads)
 
 import (
 	"context"
@@ -20,6 +21,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -82,8 +84,12 @@ func BenchmarkColdRead(b *testing.B) {
 	}, size/int64(shards)
 	if v := os.Getenv("WEIGHTSNAP_COLD_READER"); v != "" && v != "dd" {
 		tool := toolBinary(b)
+		args := []string{tool, v}
+		if t := os.Getenv("WEIGHTSNAP_COLD_THREADS"); t != "" && v == "load" {
+			args = append(args, "-threads", t)
+		}
 		reader, readBytes = func(target string) []string {
-			return append([]string{tool, v}, m.modelFiles(target)...)
+			return append(slices.Clone(args), m.modelFiles(target)...)
 		}, size
 	}
 	for i := range b.N {
