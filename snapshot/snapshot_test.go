@@ -350,16 +350,7 @@ func TestKeepMounts(t *testing.T) {
 	if _, err := sn.Prepare(ctx, "extract-1", "", snapshots.WithLabels(remoteLabels(chainID))); !errdefs.IsAlreadyExists(err) {
 		t.Fatalf("Prepare of a remote layer = %v", err)
 	}
-	// A killed snapshotter leaves its root as it was; the metadata is
-	// locked while sn is open, so the crash is a copy of the root.
-	crashed := filepath.Join(t.TempDir(), "root")
-	if err := os.CopyFS(crashed, os.DirFS(root)); err != nil {
-		t.Fatal(err)
-	}
-	m2 := newFakeMounter()
-	for mp, l := range m.mounted {
-		m2.mounted[strings.Replace(mp, root, crashed, 1)] = l
-	}
+	crashed, m2 := crashCopy(t, root, m)
 
 	sn2, err := New(ctx, crashed, m2, Options{KeepMounts: true})
 	if err != nil {
@@ -379,6 +370,22 @@ func TestKeepMounts(t *testing.T) {
 	if u, err := sn2.Usage(ctx, chainID); err != nil || u.Size != 1002 {
 		t.Errorf("Usage of a kept layer = %+v, %v", u, err)
 	}
+}
+
+// crashCopy is what a killed snapshotter on root leaves, its mounts served
+// on by m's process: a copy of root (the metadata is locked while the
+// snapshotter is open) and a mounter that serves m's mounts under it.
+func crashCopy(t *testing.T, root string, m *fakeMounter) (string, *fakeMounter) {
+	t.Helper()
+	crashed := filepath.Join(t.TempDir(), "root")
+	if err := os.CopyFS(crashed, os.DirFS(root)); err != nil {
+		t.Fatal(err)
+	}
+	m2 := newFakeMounter()
+	for mp, l := range m.mounted {
+		m2.mounted[strings.Replace(mp, root, crashed, 1)] = l
+	}
+	return crashed, m2
 }
 
 // warmingMounter is a fakeMounter that records the warm-up hints it gets.
@@ -492,14 +499,7 @@ func TestUsageOfKeptUpperLayer(t *testing.T) {
 	m := newFakeMounter()
 	sn := newTestSnapshotter(t, root, m)
 	prepareTwoLayers(t, sn)
-	crashed := filepath.Join(t.TempDir(), "root")
-	if err := os.CopyFS(crashed, os.DirFS(root)); err != nil {
-		t.Fatal(err)
-	}
-	m2 := newFakeMounter()
-	for mp, l := range m.mounted {
-		m2.mounted[strings.Replace(mp, root, crashed, 1)] = l
-	}
+	crashed, m2 := crashCopy(t, root, m)
 	// A file only the upper layer has, to tell its directory apart.
 	upper, ok := sn.(*snapshotter).mounted.Load("sha256:chain2")
 	if !ok {
