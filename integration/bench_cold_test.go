@@ -52,6 +52,7 @@ func BenchmarkColdRead(b *testing.B) {
 	}
 	ctx := b.Context()
 	dir := b.TempDir()
+	useDiskProbe(b, dir)
 	reg := testutil.StartRegistry(b)
 	shards := 1
 	if v := os.Getenv("WEIGHTSNAP_COLD_SHARDS"); v != "" {

@@ -326,9 +326,13 @@ func packAndPush(ctx context.Context, m benchModel, ref string, edits ...func(v1
 }
 
 // dropCaches writes back dirty pages and drops the page cache, dentries
-// and inodes, so that the next reads come from disk.
+// and inodes, so that the next reads come from disk; with a disk probe
+// (useDiskProbe), once the disk is quiet.
 func dropCaches() error {
 	unix.Sync()
+	if p := settleProbe; p != nil {
+		p.settle()
+	}
 	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0o200); err != nil {
 		return fmt.Errorf("dropping the page cache: %w", err)
 	}

@@ -113,11 +113,14 @@ func atLeast(name, want string, value, limit float64, note string) benchTarget {
 
 // benchResult is bench.json.
 type benchResult struct {
-	Time       string             `json:"time"`
-	Command    string             `json:"command"`
-	Machine    benchMachine       `json:"machine"`
-	Model      benchModelInfo     `json:"model"`
-	DropCaches string             `json:"drop_caches"`
+	Time       string         `json:"time"`
+	Command    string         `json:"command"`
+	Machine    benchMachine   `json:"machine"`
+	Model      benchModelInfo `json:"model"`
+	DropCaches string         `json:"drop_caches"`
+	// DiskSettle is how long the disk was slow before each cold case
+	// (bench_settle_test.go), in seconds.
+	DiskSettle []float64          `json:"disk_settle_s,omitempty"`
 	Paths      []benchPath        `json:"paths"`
 	Shared     benchShared        `json:"shared"`
 	RSS        benchRSS           `json:"rss"`

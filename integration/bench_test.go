@@ -102,6 +102,7 @@ func BenchmarkModelPull(b *testing.B) {
 	// the disk at once.
 	t0 := time.Now()
 	dir := shortTempDir(b, "wsb")
+	settle := useDiskProbe(b, dir)
 	reg := testutil.StartRegistry(b)
 	fsDirs, err := distinctFileSystems(dir, reg.Dir)
 	if err != nil {
@@ -657,7 +658,8 @@ func BenchmarkModelPull(b *testing.B) {
 	r.Disk.Note = strings.Join(append(diskNotes, r.Disk.Note), "; ")
 	r.Disk.Note = strings.Trim(r.Disk.Note, "; ")
 
-	r.DropCaches = "dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every cold case"
+	r.DropCaches = "dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every cold case" + settle.note()
+	r.DiskSettle = settle.waits
 	if dropErr != nil {
 		r.DropCaches = "NOT dropped, cold cases may have read from the page cache: " + dropErr.Error()
 	}

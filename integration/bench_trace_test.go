@@ -180,6 +180,7 @@ func BenchmarkPullTrace(b *testing.B) {
 	cfg := benchPrerequisites(b)
 	ctx := b.Context()
 	dir := shortTempDir(b, "wst")
+	probe := useDiskProbe(b, dir)
 	reg := testutil.StartRegistry(b)
 	st := startBenchStack(b, ctx, dir, reg.Addr, os.Getenv("WEIGHTSNAP_TRACE_CONFIG"), reg.Addr)
 	data := mkdir(b, filepath.Join(dir, "data"))
@@ -224,7 +225,7 @@ func BenchmarkPullTrace(b *testing.B) {
 		removePod(b, st.rt, w.pod)
 		overhead, floor := ttfrOverhead(cold, podPath("warm", "warm", "", w.sandboxStart, time.Time{}, w))
 		floors, overheads = append(floors, floor), append(overheads, overhead)
-		b.Logf("pull %d: first MiB %.3f s, floor %.3f s, lazy overhead %.3f s\n%s", i, cold.FirstMiB, floor, overhead, tr)
+		b.Logf("pull %d: first MiB %.3f s, floor %.3f s, lazy overhead %.3f s (the disk slow for %v s before it)\n%s", i, cold.FirstMiB, floor, overhead, probe.waits, tr)
 	}
 	if hwm, err := vmHWM(st.ws.managerPID()); err == nil {
 		b.ReportMetric(float64(hwm)/(1<<20), "manager-peak-RSS-MiB")
