@@ -20,7 +20,6 @@ import (
 	"slices"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -43,7 +42,7 @@ var settleProbe *diskProbe
 // own, which bypass the page cache.
 type diskProbe struct {
 	f      *os.File
-	buf    []byte // aligned for O_DIRECT
+	buf    []byte // a page, for O_DIRECT
 	blocks int64
 	// waits are the seconds each settle saw the disk slow; unsettled
 	// counts the settles that gave up.
@@ -63,6 +62,7 @@ func useDiskProbe(tb testing.TB, dir string) *diskProbe {
 	tb.Cleanup(func() {
 		settleProbe = nil
 		p.f.Close()
+		unix.Munmap(p.buf)
 		os.Remove(p.f.Name())
 	})
 	return p
@@ -71,23 +71,25 @@ func useDiskProbe(tb testing.TB, dir string) *diskProbe {
 func newDiskProbe(path string) (*diskProbe, error) {
 	data := make([]byte, probeBytes)
 	rand.NewChaCha8([32]byte{}).Read(data)
-	if err := os.WriteFile(path, data, 0o600); err != nil {
+	w, err := os.Create(path)
+	if err != nil {
 		return nil, err
 	}
-	w, err := os.Open(path)
-	if err == nil {
-		err = errors.Join(w.Sync(), w.Close())
-	}
-	if err != nil {
+	_, err = w.Write(data)
+	if err = errors.Join(err, w.Sync(), w.Close()); err != nil {
 		return nil, err
 	}
 	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_DIRECT, 0)
 	if err != nil {
 		return nil, fmt.Errorf("disk probe: %w", err)
 	}
-	raw := make([]byte, 8192)
-	off := 4096 - int(uintptr(unsafe.Pointer(&raw[0]))%4096)
-	return &diskProbe{f: f, buf: raw[off : off+4096], blocks: probeBytes / 4096}, nil
+	// A page of its own: O_DIRECT wants an aligned buffer.
+	buf, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("disk probe: %w", err)
+	}
+	return &diskProbe{f: f, buf: buf, blocks: probeBytes / 4096}, nil
 }
 
 // settle returns once no probe read has taken settleSlow or more for
