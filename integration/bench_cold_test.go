@@ -171,6 +171,8 @@ func coldLazy(b *testing.B, reg *testutil.Registry, ref, dir string, reader func
 	if err := dropPageCache(); err != nil {
 		b.Fatal(err)
 	}
+	// The profile covers the timed read only, not the hash after it.
+	stopProfile := func() {}
 	if p := os.Getenv("WEIGHTSNAP_COLD_PROFILE"); p != "" {
 		f, err := os.Create(fmt.Sprintf("%s.%d", p, i))
 		if err != nil {
@@ -178,7 +180,8 @@ func coldLazy(b *testing.B, reg *testutil.Registry, ref, dir string, reader func
 		}
 		defer f.Close()
 		pprof.StartCPUProfile(f)
-		defer pprof.StopCPUProfile()
+		stopProfile = pprof.StopCPUProfile
+		defer stopProfile()
 	}
 	d0, r0 := cpuSeconds(b, 0), cpuSeconds(b, reg.Pid())
 	t0 := time.Now()
@@ -189,6 +192,7 @@ func coldLazy(b *testing.B, reg *testutil.Registry, ref, dir string, reader func
 	}
 	d := time.Since(t0)
 	d1, r1 := cpuSeconds(b, 0), cpuSeconds(b, reg.Pid())
+	stopProfile()
 	// The background fill and the whole-blob hash after the read.
 	d2 := coldSettle(b)
 	gib := float64(readBytes) / (1 << 30)
