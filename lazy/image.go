@@ -10,6 +10,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/weightsnap/weightsnap/fs"
+	"github.com/weightsnap/weightsnap/remote"
 )
 
 // ImageMount is the merged, read-only tree of an image at a target
@@ -26,7 +27,7 @@ type ImageMount struct {
 // MountImage mounts the merged tree of image ref at target, with the layer
 // mounts under workdir.
 func (m *Manager) MountImage(ctx context.Context, ref, target, workdir string) (_ *ImageMount, err error) {
-	img, err := m.reg.Resolve(ctx, ref)
+	img, err := m.reg.Resolve(ctx, ref, remote.WithLayerHeads(mayOpen))
 	if err != nil {
 		return nil, err
 	}

@@ -41,7 +41,7 @@ var (
 
 // Registry is how the Manager reaches registries; *remote.Client is one.
 type Registry interface {
-	Resolve(ctx context.Context, ref string) (*remote.Image, error)
+	Resolve(ctx context.Context, ref string, opts ...remote.ResolveOption) (*remote.Image, error)
 	OpenBlob(ctx context.Context, repo string, d digest.Digest, size int64) (*remote.Blob, error)
 }
 
@@ -53,6 +53,9 @@ type Manager struct {
 	opt    options
 	sched  *prefetch.Scheduler
 	layers *refmap.Map[layerKey, *sharedLayer]
+	// resolves shares a resolve of an image reference between the
+	// callers asking for it at once.
+	resolves *refmap.Map[string, resolvedImage]
 	// serve mounts a layer and resume serves a held connection again;
 	// tests without FUSE replace them.
 	serve  func(ctx context.Context, l *layer.Opened, mountpoint string, opts ...fs.Option) (mount, error)
@@ -115,6 +118,7 @@ func New(store *cache.Store, reg Registry, opts ...Option) *Manager {
 	}
 	m.sched = prefetch.New(m.opt.prefetch...)
 	m.layers = refmap.New(m.closeLayer)
+	m.resolves = refmap.New(func(string, resolvedImage) {})
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	return m
 }

@@ -44,6 +44,8 @@ type gatedRegistry struct {
 	open    chan struct{} // closed: GETs pass
 	waiting chan struct{} // receives once per GET that waits
 	blobGET atomic.Int32
+	// manifestGET and blobHEAD count those requests.
+	manifestGET, blobHEAD atomic.Int32
 	// corrupt, set before use, makes every 'h' of a blob past its first
 	// KiB (its first tar header) an 'X', as a lying mirror would.
 	corrupt bool
@@ -54,6 +56,12 @@ func newGatedRegistry(t *testing.T) *gatedRegistry {
 	close(g.open)
 	reg := registry.New()
 	g.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/manifests/"):
+			g.manifestGET.Add(1)
+		case r.Method == http.MethodHead && strings.Contains(r.URL.Path, "/blobs/"):
+			g.blobHEAD.Add(1)
+		}
 		if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/") {
 			g.blobGET.Add(1)
 			g.mu.Lock()
@@ -246,6 +254,40 @@ func newTestManagerOn(t *testing.T, dir string, copts []cache.Option, opts ...Op
 		store.Close()
 	})
 	return m, fake
+}
+
+// At an image's first Prepare, its mount and the warm-up of its other
+// layers describe it at once: they share one resolve (one manifest GET),
+// which asks for the layers' sizes while it fetches the config.
+func TestConcurrentDescribesShareOneResolve(t *testing.T) {
+	g := newGatedRegistry(t)
+	ref, ds := pushModel(t, g, 2)
+	g.manifestGET.Store(0) // the push's own requests
+	g.blobHEAD.Store(0)
+	m, _ := newTestManager(t)
+	release := g.hold() // the config's GET waits
+	t.Cleanup(release)
+	const n = 4
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := range n {
+		wg.Go(func() { _, errs[i] = m.describe(t.Context(), ref, ds[i%2]) })
+	}
+	<-g.waiting
+	// Every describe holds or awaits the one resolve, and a HEAD of each
+	// layer came during the config's GET.
+	waitFor(t, func() bool { return m.resolves.Refs(ref) == n })
+	waitFor(t, func() bool { return g.blobHEAD.Load() == 2 })
+	release()
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("describe %d: %v", i, err)
+		}
+	}
+	if got := g.manifestGET.Load(); got != 1 {
+		t.Errorf("%d manifest GETs for %d describes at once, want 1", got, n)
+	}
 }
 
 func TestMountsOfOneLayerShareOneOpen(t *testing.T) {

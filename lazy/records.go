@@ -11,6 +11,7 @@ import (
 	"slices"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/weightsnap/weightsnap/layer"
@@ -126,7 +127,13 @@ func (m *Manager) imageRecord(ctx context.Context, imageRef string) (imageRecord
 			stale = &rec
 		}
 	}
-	img, err := m.reg.Resolve(ctx, imageRef)
+	ref, err := m.resolves.Acquire(ctx, imageRef, func(ctx context.Context) (resolvedImage, error) {
+		img, err := m.reg.Resolve(ctx, imageRef, remote.WithLayerHeads(mayOpen))
+		if err != nil {
+			return resolvedImage{}, err
+		}
+		return resolvedImage{rec: m.record(img), pinned: pinnedRef(img)}, nil
+	})
 	if err != nil {
 		if stale != nil {
 			// What the earlier version served it with: a mount it held
@@ -135,7 +142,25 @@ func (m *Manager) imageRecord(ctx context.Context, imageRef string) (imageRecord
 		}
 		return imageRecord{}, "", err
 	}
-	return m.record(img), pinnedRef(img), nil
+	defer ref.Release()
+	return ref.Value().rec, ref.Value().pinned, nil
+}
+
+// mayOpen reports whether a layer, as its manifest describes it, may be
+// opened at its first Prepare (see Warm), which asks the registry for its
+// size: Resolve asks for it while it fetches the config.
+func mayOpen(d v1.Descriptor) bool {
+	return layer.MayBeRandomAccess(layer.Descriptor{MediaType: string(d.MediaType), Annotations: d.Annotations})
+}
+
+// resolvedImage is one resolve of an image reference: what its manifest
+// and config say of its layers, and the reference by manifest digest.
+// Resolves of one reference at once share one (Manager.resolves): at an
+// image's first Prepare, its mount and the warm-up of its other layers
+// (warm.go) ask for the same image together.
+type resolvedImage struct {
+	rec    imageRecord
+	pinned string
 }
 
 // pinnedRef is img's reference by the digest of its manifest.

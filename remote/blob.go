@@ -24,8 +24,9 @@ type Blob struct {
 
 // OpenBlob returns the blob dgst of repo ("registry/path/name"), for callers
 // that know both, such as the snapshotter from its labels. With size < 0 the
-// size is asked of the registry (HEAD); otherwise no request is made until
-// the first read.
+// size is asked of the registry (HEAD), or taken from the HEAD a Resolve
+// with WithLayerHeads started for the blob (heads.go); otherwise no request
+// is made until the first read.
 func (c *Client) OpenBlob(ctx context.Context, repo string, dgst digest.Digest, size int64) (*Blob, error) {
 	if err := dgst.Validate(); err != nil {
 		return nil, fmt.Errorf("blob digest %q: %w", dgst, err)
@@ -40,6 +41,14 @@ func (c *Client) OpenBlob(ctx context.Context, repo string, dgst digest.Digest, 
 	}
 	b := &Blob{src: src, digest: dgst, size: size}
 	if size < 0 {
+		n, ok, err := c.heads.take(ctx, r.Name(), dgst)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			b.size = n
+			return b, nil
+		}
 		if b.size, err = b.head(ctx); err != nil {
 			return nil, err
 		}

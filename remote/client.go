@@ -32,6 +32,8 @@ type Client struct {
 	mu     sync.Mutex
 	logins map[loginKey]*login
 	hosts  map[string]*hostState
+
+	heads heads // started by Resolve, taken by OpenBlob
 }
 
 // loginKey names a repository on one endpoint: a token's pull scope is one

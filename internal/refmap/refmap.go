@@ -179,6 +179,17 @@ func (m *Map[K, V]) release(key K) {
 	m.mu.Unlock()
 }
 
+// Refs is how many references to key are held, or awaited by Acquires
+// waiting for its open.
+func (m *Map[K, V]) Refs(key K) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if e := m.entries[key]; e != nil && e.closing == nil {
+		return e.refs
+	}
+	return 0
+}
+
 // Open lists the keys whose values are open and not closing.
 func (m *Map[K, V]) Open() []K {
 	m.mu.Lock()

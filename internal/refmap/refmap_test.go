@@ -53,8 +53,14 @@ func TestSharedOpenClosesOnLastRelease(t *testing.T) {
 	if a.Value() != "v1" || b.Value() != "v1" {
 		t.Fatalf("values %q, %q: want the first open's for both", a.Value(), b.Value())
 	}
+	if n := m.Refs("k"); n != 2 {
+		t.Fatalf("Refs = %d with two references, want 2", n)
+	}
 	a.Release()
 	a.Release() // a second release of one Ref does not count
+	if n := m.Refs("k"); n != 1 {
+		t.Fatalf("Refs = %d after one of two releases, want 1", n)
+	}
 	if opens, closes := c.counts(); opens != 1 || closes != 0 {
 		t.Fatalf("after one of two releases: %d opens, %d closes; want 1, 0", opens, closes)
 	}
@@ -67,6 +73,9 @@ func TestSharedOpenClosesOnLastRelease(t *testing.T) {
 	}
 	if got := m.Open(); len(got) != 0 {
 		t.Fatalf("Open() = %v after the last release", got)
+	}
+	if n := m.Refs("k"); n != 0 {
+		t.Fatalf("Refs = %d after the last release, want 0", n)
 	}
 	r, err := m.Acquire(ctx, "k", c.open("v3"))
 	if err != nil || r.Value() != "v3" {
