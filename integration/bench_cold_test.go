@@ -5,7 +5,9 @@ package integration
 // on Debian's docker-registry, read whole by dd through a lazy mount in
 // this process after the page cache is dropped, next to a raw GET of the
 // same blob by curl. It reports MB/s of both and the CPU seconds per GiB
-// of this process (the FUSE server), the registry and the reader.
+// of this process (the FUSE server), the registry and the reader; with
+// the bench's own reader (WEIGHTSNAP_COLD_READER below), its MB/s by
+// quarter of the bytes read too.
 //
 //	sudo go test ./integration -run '^$' -bench BenchmarkColdRead -benchtime 3x
 //	  WEIGHTSNAP_COLD_SIZE=2GiB  WEIGHTSNAP_COLD_PROFILE=/tmp/cold.pprof
@@ -187,8 +189,14 @@ func coldLazy(b *testing.B, reg *testutil.Registry, ref, dir string, reader func
 	t0 := time.Now()
 	args := reader(target)
 	cmd := exec.Command(args[0], args[1:]...)
-	if out, err := cmd.CombinedOutput(); err != nil {
+	out, err := cmd.CombinedOutput()
+	if err != nil {
 		b.Fatalf("%s: %v: %s", args[0], err, out)
+	}
+	if tr, err := parseToolOutput(strings.Split(string(out), "\n")); err == nil {
+		// Where the read slowed: this VM's memory once the host has
+		// taken it back costs more to touch (README).
+		b.Logf("run %d: the reader's MB/s by quarter of its bytes: %s", i, quarterRates(tr))
 	}
 	d := time.Since(t0)
 	d1, r1 := cpuSeconds(b, 0), cpuSeconds(b, reg.Pid())
@@ -252,4 +260,25 @@ func coldNode(b *testing.B, dir string) (*lazy.Manager, func()) {
 		store.Close()
 		os.RemoveAll(dir)
 	}
+}
+
+// quarterRates is the throughput of each quarter of a read's bytes, in
+// MB/s, from the reader's progress lines.
+func quarterRates(tr readTrace) string {
+	pts := tr.series(tr.start)
+	var rates []string
+	last := benchPoint{0, 0}
+	for q := 1; q <= 4; q++ {
+		want := float64(tr.bytes) * float64(q) / 4
+		for _, p := range pts {
+			if p[1] >= want {
+				if p[0] > last[0] {
+					rates = append(rates, fmt.Sprintf("%.0f", (p[1]-last[1])/(p[0]-last[0])/1e6))
+				}
+				last = p
+				break
+			}
+		}
+	}
+	return strings.Join(rates, " / ")
 }
