@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"sync"
@@ -120,6 +121,10 @@ import (
 // the end of the content. It is called without any cache lock held.
 type FetchFunc func(ctx context.Context, p []byte, off int64) error
 
+// RangeReaderFunc opens a reader of the source's n bytes at off (never past
+// the end of the content); see WithRangeReader.
+type RangeReaderFunc func(ctx context.Context, off, n int64) (io.ReadCloser, error)
+
 // Blob is one handle on cached random-access content. Handles of the same
 // key share one in-memory state and one data file, so bytes are fetched
 // once; each handle carries the FetchFunc of whoever opened it, and the
@@ -133,6 +138,7 @@ type Blob struct {
 // access is how one handle fetches, and which chunks it may be served.
 type access struct {
 	fetch FetchFunc
+	open  RangeReaderFunc // nil: every fetch is one FetchFunc call
 	// table is the blob's table if the handle was opened with one: it
 	// fetches whole table chunks and checks them before storing them.
 	table *chunks.Table
@@ -282,7 +288,7 @@ func (b *blob) handle(fetch FetchFunc, o blobOptions) (*Blob, error) {
 	if o.want != b.want {
 		return nil, fmt.Errorf("%w: %s is open to hash to %s, asked %s", ErrDigestConflict, b.key, b.want, o.want)
 	}
-	a := access{fetch: fetch, servable: b.verified}
+	a := access{fetch: fetch, open: o.open, servable: b.verified}
 	switch {
 	case o.table != nil:
 		if b.table == nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 )
 
 // testHookWait, when set by a test, is called when a reader starts waiting
@@ -100,7 +101,7 @@ func (b *blob) ensure(ctx context.Context, a *access, lo, hi int, verify bool) (
 			}
 			if run != nil {
 				progress, waited = true, true
-				if err := b.run(ctx, a, run); err != nil {
+				if err := b.runChain(ctx, a, run, hi); err != nil {
 					return waited, err
 				}
 			}
@@ -176,7 +177,7 @@ func waitFlights(ctx context.Context, waits []*flight) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		if fl.err != nil && !(isContextErr(fl.err) && ctx.Err() == nil) && !errors.Is(fl.err, ErrDigestMismatch) {
+		if fl.err != nil && !(isContextErr(fl.err) && ctx.Err() == nil) && !errors.Is(fl.err, ErrDigestMismatch) && !errors.Is(fl.err, errChainBroken) {
 			return fl.err
 		}
 	}
@@ -195,8 +196,99 @@ type haul struct {
 	err     error
 }
 
-// run performs one fetch and publishes its chunks.
-func (b *blob) run(ctx context.Context, a *access, fl *flight) error {
+// errChainBroken ends the flights of a chain that its reader did not get
+// to: their waiters fetch the chunks themselves.
+var errChainBroken = errors.New("cache: an earlier run of the same request failed")
+
+// maxChain bounds the bytes one RangeReaderFunc request is asked for.
+const maxChain = 64 << 20
+
+// runChain performs the fetch of fl, and, if a has a RangeReaderFunc, of
+// the runs of missing chunks that follow it up to hi, which it claims
+// too: all through one reader, each run landing as its bytes arrive.
+func (b *blob) runChain(ctx context.Context, a *access, fl *flight, hi int) error {
+	chain := []*flight{fl}
+	if a.open != nil {
+		b.mu.Lock()
+		for n := fl.last + 1; n <= hi && int64(n-fl.first)*b.chunk < maxChain; {
+			next := b.claimAtLocked(a, n, hi)
+			if next == nil {
+				break
+			}
+			chain = append(chain, next)
+			n = next.last + 1
+		}
+		b.mu.Unlock()
+	}
+	if len(chain) == 1 {
+		return b.run(ctx, a, fl, a.fetch)
+	}
+	off := int64(fl.first) * b.chunk
+	end := min(b.size, int64(chain[len(chain)-1].last+1)*b.chunk)
+	r, err := a.open(ctx, off, end-off)
+	if err != nil {
+		err = fmt.Errorf("cache: fetch %s [%d, %d): %w", b.key, off, end, err)
+		b.abandon(chain[1:])
+		return b.land(fl, haul{err: err})
+	}
+	defer r.Close()
+	// The runs come in order: each one's bytes are the reader's next.
+	next := off
+	fill := func(ctx context.Context, p []byte, at int64) error {
+		if at != next {
+			return fmt.Errorf("cache: read of %s at %d, the request's next byte is %d", b.key, at, next)
+		}
+		n, err := io.ReadFull(r, p)
+		next += int64(n)
+		if err == io.ErrUnexpectedEOF || err == io.EOF {
+			err = fmt.Errorf("short read: %d of %d bytes at %d", n, len(p), at)
+		}
+		return err
+	}
+	for i, f := range chain {
+		if err := b.run(ctx, a, f, fill); err != nil {
+			b.abandon(chain[i+1:])
+			return err
+		}
+	}
+	return nil
+}
+
+// claimAtLocked claims the run of missing chunks that starts at chunk c
+// (at a table chunk's first with a table), up to hi, unless c is present,
+// being fetched or, with a table, partly present. Callers hold b.mu.
+func (b *blob) claimAtLocked(a *access, c, hi int) *flight {
+	if a.table == nil {
+		if b.present.get(c) || b.inflight[c] != nil {
+			return nil
+		}
+		return b.startFlightLocked(c, hi)
+	}
+	k := b.perTable(a.table)
+	if !b.untouched(c, min(c+k, b.n)-1) {
+		return nil
+	}
+	return b.startTableFlightLocked(k, c, hi)
+}
+
+// abandon ends flights claimed for a chain that will not fetch them.
+func (b *blob) abandon(fls []*flight) {
+	for _, f := range fls {
+		b.land(f, haul{err: errChainBroken})
+	}
+}
+
+// land ends flight fl with got, as run does.
+func (b *blob) land(fl *flight, got haul) error {
+	b.mu.Lock()
+	err := b.landLocked(fl, got)
+	b.mu.Unlock()
+	return err
+}
+
+// run performs one fetch, with fill filling the buffer with the source's
+// bytes, and publishes its chunks.
+func (b *blob) run(ctx context.Context, a *access, fl *flight, fill FetchFunc) error {
 	off := int64(fl.first) * b.chunk
 	end := min(b.size, int64(fl.last+1)*b.chunk)
 	bufp := b.s.getBuf()
@@ -208,8 +300,8 @@ func (b *blob) run(ctx context.Context, a *access, fl *flight) error {
 	buf = buf[:end-off]
 	var got haul
 	if a.table != nil {
-		got = b.fetchChecked(ctx, a, buf, off)
-	} else if err := a.fetch(ctx, buf, off); err != nil {
+		got = b.fetchChecked(ctx, a, buf, off, fill)
+	} else if err := fill(ctx, buf, off); err != nil {
 		got.err = fmt.Errorf("cache: fetch %s [%d, %d): %w", b.key, off, end, err)
 	} else if _, err := b.st.WriteAt(buf, off); err != nil {
 		got.err = fmt.Errorf("cache: store %s [%d, %d): %w", b.key, off, end, err)

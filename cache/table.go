@@ -131,15 +131,15 @@ func (b *blob) untouched(lo, hi int) bool {
 	return true
 }
 
-// fetchChecked fetches into buf the table chunks from off, the start of
-// one, and checks each against a's table before it is stored. One that
+// fetchChecked fetches into buf with fill the table chunks from off, the
+// start of one, and checks each against a's table before it is stored. One that
 // does not match is fetched once more (the FetchFunc may reach another
 // mirror); if it still does not, none of its bytes are written, and the
 // haul's error wraps ErrDigestMismatch. The others are stored and kept.
-func (b *blob) fetchChecked(ctx context.Context, a *access, buf []byte, off int64) haul {
+func (b *blob) fetchChecked(ctx context.Context, a *access, buf []byte, off int64, fill FetchFunc) haul {
 	t := a.table
 	end := off + int64(len(buf))
-	if err := a.fetch(ctx, buf, off); err != nil {
+	if err := fill(ctx, buf, off); err != nil {
 		return haul{err: fmt.Errorf("cache: fetch %s [%d, %d): %w", b.key, off, end, err)}
 	}
 	var bad []bool
