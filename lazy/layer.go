@@ -61,7 +61,7 @@ func (m *Manager) open(ctx context.Context, dl described) (*sharedLayer, error) 
 	if err != nil {
 		return nil, err
 	}
-	blob, err := m.store.Blob(tr.key, desc.Size, fetchFunc(rb), tr.blobOptions()...)
+	blob, err := m.store.Blob(tr.key, desc.Size, fetchFunc(rb), append(tr.blobOptions(), cache.WithRangeReader(rb.OpenRange))...)
 	if err != nil {
 		if errors.Is(err, cache.ErrTable) || errors.Is(err, cache.ErrTableConflict) {
 			return nil, fmt.Errorf("%w: layer %s of %s: %v", ErrUnsupported, desc.Digest, dl.image, err)

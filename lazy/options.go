@@ -31,6 +31,9 @@ const (
 	// smallRead is the largest read a cache miss serves before the rest
 	// of its span (see source.go).
 	smallRead = 64 << 10
+	// missSpan is what a larger read that misses the cache waits for,
+	// aligned around it: the cache's largest run, which lands as one.
+	missSpan = 8 << 20
 )
 
 // Option configures a Manager made by New.

@@ -12,12 +12,12 @@ import (
 
 // readAround is the layer.Source of a layer: its cached blob, with what a
 // miss does. A read that misses the cache holds back background fill
-// while it waits, and fetches the whole span around it: weight files are
-// read in large pieces (a tensor, the kernel's read-ahead), so the next
-// read of a cold region is most likely close by, and one span-sized range
-// request costs little more than a chunk-sized one. Small reads (headers,
-// config files) fetch only their chunk at once and leave the rest of the
-// span to the scheduler.
+// while it waits, and fetches the missSpan around it, then queues the
+// rest of its span: weight files are read in large pieces (a tensor, the
+// kernel's read-ahead), so the next read of a cold region is most likely
+// close by, and one range request of a span costs the registry little
+// more than one of a chunk. Small reads (headers, config files) fetch
+// only their chunk at once and leave the span to the scheduler.
 type readAround struct {
 	*cache.Blob
 	sched *prefetch.Scheduler
@@ -86,17 +86,23 @@ func (r *readAround) around(ctx context.Context, off, n int64) (done func(), err
 	span := r.sched.SpanSize()
 	start := off / span * span
 	end := min(r.Size(), (off+n+span-1)/span*span)
+	ahead := func() {
+		r.readAhead(prefetch.Range{Off: start, Len: end - start})
+		demandDone()
+	}
 	if n <= smallRead {
 		// After the read's own chunk has come: queued first, a span
 		// fetch would take that chunk along and make the read wait for
 		// the whole span.
-		return func() {
-			r.readAhead(prefetch.Range{Off: start, Len: end - start})
-			demandDone()
-		}, nil
+		return ahead, nil
 	}
 	if r.isDeferring() {
 		return demandDone, nil // the read fetches its own chunks
 	}
-	return demandDone, r.Blob.Fetch(ctx, start, end-start)
+	// A span is fetched in one request as several runs, and a Fetch
+	// returns when all have come: the read waits for the missSpan around
+	// it, and the rest of its span follows as read-ahead.
+	ms := off / missSpan * missSpan
+	me := min(r.Size(), (off+n+missSpan-1)/missSpan*missSpan)
+	return ahead, r.Blob.Fetch(ctx, ms, me-ms)
 }

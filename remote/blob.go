@@ -129,6 +129,15 @@ func (b *Blob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	return n, nil
 }
 
+// OpenRange returns a reader of the n bytes of the blob at off, fetched
+// with one Range GET, resumed as Open's is. It connects at its first Read.
+func (b *Blob) OpenRange(ctx context.Context, off, n int64) (io.ReadCloser, error) {
+	if off < 0 || n < 0 || off+n > b.size {
+		return nil, fmt.Errorf("open blob %s: range [%d, %d) outside [0, %d]", b, off, off+n, b.size)
+	}
+	return &resumingReader{ctx: ctx, b: b, off: off, end: off + n}, nil
+}
+
 // Open returns a reader of the blob from off to its end. A transient
 // failure mid-body is retried by asking again from the last byte received,
 // so the reader sees the bytes unbroken. ctx governs every request the

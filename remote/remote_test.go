@@ -1,6 +1,7 @@
 package remote
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -89,6 +90,21 @@ func TestReadAtAndOpen(t *testing.T) {
 	}
 	if l.Blob.RangeIgnored() {
 		t.Error("RangeIgnored() on a registry that honours Range")
+	}
+	// OpenRange reads exactly its range, in one request.
+	for _, r := range [][2]int64{{0, 1}, {1, int64(len(want)) / 2}, {int64(len(want)) - 100, 100}, {int64(len(want)), 0}} {
+		rc, err := l.Blob.OpenRange(t.Context(), r[0], r[1])
+		if err != nil {
+			t.Fatalf("OpenRange(%d, %d): %v", r[0], r[1], err)
+		}
+		got, err := io.ReadAll(rc)
+		rc.Close()
+		if err != nil || !bytes.Equal(got, want[r[0]:r[0]+r[1]]) {
+			t.Fatalf("OpenRange(%d, %d): %d bytes, %v; want the blob's %d", r[0], r[1], len(got), err, r[1])
+		}
+	}
+	if _, err := l.Blob.OpenRange(t.Context(), int64(len(want))-1, 2); err == nil {
+		t.Error("OpenRange past the blob's end: no error")
 	}
 
 	// Concurrent readers of one blob.
