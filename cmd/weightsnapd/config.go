@@ -110,7 +110,8 @@ func (v VerifyConfig) unverified() (lazy.Unverified, error) {
 }
 
 // defaultMemoryLimit keeps the FUSE manager's peak RSS under 256 MiB
-// with the default workers and span (16 ranges of 8 MiB in flight).
+// with the default workers (16 ranges in flight, each holding a buffer of
+// at most 8 MiB, the cache's largest run, whatever the span).
 const defaultMemoryLimit = 192 << 20
 
 // FetchConfig tunes read-ahead and background fill.
