@@ -22,6 +22,7 @@ import (
 	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/lazy"
 	"github.com/weightsnap/weightsnap/metrics"
+	"github.com/weightsnap/weightsnap/prefetch"
 	"github.com/weightsnap/weightsnap/remote"
 	"github.com/weightsnap/weightsnap/tarheaders"
 )
@@ -116,9 +117,12 @@ func TestLazyCorruptEStargzChunk(t *testing.T) {
 
 	t.Run("after mount", func(t *testing.T) {
 		dir := filepath.Join(root, "after")
-		// No background fill: the chunks must still be missing when the
-		// registry turns bad.
-		n := lazyStartNodeWith(t, filepath.Join(dir, "cache"), []cache.Option{cache.WithChunkSize(64 << 10), cache.WithMaxFetch(64 << 10)}, lazy.WithBackgroundFill(false))
+		// No background fill, and read-ahead spans of one chunk: the
+		// weights' chunks must still be missing when the registry turns
+		// bad (a larger span around the TOC, read at mount, would take
+		// the whole 4 MiB blob along in one request).
+		n := lazyStartNodeWith(t, filepath.Join(dir, "cache"), []cache.Option{cache.WithChunkSize(64 << 10), cache.WithMaxFetch(64 << 10)},
+			lazy.WithBackgroundFill(false), lazy.WithPrefetch(prefetch.WithSpanSize(64<<10)))
 		img := n.mountImage(t, ref, filepath.Join(dir, "image"))
 		if err := proxy.SetFaults(testutil.Faults{CorruptDigest: blob.Digest()}); err != nil {
 			t.Fatal(err)

@@ -61,7 +61,7 @@ func (m *Manager) open(ctx context.Context, dl described) (*sharedLayer, error) 
 	if err != nil {
 		return nil, err
 	}
-	blob, err := m.store.Blob(tr.key, desc.Size, fetchFunc(rb), append(tr.blobOptions(), cache.WithRangeReader(rb.OpenRange))...)
+	blob, err := m.store.Blob(tr.key, desc.Size, fetchFunc(rb), append(tr.blobOptions(), cache.WithRangeReader(rangeReader(rb)))...)
 	if err != nil {
 		if errors.Is(err, cache.ErrTable) || errors.Is(err, cache.ErrTableConflict) {
 			return nil, fmt.Errorf("%w: layer %s of %s: %v", ErrUnsupported, desc.Digest, dl.image, err)
@@ -246,6 +246,14 @@ func fetchFunc(rb *remote.Blob) cache.FetchFunc {
 			err = nil
 		}
 		return err
+	}
+}
+
+// rangeReader is how the cache fetches several runs of rb in one request.
+func rangeReader(rb *remote.Blob) cache.RangeReaderFunc {
+	return func(ctx context.Context, off, n int64) (io.ReadCloser, error) {
+		slog.Debug("fetching", "layer", rb.Digest(), "off", off, "len", n)
+		return rb.OpenRange(ctx, off, n)
 	}
 }
 
