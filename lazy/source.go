@@ -101,8 +101,10 @@ func (r *readAround) around(ctx context.Context, off, n int64) (done func(), err
 	}
 	// A span is fetched in one request as several runs, and a Fetch
 	// returns when all have come: the read waits for the missSpan around
-	// it, and the rest of its span follows as read-ahead.
-	ms := off / missSpan * missSpan
-	me := min(r.Size(), (off+n+missSpan-1)/missSpan*missSpan)
+	// it (at most its span), and the rest of its span follows as
+	// read-ahead.
+	wait := min(missSpan, span)
+	ms := off / wait * wait
+	me := min(r.Size(), (off+n+wait-1)/wait*wait)
 	return ahead, r.Blob.Fetch(ctx, ms, me-ms)
 }
