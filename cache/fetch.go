@@ -74,7 +74,9 @@ func (h *Blob) Invalidate(off, n int64) {
 // fetching with a what nobody is fetching yet. It starts at most one
 // fetch at a time, so chunks it will get to later stay available to other
 // callers (an on-demand reader is not stuck behind a long background
-// Fetch). waited reports whether any fetch was run or waited for.
+// Fetch); with a RangeReaderFunc, one fetch is a chain of runs up to hi
+// and maxChain (runChain), which a reader of its later runs waits for.
+// waited reports whether any fetch was run or waited for.
 func (b *blob) ensure(ctx context.Context, a *access, lo, hi int, verify bool) (waited bool, err error) {
 	if a.table != nil {
 		lo, hi = b.widen(a.table, lo, hi)

@@ -146,3 +146,22 @@ func TestResolveWithLayerHeads(t *testing.T) {
 		t.Errorf("layer 0: %d HEADs after a second OpenBlob, want 2 (a HEAD is taken once)", n)
 	}
 }
+
+// A Resolve starts at most maxResolveHeads HEADs, however many layers
+// its manifest lists: a hostile manifest of thousands of layers does not
+// make it send thousands of requests at once.
+func TestResolveBoundsItsHeads(t *testing.T) {
+	reg := newTestRegistry(t, nil)
+	img := randomImage(t, 256, maxResolveHeads+4)
+	ref := reg.pushImage(t, "models/many:v1", img)
+	cl := New(fastRetry)
+	if _, err := cl.Resolve(t.Context(), ref, WithLayerHeads(func(v1.Descriptor) bool { return true })); err != nil {
+		t.Fatal(err)
+	}
+	cl.heads.mu.Lock()
+	n := len(cl.heads.m)
+	cl.heads.mu.Unlock()
+	if n != maxResolveHeads {
+		t.Errorf("a Resolve of %d layers started %d HEADs, want %d", maxResolveHeads+4, n, maxResolveHeads)
+	}
+}

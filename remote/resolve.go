@@ -108,11 +108,7 @@ func (c *Client) Resolve(ctx context.Context, ref string, opts ...ResolveOption)
 		return nil, err
 	}
 	if o.heads != nil {
-		for _, l := range m.Layers {
-			if d, err := digest.Parse(l.Digest.String()); err == nil && o.heads(l) {
-				c.heads.start(ctx, &Blob{src: src, digest: d})
-			}
-		}
+		c.startHeads(ctx, src, m.Layers, o.heads)
 	}
 	img := &Image{Ref: r, Digest: dgst, Manifest: m}
 	var rawCfg []byte
@@ -123,6 +119,29 @@ func (c *Client) Resolve(ctx context.Context, ref string, opts ...ResolveOption)
 		return nil, fmt.Errorf("image %s: %w", r, err)
 	}
 	return img, nil
+}
+
+// maxResolveHeads bounds the HEADs one Resolve starts: a manifest may
+// list thousands of layers, and each HEAD is a request and a goroutine
+// in the process serving every mount. Layers past it are asked for by
+// their OpenBlob, one at a time as before.
+const maxResolveHeads = 16
+
+// startHeads starts the HEADs of the distinct layers of ls that want
+// selects, at most maxResolveHeads.
+func (c *Client) startHeads(ctx context.Context, src *source, ls []v1.Descriptor, want func(v1.Descriptor) bool) {
+	started := map[digest.Digest]bool{}
+	for _, l := range ls {
+		d, err := digest.Parse(l.Digest.String())
+		if err != nil || started[d] || !want(l) {
+			continue
+		}
+		if len(started) == maxResolveHeads {
+			return
+		}
+		started[d] = true
+		c.heads.start(ctx, &Blob{src: src, digest: d})
+	}
 }
 
 // imageManifest fetches the image manifest r names, through an index to
