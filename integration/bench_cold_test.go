@@ -116,18 +116,11 @@ type coldResult struct {
 
 // cpuSeconds is utime+stime of pid (0: this process).
 func cpuSeconds(b *testing.B, pid int) float64 {
-	p := "/proc/self/stat"
-	if pid > 0 {
-		p = fmt.Sprintf("/proc/%d/stat", pid)
-	}
-	s, err := os.ReadFile(p)
+	v, err := procCPUSeconds(pid)
 	if err != nil {
 		b.Fatal(err)
 	}
-	f := strings.Fields(string(s[strings.LastIndexByte(string(s), ')')+2:]))
-	ut, _ := strconv.ParseFloat(f[11], 64)
-	st, _ := strconv.ParseFloat(f[12], 64)
-	return (ut + st) / 100 // USER_HZ
+	return v
 }
 
 func coldGet(b *testing.B, reg *testutil.Registry, repo, dgst string) coldResult {

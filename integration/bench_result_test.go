@@ -145,7 +145,7 @@ type benchCPU struct {
 	GetClient   float64 `json:"get_client_s_per_gib"`
 	// Manager, Registry and Reader: weightsnapd's FUSE manager, the
 	// registry and the reader in the pod, from PullImage until the
-	// reader's container exited (weightsnap cold).
+	// reader's last byte (weightsnap cold; cpuSampler).
 	Manager  float64 `json:"manager_s_per_gib"`
 	Registry float64 `json:"registry_s_per_gib"`
 	Reader   float64 `json:"reader_s_per_gib"`

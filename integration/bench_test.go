@@ -301,7 +301,9 @@ func BenchmarkModelPull(b *testing.B) {
 		b.Fatal("no FUSE manager pid file")
 	}
 	r.CPU.ProbeCold = cpuProbe()
-	man0, reg0 := cpuSeconds(b, manager), cpuSeconds(b, reg.Pid())
+	man0 := cpuSeconds(b, manager)
+	cpu := startCPUSampler(manager, reg.Pid())
+	b.Cleanup(func() { cpu.halt() })
 	cold, err := coldPod(b, ctx, ws, rt, is, logs, tools.Ref, "bench-a", refA, append([]string{"read"}, volFiles...), "chunks")
 	if err != nil {
 		b.Fatal(err)
@@ -312,8 +314,12 @@ func BenchmarkModelPull(b *testing.B) {
 	paths = append(paths, wsCold)
 	coldAt := len(paths) - 1
 	gibA := float64(ma.size) / (1 << 30)
-	r.CPU.Manager = round3((cpuSeconds(b, manager) - man0) / gibA)
-	r.CPU.Registry = round3((cpuSeconds(b, reg.Pid()) - reg0) / gibA)
+	if err := cpu.halt(); err != nil {
+		b.Fatal(err)
+	}
+	read := cpu.since(cold.trace.done)
+	r.CPU.Manager = round3(read[0] / gibA)
+	r.CPU.Registry = round3(read[1] / gibA)
 	r.CPU.Reader = round3(cold.trace.cpu.Seconds() / gibA)
 	if r.PullTrace, err = tracePull(ws.log, cold.pullStart, cold.pulled); err != nil {
 		b.Logf("tracing the cold pull: %v", err)
