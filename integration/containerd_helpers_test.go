@@ -146,6 +146,8 @@ func sha256Hex(b []byte) string {
 type image struct {
 	Ref    string          // registry/repo:tag
 	Layers []v1.Descriptor // manifest order
+	// Manifest and Config are the digests of its manifest and config.
+	Manifest, Config string
 }
 
 // pushImage pushes an OCI image of uncompressed tar layers with the given
@@ -207,7 +209,11 @@ func pushImage(t testing.TB, addr, repoTag string, entrypoint []string, layers .
 	if err != nil {
 		t.Fatal(err)
 	}
-	return image{Ref: ref.String(), Layers: m.Layers}
+	md, err := img.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return image{Ref: ref.String(), Layers: m.Layers, Manifest: md.String(), Config: m.Config.Digest.String()}
 }
 
 // weightsnapd is a running weightsnapd.
@@ -238,7 +244,11 @@ func startWeightsnapdWithConfig(t testing.TB, root, hostsDir, extra string) *wei
 		log:    filepath.Join(root, "weightsnapd.log"),
 	}
 	w.metrics = freeLoopbackAddr(t)
-	cfg := fmt.Sprintf("log_level = \"debug\"\nmetrics_address = %q\n[registry]\nconfig_path = %q\n", w.metrics, hostsDir) + extra
+	// The containerd a test starts beside weightsnapd, whose content
+	// store weightsnapd reads manifests and configs from, serves
+	// <dir>/ctd/c.sock where root is <dir>/wsd (newStack, startBenchStack).
+	ctdSock := filepath.Join(filepath.Dir(root), "ctd", "c.sock")
+	cfg := fmt.Sprintf("log_level = \"debug\"\nmetrics_address = %q\n[registry]\nconfig_path = %q\ncontainerd_address = %q\n", w.metrics, hostsDir, ctdSock) + extra
 	if err := os.WriteFile(w.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -151,6 +151,14 @@ func TestCtrPullIsLazyAndContainerReadsWeights(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.requireLazy(t, ctx, "default", m)
+	// weightsnapd read the manifest and config containerd had just
+	// fetched from its content store: the registry served each once.
+	if n := s.origin.Gets("/manifests/" + m.Manifest); n != 1 {
+		t.Errorf("the registry served the manifest %d times by digest; want once (containerd's GET)", n)
+	}
+	if n := s.origin.Gets("/blobs/" + m.Config); n != 1 {
+		t.Errorf("the registry served the config %d times; want once (containerd's GET)", n)
+	}
 
 	out, err := s.ctd.ctr(t, ctx, "run", "--rm", "--snapshotter", "weightsnap", m.Ref, "ws-ctr-run", "/tool", "sum", "/"+modelPath)
 	if err != nil {

@@ -63,7 +63,7 @@ func TestLazyWarm(t *testing.T) {
 	t.Run("mounts use warmed layers; Close lets go", func(t *testing.T) {
 		n := lazyStartNodeWith(t, filepath.Join(dir, "cache1"), nil, lazy.WithWarmHold(time.Hour), lazy.WithBackgroundFill(false))
 		proxy.Reset()
-		n.m.Warm(ref, layers)
+		n.m.Warm(t.Context(), ref, layers)
 		lazyWaitFor(t, "every layer opened", func() bool { return openIs(n.m, layers) })
 		// pack annotates every layer with its tar headers: opened from
 		// them, with the check against the blob left to the first read,
@@ -84,7 +84,7 @@ func TestLazyWarm(t *testing.T) {
 		// Each mount ended Warm's hold of its layer: unmounted (containerd
 		// removed the image), they close and stop filling.
 		lazyWaitFor(t, "the unmounted layers to close", func() bool { return len(n.m.OpenLayers()) == 0 })
-		n.m.Warm(ref, layers)
+		n.m.Warm(t.Context(), ref, layers)
 		lazyWaitFor(t, "every layer opened again", func() bool { return openIs(n.m, layers) })
 		lazyGuarded(t, "close with held layers", func() struct{} { n.close(); return struct{}{} })
 		if open := n.m.OpenLayers(); len(open) != 0 {
@@ -98,7 +98,7 @@ func TestLazyWarm(t *testing.T) {
 		ref := reg.Addr + "/warm/sharded:v1"
 		layers := warmLayers(t, ref)
 		n := lazyStartNodeWith(t, filepath.Join(dir, "cache3"), nil, lazy.WithWarmHold(time.Hour), lazy.WithBackgroundFill(false))
-		n.m.Warm(ref, layers)
+		n.m.Warm(t.Context(), ref, layers)
 		lazyWaitFor(t, "every layer opened", func() bool { return openIs(n.m, layers) })
 	})
 
@@ -106,7 +106,7 @@ func TestLazyWarm(t *testing.T) {
 		// Each layer is open for the whole hold, so the poll sees every
 		// one of them open at some point; nothing opens them again.
 		n := lazyStartNodeWith(t, filepath.Join(dir, "cache2"), nil, lazy.WithWarmHold(2*time.Second), lazy.WithBackgroundFill(false))
-		n.m.Warm(ref, layers)
+		n.m.Warm(t.Context(), ref, layers)
 		seen := map[digest.Digest]bool{}
 		lazyWaitFor(t, "every layer opened", func() bool {
 			for _, d := range n.m.OpenLayers() {
@@ -230,7 +230,7 @@ func benchMountLayers(b *testing.B, dir, ref string, ds []digest.Digest, warm bo
 	m := lazy.New(store, remote.New(lazyRemoteOptions()...), lazy.WithBackgroundFill(false))
 	b.StartTimer()
 	if warm {
-		m.Warm(ref, ds[1:])
+		m.Warm(b.Context(), ref, ds[1:])
 	}
 	for j, d := range ds {
 		if err := m.Mount(b.Context(), filepath.Join(dir, fmt.Sprintf("layer-%d", j)), ref, d); err != nil {

@@ -48,7 +48,7 @@ func (m *Manager) MountImage(ctx context.Context, ref, target, workdir string) (
 	for _, l := range img.Layers[1:] {
 		above = append(above, l.Digest)
 	}
-	m.Warm(pinned, above)
+	m.Warm(ctx, pinned, above)
 	for i, l := range img.Layers {
 		mp := filepath.Join(workdir, fmt.Sprintf("layer-%03d", i))
 		if err := m.Mount(ctx, mp, pinned, l.Digest); err != nil {

@@ -456,7 +456,7 @@ func TestWarmHoldsLayersUntilMountOrClose(t *testing.T) {
 	m, _ := newTestManager(t, WithWarmHold(time.Hour))
 	warmed := make(chan digest.Digest, len(ds))
 	m.warmed = func(d digest.Digest) { warmed <- d }
-	m.Warm(ref, ds)
+	m.Warm(t.Context(), ref, ds)
 	for range ds {
 		<-warmed
 	}
@@ -522,7 +522,7 @@ func TestWarmLetsGoAfterItsHold(t *testing.T) {
 		closeLayer(k, sl)
 		closed <- k.digest
 	})
-	m.Warm(ref, ds)
+	m.Warm(t.Context(), ref, ds)
 	if d := <-closed; d != ds[0] {
 		t.Fatalf("closed %s", d)
 	}
@@ -610,7 +610,7 @@ func TestUnmountedForGoodIsEvictedFirst(t *testing.T) {
 	waitFor(t, func() bool { return len(m.OpenLayers()) == 0 })
 
 	// Layer 1, warmed then mounted, is unmounted: containerd removed it.
-	m.Warm(ref, ds[1:2])
+	m.Warm(t.Context(), ref, ds[1:2])
 	<-warmed
 	if err := m.Unmount(t.Context(), mount(1)); err != nil {
 		t.Fatal(err)

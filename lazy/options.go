@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/weightsnap/weightsnap/prefetch"
+	"github.com/weightsnap/weightsnap/remote"
 )
 
 // Tuning. Each is a trade-off measured on weight files; the reasons are
@@ -50,6 +51,7 @@ type options struct {
 	streamMax      int64 // and its limit; 0: half the cache
 	holder         Holder
 	stateDir       string
+	local          remote.LocalContent
 }
 
 // Holder keeps the FUSE connections of mounts alive across restarts of
@@ -64,6 +66,14 @@ type Holder interface {
 // open tables of the mounts (see fs.WithOpenTable) are kept in stateDir.
 func WithHolder(h Holder, stateDir string) Option {
 	return func(o *options) { o.holder, o.stateDir = h, stateDir }
+}
+
+// WithLocalContent has an image's resolve take its manifest and config
+// from local, content this node already holds by digest (containerd's
+// content store), before it asks the registry: see remote.WithLocalContent.
+// The context of a Mount or Warm reaches local.
+func WithLocalContent(local remote.LocalContent) Option {
+	return func(o *options) { o.local = local }
 }
 
 // WithPrefetch configures the node-wide read-ahead and fill scheduler.

@@ -128,7 +128,11 @@ func (m *Manager) imageRecord(ctx context.Context, imageRef string) (imageRecord
 		}
 	}
 	ref, err := m.resolves.Acquire(ctx, imageRef, func(ctx context.Context) (resolvedImage, error) {
-		img, err := m.reg.Resolve(ctx, imageRef, remote.WithLayerHeads(mayOpen))
+		opts := []remote.ResolveOption{remote.WithLayerHeads(mayOpen)}
+		if m.opt.local != nil {
+			opts = append(opts, remote.WithLocalContent(m.opt.local))
+		}
+		img, err := m.reg.Resolve(ctx, imageRef, opts...)
 		if err != nil {
 			return resolvedImage{}, err
 		}

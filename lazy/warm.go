@@ -18,7 +18,10 @@ import (
 // whole (plain gzip or zstd) are left alone: opening one starts its
 // download. A layer nobody mounts within the warm hold (WithWarmHold) is
 // closed again; its background fill waits for a mount.
-func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
+//
+// The work outlives ctx; it keeps ctx's values (the containerd namespace
+// WithLocalContent reads in).
+func (m *Manager) Warm(ctx context.Context, imageRef string, layers []digest.Digest) {
 	open := m.OpenLayers()
 	var todo []digest.Digest
 	for _, d := range layers {
@@ -29,7 +32,7 @@ func (m *Manager) Warm(imageRef string, layers []digest.Digest) {
 	if len(todo) == 0 {
 		return
 	}
-	ctx, done, err := m.begin(context.Background())
+	ctx, done, err := m.begin(context.WithoutCancel(ctx))
 	if err != nil {
 		return
 	}

@@ -6,9 +6,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"mime"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -70,6 +72,21 @@ type ResolveOption func(*resolveOptions)
 
 type resolveOptions struct {
 	heads func(v1.Descriptor) bool
+	local LocalContent
+}
+
+// LocalContent returns the content of digest d that this node already
+// holds (containerd's content store, say), or an error if it holds none
+// or more than max bytes of it. Resolve checks it against d.
+type LocalContent func(ctx context.Context, d digest.Digest, max int64) ([]byte, error)
+
+// WithLocalContent has Resolve take a manifest named by digest, and the
+// config, from local before it asks the registry: at a layer's first
+// Prepare, containerd's pull has both in its content store, and each is
+// one round trip to the registry less. What local lacks, or gives wrong
+// (not matching its digest), comes from the registry as without it.
+func WithLocalContent(local LocalContent) ResolveOption {
+	return func(o *resolveOptions) { o.local = local }
 }
 
 // WithLayerHeads has Resolve ask the registry for the size of each layer
@@ -103,7 +120,10 @@ func (c *Client) Resolve(ctx context.Context, ref string, opts ...ResolveOption)
 	if err != nil {
 		return nil, err
 	}
-	dgst, m, err := src.imageManifest(ctx, r, c.o.platform)
+	// The manifest and config may come from this node's content store; the
+	// layers' blobs always from the registry.
+	lsrc := src.withLocal(o.local)
+	dgst, m, err := lsrc.imageManifest(ctx, r, c.o.platform)
 	if err != nil {
 		return nil, err
 	}
@@ -112,7 +132,7 @@ func (c *Client) Resolve(ctx context.Context, ref string, opts ...ResolveOption)
 	}
 	img := &Image{Ref: r, Digest: dgst, Manifest: m}
 	var rawCfg []byte
-	if img.Config, rawCfg, err = src.config(ctx, m.Config); err != nil {
+	if img.Config, rawCfg, err = lsrc.config(ctx, m.Config); err != nil {
 		return nil, fmt.Errorf("image %s: %w", r, err)
 	}
 	if img.Layers, err = src.layers(m, img.Config, rawCfg); err != nil {
@@ -213,32 +233,17 @@ func (s *source) layers(m *v1.Manifest, cfg *v1.ConfigFile, rawCfg []byte) ([]*L
 	return layers, nil
 }
 
-// manifest fetches the manifest named by id (a tag or digest) and returns
-// it with its media type and digest; what names it in errors.
+// manifest fetches the manifest named by id (a tag or digest), from the
+// source's local content if it holds it by digest, and returns it with
+// its media type and digest; what names it in errors.
 func (s *source) manifest(ctx context.Context, id, what string) ([]byte, types.MediaType, digest.Digest, error) {
-	var raw []byte
 	var contentType string
-	err := s.do(ctx, func(ctx context.Context, e *endpoint) (bool, error) {
-		hdr := http.Header{"Accept": {manifestAccept}}
-		resp, body, err := e.roundTrip(ctx, http.MethodGet, e.url("manifests", id), hdr)
-		if err != nil {
-			return false, err
+	raw := s.fromLocal(ctx, id, maxManifestSize)
+	if raw == nil {
+		var err error
+		if raw, contentType, err = s.fetchManifest(ctx, id, what); err != nil {
+			return nil, "", "", err
 		}
-		defer body.Close()
-		if err := checkStatus(resp, what, ErrImageNotFound, http.StatusOK); err != nil {
-			return false, err
-		}
-		if raw, err = io.ReadAll(io.LimitReader(body, maxManifestSize+1)); err != nil {
-			return false, err
-		}
-		if len(raw) > maxManifestSize {
-			return false, permanent(fmt.Errorf("%w: manifest %s larger than %d bytes", ErrBadResponse, what, maxManifestSize))
-		}
-		contentType = resp.Header.Get("Content-Type")
-		return false, nil
-	})
-	if err != nil {
-		return nil, "", "", err
 	}
 
 	dgst := digest.FromBytes(raw)
@@ -290,10 +295,13 @@ func (s *source) config(ctx context.Context, desc v1.Descriptor) (*v1.ConfigFile
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: config digest: %v", ErrBadResponse, err)
 	}
-	raw := make([]byte, desc.Size)
-	b := &Blob{src: s, digest: cd, size: desc.Size}
-	if _, err := b.ReadAt(ctx, raw, 0); err != nil && err != io.EOF {
-		return nil, nil, fmt.Errorf("config: %w", err)
+	raw := s.fromLocal(ctx, cd.String(), desc.Size)
+	if int64(len(raw)) != desc.Size {
+		raw = make([]byte, desc.Size)
+		b := &Blob{src: s, digest: cd, size: desc.Size}
+		if _, err := b.ReadAt(ctx, raw, 0); err != nil && err != io.EOF {
+			return nil, nil, fmt.Errorf("config: %w", err)
+		}
 	}
 	if got := cd.Algorithm().FromBytes(raw); got != cd {
 		return nil, nil, fmt.Errorf("%w: config %s has digest %s", ErrBadResponse, cd, got)
@@ -350,4 +358,69 @@ func platformString(p v1.Platform) string {
 		s += "/" + p.Variant
 	}
 	return s
+}
+
+// localTimeout bounds one read of local content: a slow content store
+// must not hold a mount longer than the registry would.
+const localTimeout = 2 * time.Second
+
+// withLocal returns s reading local content through local first.
+func (s *source) withLocal(local LocalContent) *source {
+	if local == nil {
+		return s
+	}
+	c := *s
+	c.local = local
+	return &c
+}
+
+// fromLocal returns the content id names if id is a digest and s's local
+// content holds it, at most max bytes and matching the digest; nil
+// otherwise.
+func (s *source) fromLocal(ctx context.Context, id string, max int64) []byte {
+	d, err := digest.Parse(id)
+	if s.local == nil || err != nil || !d.Algorithm().Available() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, localTimeout)
+	defer cancel()
+	raw, err := s.local(ctx, d, max)
+	switch {
+	case err != nil:
+		slog.Debug("content not held locally; asking the registry", "digest", d, "err", err)
+		return nil
+	case int64(len(raw)) > max:
+		return nil
+	case d.Algorithm().FromBytes(raw) != d:
+		slog.Warn("local content does not match its digest; asking the registry", "digest", d)
+		return nil
+	}
+	return raw
+}
+
+// fetchManifest GETs the manifest named by id from the registry, and
+// returns it with the Content-Type the registry gave it.
+func (s *source) fetchManifest(ctx context.Context, id, what string) ([]byte, string, error) {
+	var raw []byte
+	var contentType string
+	err := s.do(ctx, func(ctx context.Context, e *endpoint) (bool, error) {
+		hdr := http.Header{"Accept": {manifestAccept}}
+		resp, body, err := e.roundTrip(ctx, http.MethodGet, e.url("manifests", id), hdr)
+		if err != nil {
+			return false, err
+		}
+		defer body.Close()
+		if err := checkStatus(resp, what, ErrImageNotFound, http.StatusOK); err != nil {
+			return false, err
+		}
+		if raw, err = io.ReadAll(io.LimitReader(body, maxManifestSize+1)); err != nil {
+			return false, err
+		}
+		if len(raw) > maxManifestSize {
+			return false, permanent(fmt.Errorf("%w: manifest %s larger than %d bytes", ErrBadResponse, what, maxManifestSize))
+		}
+		contentType = resp.Header.Get("Content-Type")
+		return false, nil
+	})
+	return raw, contentType, err
 }

@@ -79,7 +79,9 @@ type LayerMounter interface {
 // image's other layers ahead of their Prepares, which containerd makes one
 // after another; it must not block.
 type Warmer interface {
-	Warm(imageRef string, layers []digest.Digest)
+	// ctx carries the Prepare's values (its containerd namespace); the
+	// work outlives it.
+	Warm(ctx context.Context, imageRef string, layers []digest.Digest)
 }
 
 // CacheReporter is optionally implemented by a LayerMounter whose layers
@@ -145,7 +147,7 @@ func (l *layerFS) Mount(ctx context.Context, mountpoint string, labels map[strin
 	log.G(ctx).WithFields(log.Fields{"image": ref, "layer": d, "mountpoint": mountpoint}).Info("mounting layer lazily")
 	if w, ok := l.m.(Warmer); ok {
 		if others := otherLayers(labels[LabelImageLayers], d); len(others) > 0 {
-			w.Warm(ref, others)
+			w.Warm(ctx, ref, others)
 		}
 	}
 	if err := l.m.Mount(ctx, mountpoint, ref, d); err != nil {

@@ -394,7 +394,7 @@ type warmingMounter struct {
 	warmed [][]digest.Digest
 }
 
-func (w *warmingMounter) Warm(ref string, layers []digest.Digest) {
+func (w *warmingMounter) Warm(_ context.Context, ref string, layers []digest.Digest) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.warmed = append(w.warmed, layers)

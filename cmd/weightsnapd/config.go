@@ -221,6 +221,12 @@ type RegistryConfig struct {
 	// Without it, only loopback registries and http:// hosts in ConfigPath
 	// are spoken to over plain HTTP; private addresses get HTTPS.
 	PlainHTTP bool `toml:"plain_http"`
+	// ContainerdAddress is containerd's socket. At an image's first
+	// Prepare the FUSE manager reads the image's manifest and config from
+	// containerd's content store, where containerd's pull has just put
+	// them, rather than from the registry again; both are checked against
+	// their digests. Empty, or containerd not there: from the registry.
+	ContainerdAddress string `toml:"containerd_address"`
 }
 
 // defaultConfig is the configuration with no file and no flags.
@@ -229,7 +235,7 @@ func defaultConfig() Config {
 		Root:     "/var/lib/weightsnap",
 		Address:  "/run/weightsnap/weightsnap.sock",
 		LogLevel: "info",
-		Registry: RegistryConfig{ConfigPath: "/etc/containerd/certs.d"},
+		Registry: RegistryConfig{ConfigPath: "/etc/containerd/certs.d", ContainerdAddress: "/run/containerd/containerd.sock"},
 		Cache: CacheConfig{
 			// Half the disk leaves room for images, logs and pods.
 			MaxBytes: DiskSize{Share: 0.5},

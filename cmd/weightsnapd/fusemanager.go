@@ -79,6 +79,10 @@ type MountArgs struct {
 	Mountpoint string
 	ImageRef   string
 	Digest     string
+	// Namespace is the containerd namespace of the Prepare, in which
+	// the image's manifest and config are read from containerd's content
+	// store (containerdContent); empty: from the registry.
+	Namespace string
 }
 
 // mountService is the RPC face of a snapshot.LayerMounter.
@@ -98,13 +102,14 @@ func (s *mountService) Mount(a MountArgs, _ *struct{}) error {
 	if err != nil {
 		return err
 	}
-	return s.m.Mount(context.Background(), a.Mountpoint, a.ImageRef, d)
+	return s.m.Mount(withNamespace(context.Background(), a.Namespace), a.Mountpoint, a.ImageRef, d)
 }
 
 // WarmArgs are the arguments of Mounts.Warm.
 type WarmArgs struct {
-	ImageRef string
-	Layers   []string
+	ImageRef  string
+	Layers    []string
+	Namespace string // as MountArgs'
 }
 
 // Warm opens an image's layers ahead of their mounts; see snapshot.Warmer.
@@ -119,7 +124,7 @@ func (s *mountService) Warm(a WarmArgs, _ *struct{}) error {
 			ds = append(ds, d)
 		}
 	}
-	w.Warm(a.ImageRef, ds)
+	w.Warm(withNamespace(context.Background(), a.Namespace), a.ImageRef, ds)
 	return nil
 }
 
@@ -255,6 +260,11 @@ func runFuseManager(args []string) error {
 	}
 	hc := connectHolder(cfg.Root)
 	var lopts []lazy.Option
+	if a := cfg.Registry.ContainerdAddress; a != "" {
+		cc := &containerdContent{address: a}
+		defer cc.Close()
+		lopts = append(lopts, lazy.WithLocalContent(cc.Get))
+	}
 	if hc != nil {
 		defer hc.Close()
 		lopts = append(lopts, lazy.WithHolder(hc, filepath.Join(cfg.Root, "mounts")))

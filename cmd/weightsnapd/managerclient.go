@@ -58,7 +58,8 @@ func (c *managerClient) callReply(ctx context.Context, method string, args, repl
 // still finishes the mount, which nobody would ever unmount: it is undone
 // as soon as it is done.
 func (c *managerClient) Mount(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error {
-	call := c.c.Go(rpcService+".Mount", MountArgs{Mountpoint: mountpoint, ImageRef: imageRef, Digest: d.String()}, new(struct{}), nil)
+	args := MountArgs{Mountpoint: mountpoint, ImageRef: imageRef, Digest: d.String(), Namespace: namespaceOf(ctx)}
+	call := c.c.Go(rpcService+".Mount", args, new(struct{}), nil)
 	select {
 	case <-call.Done:
 		return call.Error
@@ -76,8 +77,8 @@ func (c *managerClient) Mount(ctx context.Context, mountpoint, imageRef string, 
 
 // Warm implements snapshot.Warmer. It does not wait for the answer: the
 // manager only starts the work, and a lost hint costs nothing but time.
-func (c *managerClient) Warm(imageRef string, layers []digest.Digest) {
-	args := WarmArgs{ImageRef: imageRef}
+func (c *managerClient) Warm(ctx context.Context, imageRef string, layers []digest.Digest) {
+	args := WarmArgs{ImageRef: imageRef, Namespace: namespaceOf(ctx)}
 	for _, d := range layers {
 		args.Layers = append(args.Layers, d.String())
 	}
@@ -438,11 +439,11 @@ func (s *supervisor) Mount(ctx context.Context, mountpoint, imageRef string, d d
 
 // Warm implements snapshot.Warmer; a hint is dropped while no manager
 // runs.
-func (s *supervisor) Warm(imageRef string, layers []digest.Digest) {
+func (s *supervisor) Warm(ctx context.Context, imageRef string, layers []digest.Digest) {
 	s.mu.Lock()
 	c := s.cur
 	s.mu.Unlock()
-	c.Warm(imageRef, layers)
+	c.Warm(ctx, imageRef, layers)
 }
 
 // Check implements snapshot.LayerMounter.

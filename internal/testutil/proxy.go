@@ -91,6 +91,7 @@ type Proxy struct {
 	holds     map[string]*hold      // by blob digest
 	waiting   map[string]int        // responses waiting at a hold, by blob digest
 	inFlight  map[string]int        // blob GETs being answered, by blob digest
+	gets      map[string]int        // GETs by URL path
 
 	totalBlobBytes atomic.Int64
 	requests       atomic.Int64
@@ -138,6 +139,7 @@ func StartProxy(t testing.TB, target string, faults Faults) *Proxy {
 		holds:     map[string]*hold{},
 		waiting:   map[string]int{},
 		inFlight:  map[string]int{},
+		gets:      map[string]int{},
 	}
 	if err := p.SetFaults(faults); err != nil {
 		ln.Close()
@@ -204,12 +206,27 @@ func (p *Proxy) BlobRequests() int64 { return p.blobRequests.Load() }
 // stalled or answered 429 (corruption is not counted).
 func (p *Proxy) InjectedFaults() int64 { return p.injected.Load() }
 
+// Gets returns how many GETs the proxy received of URL paths ending in
+// suffix ("/manifests/sha256:…", "/blobs/sha256:…").
+func (p *Proxy) Gets(suffix string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for path, c := range p.gets {
+		if strings.HasSuffix(path, suffix) {
+			n += c
+		}
+	}
+	return n
+}
+
 // Reset zeroes all counters.
 func (p *Proxy) Reset() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	clear(p.blobBytes)
 	clear(p.sent)
+	clear(p.gets)
 	p.totalBlobBytes.Store(0)
 	p.requests.Store(0)
 	p.blobRequests.Store(0)
@@ -273,6 +290,11 @@ var blobPath = regexp.MustCompile(`^/v2/.+/blobs/([a-z0-9]+:[a-zA-Z0-9=_-]+)$`)
 // ServeHTTP forwards r to the target, counting and faulting blob GETs.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p.requests.Add(1)
+	if r.Method == http.MethodGet {
+		p.mu.Lock()
+		p.gets[r.URL.Path]++
+		p.mu.Unlock()
+	}
 	var digest string
 	if m := blobPath.FindStringSubmatch(r.URL.Path); m != nil && r.Method == http.MethodGet {
 		digest = m[1]
