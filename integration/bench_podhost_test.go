@@ -62,6 +62,7 @@ func BenchmarkColdPodAndHost(b *testing.B) {
 		}
 		stopPerf := perfRecord(b, manager, fmt.Sprintf("%d-%s", i, how))
 		cpu := startCPUSampler(manager, reg.Pid())
+		b.Cleanup(func() { cpu.halt() })
 		var tr readTrace
 		switch how {
 		case "pod":

@@ -159,6 +159,11 @@ func TestCtrPullIsLazyAndContainerReadsWeights(t *testing.T) {
 	if n := s.origin.Gets("/blobs/" + m.Config); n != 1 {
 		t.Errorf("the registry served the config %d times; want once (containerd's GET)", n)
 	}
+	// containerd resolves the tag with a HEAD; weightsnapd asks for the
+	// manifest by digest only.
+	if n := s.origin.Gets("/manifests/v1"); n != 0 {
+		t.Errorf("the registry served the manifest %d times by tag; want none", n)
+	}
 
 	out, err := s.ctd.ctr(t, ctx, "run", "--rm", "--snapshotter", "weightsnap", m.Ref, "ws-ctr-run", "/tool", "sum", "/"+modelPath)
 	if err != nil {

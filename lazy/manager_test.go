@@ -671,3 +671,58 @@ func TestRecordOfAnEarlierVersionIsNotUsed(t *testing.T) {
 		t.Errorf("describe with an old record and no registry: %v; want the old record's layer", err)
 	}
 }
+
+// TestWarmAndMountReachLocalContentWithTheirContext: the resolve that
+// Warm starts, the first for its image, asks WithLocalContent's reader
+// with the values of Warm's context (the containerd namespace, in
+// weightsnapd), though the call returned long before; a Mount's resolve
+// does the same with its own.
+func TestWarmAndMountReachLocalContentWithTheirContext(t *testing.T) {
+	type key struct{}
+	g := newGatedRegistry(t)
+	tagged, ds := pushModel(t, g, 2)
+	img, err := remote.New().Resolve(t.Context(), tagged)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := pinnedRef(img)
+	var mu sync.Mutex
+	seen := map[string]bool{}
+	local := func(ctx context.Context, d digest.Digest, max int64) ([]byte, error) {
+		v, _ := ctx.Value(key{}).(string)
+		mu.Lock()
+		seen[v] = true
+		mu.Unlock()
+		return nil, iofs.ErrNotExist
+	}
+	m, _ := newTestManager(t, WithWarmHold(time.Hour), WithLocalContent(local))
+	warmed := make(chan digest.Digest, len(ds))
+	m.warmed = func(d digest.Digest) { warmed <- d }
+	wctx, cancel := context.WithCancel(context.WithValue(t.Context(), key{}, "warm"))
+	cancel() // Warm's work outlives its caller
+	m.Warm(wctx, ref, ds)
+	for range ds {
+		<-warmed
+	}
+	mu.Lock()
+	if !seen["warm"] {
+		t.Errorf("Warm's resolve asked local content with %v; want Warm's context", seen)
+	}
+	mu.Unlock()
+
+	// Another image (the tag moved to it), first resolved by a Mount.
+	other, ods := pushModel(t, g, 1)
+	oimg, err := remote.New().Resolve(t.Context(), other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mctx := context.WithValue(t.Context(), key{}, "mount")
+	if err := m.Mount(mctx, filepath.Join(t.TempDir(), "mp"), pinnedRef(oimg), ods[0]); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !seen["mount"] {
+		t.Errorf("Mount's resolve asked local content with %v; want Mount's context", seen)
+	}
+}

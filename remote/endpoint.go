@@ -20,7 +20,7 @@ type source struct {
 	cooldown  time.Duration
 	repo      name.Repository // as referenced, on the origin registry
 	endpoints []*endpoint
-	local     LocalContent // tried first for content named by digest; nil: none
+	local     *localReads // tried first for content named by digest; nil: none
 }
 
 // endpoint is one repository on one host, with the Client's login to it

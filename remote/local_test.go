@@ -2,14 +2,19 @@ package remote
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"reflect"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -170,5 +175,104 @@ func assertSameImage(t *testing.T, got, want *Image) {
 		if g.Digest != w.Digest || g.Size != w.Size || g.MediaType != w.MediaType || g.DiffID != w.DiffID || !reflect.DeepEqual(g.Annotations, w.Annotations) {
 			t.Fatalf("layer %d: %+v; want %+v", i, g, w)
 		}
+	}
+}
+
+// TestResolveLocalContentIndexAndBareManifest: an index named by digest
+// and its platform's manifest, held locally, resolve without the
+// registry; so does a manifest whose body names no media type (local
+// content has no Content-Type).
+func TestResolveLocalContentIndexAndBareManifest(t *testing.T) {
+	c := &getCounter{gets: map[string]int{}}
+	reg := newTestRegistry(t, c.wrap)
+	host := v1.Platform{OS: runtime.GOOS, Architecture: runtime.GOARCH}
+	img := randomImage(t, 1024, 1)
+	idx := mutate.AppendManifests(empty.Index, mutate.IndexAddendum{Add: img, Descriptor: v1.Descriptor{Platform: &host}})
+	tagged := reg.pushIndex(t, "multi/arch:latest", idx)
+	rawIdx, err := idx.RawManifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	manifest, err := img.RawManifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	config, err := img.RawConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := digest.FromBytes(rawIdx)
+	ref := strings.TrimSuffix(tagged, ":latest") + "@" + id.String()
+	want, err := New(fastRetry).Resolve(t.Context(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	local := &localStore{blobs: map[digest.Digest][]byte{id: rawIdx, digest.FromBytes(manifest): manifest, digest.FromBytes(config): config}}
+	before := c.total()
+	got, err := New(fastRetry).Resolve(t.Context(), ref, WithLocalContent(local.get))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := c.total() - before; n != 0 {
+		t.Fatalf("an index, its manifest and config held locally: the registry served %d GETs; want none", n)
+	}
+	assertSameImage(t, got, want)
+
+	// The same manifest without its mediaType member, pushed as is.
+	var m map[string]any
+	if err := json.Unmarshal(manifest, &m); err != nil {
+		t.Fatal(err)
+	}
+	delete(m, "mediaType")
+	bare, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bd := digest.FromBytes(bare)
+	local.blobs[bd] = bare
+	got, err = New(fastRetry).Resolve(t.Context(), strings.TrimSuffix(tagged, ":latest")+"@"+bd.String(), WithLocalContent(local.get))
+	if err != nil {
+		t.Fatalf("a manifest without mediaType from local content: %v", err)
+	}
+	if got.Digest != bd || len(got.Layers) != len(want.Layers) || got.Layers[0].Digest != want.Layers[0].Digest {
+		t.Fatalf("resolved %s with %d layers; want %s with the image's", got.Digest, len(got.Layers), bd)
+	}
+}
+
+// TestResolveLocalContentTooLargeOrHung: local content larger than asked
+// for, or that does not answer, is passed over for the registry, and the
+// resolve asks it nothing more after it failed once.
+func TestResolveLocalContentTooLargeOrHung(t *testing.T) {
+	reg := newTestRegistry(t, nil)
+	ref, manifest, _, md, _ := pinnedImage(t, reg, randomImage(t, 4<<10, 1))
+	want, err := New(fastRetry).Resolve(t.Context(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	oversized := func(_ context.Context, d digest.Digest, max int64) ([]byte, error) {
+		return append(append([]byte(nil), manifest...), make([]byte, max)...), nil
+	}
+	got, err := New(fastRetry).Resolve(t.Context(), ref, WithLocalContent(oversized))
+	if err != nil {
+		t.Fatal(err)
+	}
+	assertSameImage(t, got, want)
+
+	old := localBudget
+	localBudget = 50 * time.Millisecond
+	t.Cleanup(func() { localBudget = old })
+	var asked []digest.Digest
+	hung := func(ctx context.Context, d digest.Digest, _ int64) ([]byte, error) {
+		asked = append(asked, d)
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	got, err = New(fastRetry).Resolve(t.Context(), ref, WithLocalContent(hung))
+	if err != nil {
+		t.Fatal(err)
+	}
+	assertSameImage(t, got, want)
+	if !reflect.DeepEqual(asked, []digest.Digest{md}) {
+		t.Fatalf("a hung content store was asked for %v; want the manifest only", asked)
 	}
 }

@@ -6,12 +6,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"mime"
 	"net/http"
 	"strings"
 	"time"
 
+	"github.com/containerd/log"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
@@ -82,9 +82,12 @@ type LocalContent func(ctx context.Context, d digest.Digest, max int64) ([]byte,
 
 // WithLocalContent has Resolve take a manifest named by digest, and the
 // config, from local before it asks the registry: at a layer's first
-// Prepare, containerd's pull has both in its content store, and each is
-// one round trip to the registry less. What local lacks, or gives wrong
-// (not matching its digest), comes from the registry as without it.
+// Prepare, containerd's pull has both in its content store, and each is a
+// request to the registry less. What local lacks, or gives wrong (not
+// matching its digest), comes from the registry as without it. The reads
+// of one Resolve share a deadline (localBudget), and after one fails the
+// rest go to the registry at once: a hung content store delays a resolve
+// by localBudget at most.
 func WithLocalContent(local LocalContent) ResolveOption {
 	return func(o *resolveOptions) { o.local = local }
 }
@@ -360,17 +363,26 @@ func platformString(p v1.Platform) string {
 	return s
 }
 
-// localTimeout bounds one read of local content: a slow content store
-// must not hold a mount longer than the registry would.
-const localTimeout = 2 * time.Second
+// localBudget bounds the time one Resolve spends reading local content,
+// all its reads together: a unix socket on the node answers in
+// milliseconds, and a content store that does not is skipped.
+var localBudget = time.Second
 
-// withLocal returns s reading local content through local first.
+// localReads is one Resolve's use of local content.
+type localReads struct {
+	get      LocalContent
+	deadline time.Time
+	off      bool // a read failed: the rest go to the registry
+}
+
+// withLocal returns s reading local content through local first, for
+// one Resolve.
 func (s *source) withLocal(local LocalContent) *source {
 	if local == nil {
 		return s
 	}
 	c := *s
-	c.local = local
+	c.local = &localReads{get: local, deadline: time.Now().Add(localBudget)}
 	return &c
 }
 
@@ -379,20 +391,23 @@ func (s *source) withLocal(local LocalContent) *source {
 // otherwise.
 func (s *source) fromLocal(ctx context.Context, id string, max int64) []byte {
 	d, err := digest.Parse(id)
-	if s.local == nil || err != nil || !d.Algorithm().Available() {
+	l := s.local
+	if l == nil || l.off || err != nil || !d.Algorithm().Available() {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, localTimeout)
+	ctx, cancel := context.WithDeadline(ctx, l.deadline)
 	defer cancel()
-	raw, err := s.local(ctx, d, max)
+	raw, err := l.get(ctx, d, max)
 	switch {
 	case err != nil:
-		slog.Debug("content not held locally; asking the registry", "digest", d, "err", err)
+		l.off = true
+		log.G(ctx).WithError(err).WithField("digest", d).Debug("content not read locally; asking the registry")
 		return nil
 	case int64(len(raw)) > max:
+		l.off = true
 		return nil
 	case d.Algorithm().FromBytes(raw) != d:
-		slog.Warn("local content does not match its digest; asking the registry", "digest", d)
+		log.G(ctx).WithField("digest", d).Warn("local content does not match its digest; asking the registry")
 		return nil
 	}
 	return raw

@@ -12,15 +12,19 @@ import (
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/plugins/content/local"
 	"github.com/containerd/containerd/v2/plugins/services/content/contentserver"
+	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 )
 
 // serveContent serves containerd's content service over a local content
 // store on a unix socket, as containerd does, and returns the socket and
-// the store.
-func serveContent(t *testing.T) (string, content.Store) {
+// the store. Every call must carry containerd namespace ns.
+func serveContent(t *testing.T, ns string) (string, content.Store) {
 	t.Helper()
 	dir := t.TempDir()
 	store, err := local.NewStore(filepath.Join(dir, "content"))
@@ -32,7 +36,12 @@ func serveContent(t *testing.T) (string, content.Store) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := grpc.NewServer()
+	srv := grpc.NewServer(grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		if got := metadata.ValueFromIncomingContext(ss.Context(), "containerd-namespace"); len(got) != 1 || got[0] != ns {
+			return status.Errorf(codes.InvalidArgument, "namespace %v, want %s", got, ns)
+		}
+		return handler(srv, ss)
+	}))
 	contentapi.RegisterContentServer(srv, contentserver.New(store))
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
@@ -43,7 +52,7 @@ func serveContent(t *testing.T) (string, content.Store) {
 // whole, as the store holds them; not at all without a namespace, or when
 // larger than asked for, or absent.
 func TestContainerdContent(t *testing.T) {
-	sock, store := serveContent(t)
+	sock, store := serveContent(t, "k8s.io")
 	small := []byte(`{"schemaVersion":2}`)
 	large := bytes.Repeat([]byte("x"), 3<<20) // several messages of the stream
 	for _, b := range [][]byte{small, large} {
@@ -52,7 +61,8 @@ func TestContainerdContent(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	cc := &containerdContent{address: sock}
+	// Written as containerd's and crictl's flags take it.
+	cc := &containerdContent{address: "unix://" + sock}
 	t.Cleanup(func() { cc.Close() })
 	ctx := withNamespace(t.Context(), "k8s.io")
 
@@ -74,6 +84,9 @@ func TestContainerdContent(t *testing.T) {
 	if _, err := cc.Get(context.Background(), digest.FromBytes(small), 1<<20); err != errNoNamespace {
 		t.Errorf("no namespace: err %v, want %v", err, errNoNamespace)
 	}
+	if _, err := cc.Get(withNamespace(t.Context(), "default"), digest.FromBytes(small), 1<<20); err == nil {
+		t.Error("another namespace than the server's: no error")
+	}
 }
 
 // TestContainerdContentNotRunning: with no containerd at the address, a
@@ -81,7 +94,11 @@ func TestContainerdContent(t *testing.T) {
 func TestContainerdContentNotRunning(t *testing.T) {
 	cc := &containerdContent{address: filepath.Join(t.TempDir(), "absent.sock")}
 	t.Cleanup(func() { cc.Close() })
-	if _, err := cc.Get(withNamespace(t.Context(), "k8s.io"), digest.FromString("x"), 1<<20); err == nil {
-		t.Fatal("no containerd: no error")
+	_, err := cc.Get(withNamespace(t.Context(), "k8s.io"), digest.FromString("x"), 1<<20)
+	if !errdefs.IsUnavailable(err) {
+		t.Fatalf("no containerd: err %v, want unavailable", err)
+	}
+	if !cc.warned.Load() {
+		t.Error("no containerd: not reported")
 	}
 }

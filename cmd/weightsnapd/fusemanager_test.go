@@ -122,3 +122,42 @@ func TestCredentialsOverRPC(t *testing.T) {
 		t.Error("credentials for an invalid repository were kept")
 	}
 }
+
+// namespaceMounter records the containerd namespace each call arrives in.
+type namespaceMounter struct {
+	blockingMounter
+	mounts, warms chan string
+}
+
+func (n *namespaceMounter) Mount(ctx context.Context, mountpoint, imageRef string, d digest.Digest) error {
+	n.mounts <- namespaceOf(ctx)
+	return nil
+}
+
+func (n *namespaceMounter) Warm(ctx context.Context, imageRef string, layers []digest.Digest) {
+	n.warms <- namespaceOf(ctx)
+}
+
+// The containerd namespace of a Prepare reaches the manager's Mount and
+// Warm, in which their resolve reads containerd's content store.
+func TestNamespaceOverRPC(t *testing.T) {
+	m := &namespaceMounter{mounts: make(chan string, 1), warms: make(chan string, 1)}
+	c := serveService(t, &mountService{m: m, keys: credentials.New(authn.NewMultiKeychain()), stopped: make(chan struct{})})
+	ctx := withNamespace(t.Context(), "k8s.io")
+	if err := c.Mount(ctx, "/mnt/layer", "reg/img@"+digest.FromString("m").String(), digest.FromString("layer")); err != nil {
+		t.Fatal(err)
+	}
+	if ns := <-m.mounts; ns != "k8s.io" {
+		t.Errorf("Mount's namespace in the manager: %q, want k8s.io", ns)
+	}
+	c.Warm(ctx, "reg/img@"+digest.FromString("m").String(), []digest.Digest{digest.FromString("other")})
+	if ns := <-m.warms; ns != "k8s.io" {
+		t.Errorf("Warm's namespace in the manager: %q, want k8s.io", ns)
+	}
+	if err := c.Mount(t.Context(), "/mnt/layer2", "reg/img:v1", digest.FromString("layer")); err != nil {
+		t.Fatal(err)
+	}
+	if ns := <-m.mounts; ns != "" {
+		t.Errorf("a Mount without a namespace arrives in %q", ns)
+	}
+}
