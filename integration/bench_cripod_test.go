@@ -38,18 +38,8 @@ func BenchmarkCRIPodRead(b *testing.B) {
 
 	data := mkdir(b, filepath.Join(dir, "data"))
 	model := func(name string, seed uint64) (benchModel, string, []string) {
-		m, err := writeBenchModel(ctx, filepath.Join(data, name), tool, cfg.size, cfg.shards, seed, name)
-		if err != nil {
-			b.Fatal(err)
-		}
 		ref := reg.Addr + "/bench/model:" + name
-		layers, err := packAndPush(ctx, m, ref)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := os.RemoveAll(m.dir); err != nil {
-			b.Fatal(err)
-		}
+		m, layers := pushedModel(b, ctx, filepath.Join(data, name), tool, cfg, seed, name, ref)
 		return m, ref, weightDigests(layers)
 	}
 

@@ -25,6 +25,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"testing"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -323,6 +324,25 @@ func packAndPush(ctx context.Context, m benchModel, ref string, edits ...func(v1
 		return nil, err
 	}
 	return mf.Layers, nil
+}
+
+// pushedModel writes a model as writeBenchModel does into dir, packs and
+// pushes it to ref, and removes its files: the registry's copy is the
+// model. It returns the model and the pushed manifest's layers.
+func pushedModel(b *testing.B, ctx context.Context, dir string, tool []byte, cfg benchConfig, seed uint64, variant, ref string) (benchModel, []v1.Descriptor) {
+	b.Helper()
+	m, err := writeBenchModel(ctx, dir, tool, cfg.size, cfg.shards, seed, variant)
+	if err != nil {
+		b.Fatal(err)
+	}
+	layers, err := packAndPush(ctx, m, ref)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := os.RemoveAll(m.dir); err != nil {
+		b.Fatal(err)
+	}
+	return m, layers
 }
 
 // dropCaches writes back dirty pages and drops the page cache, dentries

@@ -46,17 +46,8 @@ func BenchmarkColdPodAndHost(b *testing.B) {
 	}
 	for i, how := range cases {
 		name := fmt.Sprint("m", i)
-		m, err := writeBenchModel(ctx, filepath.Join(data, name), st.tool, cfg.size, cfg.shards, uint64(i+1), name)
-		if err != nil {
-			b.Fatal(err)
-		}
 		ref := reg.Addr + "/bench/model:" + name
-		if _, err := packAndPush(ctx, m, ref); err != nil {
-			b.Fatal(err)
-		}
-		if err := os.RemoveAll(m.dir); err != nil {
-			b.Fatal(err)
-		}
+		m, _ := pushedModel(b, ctx, filepath.Join(data, name), st.tool, cfg, uint64(i+1), name, ref)
 		if err := dropCaches(); err != nil {
 			b.Fatal(err)
 		}
@@ -72,8 +63,8 @@ func BenchmarkColdPodAndHost(b *testing.B) {
 			}
 			tr = c.trace
 		case "host":
-			tr, err = hostColdRead(b, ctx, st, ref, m)
-			if err != nil {
+			var err error
+			if tr, err = hostColdRead(b, ctx, st, ref, m); err != nil {
 				b.Fatal(err)
 			}
 		default:

@@ -194,17 +194,8 @@ func BenchmarkPullTrace(b *testing.B) {
 	}
 	var floors, overheads []float64
 	for i := range pulls {
-		m, err := writeBenchModel(ctx, filepath.Join(data, fmt.Sprint(i)), st.tool, cfg.size, cfg.shards, uint64(10+i), fmt.Sprint("trace", i))
-		if err != nil {
-			b.Fatal(err)
-		}
 		ref := fmt.Sprintf("%s/bench/trace%d:v1", reg.Addr, i)
-		if _, err := packAndPush(ctx, m, ref); err != nil {
-			b.Fatal(err)
-		}
-		if err := os.RemoveAll(m.dir); err != nil {
-			b.Fatal(err)
-		}
+		m, _ := pushedModel(b, ctx, filepath.Join(data, fmt.Sprint(i)), st.tool, cfg, uint64(10+i), fmt.Sprint("trace", i), ref)
 		if err := dropCaches(); err != nil {
 			b.Fatal(err)
 		}
