@@ -173,7 +173,9 @@ func ttfrOverhead(cold, warm benchPath) (overhead, floor float64) {
 // through CRI, each into a pod reading its first MiB, then a pod of the
 // last one again (the floor), and prints where each pull's time went:
 // the trace make bench reports for its one cold pull, repeated.
-// WEIGHTSNAP_TRACE_CONFIG is added to weightsnapd's config.
+// WEIGHTSNAP_TRACE_CONFIG is added to weightsnapd's config. With
+// WEIGHTSNAP_TRACE_COLD_FLOOR set, each pull's floor is also measured
+// after the page cache is dropped, the state the cold pod starts in.
 //
 //	sudo go test ./integration -run '^$' -bench BenchmarkPullTrace -benchtime 1x
 func BenchmarkPullTrace(b *testing.B) {
@@ -217,6 +219,18 @@ func BenchmarkPullTrace(b *testing.B) {
 		overhead, floor := ttfrOverhead(cold, podPath("warm", "warm", "", w.sandboxStart, time.Time{}, w))
 		floors, overheads = append(floors, floor), append(overheads, overhead)
 		b.Logf("pull %d: first MiB %.3f s, floor %.3f s, lazy overhead %.3f s (the disk slow for %v s before it)\n%s", i, cold.FirstMiB, floor, overhead, probe.waits, tr)
+		if os.Getenv("WEIGHTSNAP_TRACE_COLD_FLOOR") != "" {
+			if err := dropCaches(); err != nil {
+				b.Fatal(err)
+			}
+			f, err := runReaderPod(b, ctx, st.rt, st.logs, st.tools.Ref, fmt.Sprint("trace", i), "floor-cold", ref, files)
+			if err != nil {
+				b.Fatal(err)
+			}
+			removePod(b, st.rt, f.pod)
+			overhead, floor := ttfrOverhead(cold, podPath("floor-cold", "floor-cold", "", f.sandboxStart, time.Time{}, f))
+			b.Logf("pull %d: floor after a drop %.3f s, lazy overhead against it %.3f s", i, floor, overhead)
+		}
 	}
 	if hwm, err := vmHWM(st.ws.managerPID()); err == nil {
 		b.ReportMetric(float64(hwm)/(1<<20), "manager-peak-RSS-MiB")
