@@ -575,6 +575,15 @@ func TestUnmountedForGoodIsEvictedFirst(t *testing.T) {
 	m, _ := newTestManagerOn(t, dir, []cache.Option{cache.WithMaxBytes(2*blobSize + blobSize/2)}, WithWarmHold(time.Hour))
 	warmed := make(chan digest.Digest, 1)
 	m.warmed = func(d digest.Digest) { warmed <- d }
+	// A layer's cached bytes become evictable once it has closed: wait
+	// for that rather than for it to leave OpenLayers, which it does when
+	// it starts closing.
+	closed := make(chan digest.Digest, 1)
+	closeLayer := m.closeLayer
+	m.layers = refmap.New(func(k layerKey, sl *sharedLayer) {
+		closeLayer(k, sl)
+		closed <- k.digest
+	})
 	mnt := t.TempDir()
 	mount := func(i int) string {
 		t.Helper()
@@ -583,9 +592,23 @@ func TestUnmountedForGoodIsEvictedFirst(t *testing.T) {
 			t.Fatal(err)
 		}
 		// Its tar headers, which the index was taken from, are read from
-		// the blob (all of it, here) once they are confirmed.
+		// the blob (all of it, here) once they are confirmed. The whole
+		// blob's hashing, which that starts, holds the blob until it ends:
+		// wait for it, so that closing the layer lets go of the blob.
 		waitReady(t, m, mp)
+		m.mu.Lock()
+		sl := m.mounts[mp].ref.Value()
+		m.mu.Unlock()
+		if err := sl.blob.Verify(t.Context()); err != nil {
+			t.Fatal(err)
+		}
 		return mp
+	}
+	waitClosed := func(i int) {
+		t.Helper()
+		if d := <-closed; d != ds[i] {
+			t.Fatalf("closed layer %s, want %s", d, ds[i])
+		}
 	}
 	onDisk := func(i int) bool {
 		_, err := os.Stat(filepath.Join(dir, "blobs", "sha256", ds[i].Encoded()+".rec"))
@@ -607,7 +630,7 @@ func TestUnmountedForGoodIsEvictedFirst(t *testing.T) {
 	if err := m.unmount(mp0, false); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, func() bool { return len(m.OpenLayers()) == 0 })
+	waitClosed(0)
 
 	// Layer 1, warmed then mounted, is unmounted: containerd removed it.
 	m.Warm(t.Context(), ref, ds[1:2])
@@ -615,7 +638,10 @@ func TestUnmountedForGoodIsEvictedFirst(t *testing.T) {
 	if err := m.Unmount(t.Context(), mount(1)); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, func() bool { return len(m.OpenLayers()) == 0 })
+	waitClosed(1)
+	if len(m.OpenLayers()) != 0 {
+		t.Fatalf("open layers %v after the unmount", m.OpenLayers())
+	}
 
 	// Layer 2 needs room: layer 1 goes, though layer 0 was used before it.
 	mount(2)
