@@ -55,7 +55,9 @@ type Manager struct {
 	layers *refmap.Map[layerKey, *sharedLayer]
 	// resolves shares a resolve of an image reference between the
 	// callers asking for it at once.
-	resolves *refmap.Map[string, resolvedImage]
+	resolves *refmap.Map[string, *knownImage]
+	// images are those described lately, parsed.
+	images knownImages
 	// serve mounts a layer and resume serves a held connection again;
 	// tests without FUSE replace them.
 	serve  func(ctx context.Context, l *layer.Opened, mountpoint string, opts ...fs.Option) (mount, error)
@@ -118,7 +120,7 @@ func New(store *cache.Store, reg Registry, opts ...Option) *Manager {
 	}
 	m.sched = prefetch.New(m.opt.prefetch...)
 	m.layers = refmap.New(m.closeLayer)
-	m.resolves = refmap.New(func(string, resolvedImage) {})
+	m.resolves = refmap.New(func(string, *knownImage) {})
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	return m
 }

@@ -688,12 +688,18 @@ func TestRecordOfAnEarlierVersionIsNotUsed(t *testing.T) {
 		t.Errorf("record %s (%v): want the image's, of version %d", b, err, recordVersion)
 	}
 
-	// The old record again, and a registry that does not answer.
+	// The old record again, and a registry that does not answer, in a
+	// process started since (this one knows the image as resolved).
+	if _, err := m.describe(t.Context(), ref, digest.FromString("other")); !errors.Is(err, iofs.ErrNotExist) {
+		t.Errorf("describe of a layer only the old record has, after the image resolved: %v", err)
+	}
 	if err := m.store.PutMeta(recName, old); err != nil {
 		t.Fatal(err)
 	}
 	g.srv.Close()
-	if _, err := m.describe(t.Context(), ref, digest.FromString("other")); err != nil {
+	restarted := New(m.store, m.reg, WithBackgroundFill(false))
+	t.Cleanup(func() { restarted.Close() })
+	if _, err := restarted.describe(t.Context(), ref, digest.FromString("other")); err != nil {
 		t.Errorf("describe with an old record and no registry: %v; want the old record's layer", err)
 	}
 }

@@ -5,8 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"fmt"
-	iofs "io/fs"
 	"maps"
 	"slices"
 
@@ -14,6 +12,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/weightsnap/weightsnap/chunks"
 	"github.com/weightsnap/weightsnap/layer"
 	"github.com/weightsnap/weightsnap/remote"
 )
@@ -60,6 +59,18 @@ type described struct {
 	// opened says a former process opened the layer, checking its size
 	// with the registry: it is opened again without asking (Resume).
 	opened bool
+	// What desc's annotations say of its verification, and the key: made
+	// once, by newDescribed.
+	v     verification
+	table *chunks.Table
+	k     layerKey
+}
+
+func newDescribed(image, repo string, desc layer.Descriptor) described {
+	dl := described{image: image, repo: repo, desc: desc}
+	dl.v, dl.table = verificationOf(desc)
+	dl.k = dl.computeKey()
+	return dl
 }
 
 // key is what layers are shared by: the blob, every fact of the manifest
@@ -67,9 +78,11 @@ type described struct {
 // covers, the repository it is fetched from. Two images that say the
 // same of a blob share its opened layer; one that says otherwise gets one
 // of its own, and cannot change what the other's pods read.
-func (d described) key() layerKey {
+func (d described) key() layerKey { return d.k }
+
+func (d described) computeKey() layerKey {
 	facts := []any{d.desc.MediaType, d.desc.Size, d.desc.DiffID, sortedAnnotations(d.desc.Annotations)}
-	if v, _ := verificationOf(d.desc); v == byBlob {
+	if d.v == byBlob {
 		// Served before it verified, if at all, from its repository
 		// only (trust.go).
 		facts = append(facts, d.repo)
@@ -94,60 +107,53 @@ func sortedAnnotations(a map[string]string) [][2]string {
 }
 
 // describe returns layer d of imageRef as that image's manifest describes
-// it. An image named by digest is looked up in the records first; any
-// other is resolved (tags move).
+// it. An image named by digest is looked up in what the Manager knows,
+// then in the records; any other is resolved (tags move).
 func (m *Manager) describe(ctx context.Context, imageRef string, d digest.Digest) (described, error) {
-	rec, pinned, err := m.imageRecord(ctx, imageRef)
+	ki, err := m.knownImage(ctx, imageRef)
 	if err != nil {
 		return described{}, err
 	}
-	ref, err := name.NewDigest(pinned)
-	if err != nil {
-		return described{}, err
-	}
-	for _, l := range rec.Layers {
-		if l.Digest == d {
-			desc := layer.Descriptor{Digest: d, Size: l.Size, MediaType: l.MediaType, DiffID: l.DiffID, Annotations: l.Annotations}
-			return described{image: pinned, repo: ref.Context().Name(), desc: desc}, nil
-		}
-	}
-	return described{}, fmt.Errorf("layer %s is not in image %s: %w", d, imageRef, iofs.ErrNotExist)
+	return ki.describe(d)
 }
 
-// imageRecord returns the record of imageRef and the reference pinned by
-// its manifest digest.
-func (m *Manager) imageRecord(ctx context.Context, imageRef string) (imageRecord, string, error) {
-	var stale *imageRecord // an earlier version's record
+// knownImage returns the image imageRef names.
+func (m *Manager) knownImage(ctx context.Context, imageRef string) (*knownImage, error) {
+	var stale *knownImage // from an earlier version's record
 	if r, err := name.NewDigest(imageRef); err == nil {
+		if ki := m.images.get(r.String()); ki != nil {
+			return ki, nil
+		}
 		var rec imageRecord
 		if b, err := m.store.GetMeta(imageRecordName(digest.Digest(r.DigestStr()))); err == nil && json.Unmarshal(b, &rec) == nil {
 			if rec.Version == recordVersion {
-				return rec, imageRef, nil
+				return m.images.add(newKnownImage(r, rec, len(b))), nil
 			}
-			stale = &rec
+			stale = newKnownImage(r, rec, len(b))
 		}
 	}
-	ref, err := m.resolves.Acquire(ctx, imageRef, func(ctx context.Context) (resolvedImage, error) {
+	ref, err := m.resolves.Acquire(ctx, imageRef, func(ctx context.Context) (*knownImage, error) {
 		opts := []remote.ResolveOption{remote.WithLayerHeads(mayOpen)}
 		if m.opt.local != nil {
 			opts = append(opts, remote.WithLocalContent(m.opt.local))
 		}
 		img, err := m.reg.Resolve(ctx, imageRef, opts...)
 		if err != nil {
-			return resolvedImage{}, err
+			return nil, err
 		}
-		return resolvedImage{rec: m.record(img), pinned: pinnedRef(img)}, nil
+		rec, size := m.record(img)
+		return m.images.add(newKnownImage(img.Ref.Context().Digest(img.Digest.String()), rec, size)), nil
 	})
 	if err != nil {
 		if stale != nil {
 			// What the earlier version served it with: a mount it held
 			// is resumed without the registry, as before the upgrade.
-			return *stale, imageRef, nil
+			return stale, nil
 		}
-		return imageRecord{}, "", err
+		return nil, err
 	}
 	defer ref.Release()
-	return ref.Value().rec, ref.Value().pinned, nil
+	return ref.Value(), nil
 }
 
 // mayOpen reports whether a layer, as its manifest describes it, may be
@@ -157,30 +163,21 @@ func mayOpen(d v1.Descriptor) bool {
 	return layer.MayBeRandomAccess(layer.Descriptor{MediaType: string(d.MediaType), Annotations: d.Annotations})
 }
 
-// resolvedImage is one resolve of an image reference: what its manifest
-// and config say of its layers, and the reference by manifest digest.
-// Resolves of one reference at once share one (Manager.resolves): at an
-// image's first Prepare, its mount and the warm-up of its other layers
-// (warm.go) ask for the same image together.
-type resolvedImage struct {
-	rec    imageRecord
-	pinned string
-}
-
 // pinnedRef is img's reference by the digest of its manifest.
 func pinnedRef(img *remote.Image) string {
 	return img.Ref.Context().Name() + "@" + img.Digest.String()
 }
 
 // record keeps what img's manifest and config say of its layers, under
-// the manifest's digest, and returns it.
-func (m *Manager) record(img *remote.Image) imageRecord {
+// the manifest's digest, and returns it with its encoded size.
+func (m *Manager) record(img *remote.Image) (imageRecord, int) {
 	rec := imageRecord{Version: recordVersion}
 	for _, l := range img.Layers {
 		rec.Layers = append(rec.Layers, layerRecord{Digest: l.Digest, MediaType: l.MediaType, Size: l.Size, DiffID: l.DiffID, Annotations: l.Annotations})
 	}
-	if b, err := json.Marshal(rec); err == nil {
+	b, err := json.Marshal(rec)
+	if err == nil {
 		_ = m.store.PutMeta(imageRecordName(img.Digest), b)
 	}
-	return rec
+	return rec, len(b)
 }

@@ -99,10 +99,9 @@ type trust struct {
 // trustOf decides how the layer dl describes is checked, refusing it when
 // only its blob digest covers it and the policy is UnverifiedRefuse.
 func (m *Manager) trustOf(dl described) (trust, error) {
-	v, table := verificationOf(dl.desc)
-	tr := trust{v: v, table: table, policy: m.opt.unverified, desc: dl.desc, key: dl.desc.Digest}
+	tr := trust{v: dl.v, table: dl.table, policy: m.opt.unverified, desc: dl.desc, key: dl.desc.Digest}
 	switch {
-	case v == byBlob && tr.policy == UnverifiedRefuse:
+	case tr.v == byBlob && tr.policy == UnverifiedRefuse:
 		return tr, fmt.Errorf("%w: layer %s of %s has no chunk table and no TOC digest, so no range of it can be checked before the whole blob is read; it is downloaded and verified whole (unverified_layers = full)", ErrUnsupported, dl.desc.Digest, dl.image)
 	case tr.lazy():
 		tr.namespace = "unverified " + dl.repo

@@ -40,7 +40,7 @@ func (m *Manager) Warm(ctx context.Context, imageRef string, layers []digest.Dig
 	go func() {
 		defer done()
 		// One resolve of a tag for all the layers.
-		_, pinned, err := m.imageRecord(ctx, imageRef)
+		ki, err := m.knownImage(ctx, imageRef)
 		if err != nil {
 			slog.Debug("warming layers", "image", imageRef, "err", err)
 			return
@@ -48,7 +48,7 @@ func (m *Manager) Warm(ctx context.Context, imageRef string, layers []digest.Dig
 		var g errgroup.Group
 		g.SetLimit(maxWarming)
 		for _, d := range todo {
-			dl, err := m.describe(ctx, pinned, d)
+			dl, err := ki.describe(d)
 			if err != nil {
 				slog.Debug("warming layer", "layer", d, "image", imageRef, "err", err)
 				continue
