@@ -12,6 +12,7 @@ import (
 
 	"github.com/weightsnap/weightsnap/cache"
 	"github.com/weightsnap/weightsnap/chunks"
+	"github.com/weightsnap/weightsnap/internal/testutil"
 	"github.com/weightsnap/weightsnap/remote"
 )
 
@@ -56,6 +57,39 @@ func TestKnownImageIsDescribedOnce(t *testing.T) {
 	}
 	if _, err := m.describe(t.Context(), ref, digest.FromString("not in it")); err == nil {
 		t.Error("describe of a layer the image does not have")
+	}
+}
+
+// One manifest pushed to two repositories is two images: each is kept
+// under its own pinned reference, and its layers are fetched from its own
+// repository, whichever was described first.
+func TestKnownImagePerRepository(t *testing.T) {
+	g := newGatedRegistry(t)
+	tarb := tarOf(t, "models/f", "weights")
+	layers := testutil.EncodeLayers(t, [][]byte{tarb}, testutil.FormatTar)
+	refA := testutil.PushImage(t, g.addr(), "team-a/model:v1", layers)
+	refB := testutil.PushImage(t, g.addr(), "team-b/model:v1", layers)
+	d := digest.Digest(layers[0].Digest())
+	m, _ := newTestManager(t)
+	var pinned []string
+	for _, ref := range []string{refA, refB} {
+		img, err := m.reg.Resolve(t.Context(), ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pinned = append(pinned, pinnedRef(img))
+	}
+	if a, b := pinned[0][strings.Index(pinned[0], "@"):], pinned[1][strings.Index(pinned[1], "@"):]; a != b {
+		t.Fatalf("the two pushes made different manifests: %s, %s", a, b)
+	}
+	for i, repo := range []string{"team-a/model", "team-b/model"} {
+		dl, err := m.describe(t.Context(), pinned[i], d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if dl.image != pinned[i] || !strings.HasSuffix(dl.repo, "/"+repo) {
+			t.Errorf("layer of %s described as of %s, fetched from %s", pinned[i], dl.image, dl.repo)
+		}
 	}
 }
 
